@@ -1,0 +1,53 @@
+"""``btcv-unetr`` command: one sub-command per job.
+
+    btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
+    btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
+
+A mistake by the user (:class:`UserError`) is printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import __version__, checks, phantoms
+from .errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
+    "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
+}
+
+
+def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    try:
+        return command(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="btcv-unetr", description="UNETR for BTCV abdominal CT segmentation")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny phantom dataset (written once per session) and the tiny test config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from btcv_unetr.config import CONFIG_DIR, Config, build_config
+from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.phantoms import write_dataset
+
+PHANTOM_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    """Four labelled 64x64xN phantoms (3 training, 1 validation) and one test image."""
+    out = tmp_path_factory.mktemp("phantoms")
+    write_dataset(out, cases=4, seed=7, size=PHANTOM_SIZE, test_cases=1, progress=False)
+    return out
+
+
+def tiny_config(data_dir: Path | str = "/nonexistent", **overrides) -> Config:
+    """configs/tiny.yaml pointed at ``data_dir``; ``overrides`` are ``section={key: value}``."""
+    layers = [read_yaml(CONFIG_DIR / "tiny.yaml"),
+              {"data": {"data_dir": str(data_dir), "json_list": "dataset.json"}}, overrides]
+    return build_config(layers)
+
+
+@pytest.fixture
+def tiny(phantom_dir) -> Config:
+    return tiny_config(phantom_dir)

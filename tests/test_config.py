@@ -1,0 +1,104 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from btcv_unetr.config import (CONFIG_DIR, FIELD_SECTION, SECTIONS, Config, ConfigError, build_config,
+                               config_from_dict, parse_config)
+
+
+def test_defaults_are_the_reference_recipe():
+    config = Config()
+    assert config.model.roi_size == (96, 96, 96)
+    assert (config.model.feature_size, config.model.hidden_size, config.model.mlp_dim,
+            config.model.num_heads) == (16, 768, 3072, 12)
+    assert (config.model.pos_embed, config.model.norm_name, config.model.res_block) == ("perceptron", "instance", True)
+    assert (config.data.a_min, config.data.a_max, config.data.b_min, config.data.b_max) == (-175, 250, 0, 1)
+    assert config.data.pixdim == (1.5, 1.5, 2.0)
+    assert (config.data.num_samples, config.data.RandFlipd_prob, config.data.RandRotate90d_prob) == (4, 0.2, 0.2)
+    assert (config.train.optim_name, config.train.optim_lr, config.train.reg_weight) == ("adamw", 1e-4, 1e-5)
+    assert (config.train.warmup_epochs, config.train.max_epochs, config.train.val_every) == (50, 5000, 100)
+    assert (config.infer.infer_overlap, config.infer.sw_batch_size) == (0.5, 1)
+
+
+def test_recipe_file_holds_every_key_with_the_default_value():
+    recipe = yaml.safe_load((CONFIG_DIR / "btcv_unetr.yaml").read_text())
+    assert recipe == Config().to_dict()
+    assert parse_config(["--config", str(CONFIG_DIR / "btcv_unetr.yaml")]) == Config()
+
+
+@pytest.mark.parametrize("name", ["btcv_unetr.yaml", "phantom_demo.yaml", "tiny.yaml"])
+def test_shipped_configs_load_by_name(name):
+    assert isinstance(parse_config(["--config", name]), Config)
+
+
+def test_flags_use_reference_names_and_override_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {feature_size: 32, hidden_size: 384, num_heads: 6}\ntrain: {optim_lr: 1e-3}\n")
+    config = parse_config(["--config", str(path), "--feature_size", "8", "--RandFlipd_prob", "0.5",
+                           "--dist-url", "tcp://10.0.0.1:1234", "--noamp", "--roi_x", "64"])
+    assert config.model.feature_size == 8           # flag beats file
+    assert config.model.hidden_size == 384          # file beats default
+    assert config.train.optim_lr == 1e-3            # YAML 1.1 reads 1e-3 as a string; accepted as a float
+    assert config.data.RandFlipd_prob == 0.5
+    assert config.dist.dist_url == "tcp://10.0.0.1:1234"
+    assert config.train.amp is False
+    assert config.model.roi_size == (64, 96, 96)
+
+
+def test_boolean_flags_accept_reference_store_true_form():
+    assert parse_config(["--res_block"]).model.res_block is True
+    assert parse_config(["--no-res_block"]).model.res_block is False
+    assert parse_config(["--use_normal_dataset"]).data.use_normal_dataset is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: {feature_sise: 8}", "unknown config key 'model.feature_sise'"),
+    ("model: {space_x: 1.0}", "unknown config key 'model.space_x' (it belongs in 'data')"),
+    ("feature_size: 8", "unknown config section 'feature_size' (did you mean model.feature_size?)"),
+    ("model: {feature_size: eight}", "config key 'feature_size': expected int, got str 'eight'"),
+    ("model: {feature_size: 8.5}", "config key 'feature_size': expected int, got float 8.5"),
+    ("model: {res_block: 1}", "config key 'res_block': expected bool, got int 1"),
+    ("train: {optim_name: rmsprop}", "config key 'optim_name': 'rmsprop' is not one of adam, adamw, sgd"),
+    ("model: {roi_x: 100}", "config key 'roi_x': 100 must be a positive multiple of 16"),
+    ("model: {hidden_size: 100}", "config key 'hidden_size': 100 is not divisible by num_heads=12"),
+    ("data: {a_min: 300}", "config key 'a_max': 250.0 must be greater than a_min=300.0"),
+    ("infer: {infer_overlap: 1.0}", "config key 'infer_overlap': 1.0 must be in [0, 1)"),
+    ("data: {RandFlipd_prob: 2}", "config key 'RandFlipd_prob': 2.0 must be between 0 and 1"),
+    ("data: {use_normal_dataset: true, cache_dir: /tmp/c}", "'use_normal_dataset' and 'cache_dir' exclude"),
+    ("model: [1, 2]", "section 'model' must be a mapping"),
+    ("model: {a: [", "not valid YAML"),
+])
+def test_bad_config_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--config", str(path)])
+    assert message in str(error.value)
+
+
+def test_missing_config_file_is_a_clear_error():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        parse_config(["--config", "nope.yaml"])
+
+
+def test_bad_flag_type_exits_with_argparse_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--max_epochs", "many"])
+    assert exit_info.value.code == 2
+    assert "--max_epochs: invalid int value: 'many'" in capsys.readouterr().err
+
+
+def test_round_trip_through_plain_dict_and_yaml(tmp_path):
+    config = build_config([{"model": {"feature_size": 8}, "train": {"seed": 3, "max_steps": 10}}])
+    assert config_from_dict(config.to_dict()) == config
+    path = tmp_path / "resolved.yaml"
+    config.save(path)
+    assert parse_config(["--config", str(path)]) == config
+    with pytest.raises(ConfigError, match="unknown config key 'model.colour'"):
+        config_from_dict({"model": {"colour": 1}})
+
+
+def test_field_names_are_unique_across_sections():
+    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)) == len(FIELD_SECTION)

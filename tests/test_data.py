@@ -1,0 +1,78 @@
+import json
+
+import pytest
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from btcv_unetr.data import (BUILTIN_DATALISTS, base_dir_for, case_name, load_config_split, load_split,
+                             make_dataset, resolve_datalist)
+from btcv_unetr.errors import UserError
+from btcv_unetr.labels import BTCV_LABELS
+
+from conftest import tiny_config
+
+
+def test_shipped_btcv_split_is_the_reference_one():
+    datalist = json.loads((BUILTIN_DATALISTS / "dataset_0.json").read_text())
+    numbers = lambda entries: [int(e["image"][-11:-7]) for e in entries]  # noqa: E731
+    assert numbers(datalist["training"]) == [*range(1, 11), *range(21, 35)]
+    assert numbers(datalist["validation"]) == list(range(35, 41))
+    assert [int(p[-11:-7]) for p in datalist["test"]] == list(range(61, 81))
+    assert datalist["training"][0] == {"image": "imagesTr/img0001.nii.gz", "label": "labelsTr/label0001.nii.gz"}
+    assert [datalist["labels"][str(i)] for i in range(14)] == list(BTCV_LABELS)
+
+
+def test_datalist_found_as_reference_does(tmp_path, monkeypatch):
+    (tmp_path / "dataset_0.json").write_text("{}")
+    assert resolve_datalist(str(tmp_path), "dataset_0.json") == tmp_path / "dataset_0.json"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_datalist("/nonexistent", "dataset_0.json") == tmp_path / "dataset_0.json"  # a path
+    assert resolve_datalist("/nonexistent", "btcv_folds_5fold.json") == BUILTIN_DATALISTS / "btcv_folds_5fold.json"
+    with pytest.raises(UserError, match="datalist 'other.json' not found in /nonexistent"):
+        resolve_datalist("/nonexistent", "other.json")
+
+
+def test_paths_resolve_against_data_dir_else_json_folder(tmp_path):
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    path = sub / "d.json"
+    path.write_text(json.dumps({"training": [{"image": "a/img.nii.gz", "label": "a/lab.nii.gz"}],
+                                "test": ["t/img9.nii.gz", {"image": "t/img10.nii.gz"}]}))
+    assert base_dir_for(str(tmp_path), path) == tmp_path
+    assert base_dir_for("/nonexistent", path) == sub
+    training = load_split(path, "training", tmp_path)
+    assert training == [{"image": str(tmp_path / "a/img.nii.gz"), "label": str(tmp_path / "a/lab.nii.gz")}]
+    test = load_split(path, "test", sub)
+    assert test == [{"image": str(sub / "t/img9.nii.gz")}, {"image": str(sub / "t/img10.nii.gz")}]
+    with pytest.raises(UserError, match=r"no 'validation' entries \(it has: training, test\)"):
+        load_split(path, "validation", tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "datalist is not valid JSON (line 1"),
+    ("[]", "datalist must be a JSON object"),
+    ('{"training": {"image": "x"}}', "'training' must be a list"),
+    ('{"training": [{"image": "x.nii.gz"}]}', "training[0] must be an object with string 'image' and 'label'"),
+    ('{"training": ["x.nii.gz"]}', "training[0] must be an object"),
+])
+def test_malformed_datalists_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as error:
+        load_split(path, "training", tmp_path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+def test_dataset_type_follows_the_config(phantom_dir, tmp_path):
+    items = load_config_split(tiny_config(phantom_dir).data, "validation")
+    identity = lambda x: x  # noqa: E731
+    assert type(make_dataset(items, identity, tiny_config(phantom_dir).data)) is CacheDataset
+    normal = tiny_config(phantom_dir, data={"use_normal_dataset": True}).data
+    assert type(make_dataset(items, identity, normal)) is Dataset
+    persistent = tiny_config(phantom_dir, data={"cache_dir": str(tmp_path / "cache")}).data
+    assert type(make_dataset(items, identity, persistent)) is PersistentDataset
+
+
+@pytest.mark.parametrize("path, name", [("/d/imagesTr/img0035.nii.gz", "img0035"), ("x/case.nii", "case"),
+                                        ("scan.mha", "scan"), ("a.b.nrrd", "a.b")])
+def test_case_name(path, name):
+    assert case_name(path) == name
