@@ -28,7 +28,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+        return f"{self.path}: {self.message}" if self.path else self.message
 
 
 @dataclass
@@ -118,7 +118,7 @@ def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4
         datalist = resolve_datalist(data_dir, json_list)
         content = read_datalist(datalist)
     except UserError as exc:
-        return [Problem(json_list, str(exc))], {}
+        return [Problem("", str(exc))], {}
     base_dir = base_dir_for(data_dir, datalist)
     entries = [(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)]
     counts = {split: len(content.get(split, [])) for split in SPLITS}

@@ -2,6 +2,7 @@
 
     btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
     btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
+    btcv-unetr train [--config FILE.yaml] [reference flags]      (also: python main.py ...)
 
 A mistake by the user (:class:`UserError`) is printed as one line on stderr with exit status 2.
 """
@@ -12,12 +13,13 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, phantoms
+from . import __version__, checks, phantoms, train
 from .errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
     "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
+    "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
 }
 
 

@@ -131,6 +131,7 @@ class DistConfig:
     """torch.distributed settings (reference names)."""
 
     distributed: bool = _opt(False, "one process per visible GPU")
+    nproc_per_node: int | None = _opt(None, "processes to spawn with --distributed (default: visible GPUs)")
     world_size: int = _opt(1, "number of nodes")
     rank: int = _opt(0, "node rank")
     dist_url: str = _opt("tcp://127.0.0.1:23456", "rendezvous URL", flags=("--dist-url", "--dist_url"))

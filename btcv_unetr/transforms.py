@@ -28,7 +28,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
     return [
         mt.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
-        mt.Orientationd(keys=keys, axcodes=data.axcodes),
+        mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation),
         mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
                                 b_min=data.b_min, b_max=data.b_max, clip=True),

@@ -1,0 +1,278 @@
+"""Training: ``python main.py`` / ``btcv-unetr train`` with the reference flags.
+
+    train_one_epoch  one pass over the training crops (AMP, non-finite losses skipped)
+    validate         sliding-window Dice per organ over the validation cases, each counted once
+    train_worker     one process: data, model, optimiser, resume, the epoch loop, checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .checks import check_config_data
+from .config import Config, add_config_arguments, config_from_args
+from .data import load_config_split, make_dataset
+from .distributed import Context, all_true, broadcast_object, gather_objects, launch
+from .errors import UserError
+from .files import atomic_write
+from .logs import RunLog
+from .model import build_model, load_file, load_pretrained, load_torchscript_weights, load_weights
+from .optim import build_optimizer, build_scheduler
+from .transforms import train_transforms, val_transforms
+
+
+@dataclass
+class Precision:
+    """Autocast settings: float16 with a gradient scaler on CUDA, bfloat16 on CPU (no fast fp16 there)."""
+
+    enabled: bool
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def for_device(cls, device: torch.device, enabled: bool) -> Precision:
+        cuda = device.type == "cuda"
+        dtype = torch.float16 if cuda else torch.bfloat16
+        return cls(enabled, dtype, torch.amp.GradScaler(device.type, enabled=enabled and cuda))
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.enabled)
+
+
+def resolve_logdir(logdir: str) -> Path:
+    """A bare name goes under ./runs/ as in the reference (``--logdir test`` -> ``runs/test``)."""
+    path = Path(logdir)
+    return path if path.is_absolute() or len(path.parts) > 1 else Path("runs") / path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    precision: Precision, context: Context, epoch: int, max_steps: int | None,
+                    global_step: int) -> tuple[float, int]:
+    """One epoch; returns (mean loss over the steps taken, global step after the epoch).
+
+    A non-finite loss on any rank is reported with its step and skipped on every rank (no backward,
+    no update), so no rank trains on it and DDP's collectives stay in step.
+    """
+    model.train()
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not context.is_main, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if max_steps is not None and global_step >= max_steps:
+            break
+        image = batch["image"].to(context.device, non_blocking=True)
+        label = batch["label"].to(context.device, non_blocking=True)
+        with precision.autocast(context.device):
+            logits = model(image)
+        loss = loss_fn(logits.float(), label)
+        global_step += 1
+        if not all_true(bool(torch.isfinite(loss)), context):
+            if context.is_main:
+                print(f"warning: non-finite loss at step {global_step} (epoch {epoch + 1}); step skipped",
+                      file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        total += float(loss.detach())
+        steps += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return (total / steps if steps else math.nan), global_step
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Precision,
+             context: Context) -> tuple[list[float], float]:
+    """Per-organ Dice (classes 1..N-1) averaged over all validation cases, and their mean.
+
+    Each rank evaluates its own share of the cases (no padding), the per-case rows are gathered, so
+    every case counts exactly once. An organ absent from a case's label is left out of that organ's mean.
+    """
+    model.eval()
+    classes = config.model.out_channels
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(context.device):
+            return model(window).float()
+
+    rows = []
+    for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
+        image, label = batch["image"].to(context.device), batch["label"].to(context.device)
+        logits = sliding_window_inference(image, config.model.roi_size, config.infer.sw_batch_size, predictor,
+                                          overlap=config.infer.infer_overlap)
+        prediction = one_hot(logits.argmax(1, keepdim=True), classes)
+        rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
+    rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
+    if not rows:
+        return [math.nan] * (classes - 1), math.nan
+    table = torch.cat(rows).double()  # (cases, organs), NaN where an organ is absent
+    organ_dice = torch.nanmean(table, dim=0)
+    return organ_dice.tolist(), float(torch.nanmean(organ_dice))
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, precision: Precision, epoch: int,
+                    global_step: int, best_acc: float, config: Config) -> None:
+    """One dict that resumes everything; plain values only, so ``weights_only=True`` loads it."""
+    state = {"epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
+             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+             "config": config.to_dict()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def check_training_data(config: Config, context: Context) -> None:
+    """Rank 0 reads every file of the datalist; every rank refuses to start on any problem."""
+    problems = [str(p) for p in check_config_data(config)[0]] if context.is_main else None
+    problems = broadcast_object(problems, context)
+    if problems:
+        if context.is_main:
+            print("\n".join(problems), file=sys.stderr)
+        raise UserError(f"training data has {len(problems)} problem(s), listed above: fix them "
+                        "(btcv-unetr check-data lists them again)")
+
+
+def build_loaders(config: Config, context: Context) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+    train_items = load_config_split(config.data, "training")
+    val_items = load_config_split(config.data, "validation")
+    train_ds = make_dataset(train_items, train_transforms(config), config.data)
+    # Each rank validates a disjoint share of the cases: no sampler padding, no double counting.
+    val_ds = make_dataset(val_items[context.rank::context.world_size], val_transforms(config), config.data)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=config.train.seed or 0) if context.distributed else None
+    pin = context.device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=config.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=config.data.workers, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=config.data.workers, pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def build_trainable_model(config: Config, context: Context) -> nn.Module:
+    model = build_model(config.model)
+    pretrained = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    if config.train.resume_jit:
+        load_torchscript_weights(model, pretrained)
+    elif config.train.resume_ckpt:
+        load_pretrained(model, pretrained)
+    if context.is_main and (config.train.resume_jit or config.train.resume_ckpt):
+        print(f"loaded pretrained weights from {pretrained}")
+    return model.to(context.device)
+
+
+def train_worker(context: Context, config: Config) -> None:
+    logdir = resolve_logdir(config.train.logdir)
+    if context.is_main:
+        logdir.mkdir(parents=True, exist_ok=True)
+        print(config.to_yaml(), end="")
+        config.save(logdir / "config.yaml")
+    if config.train.seed is not None:
+        seed_everything(config.train.seed)
+    check_training_data(config, context)
+
+    model = build_trainable_model(config, context)
+    # The reference turns AMP off when finetuning from TorchScript weights.
+    precision = Precision.for_device(context.device, config.train.amp and not config.train.resume_jit)
+    optimizer = build_optimizer(model, config.train)
+    scheduler = build_scheduler(optimizer, config.train)
+    start_epoch, global_step, best_acc = 0, 0, -1.0
+    if config.train.checkpoint:
+        start_epoch, global_step, best_acc = resume(config.train.checkpoint, model, optimizer, scheduler, precision)
+        if context.is_main:
+            print(f"resumed {config.train.checkpoint}: epoch {start_epoch}, step {global_step}, best {best_acc:.4f}")
+    train_loader, val_loader, sampler = build_loaders(config, context)
+    net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
+        if context.distributed else model
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True,
+                         smooth_nr=config.train.smooth_nr, smooth_dr=config.train.smooth_dr)
+    log = RunLog(logdir, context.is_main, config.model.out_channels)
+    if context.is_main:
+        print(f"training on {context.device} x{context.world_size}, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, AMP {'on (' + str(precision.dtype).replace('torch.', '') + ')' if precision.enabled else 'off'}")
+
+    t = config.train
+    for epoch in range(start_epoch, t.max_epochs):
+        if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
+            seed_everything(t.seed * 100_003 + epoch)
+            train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + epoch) % 2**32)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        started = time.time()
+        loss, global_step = train_one_epoch(net, train_loader, loss_fn, optimizer, precision, context, epoch,
+                                            t.max_steps, global_step)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        stop = t.max_steps is not None and global_step >= t.max_steps
+        if context.is_main:
+            print(f"epoch {epoch + 1}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {global_step}  "
+                  f"{time.time() - started:.1f}s")
+            log.scalars(epoch + 1, {"train/loss": loss, "train/lr": lr})
+        if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.max_epochs or stop:
+            organ_dice, mean_dice = validate(model, val_loader, config, precision, context)
+            improved = mean_dice > best_acc
+            best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
+            if context.is_main:
+                print(f"validation epoch {epoch + 1}: mean organ Dice {mean_dice:.4f}"
+                      f"{' (new best)' if improved else f'  (best {best_acc:.4f})'}")
+                log.validation(epoch + 1, global_step, organ_dice, mean_dice)
+                if t.save_checkpoint:
+                    args = (model, optimizer, scheduler, precision, epoch + 1, global_step, best_acc, config)
+                    if improved:
+                        save_checkpoint(logdir / "model.pt", *args)
+                    save_checkpoint(logdir / "model_final.pt", *args)
+        if stop:
+            break
+    log.close()
+    if context.is_main:
+        print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
+
+
+def resume(path: str, model: nn.Module, optimizer, scheduler, precision: Precision) -> tuple[int, int, float]:
+    """Restore a training checkpoint in place; returns (epoch, global_step, best_acc)."""
+    state: Any = load_file(path)
+    required = ("state_dict", "optimizer", "scheduler", "epoch")
+    if not isinstance(state, dict) or any(key not in state for key in required):
+        raise UserError(f"{path}: not a training checkpoint (needs {', '.join(required)}); "
+                        "to finetune from bare weights use --resume_ckpt")
+    load_weights(model, state["state_dict"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise UserError(f"{path}: optimiser state does not fit (--optim_name changed?): {exc}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        precision.scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), int(state.get("global_step", 0)), float(state.get("best_acc", -1.0))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    launch(train_worker, config_from_args(args))
+    return 0
