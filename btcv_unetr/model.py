@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,29 @@ def build_model(config: ModelConfig) -> UNETR:
     return model
 
 
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
 def load_file(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on CPU with one-line errors for user mistakes."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if _is_torchscript(path):
+        raise UserError(f"{path}: this is a TorchScript file: use --resume_jit (training) or "
+                        "--saved_checkpoint torchscript (inference)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{path}: refused to load, the file needs arbitrary code to unpickle ({first_line}); "
+        if "global" not in str(exc).lower():
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
+        raise UserError(f"{path}: refused to load, the file needs arbitrary code to unpickle (weights_only=True); "
                         "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
-            raise UserError(f"{path}: this is a TorchScript file: use --resume_jit (training) or "
-                            "--saved_checkpoint torchscript (inference)") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc})") from None
 
 

@@ -1,0 +1,135 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.data import list_data_collate
+from monai.losses import DiceCELoss
+
+from btcv_unetr import cli, train
+from btcv_unetr.data import load_config_split
+from btcv_unetr.distributed import Context
+from btcv_unetr.model import build_model
+from btcv_unetr.optim import build_optimizer
+from btcv_unetr.transforms import train_transforms
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train(phantom_dir, logdir, *flags):
+    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(logdir), *flags]
+    assert cli.main(argv) == 0
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny):
+    torch.manual_seed(0)
+    entry = load_config_split(tiny.data, "training")[0]
+    batch = list_data_collate([train_transforms(tiny)(entry)])
+    model = build_model(tiny.model)
+    optimizer = build_optimizer(model, tiny.train)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    precision = train.Precision.for_device(torch.device("cpu"), enabled=True)
+    context = Context(0, 1, 0, torch.device("cpu"))
+    losses = []
+    for _ in range(8):
+        loss, _ = train.train_one_epoch(model, [batch], loss_fn, optimizer, precision, context, 0, None, 0)
+        losses.append(loss)
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_non_finite_loss_is_reported_and_skipped(tiny, capsys):
+    model = build_model(tiny.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, tiny.train)
+    batch = {"image": torch.full((1, 1, 32, 32, 32), float("nan")), "label": torch.zeros(1, 1, 32, 32, 32)}
+    precision = train.Precision.for_device(torch.device("cpu"), enabled=False)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss, step = train.train_one_epoch(model, [batch], loss_fn, optimizer, precision,
+                                       Context(0, 1, 0, torch.device("cpu")), 4, None, 10)
+    assert step == 11 and loss != loss  # NaN: no step counted as trained
+    assert "non-finite loss at step 11 (epoch 5); step skipped" in capsys.readouterr().err
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_run_writes_logs_and_checkpoints_that_load_weights_only(phantom_dir, tmp_path):
+    _train(phantom_dir, tmp_path / "run", "--max_epochs", "2")
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [row["epoch"] for row in rows] == ["1", "2"] and "pancreas" in rows[0]
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 6 and isinstance(state["best_acc"], float)
+    assert set(state) >= {"state_dict", "optimizer", "scheduler", "scaler", "config"}
+    assert state["config"]["model"]["hidden_size"] == 96
+    assert not any(key.startswith("module.") for key in state["state_dict"])
+    best = torch.load(run / "model.pt", weights_only=True)
+    assert best["best_acc"] == pytest.approx(max(float(row["mean_dice"]) for row in rows), abs=1e-5)
+    assert best["best_acc"] == state["best_acc"]
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(phantom_dir, tmp_path):
+    _train(phantom_dir, tmp_path / "straight", "--max_epochs", "2", "--val_every", "5")
+    _train(phantom_dir, tmp_path / "part", "--max_epochs", "2", "--val_every", "5", "--max_steps", "3")
+    first_half = torch.load(tmp_path / "part/model_final.pt", weights_only=True)
+    assert first_half["epoch"] == 1 and first_half["global_step"] == 3
+    _train(phantom_dir, tmp_path / "part", "--max_epochs", "2", "--val_every", "5",
+           "--checkpoint", str(tmp_path / "part/model_final.pt"))
+    straight = torch.load(tmp_path / "straight/model_final.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "part/model_final.pt", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 2 and resumed["global_step"] == 6
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+    assert resumed["scheduler"] == straight["scheduler"]
+    assert torch.equal(resumed["optimizer"]["state"][0]["exp_avg"], straight["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = tiny_config()
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.train)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+    precision = train.Precision.for_device(torch.device("cpu"), True)
+    path = tmp_path / "model_final.pt"
+    train.save_checkpoint(path, model, optimizer, scheduler, precision, 1, 3, 0.5, config)
+    good = path.read_bytes()
+
+    def crash(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(path, model, optimizer, scheduler, precision, 2, 6, 0.6, config)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model_final.pt"]
+
+
+def test_finetuning_from_torchscript_turns_amp_off(phantom_dir, tmp_path, capsys):
+    model = build_model(tiny_config().model).eval()
+    torch.jit.trace(model, torch.zeros(1, 1, 32, 32, 32)).save(str(tmp_path / "UNETR_model_best_acc.pt"))
+    _train(phantom_dir, tmp_path / "run", "--max_epochs", "1", "--resume_jit", "--pretrained_dir", str(tmp_path),
+           "--pretrained_model_name", "UNETR_model_best_acc.pt")
+    out = capsys.readouterr().out
+    assert "loaded pretrained weights from" in out and "AMP off" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data_dir", "/nonexistent", "--json_list", "nope.json"],
+     "error: training data has 1 problem(s), listed above"),
+    (["--roi_x", "100"], "error: config key 'roi_x': 100 must be a positive multiple of 16 (UNETR's patch size)"),
+    (["--checkpoint", "/nonexistent/model.pt"], "error: checkpoint not found: /nonexistent/model.pt"),
+])
+def test_bad_input_gives_one_clear_line(phantom_dir, tmp_path, flags, message):
+    argv = [sys.executable, str(ROOT / "main.py"), "--config", "tiny.yaml", "--data_dir", str(phantom_dir),
+            "--json_list", "dataset.json", "--logdir", str(tmp_path / "run"), *flags]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message)
