@@ -1,0 +1,90 @@
+"""Two CPU processes with gloo, launched as ``--distributed --nproc_per_node 2`` would launch them."""
+
+import functools
+import json
+import math
+import socket
+
+import torch
+from monai.losses import DiceCELoss
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from btcv_unetr import train
+from btcv_unetr.distributed import Context, gather_objects, launch
+from btcv_unetr.model import build_model
+from btcv_unetr.optim import build_optimizer
+
+from conftest import tiny_config
+
+
+def _batch(rank: int) -> dict:
+    generator = torch.Generator().manual_seed(100 + rank)
+    return {"image": torch.rand(1, 1, 32, 32, 32, generator=generator),
+            "label": torch.randint(0, 14, (1, 1, 32, 32, 32), generator=generator).float()}
+
+
+def _loss():
+    return DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+
+
+def _worker(context: Context, config, out: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.train)
+    precision = train.Precision.for_device(context.device, enabled=False)
+    ddp = DistributedDataParallel(model)
+    train.train_one_epoch(ddp, [_batch(context.rank)], _loss(), optimizer, precision, context, 0, None, 0)
+    vectors = gather_objects(parameters_to_vector(model.parameters()).detach(), context)
+    _, val_loader, _ = train.build_loaders(config, context)
+    organ_dice, mean_dice = train.validate(model, val_loader, config, precision, context)
+    if context.is_main:
+        torch.save({"vectors": vectors, "organ_dice": organ_dice, "mean_dice": mean_dice,
+                    "val_cases": len(val_loader.dataset)}, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_dir, tmp_path):
+    content = json.loads((phantom_dir / "dataset.json").read_text())
+    content["validation"] = content["validation"] + content["training"][:2]  # 3 cases: an uneven split
+    (tmp_path / "three_val.json").write_text(json.dumps(content))
+    config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
+                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"},
+                         data={"json_list": str(tmp_path / "three_val.json")}, train={"optim_lr": 1e-2})
+    launch(functools.partial(_worker, out=str(tmp_path / "ddp.pt")), config)
+    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+
+    rank0, rank1 = result["vectors"]
+    assert torch.equal(rank0, rank1)  # replicas identical after the step
+
+    # One process doing the same step with the mean of the two ranks' gradients.
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.train)
+    grads = []
+    for rank in (0, 1):
+        model.zero_grad()
+        batch = _batch(rank)
+        _loss()(model(batch["image"]), batch["label"]).backward()
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+    for p, g0, g1 in zip(model.parameters(), *grads):
+        p.grad = None if g0 is None else (g0 + g1) / 2
+    optimizer.step()
+    assert torch.allclose(parameters_to_vector(model.parameters()), rank0, atol=1e-6)
+
+    # Validation on one process over the same 3 cases gives the same Dice.
+    vector_to_parameters(rank0, model.parameters())
+    single = tiny_config(phantom_dir, data={"json_list": str(tmp_path / "three_val.json")})
+    context = Context(0, 1, 0, torch.device("cpu"))
+    _, val_loader, _ = train.build_loaders(single, context)
+    precision = train.Precision.for_device(context.device, enabled=False)
+    organ_dice, mean_dice = train.validate(model, val_loader, single, precision, context)
+    assert len(val_loader.dataset) == 3 and result["val_cases"] == 2  # rank 0 held 2 of the 3
+    assert math.isclose(mean_dice, result["mean_dice"], rel_tol=1e-6)
+    for ours, theirs in zip(organ_dice, result["organ_dice"]):
+        assert (math.isnan(ours) and math.isnan(theirs)) or math.isclose(ours, theirs, rel_tol=1e-6)
