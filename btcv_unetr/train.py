@@ -215,6 +215,7 @@ def train_worker(context: Context, config: Config) -> None:
               f"parameters, AMP {'on (' + str(precision.dtype).replace('torch.', '') + ')' if precision.enabled else 'off'}")
 
     t = config.train
+    last_validation = None
     for epoch in range(start_epoch, t.max_epochs):
         if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
             seed_everything(t.seed * 100_003 + epoch)
@@ -233,6 +234,7 @@ def train_worker(context: Context, config: Config) -> None:
             log.scalars(epoch + 1, {"train/loss": loss, "train/lr": lr})
         if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.max_epochs or stop:
             organ_dice, mean_dice = validate(model, val_loader, config, precision, context)
+            last_validation = (organ_dice, mean_dice)
             improved = mean_dice > best_acc
             best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
             if context.is_main:
@@ -247,6 +249,8 @@ def train_worker(context: Context, config: Config) -> None:
         if stop:
             break
     log.close()
+    if context.is_main and last_validation is not None:
+        print("per-organ Dice on the validation cases, last validation:\n" + log.table(*last_validation))
     if context.is_main:
         print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
 
