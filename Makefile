@@ -34,7 +34,7 @@ demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(PY) main.py --config phantom_demo.yaml --data_dir $(DEMO_DIR)/data
 
 $(DEMO_DIR)/data/dataset.json: | $(STAMP)
-	$(VENV)/bin/btcv-unetr phantoms --out $(DEMO_DIR)/data --cases 12 --test_cases 2 --size 128 --seed 0
+	$(VENV)/bin/btcv-unetr phantoms --out $(DEMO_DIR)/data --cases 24 --test_cases 2 --size 128 --seed 0
 
 clean:
 	rm -rf $(DEMO_DIR) runs outputs .pytest_cache

@@ -3,6 +3,9 @@
     btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
     btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
     btcv-unetr train [--config FILE.yaml] [reference flags]      (also: python main.py ...)
+    btcv-unetr infer [--input PATH] [reference flags]            (also: python test.py ...)
+    btcv-unetr evaluate --pred DIR --label DIR
+    btcv-unetr export --checkpoint FILE --format torchscript|onnx --out FILE
 
 A mistake by the user (:class:`UserError`) is printed as one line on stderr with exit status 2.
 """
@@ -13,13 +16,17 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, phantoms, train
+from . import __version__, checks, evaluate, export, infer, phantoms, train
 from .errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
     "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
     "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
+    "infer": ("segment scans: NIfTI masks in each scan's geometry (reference flags)", infer.add_arguments, infer.run),
+    "evaluate": ("score predicted masks against labels (Dice, HD95, surface Dice)", evaluate.add_arguments,
+                 evaluate.run),
+    "export": ("write a trained model as TorchScript or ONNX", export.add_arguments, export.run),
 }
 
 

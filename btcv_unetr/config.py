@@ -78,9 +78,12 @@ class DataConfig:
     space_y: float = _opt(1.5, "target voxel spacing along y, mm")
     space_z: float = _opt(2.0, "target voxel spacing along z, mm")
     axcodes: str = _opt("RAS", "target orientation")
-    num_samples: int = _opt(4, "random crops per volume (RandCropByPosNegLabeld)")
-    pos: float = _opt(1.0, "weight of crops centred on foreground")
-    neg: float = _opt(1.0, "weight of crops centred on background")
+    num_samples: int = _opt(4, "random crops per volume")
+    crop_sampler: str = _opt("posneg", "crop centres: 'posneg' (reference: foreground vs background, pos:neg) or "
+                             "'classes' (each class equally often, so small organs are seen)",
+                             choices=("posneg", "classes"))
+    pos: float = _opt(1.0, "weight of crops centred on foreground (posneg)")
+    neg: float = _opt(1.0, "weight of crops centred on background (posneg)")
     RandFlipd_prob: float = _opt(0.2, "probability of a flip, per axis")
     RandRotate90d_prob: float = _opt(0.2, "probability of a 90-degree rotation")
     rotate90_max_k: int = _opt(3, "maximum number of 90-degree turns")
@@ -145,6 +148,23 @@ class InferConfig:
 
     infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
     sw_batch_size: int = _opt(1, "windows per forward pass")
+    saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
+                                 choices=("ckpt", "torchscript"))
+    input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
+                                   "(default: the datalist's --split)")
+    split: str = _opt("validation", "datalist split to segment without --input",
+                      choices=("training", "validation", "test"))
+    output_dir: str = _opt("./outputs", "folder for masks, reports and pictures")
+    mode: str = _opt("gaussian", "blending of overlapping windows", choices=("gaussian", "constant"))
+    tta: bool = _opt(False, "flip test-time augmentation (averages probabilities of 4 passes)")
+    save_probabilities: bool = _opt(False, "also write CASE_probabilities.npz (float16, native geometry)")
+    device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
+    overwrite: bool = _opt(False, "replace existing outputs (otherwise they are skipped)")
+    largest_component: bool = _opt(False, "keep the largest connected component per organ")
+    fast_invert: bool = _opt(False, "invert the argmax with nearest-neighbour instead of the probabilities")
+    hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", negative_flag="--no_hd95")
+    overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
+    sw_progress: bool = _opt(False, "progress bar over the windows of each scan")
 
 
 @dataclass

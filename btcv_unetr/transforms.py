@@ -44,10 +44,9 @@ def train_transforms(config: Config) -> mt.Compose:
     roi = config.model.roi_size
     return mt.Compose([
         *preprocessing(config, keys),
-        # RandCropByPosNegLabeld raises when the image is smaller than the ROI: pad small scans first.
+        # The random crops raise when the image is smaller than the ROI: pad small scans first.
         mt.SpatialPadd(keys=keys, spatial_size=roi),
-        mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=data.pos, neg=data.neg,
-                                  num_samples=data.num_samples, image_key="image", image_threshold=0),
+        *random_crop(config),
         mt.RandFlipd(keys=keys, prob=data.RandFlipd_prob, spatial_axis=0),
         mt.RandFlipd(keys=keys, prob=data.RandFlipd_prob, spatial_axis=1),
         mt.RandFlipd(keys=keys, prob=data.RandFlipd_prob, spatial_axis=2),
@@ -57,6 +56,24 @@ def train_transforms(config: Config) -> mt.Compose:
         mt.RandShiftIntensityd(keys="image", offsets=data.shift_intensity_offset,
                                prob=data.RandShiftIntensityd_prob),
     ])
+
+
+def random_crop(config: Config) -> list[mt.MapTransform]:
+    """``num_samples`` ROI crops: reference pos/neg sampling, or every class equally often.
+
+    For 'classes' the voxel indices of each class are computed once, before the first random
+    transform, so a cached dataset keeps them and each epoch only draws centres.
+    """
+    data, keys, roi = config.data, list(IMAGE_LABEL), config.model.roi_size
+    if data.crop_sampler == "posneg":
+        return [mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=data.pos, neg=data.neg,
+                                          num_samples=data.num_samples, image_key="image", image_threshold=0)]
+    classes = config.model.out_channels
+    return [mt.ClassesToIndicesd(keys="label", num_classes=classes),
+            mt.RandCropByLabelClassesd(keys=keys, label_key="label", spatial_size=roi, num_classes=classes,
+                                       ratios=[1] * classes, num_samples=data.num_samples,
+                                       indices_key="label_cls_indices", warn=False),
+            mt.DeleteItemsd(keys="label_cls_indices")]
 
 
 def val_transforms(config: Config) -> mt.Compose:

@@ -1,0 +1,287 @@
+"""Inference: ``python test.py`` / ``btcv-unetr infer``; one ``CASE_seg.nii.gz`` per scan in the scan's own geometry.
+
+    find_cases   --input (a NIfTI file, a folder of them, a DICOM series folder) or a datalist split
+    Predictor    loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> invert
+    run          writes masks (atomically), optional probabilities and overlays, and the metrics report
+
+The spatial preprocessing (orientation, spacing, foreground crop) is undone with MONAI's inverse
+transforms, one probability channel at a time (memory stays at two native-size channels), or on the
+argmax with nearest-neighbour interpolation when ``--fast_invert`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd, KeepLargestConnectedComponent
+from torch import nn
+from tqdm import tqdm
+
+from .config import Config, add_config_arguments, config_from_args, config_from_dict
+from .data import case_name, load_config_split
+from .errors import UserError
+from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
+from .files import atomic_save_nifti, atomic_write
+from .model import build_model, extract_state_dict, load_file, load_weights
+from .transforms import infer_transforms
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Preprocessing keys taken from a training checkpoint's config: the model only works on data
+# prepared as it was trained.
+PREPROCESSING_KEYS = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
+
+
+@dataclass
+class Case:
+    name: str
+    image: Path
+    label: Path | None = None
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def _dicom_series(folder: Path) -> list[str]:
+    import SimpleITK as sitk
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def _dicom_to_nifti(folder: Path, series: str, out: Path) -> Path:
+    """Write one DICOM series as NIfTI (SimpleITK keeps its geometry) so the rest of the pipeline sees a file."""
+    import SimpleITK as sitk
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series))
+    path = out / f"{folder.name}{'_' + series[-8:] if len(_dicom_series(folder)) > 1 else ''}.nii.gz"
+    sitk.WriteImage(reader.Execute(), str(path))
+    return path
+
+
+def find_cases(config: Config, scratch: Path) -> list[Case]:
+    """The scans to segment: ``--input`` (file, NIfTI folder or DICOM folder), else the datalist split."""
+    given = config.infer.input
+    if given is None:
+        entries = load_config_split(config.data, config.infer.split)
+        return [Case(case_name(e["image"]), Path(e["image"]), Path(e["label"]) if "label" in e else None)
+                for e in entries]
+    path = Path(given)
+    if not path.exists():
+        raise UserError(f"input not found: {path}")
+    if path.is_file():
+        return [Case(case_name(path), path)]
+    files = sorted(p for p in path.iterdir() if _is_nifti(p))
+    if files:
+        return [Case(case_name(p), p) for p in files]
+    series = _dicom_series(path)
+    if series:
+        return [Case(case_name(nifti), nifti) for nifti in (_dicom_to_nifti(path, s, scratch) for s in series)]
+    raise UserError(f"{path}: no NIfTI files and no DICOM series in this folder")
+
+
+def check_image(path: Path) -> None:
+    """A readable 3D image, or a one-line error naming the file."""
+    try:
+        shape = nib.load(path).shape if _is_nifti(path) else None
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise UserError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+    if shape is not None and len([s for s in shape if s > 1]) != 3 and len(shape) != 3:
+        raise UserError(f"{path}: image is {len(shape)}D with shape {tuple(shape)}, expected a 3D volume")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:
+    """The model (and the config it implies): TorchScript, our checkpoint, or a bare state dict.
+
+    A training checkpoint carries its config: its architecture and preprocessing are used, so
+    ``test.py`` on a run folder needs no repeat of the training flags.
+    """
+    path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    if config.infer.saved_checkpoint == "torchscript":
+        if not path.is_file():
+            raise UserError(f"TorchScript file not found: {path}")
+        try:
+            return torch.jit.load(str(path), map_location=device).eval(), config
+        except RuntimeError as exc:
+            raise UserError(f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})") from None
+    content = load_file(path)
+    if isinstance(content, dict) and isinstance(content.get("config"), dict):
+        trained = config_from_dict(content["config"])
+        preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
+        config = dataclasses.replace(config, model=trained.model,
+                                     data=dataclasses.replace(config.data, **preprocessing))
+        print(f"using the architecture and preprocessing stored in {path}")
+    model = build_model(config.model)
+    load_weights(model, extract_state_dict(content, str(path)), str(path))
+    return model.to(device).eval(), config
+
+
+class Predictor:
+    """Loads the model once and segments any number of scans."""
+
+    def __init__(self, config: Config):
+        self.device = pick_device(config.infer.device)
+        self.model, self.config = load_inference_model(config, self.device)
+        self.transform = infer_transforms(self.config)
+        amp = self.config.train.amp and config.infer.saved_checkpoint != "torchscript"
+        self.autocast_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if amp else None
+
+    def _window(self, window: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return self.model(window).float()
+
+    @torch.inference_mode()
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image; TTA averages 3 flips too.
+
+        Windows run on the model's device; stitching stays on the CPU so large scans fit the device.
+        """
+        infer = self.config.infer
+        flips = [()] + ([(2,), (3,), (4,)] if infer.tta else [])
+        total = None
+        for dims in flips:
+            x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
+            x = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(x, self.config.model.roi_size, infer.sw_batch_size, self._window,
+                                              overlap=infer.infer_overlap, mode=infer.mode, sw_device=self.device,
+                                              device="cpu", progress=infer.sw_progress)
+            probs = torch.softmax(logits, dim=1)
+            probs = torch.flip(probs, dims) if dims else probs
+            total = probs if total is None else total + probs
+        return (total / len(flips))[0]
+
+    def invert(self, values: torch.Tensor, image: MetaTensor, nearest: bool) -> np.ndarray:
+        """Undo the spatial preprocessing of ``values`` ``(1, X, Y, Z)``; returns the native-size array."""
+        inverter = Invertd(keys="pred", transform=self.transform, orig_keys="image", nearest_interp=nearest)
+        pred = MetaTensor(values, meta=dict(image.meta))
+        return inverter({"image": image, "pred": pred})["pred"][0].numpy()
+
+    def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
+        image = self.transform({"image": str(path)})["image"]
+        probs = self.probabilities(image)
+        if self.config.infer.fast_invert and not keep_probabilities:
+            labels = self.invert(probs.argmax(0, keepdim=True).float(), image, nearest=True)
+            return np.rint(labels).astype(np.uint8), None
+        best = labels = stored = None
+        for channel in range(probs.shape[0]):
+            if channel == 0:
+                # Undoing the foreground crop pads with 0: invert 1 - p so that outside the body is background.
+                native = 1.0 - self.invert(1.0 - probs[:1], image, nearest=False)
+            else:
+                native = self.invert(probs[channel:channel + 1], image, nearest=False)
+            if best is None:
+                best, labels = native, np.zeros(native.shape, np.uint8)
+                stored = np.empty((probs.shape[0], *native.shape), np.float16) if keep_probabilities else None
+            else:
+                better = native > best
+                labels[better] = channel
+                best = np.where(better, native, best)
+            if stored is not None:
+                stored[channel] = native
+        return labels, stored
+
+
+def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """MONAI's largest-connected-component filter, per organ (needs scikit-image)."""
+    try:
+        import skimage  # noqa: F401  (MONAI uses it for connected components on CPU)
+    except ImportError:
+        raise UserError("--largest_component needs scikit-image: pip install 'btcv-unetr[post]'") from None
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), independent=True)
+    return np.asarray(keep(torch.from_numpy(labels)[None])[0]).astype(np.uint8)
+
+
+def prepare_output_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"output folder {path} cannot be written ({exc.strerror}): choose another --output_dir") \
+            from None
+
+
+def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
+    """Segment one case and write its outputs; returns its metrics when it has a label."""
+    infer = config.infer
+    started = time.time()
+    labels, probabilities = predictor.segment(case.image, keep_probabilities=infer.save_probabilities)
+    if infer.largest_component:
+        labels = keep_largest_components(labels, predictor.config.model.out_channels)
+    original = nib.load(case.image) if _is_nifti(case.image) else None
+    reference = original if original is not None else nib.Nifti1Image(np.zeros(labels.shape, np.uint8), np.eye(4))
+    if labels.shape != reference.shape[:3]:
+        raise RuntimeError(f"inverted mask {labels.shape} does not match the input {reference.shape}")
+    mask = nib.Nifti1Image(labels, reference.affine)
+    mask.set_qform(reference.affine, code=1)
+    mask.set_sform(reference.affine, code=1)
+    atomic_save_nifti(mask, out_dir / f"{case.name}_seg.nii.gz")
+    if probabilities is not None:
+        atomic_write(out_dir / f"{case.name}_probabilities.npz",
+                     lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
+    seconds = time.time() - started
+    if infer.overlay:
+        from .plots import save_overlay
+        save_overlay(np.asarray(reference.dataobj), labels, reference.header.get_zooms()[:3],
+                     out_dir / f"{case.name}_overlay.png", title=case.name)
+    print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {out_dir / (case.name + '_seg.nii.gz')}")
+    if case.label is None:
+        return None
+    label_image = nib.load(case.label)
+    result = case_metrics(case.name, labels, np.asarray(label_image.dataobj).astype(np.int16),
+                          label_image.header.get_zooms()[:3], predictor.config.model.out_channels, infer.hd95)
+    result.seconds = seconds
+    return result
+
+
+def run_inference(config: Config) -> dict | None:
+    out_dir = Path(config.infer.output_dir)
+    prepare_output_dir(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        cases = find_cases(config, Path(scratch))
+        for case in cases:
+            check_image(case.image)
+        predictor = Predictor(config)
+        results = []
+        for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
+            if (out_dir / f"{case.name}_seg.nii.gz").exists() and not config.infer.overwrite:
+                print(f"{case.name}: {out_dir / (case.name + '_seg.nii.gz')} exists, skipped (--overwrite replaces it)")
+                continue
+            result = segment_case(predictor, case, out_dir, config)
+            if result is not None:
+                results.append(result)
+    if not results:
+        return None
+    summary = write_reports(out_dir, results, predictor.config.model.out_channels)
+    print(format_summary(summary))
+    print(f"Overall Mean Dice: {summary['mean_organ_dice']:.4f}" if not math.isnan(summary["mean_organ_dice"]) else "")
+    return summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_inference(config_from_args(args))
+    return 0
+

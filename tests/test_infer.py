@@ -1,0 +1,228 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from btcv_unetr.config import build_config, _read_yaml as read_yaml, CONFIG_DIR
+from btcv_unetr.evaluate import case_metrics, evaluate_folders, summarise
+from btcv_unetr.export import export
+from btcv_unetr.infer import Predictor, run_inference
+from btcv_unetr.model import build_model
+from btcv_unetr.phantoms import generate_case
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny UNETR state dict (random weights: geometry does not need accuracy)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(build_model(_config(folder).model).state_dict(), folder / "w.pth")
+    return folder
+
+
+def _config(weights_dir, **infer):
+    layers = [read_yaml(CONFIG_DIR / "tiny.yaml"),
+              {"train": {"pretrained_dir": str(weights_dir), "pretrained_model_name": "w.pth"},
+               "infer": {"overlay": False, "hd95": False, **infer}}]
+    return build_config(layers)
+
+
+def _phantom(path: Path, index: int, size: int = 48) -> Path:
+    case = generate_case(seed=11, index=index, size=size)
+    nib.save(case.image, path)
+    return path
+
+
+def test_masks_have_the_input_geometry_lps_and_anisotropic(weights, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = [_phantom(folder / f"scan{i}.nii.gz", i) for i in (1, 2, 3)]
+    assert len({nib.aff2axcodes(nib.load(p).affine) for p in paths}) >= 1
+    run_inference(_config(weights, input=str(folder), output_dir=str(tmp_path / "out"), fast_invert=False))
+    for path in paths:
+        source = nib.load(path)
+        mask = nib.load(tmp_path / "out" / path.name.replace(".nii.gz", "_seg.nii.gz"))
+        assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
+        assert np.allclose(mask.affine, source.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj))) <= set(range(14))
+        itk_source, itk_mask = sitk.ReadImage(str(path)), sitk.ReadImage(str(tmp_path / "out" / mask.get_filename()))
+        assert itk_mask.GetSize() == itk_source.GetSize()
+        assert np.allclose(itk_mask.GetOrigin(), itk_source.GetOrigin(), atol=1e-4)
+        assert np.allclose(itk_mask.GetDirection(), itk_source.GetDirection(), atol=1e-6)
+        assert np.allclose(itk_mask.GetSpacing(), itk_source.GetSpacing(), atol=1e-5)
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_inversion_puts_labels_back_where_they_were(weights, tmp_path):
+    """Preprocess a label map as if it were the image (identity intensity window), invert it as if it were
+    the prediction: every label lands where it was, through orientation, spacing and crop."""
+    case = generate_case(seed=3, index=1, size=64)
+    nib.save(case.label, tmp_path / "lab.nii.gz")
+    config = build_config([_config(weights).to_dict(), {"data": {"a_min": 0.0, "a_max": 13.0, "b_min": 0.0,
+                                                                 "b_max": 13.0}}])
+    predictor = Predictor(config)
+    prepared = predictor.transform({"image": str(tmp_path / "lab.nii.gz")})["image"]
+    assert prepared.shape[1:] != case.label.shape  # resampled, reoriented and cropped
+    restored = predictor.invert(torch.round(prepared.as_tensor()), prepared, nearest=True)
+    original = np.asarray(case.label.dataobj)
+    assert restored.shape == original.shape
+    assert (np.rint(restored).astype(np.uint8) == original).mean() > 0.97
+
+
+def test_input_kinds_file_folder_dicom(weights, tmp_path):
+    scan = _phantom(tmp_path / "one.nii.gz", 4)
+    run_inference(_config(weights, input=str(scan), output_dir=str(tmp_path / "a"), fast_invert=True))
+    assert (tmp_path / "a/one_seg.nii.gz").is_file()
+
+    dicom = tmp_path / "series"
+    dicom.mkdir()
+    source = sitk.ReadImage(str(scan))
+    _write_dicom_series(sitk.Cast(source, sitk.sitkInt16), dicom)
+    run_inference(_config(weights, input=str(dicom), output_dir=str(tmp_path / "b"), fast_invert=True))
+    mask = sitk.ReadImage(str(tmp_path / "b/series_seg.nii.gz"))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom)))
+    series = reader.Execute()
+    assert mask.GetSize() == series.GetSize()
+    assert np.allclose(mask.GetOrigin(), series.GetOrigin(), atol=1e-3)
+    assert np.allclose(mask.GetSpacing(), series.GetSpacing(), atol=1e-4)
+    assert np.allclose(mask.GetDirection(), series.GetDirection(), atol=1e-6)
+
+
+def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                  direction[1], direction[4], direction[7]))
+    for index in range(image.GetDepth()):
+        slice_ = image[:, :, index]
+        position = image.TransformIndexToPhysicalPoint((0, 0, index))
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+                "0020|000e": "1.2.826.0.1.3680043.2.1125.2", "0020|0037": orientation,
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0020|0013": str(index + 1),
+                "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{index + 1}",
+                "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{index:04d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_tta_and_probabilities_have_the_right_shapes(weights, tmp_path):
+    scan = _phantom(tmp_path / "s.nii.gz", 5)
+    run_inference(_config(weights, input=str(scan), output_dir=str(tmp_path / "o"), tta=True,
+                          save_probabilities=True))
+    probabilities = np.load(tmp_path / "o/s_probabilities.npz")["probabilities"]
+    assert probabilities.shape == (14, *nib.load(scan).shape) and probabilities.dtype == np.float16
+    assert np.allclose(probabilities.astype(np.float32).sum(0), 1.0, atol=0.02)
+    labels = np.asarray(nib.load(tmp_path / "o/s_seg.nii.gz").dataobj)
+    assert (labels == probabilities.argmax(0)).mean() > 0.999
+
+
+def test_perfect_prediction_scores_one_and_absent_organs_are_left_out():
+    label = np.zeros((20, 20, 10), np.int16)
+    label[2:8, 2:8, 2:6] = 6
+    label[12:16, 12:16, 3:7] = 1
+    result = case_metrics("c", label.copy(), label, (1.0, 1.0, 2.5), 14, distances=True)
+    assert result.dice[5] == 1.0 and result.dice[0] == 1.0
+    assert result.hd95[5] == 0.0 and result.nsd[5] == 1.0
+    assert math.isnan(result.dice[1])  # right kidney absent from the label
+    missed = label.copy()
+    missed[missed == 1] = 0
+    worse = case_metrics("d", missed, label, (1.0, 1.0, 2.5), 14)
+    assert worse.dice[0] == 0.0 and worse.hd95[0] == math.inf and worse.nsd[0] == 0.0
+    summary = summarise([result, worse], 14)
+    assert summary["organs"]["spleen"]["dice"] == 0.5 and summary["organs"]["liver"]["dice"] == 1.0
+    assert math.isnan(summary["organs"]["right kidney"]["dice"])
+    assert summary["mean_organ_dice"] == 0.75
+
+
+def test_evaluate_matches_files_by_case_name(tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "lab").mkdir()
+    case = generate_case(seed=0, index=1, size=32)
+    nib.save(case.label, tmp_path / "lab/label0007.nii.gz")
+    nib.save(case.label, tmp_path / "pred/img0007_seg.nii.gz")
+    results = evaluate_folders(tmp_path / "pred", tmp_path / "lab", 14, distances=False)
+    assert [r.case for r in results] == ["img0007"]
+    assert all(d == 1.0 for d in results[0].dice if not math.isnan(d))
+    result = subprocess.run([sys.executable, "-m", "btcv_unetr", "evaluate", "--pred", str(tmp_path / "pred"),
+                             "--label", str(tmp_path / "lab"), "--no_hd95"], capture_output=True, text=True)
+    assert result.returncode == 0 and "mean organ Dice" in result.stdout
+    assert json.loads((tmp_path / "pred/summary.json").read_text())["mean_organ_dice"] == 1.0
+
+
+def test_torchscript_export_equals_eager_and_loads_for_inference(weights, tmp_path):
+    model = build_model(_config(weights).model).eval()
+    model.load_state_dict(torch.load(weights / "w.pth", weights_only=True))
+    example = torch.rand(2, 1, 32, 32, 32)
+    export(model, example[:1], "torchscript", tmp_path / "unetr.pt")
+    scripted = torch.jit.load(str(tmp_path / "unetr.pt"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(example), model(example), atol=1e-5)
+    scan = _phantom(tmp_path / "t.nii.gz", 6)
+    config = _config(tmp_path, input=str(scan), output_dir=str(tmp_path / "o"), saved_checkpoint="torchscript",
+                     fast_invert=True)
+    config = build_config([config.to_dict(), {"train": {"pretrained_model_name": "unetr.pt"}}])
+    run_inference(config)
+    assert (tmp_path / "o/t_seg.nii.gz").is_file()
+
+
+def _cli(tmp_path, weights, *flags):
+    argv = [sys.executable, str(ROOT / "test.py"), "--config", "tiny.yaml", "--pretrained_dir", str(weights),
+            "--pretrained_model_name", "w.pth", "--no-overlay", *flags]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "error: input not found: {tmp}/nope.nii.gz"),
+    ("empty", "error: {tmp}/empty: no NIfTI files and no DICOM series in this folder"),
+    ("flat", "error: {tmp}/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume"),
+    ("four_d", "error: {tmp}/four_d.nii.gz: image is 4D with shape (8, 8, 8, 2), expected a 3D volume"),
+    ("mismatch", "error: {weights}/w.pth: weights do not match the model built from the flags"),
+    ("unwritable", "error: output folder {tmp}/file.txt/out cannot be written"),
+])
+def test_bad_input_gives_one_line_and_no_partial_output(weights, tmp_path, setup, message):
+    target, extra = tmp_path / "nope.nii.gz", []
+    if setup == "empty":
+        target = tmp_path / "empty"
+        target.mkdir()
+    elif setup in ("flat", "four_d"):
+        shape = (8, 8) if setup == "flat" else (8, 8, 8, 2)
+        target = tmp_path / f"{setup}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), target)
+    elif setup == "mismatch":
+        target = _phantom(tmp_path / "ok.nii.gz", 1)
+        extra = ["--feature_size", "16"]
+    elif setup == "unwritable":
+        target = _phantom(tmp_path / "ok.nii.gz", 1)
+        (tmp_path / "file.txt").write_text("x")
+        extra = ["--output_dir", str(tmp_path / "file.txt/out")]
+    result = _cli(tmp_path, weights, "--input", str(target), "--output_dir", str(tmp_path / "out"), *extra) \
+        if setup != "unwritable" else _cli(tmp_path, weights, "--input", str(target), *extra)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(message.format(tmp=tmp_path, weights=weights))
+    assert not list(tmp_path.rglob("*_seg.nii.gz"))
+
+
+def test_existing_outputs_are_kept_without_overwrite(weights, tmp_path):
+    scan = _phantom(tmp_path / "k.nii.gz", 2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/k_seg.nii.gz").write_bytes(b"previous")
+    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--fast_invert")
+    assert result.returncode == 0 and "exists, skipped (--overwrite replaces it)" in result.stdout
+    assert (tmp_path / "out/k_seg.nii.gz").read_bytes() == b"previous"
+    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--fast_invert",
+                  "--overwrite")
+    assert result.returncode == 0 and nib.load(tmp_path / "out/k_seg.nii.gz").shape == nib.load(scan).shape
