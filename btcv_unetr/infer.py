@@ -240,9 +240,9 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
     seconds = time.time() - started
     if infer.overlay:
-        from .plots import save_overlay
-        save_overlay(np.asarray(reference.dataobj), labels, reference.header.get_zooms()[:3],
-                     out_dir / f"{case.name}_overlay.png", title=case.name)
+        from .plots import save_overlay, to_display_order
+        image, mask, spacing = to_display_order(np.asarray(reference.dataobj), labels, reference.affine)
+        save_overlay(image, mask, spacing, out_dir / f"{case.name}_overlay.png", title=case.name)
     print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {out_dir / (case.name + '_seg.nii.gz')}")
     if case.label is None:
         return None

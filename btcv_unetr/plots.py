@@ -33,14 +33,24 @@ def _slices(labels: np.ndarray, count: int = 3) -> list[list[int]]:
     return positions
 
 
+def to_display_order(image: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """Both arrays in RAS voxel order (whatever the file's order) and the matching spacing in mm."""
+    from nibabel.orientations import apply_orientation, io_orientation
+    ornt = io_orientation(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int).argsort()]
+    return apply_orientation(image, ornt), apply_orientation(labels, ornt), list(spacing)
+
+
 def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float], path: Path,
                  title: str = "", window: tuple[float, float] = (-175.0, 250.0)) -> bool:
     """Write the picture; returns False (and says so once) when matplotlib is missing.
 
     Args:
-        image: CT in HU, ``(X, Y, Z)`` in the file's voxel order.
+        image: CT in HU, ``(X, Y, Z)`` in RAS voxel order (see :func:`to_display_order`).
         labels: integer mask of the same shape.
         spacing: voxel size in mm, for the aspect ratio of coronal and sagittal views.
+
+    Axial and coronal views are shown as radiologists read them: the patient's right on the left.
     """
     global _warned
     try:
@@ -63,6 +73,8 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float]
         for col, index in enumerate(indices):
             picture = np.take(image, index, axis=axis).T
             mask = np.take(labels, index, axis=axis).T
+            if axis != 0:  # x is on screen: put the patient's right on the left
+                picture, mask = picture[:, ::-1], mask[:, ::-1]
             ax = axes[row, col]
             ax.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
             ax.imshow(np.ma.masked_equal(mask, 0), cmap=colours, vmin=0, vmax=len(ORGAN_COLOURS) - 1,
