@@ -226,3 +226,17 @@ def test_existing_outputs_are_kept_without_overwrite(weights, tmp_path):
     result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--fast_invert",
                   "--overwrite")
     assert result.returncode == 0 and nib.load(tmp_path / "out/k_seg.nii.gz").shape == nib.load(scan).shape
+
+
+def test_onnx_export_matches_eager_with_onnxruntime(weights, tmp_path):
+    pytest.importorskip("onnx")  # the 'onnx' extra
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = build_model(_config(weights).model).eval()
+    model.load_state_dict(torch.load(weights / "w.pth", weights_only=True))
+    example = torch.rand(1, 1, 32, 32, 32)
+    export(model, example, "onnx", tmp_path / "unetr.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "unetr.onnx"), providers=["CPUExecutionProvider"])
+    batch = torch.rand(2, 1, 32, 32, 32)
+    (logits,) = session.run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        assert np.allclose(logits, model(batch).numpy(), atol=1e-4)
