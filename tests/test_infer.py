@@ -190,6 +190,7 @@ def _cli(tmp_path, weights, *flags):
     ("flat", "error: {tmp}/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume"),
     ("four_d", "error: {tmp}/four_d.nii.gz: image is 4D with shape (8, 8, 8, 2), expected a 3D volume"),
     ("mismatch", "error: {weights}/w.pth: weights do not match the model built from the flags"),
+    ("corrupt", "error: {tmp}/corrupt.nii.gz: unreadable image ("),
     ("unwritable", "error: output folder {tmp}/file.txt/out cannot be written"),
 ])
 def test_bad_input_gives_one_line_and_no_partial_output(weights, tmp_path, setup, message):
@@ -201,6 +202,9 @@ def test_bad_input_gives_one_line_and_no_partial_output(weights, tmp_path, setup
         shape = (8, 8) if setup == "flat" else (8, 8, 8, 2)
         target = tmp_path / f"{setup}.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), target)
+    elif setup == "corrupt":
+        target = tmp_path / "corrupt.nii.gz"
+        target.write_bytes(b"\x1f\x8b not really gzip")
     elif setup == "mismatch":
         target = _phantom(tmp_path / "ok.nii.gz", 1)
         extra = ["--feature_size", "16"]
