@@ -70,8 +70,7 @@ def _run(local_rank: int, worker: Callable, config: Config, nprocs: int | None) 
     except UserError as exc:
         if not context.distributed:
             raise
-        if context.is_main:
-            print(f"error: {exc}", file=sys.stderr)
+        print(f"error: [rank {context.rank}] {exc}", file=sys.stderr)
         sys.exit(2)  # the launcher then stops every other rank
     finally:
         if dist.is_initialized():

@@ -1,6 +1,6 @@
 """Per-case, per-organ metrics (MONAI: Dice, HD95, normalised surface Dice) and their reports.
 
-``btcv-unetr evaluate --pred DIR --label DIR`` scores any predictions, ours or another tool's,
+``btcv-unetr evaluate --pred DIR --label DIR|DATALIST.json`` scores any predictions, ours or another tool's,
 matching files by case name (``img0035_seg.nii.gz`` <-> ``label0035.nii.gz`` / ``img0035.nii.gz``).
 Distances are in mm, computed in each label's own voxel spacing.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
-from .data import case_name
+from .data import LABELLED_SPLITS, case_name, read_datalist, split_entries
 from .errors import UserError
 from .files import atomic_write, atomic_write_json
 from .labels import BTCV_LABELS
@@ -144,15 +144,25 @@ def _nifti_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
 
 
-def evaluate_folders(pred_dir: Path, label_dir: Path, num_classes: int, distances: bool) -> list[CaseMetrics]:
-    for folder in (pred_dir, label_dir):
-        if not folder.is_dir():
-            raise UserError(f"not a folder: {folder}")
-    labels = {match_key(p): p for p in _nifti_files(label_dir)}
+def label_files(source: Path) -> list[Path]:
+    """Label files from a folder, or from every labelled entry of a datalist JSON."""
+    if source.is_dir():
+        return _nifti_files(source)
+    if source.is_file() and source.suffix == ".json":
+        content = read_datalist(source)
+        return [Path(entry["label"]) for split in LABELLED_SPLITS
+                for entry in split_entries(content, split, source.parent)]
+    raise UserError(f"--label {source}: not a folder of masks nor a datalist .json")
+
+
+def evaluate_folders(pred_dir: Path, label_source: Path, num_classes: int, distances: bool) -> list[CaseMetrics]:
+    if not pred_dir.is_dir():
+        raise UserError(f"not a folder: {pred_dir}")
+    labels = {match_key(p): p for p in label_files(label_source)}
     predictions = {match_key(p): p for p in _nifti_files(pred_dir)}
     common = sorted(set(labels) & set(predictions))
     if not common:
-        raise UserError(f"no prediction in {pred_dir} matches a label in {label_dir} by case name")
+        raise UserError(f"no prediction in {pred_dir} matches a label in {label_source} by case name")
     results = []
     for key in common:
         label_image, prediction_image = nib.load(labels[key]), nib.load(predictions[key])
@@ -167,7 +177,8 @@ def evaluate_folders(pred_dir: Path, label_dir: Path, num_classes: int, distance
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI)")
-    parser.add_argument("--label", required=True, help="folder of ground-truth masks (NIfTI)")
+    parser.add_argument("--label", required=True,
+                        help="folder of ground-truth masks (NIfTI), or a datalist .json (paths relative to it)")
     parser.add_argument("--out", default=None, help="folder for metrics.csv and summary.json (default: --pred)")
     parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
     parser.add_argument("--no_hd95", action="store_true", help="Dice only (distances are slow)")

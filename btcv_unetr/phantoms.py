@@ -71,9 +71,10 @@ TUBES = (
     (8, 190.0, [(-15, -34, 260, 12), (-18, -38, 0, 11), (-12, -32, -130, 10)]),  # aorta
     (5, 45.0, [(2, -12, 260, 9), (-8, -5, 110, 9), (-28, 16, 85, 9)]),  # esophagus, into the stomach
 )
+# About 4 mL each, as real adrenal glands (a flat gland some 4 cm long).
 ADRENALS = (
-    (12, 50.0, (42, -44, 50), (8, 4, 16), 30.0),     # right adrenal, above the right kidney
-    (13, 50.0, (-42, -40, 38), (8, 4, 16), -30.0),   # left adrenal
+    (12, 50.0, (44, -46, 52), (10, 5, 20), 30.0),    # right adrenal, above the right kidney
+    (13, 50.0, (-44, -42, 40), (10, 5, 20), -30.0),  # left adrenal
 )
 
 

@@ -5,13 +5,16 @@ import json
 import math
 import socket
 
+import pytest
 import torch
+import torch.distributed as dist
 from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from btcv_unetr import train
 from btcv_unetr.distributed import Context, gather_objects, launch
+from btcv_unetr.errors import UserError
 from btcv_unetr.model import build_model
 from btcv_unetr.optim import build_optimizer
 
@@ -88,3 +91,18 @@ def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_d
     assert math.isclose(mean_dice, result["mean_dice"], rel_tol=1e-6)
     for ours, theirs in zip(organ_dice, result["organ_dice"]):
         assert (math.isnan(ours) and math.isnan(theirs)) or math.isclose(ours, theirs, rel_tol=1e-6)
+
+
+def _failing_worker(context: Context, config) -> None:
+    if context.rank == 1:
+        raise UserError("rank 1 cannot read its data")
+    dist.barrier()  # rank 0 would wait here forever if nobody stopped it
+
+
+def test_an_error_in_one_rank_stops_every_rank(phantom_dir, capfd):
+    config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
+                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"})
+    with pytest.raises(SystemExit) as stopped:
+        launch(_failing_worker, config)
+    assert stopped.value.code == 2
+    assert "error: [rank 1] rank 1 cannot read its data" in capfd.readouterr().err

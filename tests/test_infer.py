@@ -13,7 +13,7 @@ import torch
 from btcv_unetr.config import build_config, _read_yaml as read_yaml, CONFIG_DIR
 from btcv_unetr.evaluate import case_metrics, evaluate_folders, summarise
 from btcv_unetr.export import export
-from btcv_unetr.infer import Predictor, run_inference
+from btcv_unetr.infer import Predictor, keep_largest_components, run_inference
 from btcv_unetr.model import build_model
 from btcv_unetr.phantoms import generate_case
 
@@ -160,6 +160,10 @@ def test_evaluate_matches_files_by_case_name(tmp_path):
                              "--label", str(tmp_path / "lab"), "--no_hd95"], capture_output=True, text=True)
     assert result.returncode == 0 and "mean organ Dice" in result.stdout
     assert json.loads((tmp_path / "pred/summary.json").read_text())["mean_organ_dice"] == 1.0
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "x.nii.gz",
+                                                                   "label": "lab/label0007.nii.gz"}]}))
+    from_datalist = evaluate_folders(tmp_path / "pred", tmp_path / "list.json", 14, distances=False)
+    assert [r.dice for r in from_datalist] == [r.dice for r in results]
 
 
 def test_torchscript_export_equals_eager_and_loads_for_inference(weights, tmp_path):
@@ -244,3 +248,13 @@ def test_onnx_export_matches_eager_with_onnxruntime(weights, tmp_path):
     (logits,) = session.run(None, {"image": batch.numpy()})
     with torch.no_grad():
         assert np.allclose(logits, model(batch).numpy(), atol=1e-4)
+
+
+def test_largest_component_keeps_one_blob_per_organ():
+    labels = np.zeros((30, 30, 10), np.uint8)
+    labels[2:12, 2:12, 2:8] = 6
+    labels[20:22, 20:22, 4:5] = 6     # a stray liver island
+    labels[15:18, 2:5, 2:5] = 1
+    kept = keep_largest_components(labels, 14)
+    assert kept.dtype == np.uint8 and int((kept == 6).sum()) == 600 and kept[21, 21, 4] == 0
+    assert int((kept == 1).sum()) == 27
