@@ -97,11 +97,11 @@ def test_empty_or_malformed_datalists(tmp_path, content, message):
 
 def test_cli_exit_codes_and_output(phantom_dir, tmp_path):
     command = [sys.executable, "-m", "btcv_unetr", "check-data", "--data_dir"]
-    ok = subprocess.run(command + [str(phantom_dir), "--json_list", "dataset.json"], capture_output=True, text=True)
+    ok = subprocess.run(command + [str(phantom_dir), "--json_list", "dataset.json"], capture_output=True, encoding="utf-8")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.strip() == "check-data: OK, 3 training, 1 validation, 1 test entries"
     (tmp_path / "d.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
-    bad = subprocess.run(command + [str(tmp_path), "--json_list", "d.json"], capture_output=True, text=True)
+    bad = subprocess.run(command + [str(tmp_path), "--json_list", "d.json"], capture_output=True, encoding="utf-8")
     assert bad.returncode == 1
     assert bad.stdout.splitlines() == [f"{tmp_path}/a.nii.gz: file not found", f"{tmp_path}/b.nii.gz: file not found",
                                        "check-data: 2 problem(s) found; fix them and run again"]

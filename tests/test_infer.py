@@ -157,7 +157,7 @@ def test_evaluate_matches_files_by_case_name(tmp_path):
     assert [r.case for r in results] == ["img0007"]
     assert all(d == 1.0 for d in results[0].dice if not math.isnan(d))
     result = subprocess.run([sys.executable, "-m", "btcv_unetr", "evaluate", "--pred", str(tmp_path / "pred"),
-                             "--label", str(tmp_path / "lab"), "--no_hd95"], capture_output=True, text=True)
+                             "--label", str(tmp_path / "lab"), "--no_hd95"], capture_output=True, encoding="utf-8")
     assert result.returncode == 0 and "mean organ Dice" in result.stdout
     assert json.loads((tmp_path / "pred/summary.json").read_text())["mean_organ_dice"] == 1.0
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "x.nii.gz",
@@ -185,7 +185,7 @@ def test_torchscript_export_equals_eager_and_loads_for_inference(weights, tmp_pa
 def _cli(tmp_path, weights, *flags):
     argv = [sys.executable, str(ROOT / "test.py"), "--config", "tiny.yaml", "--pretrained_dir", str(weights),
             "--pretrained_model_name", "w.pth", "--no-overlay", *flags]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run(argv, capture_output=True, encoding="utf-8", cwd=tmp_path)
 
 
 @pytest.mark.parametrize("setup, message", [

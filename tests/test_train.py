@@ -129,7 +129,7 @@ def test_finetuning_from_torchscript_turns_amp_off(phantom_dir, tmp_path, capsys
 def test_bad_input_gives_one_clear_line(phantom_dir, tmp_path, flags, message):
     argv = [sys.executable, str(ROOT / "main.py"), "--config", "tiny.yaml", "--data_dir", str(phantom_dir),
             "--json_list", "dataset.json", "--logdir", str(tmp_path / "run"), *flags]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(argv, capture_output=True, encoding="utf-8", cwd=tmp_path)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
