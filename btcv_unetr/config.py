@@ -164,7 +164,7 @@ class InferConfig:
     fast_invert: bool = _opt(False, "invert the argmax with nearest-neighbour instead of the probabilities")
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", negative_flag="--no_hd95")
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
-    sw_progress: bool = _opt(False, "progress bar over the windows of each scan")
+    sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
 
 
 @dataclass

@@ -33,10 +33,11 @@ from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
 from .files import atomic_save_nifti, atomic_write
-from .model import build_model, extract_state_dict, load_file, load_weights
+from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
 from .transforms import infer_transforms
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LARGE_SCAN_WINDOWS = 64
 # Preprocessing keys taken from a training checkpoint's config: the model only works on data
 # prepared as it was trained.
 PREPROCESSING_KEYS = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
@@ -115,12 +116,7 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     if config.infer.saved_checkpoint == "torchscript":
-        if not path.is_file():
-            raise UserError(f"TorchScript file not found: {path}")
-        try:
-            return torch.jit.load(str(path), map_location=device).eval(), config
-        except RuntimeError as exc:
-            raise UserError(f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})") from None
+        return load_torchscript(path, device).eval(), config
     content = load_file(path)
     if isinstance(content, dict) and isinstance(content.get("config"), dict):
         trained = config_from_dict(content["config"])
@@ -156,13 +152,15 @@ class Predictor:
         """
         infer = self.config.infer
         flips = [()] + ([(2,), (3,), (4,)] if infer.tta else [])
+        # A bar over the windows when asked, or when a scan holds many windows' worth of voxels.
+        progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(self.config.model.roi_size)
         total = None
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
             logits = sliding_window_inference(x, self.config.model.roi_size, infer.sw_batch_size, self._window,
                                               overlap=infer.infer_overlap, mode=infer.mode, sw_device=self.device,
-                                              device="cpu", progress=infer.sw_progress)
+                                              device="cpu", progress=progress)
             probs = torch.softmax(logits, dim=1)
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs

@@ -134,13 +134,17 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     load_weights(model, extract_state_dict(load_file(path), str(path)), str(path))
 
 
-def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights of a TorchScript UNETR (e.g. the released ``UNETR_model_best_acc.pt``) into ``model``."""
+def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """A TorchScript file (e.g. the released ``UNETR_model_best_acc.pt``), with one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"TorchScript file not found: {path}")
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
+        return torch.jit.load(str(path), map_location=device)
     except RuntimeError as exc:
         raise UserError(f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})") from None
-    load_weights(model, extract_state_dict(scripted.state_dict(), str(path)), str(path))
+
+
+def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights of a TorchScript UNETR into ``model`` (which keeps AMP, DDP and eager debugging)."""
+    load_weights(model, extract_state_dict(load_torchscript(path).state_dict(), str(path)), str(path))
