@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
@@ -70,6 +70,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor without MONAI metadata, on ``device``: MetaTensor dispatch costs ~10% of a CPU step."""
+    if isinstance(tensor, MetaTensor):
+        tensor = tensor.as_tensor()
+    return tensor.to(device, non_blocking=True)
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     precision: Precision, context: Context, epoch: int, max_steps: int | None,
                     global_step: int) -> tuple[float, int]:
@@ -84,8 +91,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
     for batch in bar:
         if max_steps is not None and global_step >= max_steps:
             break
-        image = batch["image"].to(context.device, non_blocking=True)
-        label = batch["label"].to(context.device, non_blocking=True)
+        image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
         with precision.autocast(context.device):
             logits = model(image)
         loss = loss_fn(logits.float(), label)
@@ -124,7 +130,7 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
 
     rows = []
     for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
-        image, label = batch["image"].to(context.device), batch["label"].to(context.device)
+        image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
         logits = sliding_window_inference(image, config.model.roi_size, config.infer.sw_batch_size, predictor,
                                           overlap=config.infer.infer_overlap)
         prediction = one_hot(logits.argmax(1, keepdim=True), classes)
