@@ -48,6 +48,7 @@ def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: 
     """Score integer label maps of the same shape; one organ at a time so memory stays at two masks."""
     if prediction.shape != label.shape:
         raise UserError(f"{case}: prediction shape {prediction.shape} differs from label shape {label.shape}")
+    spacing = [float(s) for s in spacing]  # MONAI refuses numpy scalars (nibabel's zooms)
     dice, hd95, nsd = [], [], []
     for organ in range(1, num_classes):
         truth = torch.from_numpy(label == organ)[None, None]
@@ -61,9 +62,9 @@ def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: 
         if distances:
             if guess.any():
                 hd95.append(float(compute_hausdorff_distance(guess, truth, include_background=True, percentile=95,
-                                                             spacing=list(spacing))))
+                                                             spacing=spacing)))
                 nsd.append(float(compute_surface_dice(guess, truth, [NSD_TOLERANCE_MM], include_background=True,
-                                                      spacing=list(spacing))))
+                                                      spacing=spacing)))
             else:  # an organ missed entirely: no surface to measure from
                 hd95.append(math.inf)
                 nsd.append(0.0)

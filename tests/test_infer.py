@@ -133,7 +133,8 @@ def test_perfect_prediction_scores_one_and_absent_organs_are_left_out():
     label = np.zeros((20, 20, 10), np.int16)
     label[2:8, 2:8, 2:6] = 6
     label[12:16, 12:16, 3:7] = 1
-    result = case_metrics("c", label.copy(), label, (1.0, 1.0, 2.5), 14, distances=True)
+    spacing = nib.Nifti1Image(label, np.diag([1.0, 1.0, 2.5, 1.0])).header.get_zooms()  # numpy float32s
+    result = case_metrics("c", label.copy(), label, spacing, 14, distances=True)
     assert result.dice[5] == 1.0 and result.dice[0] == 1.0
     assert result.hd95[5] == 0.0 and result.nsd[5] == 1.0
     assert math.isnan(result.dice[1])  # right kidney absent from the label
