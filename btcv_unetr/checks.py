@@ -38,6 +38,11 @@ class Volume:
     data: np.ndarray
 
 
+def is_3d(shape: tuple[int, ...]) -> bool:
+    """A 3D volume, possibly with trailing singleton axes (X, Y, Z, 1)."""
+    return len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:]))
+
+
 def read_volume(path: Path) -> Volume:
     """Read a volume (NIfTI with nibabel; MHA, NRRD ... with SimpleITK) with its RAS affine."""
     name = path.name.lower()
@@ -65,8 +70,7 @@ def _volume_problems(path: Path) -> tuple[Volume | None, list[Problem]]:
     except Exception as exc:  # nibabel and SimpleITK raise many types for corrupt files
         return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {exc})")]
     problems = []
-    spatial = volume.shape[:3] if len(volume.shape) > 3 and all(s == 1 for s in volume.shape[3:]) else volume.shape
-    if len(spatial) != 3:
+    if not is_3d(volume.shape):
         problems.append(Problem(str(path), f"image is {len(volume.shape)}D with shape {volume.shape}, "
                                            "expected a 3D volume"))
     if np.issubdtype(volume.data.dtype, np.floating):

@@ -29,11 +29,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .config import Config, add_config_arguments, config_from_args, config_from_dict
+from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
 from .files import atomic_save_nifti, atomic_write
 from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
+from .train import Precision
 from .transforms import infer_transforms
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -96,7 +98,7 @@ def check_image(path: Path) -> None:
         shape = nib.load(path).shape if _is_nifti(path) else None
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise UserError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
-    if shape is not None and len([s for s in shape if s > 1]) != 3 and len(shape) != 3:
+    if shape is not None and not is_3d(tuple(shape)):
         raise UserError(f"{path}: image is {len(shape)}D with shape {tuple(shape)}, expected a 3D volume")
 
 
@@ -137,11 +139,10 @@ class Predictor:
         self.model, self.config = load_inference_model(config, self.device)
         self.transform = infer_transforms(self.config)
         amp = self.config.train.amp and config.infer.saved_checkpoint != "torchscript"
-        self.autocast_dtype = (torch.float16 if self.device.type == "cuda" else torch.bfloat16) if amp else None
+        self.precision = Precision.for_device(self.device, amp)
 
     def _window(self, window: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+        with self.precision.autocast(self.device):
             return self.model(window).float()
 
     @torch.inference_mode()
