@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +73,13 @@ def _run(local_rank: int, worker: Callable, config: Config, nprocs: int | None) 
             raise
         print(f"error: [rank {context.rank}] {exc}", file=sys.stderr)
         sys.exit(2)  # the launcher then stops every other rank
+    except Exception:
+        if not context.distributed:
+            raise
+        # Often the echo of another rank's failure (a collective that lost its peer): report, exit, and
+        # let the launcher stop the rest, rather than a traceback racing the first rank's message.
+        print(f"[rank {context.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -104,5 +104,5 @@ def test_an_error_in_one_rank_stops_every_rank(phantom_dir, capfd):
                                             "dist_url": f"tcp://127.0.0.1:{_free_port()}"})
     with pytest.raises(SystemExit) as stopped:
         launch(_failing_worker, config)
-    assert stopped.value.code == 2
+    assert stopped.value.code in (1, 2)  # 2 from rank 1's error, or 1 from rank 0 losing its peer first
     assert "error: [rank 1] rank 1 cannot read its data" in capfd.readouterr().err
