@@ -147,7 +147,8 @@ class InferConfig:
     """Sliding-window inference."""
 
     infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
-    sw_batch_size: int = _opt(1, "windows per forward pass")
+    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: 1 on CPU (fastest there), "
+                                 "what fits in free memory on GPU (up to 8)")
     saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
                                  choices=("ckpt", "torchscript"))
     input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
@@ -161,10 +162,24 @@ class InferConfig:
     device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
     overwrite: bool = _opt(False, "replace existing outputs (otherwise they are skipped)")
     largest_component: bool = _opt(False, "keep the largest connected component per organ")
-    fast_invert: bool = _opt(False, "invert the argmax with nearest-neighbour instead of the probabilities")
+    fast_invert: bool = _opt(True, "resample the label map to the scan's grid (nearest neighbour) in one step; "
+                                   "--no-fast_invert resamples every class probability (linear), slower")
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", negative_flag="--no_hd95")
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
+
+
+@dataclass
+class FastConfig:
+    """Fast path (benchmarks/bench.py); every switch is on by default and can be turned off."""
+
+    malloc_tuning: bool = _opt(True, "CPU: keep freed memory in the process (glibc) so big activations are not "
+                                     "page-faulted in again at every layer (about 30% faster CPU passes)")
+    sdpa: bool = _opt(True, "fused scaled-dot-product attention in the ViT blocks (same result)")
+    micro_batch: int = _opt(0, "crops per forward/backward; gradients are accumulated so the optimiser still "
+                               "steps once per batch. 0 = auto: 1 on CPU (faster per crop), whole batch on GPU")
+    fused_optimizer: bool = _opt(True, "fused Adam/AdamW step (one kernel over all parameters)")
+    compile: bool = _opt(False, "torch.compile the model (no gain measured on CPU; compile time ~40 s)")
 
 
 @dataclass
@@ -176,6 +191,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (YAML- and ``torch.load(weights_only=True)``-safe)."""
@@ -314,10 +330,13 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'infer_overlap': {i.infer_overlap} must be in [0, 1)")
     positive = {"in_channels": m.in_channels, "out_channels": m.out_channels, "num_samples": d.num_samples,
                 "batch_size": t.batch_size, "val_every": t.val_every, "max_epochs": t.max_epochs,
-                "sw_batch_size": i.sw_batch_size, "world_size": config.dist.world_size}
+                "world_size": config.dist.world_size}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': {value} must be >= 1")
+    for key, value in {"sw_batch_size": i.sw_batch_size, "micro_batch": config.fast.micro_batch}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}': {value} must be >= 0 (0 = automatic)")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"config key 'max_steps': {t.max_steps} must be >= 1")
     if d.workers < 0 or t.warmup_epochs < 0:

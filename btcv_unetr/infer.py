@@ -4,9 +4,10 @@
     Predictor    loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> invert
     run          writes masks (atomically), optional probabilities and overlays, and the metrics report
 
-The spatial preprocessing (orientation, spacing, foreground crop) is undone with MONAI's inverse
-transforms, one probability channel at a time (memory stays at two native-size channels), or on the
-argmax with nearest-neighbour interpolation when ``--fast_invert`` is given.
+The spatial preprocessing (orientation, spacing, foreground crop) is undone in one resampling of
+the label map from the preprocessed grid onto the scan's grid (nearest neighbour, the default), or
+with ``--no-fast_invert`` by MONAI's inverse transforms on every class probability, one channel at
+a time (linear; memory stays at two native-size channels).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd, KeepLargestConnectedComponent
+from monai.transforms import Invertd, KeepLargestConnectedComponent, SpatialResample
 from torch import nn
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
+from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory
 from .files import atomic_save_nifti, atomic_write
 from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
 from .train import Precision
@@ -136,10 +138,24 @@ class Predictor:
 
     def __init__(self, config: Config):
         self.device = pick_device(config.infer.device)
+        if self.device.type == "cpu" and config.fast.malloc_tuning:
+            keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
+        torchscript = config.infer.saved_checkpoint == "torchscript"
+        if not torchscript:
+            self.model = apply_model_switches(self.model, config.fast)
         self.transform = infer_transforms(self.config)
-        amp = self.config.train.amp and config.infer.saved_checkpoint != "torchscript"
-        self.precision = Precision.for_device(self.device, amp)
+        self.precision = Precision.for_device(self.device, self.config.train.amp and not torchscript)
+        model = self.config.model
+        self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
+                                                model.feature_size)
+
+    def _stitch_device(self, image: torch.Tensor) -> torch.device:
+        """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
+        if self.device.type != "cuda":
+            return torch.device("cpu")
+        needed = 2 * 4 * self.config.model.out_channels * image.numel()
+        return self.device if needed < torch.cuda.mem_get_info(self.device)[0] // 4 else torch.device("cpu")
 
     def _window(self, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
@@ -149,20 +165,20 @@ class Predictor:
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image; TTA averages 3 flips too.
 
-        Windows run on the model's device; stitching stays on the CPU so large scans fit the device.
+        Windows run on the model's device; they are blended there too when the scan fits, else on the CPU.
         """
         infer = self.config.infer
         flips = [()] + ([(2,), (3,), (4,)] if infer.tta else [])
         # A bar over the windows when asked, or when a scan holds many windows' worth of voxels.
         progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(self.config.model.roi_size)
-        total = None
+        total, stitch = None, self._stitch_device(image)
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(x, self.config.model.roi_size, infer.sw_batch_size, self._window,
+            logits = sliding_window_inference(x, self.config.model.roi_size, self.sw_batch_size, self._window,
                                               overlap=infer.infer_overlap, mode=infer.mode, sw_device=self.device,
-                                              device="cpu", progress=progress)
-            probs = torch.softmax(logits, dim=1)
+                                              device=stitch, progress=progress)
+            probs = torch.softmax(logits, dim=1).cpu()
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
         return (total / len(flips))[0]
@@ -173,13 +189,25 @@ class Predictor:
         pred = MetaTensor(values, meta=dict(image.meta))
         return inverter({"image": image, "pred": pred})["pred"][0].numpy()
 
+    @staticmethod
+    def labels_to_scan(labels: torch.Tensor, image: MetaTensor) -> np.ndarray:
+        """Labels ``(X, Y, Z)`` on the preprocessed grid, resampled onto the scan's own grid (nearest neighbour).
+
+        One resampling from the preprocessed affine to the scan's: the orientation, spacing and crop
+        steps combined, instead of undoing them one by one at full size. Outside the crop is background.
+        """
+        resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
+        source = MetaTensor(labels[None].float(), affine=image.affine)
+        shape = tuple(int(n) for n in image.meta["spatial_shape"])
+        native = resample(source, dst_affine=torch.as_tensor(image.meta["original_affine"]), spatial_size=shape)
+        return np.rint(native[0].numpy()).astype(np.uint8)
+
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
         image = self.transform({"image": str(path)})["image"]
         probs = self.probabilities(image)
         if self.config.infer.fast_invert and not keep_probabilities:
-            labels = self.invert(probs.argmax(0, keepdim=True).float(), image, nearest=True)
-            return np.rint(labels).astype(np.uint8), None
+            return self.labels_to_scan(probs.argmax(0), image), None
         best = labels = stored = None
         for channel in range(probs.shape[0]):
             if channel == 0:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -29,10 +30,11 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .checks import check_config_data
-from .config import Config, add_config_arguments, config_from_args
+from .config import Config, FastConfig, add_config_arguments, config_from_args
 from .data import load_config_split, make_dataset
 from .distributed import Context, all_true, broadcast_object, gather_objects, launch
 from .errors import UserError
+from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, micro_batch_size
 from .files import atomic_write
 from .logs import RunLog
 from .model import build_model, load_file, load_pretrained, load_torchscript_weights, load_weights
@@ -77,38 +79,61 @@ def plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, precision: Precision, context: Context, micro_batch: int) -> float | None:
+    """One optimiser step over a batch of crops ``(B, C, X, Y, Z)``, ``micro_batch`` crops per forward/backward.
+
+    Each micro-batch's loss is weighted by its share of the batch, so the accumulated gradient is the
+    gradient of the whole batch's loss (DiceCE averages over crops) and the step is the one a single
+    batch would take. Under DDP only the last micro-batch synchronises gradients. Returns the batch
+    loss, or None when a non-finite loss on any rank skipped the step on every rank (no update).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    crops, total = image.shape[0], 0.0
+    for start in range(0, crops, micro_batch):
+        stop = min(start + micro_batch, crops)
+        accumulate = isinstance(model, DistributedDataParallel) and stop < crops
+        with model.no_sync() if accumulate else contextlib.nullcontext():
+            with precision.autocast(context.device):
+                logits = model(image[start:stop])
+            loss = loss_fn(logits.float(), label[start:stop]) * ((stop - start) / crops)
+            if not all_true(bool(torch.isfinite(loss)), context):
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            precision.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return total
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                     precision: Precision, context: Context, epoch: int, max_steps: int | None,
-                    global_step: int) -> tuple[float, int]:
+                    global_step: int, fast: FastConfig | None = None) -> tuple[float, int]:
     """One epoch; returns (mean loss over the steps taken, global step after the epoch).
 
-    A non-finite loss on any rank is reported with its step and skipped on every rank (no backward,
-    no update), so no rank trains on it and DDP's collectives stay in step.
+    A non-finite loss on any rank is reported with its step and skipped on every rank (no update),
+    so no rank trains on it and DDP's collectives stay in step.
     """
     model.train()
+    fast = fast or FastConfig()
     total, steps = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not context.is_main, leave=False, dynamic_ncols=True)
     for batch in bar:
         if max_steps is not None and global_step >= max_steps:
             break
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
-        with precision.autocast(context.device):
-            logits = model(image)
-        loss = loss_fn(logits.float(), label)
+        loss = train_step(model, image, label, loss_fn, optimizer, precision, context,
+                          micro_batch_size(fast, context.device, image.shape[0]))
         global_step += 1
-        if not all_true(bool(torch.isfinite(loss)), context):
+        if loss is None:
             if context.is_main:
                 print(f"warning: non-finite loss at step {global_step} (epoch {epoch + 1}); step skipped",
                       file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        total += float(loss.detach())
+        total += loss
         steps += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     return (total / steps if steps else math.nan), global_step
 
 
@@ -128,10 +153,12 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
         with precision.autocast(context.device):
             return model(window).float()
 
+    sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, context.device, config.model.roi_size,
+                                       config.model.feature_size)
     rows = []
     for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
-        logits = sliding_window_inference(image, config.model.roi_size, config.infer.sw_batch_size, predictor,
+        logits = sliding_window_inference(image, config.model.roi_size, sw_batch_size, predictor,
                                           overlap=config.infer.infer_overlap)
         prediction = one_hot(logits.argmax(1, keepdim=True), classes)
         rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
@@ -198,12 +225,14 @@ def train_worker(context: Context, config: Config) -> None:
         config.save(logdir / "config.yaml")
     if config.train.seed is not None:
         seed_everything(config.train.seed)
+    if context.device.type == "cpu" and config.fast.malloc_tuning:
+        keep_freed_memory()
     check_training_data(config, context)
 
     model = build_trainable_model(config, context)
     # The reference turns AMP off when finetuning from TorchScript weights.
     precision = Precision.for_device(context.device, config.train.amp and not config.train.resume_jit)
-    optimizer = build_optimizer(model, config.train)
+    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     scheduler = build_scheduler(optimizer, config.train)
     start_epoch, global_step, best_acc = 0, 0, -1.0
     if config.train.checkpoint:
@@ -213,6 +242,7 @@ def train_worker(context: Context, config: Config) -> None:
     train_loader, val_loader, sampler = build_loaders(config, context)
     net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
         if context.distributed else model
+    net = apply_model_switches(net, config.fast)  # the checkpoints keep saving `model`: no wrapper prefixes
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True,
                          smooth_nr=config.train.smooth_nr, smooth_dr=config.train.smooth_dr)
     log = RunLog(logdir, context.is_main, config.model.out_channels)
@@ -230,7 +260,7 @@ def train_worker(context: Context, config: Config) -> None:
             sampler.set_epoch(epoch)
         started = time.time()
         loss, global_step = train_one_epoch(net, train_loader, loss_fn, optimizer, precision, context, epoch,
-                                            t.max_steps, global_step)
+                                            t.max_steps, global_step, config.fast)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         stop = t.max_steps is not None and global_step >= t.max_steps

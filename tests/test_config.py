@@ -18,7 +18,7 @@ def test_defaults_are_the_reference_recipe():
     assert (config.data.num_samples, config.data.RandFlipd_prob, config.data.RandRotate90d_prob) == (4, 0.2, 0.2)
     assert (config.train.optim_name, config.train.optim_lr, config.train.reg_weight) == ("adamw", 1e-4, 1e-5)
     assert (config.train.warmup_epochs, config.train.max_epochs, config.train.val_every) == (50, 5000, 100)
-    assert (config.infer.infer_overlap, config.infer.sw_batch_size) == (0.5, 1)
+    assert (config.infer.infer_overlap, config.infer.sw_batch_size) == (0.5, 0)  # 0: automatic, 1 on the CPU
 
 
 def test_recipe_file_holds_every_key_with_the_default_value():

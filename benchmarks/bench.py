@@ -1,0 +1,459 @@
+#!/usr/bin/env python
+"""Speed of the reference-style path and of the fast path, measured in one process and one run.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--quick] [--out FILE.json]
+
+Each time is the median of several timed repetitions after a warm-up run. All reference-style
+figures are taken first, while glibc still has its default allocator, then the fast-path ones
+(the allocator switch is process-wide). Figures: the matmul peak, UNETR forward and
+forward+backward (FLOP/s and fraction of the peak), one training step as ``main.py`` takes it,
+data-loading throughput, sliding-window inference of a BTCV-sized phantom end to end and for the
+windows alone, the Dice of both inference paths on one trained tiny model, and the loss curves of
+both training paths. ``--quick`` uses smaller shapes (demo-sized model, 128^2 phantoms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from btcv_unetr.config import Config, build_config  # noqa: E402
+from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
+from btcv_unetr.distributed import Context, launch  # noqa: E402
+from btcv_unetr.fastpath import keep_freed_memory, micro_batch_size, reference_style, use_sdpa  # noqa: E402
+from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
+from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
+from btcv_unetr.model import build_model  # noqa: E402
+from btcv_unetr.optim import build_optimizer  # noqa: E402
+from btcv_unetr.phantoms import generate_case, write_dataset  # noqa: E402
+from btcv_unetr.train import Precision, train_step, train_worker  # noqa: E402
+from btcv_unetr.transforms import train_transforms  # noqa: E402
+
+UNETR_B = {"roi_x": 96, "roi_y": 96, "roi_z": 96, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072,
+           "num_heads": 12}
+DEMO_MODEL = {"roi_x": 64, "roi_y": 64, "roi_z": 64, "feature_size": 16, "hidden_size": 192, "mlp_dim": 768,
+              "num_heads": 4}
+TINY = {"model": {"roi_x": 32, "roi_y": 32, "roi_z": 32, "feature_size": 8, "hidden_size": 96, "mlp_dim": 192,
+                  "num_heads": 4},
+        "data": {"space_x": 6.0, "space_y": 6.0, "space_z": 6.0, "num_samples": 2, "workers": 0}}
+# Seed 0, case 7 of the phantom set: 512 x 512 x 123 at 0.93 x 0.93 x 2.75 mm, a typical BTCV scan.
+BTCV_LIKE_CASE = (0, 7)
+SETTINGS = {
+    "full": {"model": UNETR_B, "spacing": (1.5, 1.5, 2.0), "crops": 4, "matmul": 4096, "repeats": 3,
+             "phantom_size": 512, "data_cases": 3, "dice_steps": 300, "loss_steps": 50},
+    "quick": {"model": DEMO_MODEL, "spacing": (3.0, 3.0, 3.0), "crops": 2, "matmul": 2048, "repeats": 2,
+              "phantom_size": 128, "data_cases": 2, "dice_steps": 60, "loss_steps": 20},
+}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
+    def timed() -> float:
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+    timed()
+    return statistics.median(timed() for _ in range(repeats))
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or the process's resident set sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes, self._running = device, 0, False
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while self._running:
+            self.peak_bytes = max(self.peak_bytes, self._rss())
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._running = True
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._running = False
+            self._thread.join()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """FLOP/s of an ``n x n`` matrix product (multiply-add counted as 2)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, device)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def memory_bandwidth(device: torch.device, repeats: int, megabytes: int = 512) -> float:
+    """Bytes per second moved by copying a large tensor (read + write counted)."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * 4 / median_seconds(lambda: target.copy_(source), repeats, device)
+
+
+def module_profile(config: Config, device: torch.device, repeats: int) -> list[dict]:
+    """Seconds and FLOPs of each top-level block of one forward pass (where the time goes)."""
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device).eval()
+    use_sdpa(model, config.fast.sdpa)
+    precision = Precision.for_device(device, config.train.amp)
+    x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    flops = {name.removeprefix(f"{type(model).__name__}."): sum(counts.values())
+             for name, counts in counter.get_flop_counts().items()}
+    seconds: dict[str, list[float]] = {name: [] for name, _ in model.named_children()}
+    started: dict[str, float] = {}
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    for name, child in model.named_children():
+        child.register_forward_pre_hook(lambda *_, name=name: started.__setitem__(name, clock()))
+        child.register_forward_hook(lambda *_, name=name: seconds[name].append(clock() - started[name]))
+    for _ in range(repeats + 1):
+        with torch.inference_mode(), precision.autocast(device):
+            model(x)
+    return [{"block": name, "seconds": statistics.median(times[1:]), "flops": flops.get(name, 0)}
+            for name, times in seconds.items() if times]
+
+
+def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
+    """UNETR forward (inference mode) and forward+backward times for one ``roi`` crop."""
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device)
+    use_sdpa(model, config.fast.sdpa)
+    precision = Precision.for_device(device, config.train.amp)
+    x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
+
+    def forward():
+        with torch.inference_mode(), precision.autocast(device):
+            return model(x)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        with precision.autocast(device):
+            out = model(x)
+        out.float().square().mean().backward()
+
+    return {"forward_s": median_seconds(forward, repeats, device),
+            "forward_backward_s": median_seconds(forward_backward, repeats, device)}
+
+
+def training_step(config: Config, device: torch.device, repeats: int) -> dict:
+    """One optimiser step of the recipe's batch of crops (loss, backward, AdamW), as ``main.py`` runs it."""
+    from monai.losses import DiceCELoss
+    torch.manual_seed(0)
+    model = build_model(config.model).to(device).train()
+    use_sdpa(model, config.fast.sdpa)
+    crops = config.data.num_samples * config.train.batch_size
+    image = torch.randn(crops, 1, *config.model.roi_size, device=device)
+    label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
+    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    precision = Precision.for_device(device, config.train.amp)
+    context = Context(0, 1, 0, device)
+    micro = micro_batch_size(config.fast, device, crops)
+    seconds = median_seconds(lambda: train_step(model, image, label, loss_fn, optimizer, precision, context, micro),
+                             repeats, device)
+    return {"step_s": seconds, "crops": crops, "micro_batch": micro}
+
+
+def data_throughput(config: Config) -> dict:
+    """Cases per second through the random transforms of cached cases (the per-step input work)."""
+    items = load_config_split(config.data, "training")
+    started = time.perf_counter()
+    dataset = make_dataset(items, train_transforms(config), config.data)
+    cache_s = (time.perf_counter() - started) / len(items)
+    rounds = 3
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for index in range(len(dataset)):
+            dataset[index]
+    per_case = (time.perf_counter() - started) / (rounds * len(dataset))
+    return {"cache_s_per_case": cache_s, "random_s_per_case": per_case, "cases_per_s": 1 / per_case}
+
+
+def inference(config: Config, scan: Path, out_dir: Path, repeats: int, device: torch.device) -> dict:
+    """Seconds per scan end to end (read, preprocess, windows, invert, write) and for the windows alone."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        predictor = Predictor(config)
+        case = Case(scan.name.split(".")[0], scan)
+        with PeakMemory(device) as memory:
+            end_to_end = median_seconds(lambda: segment_case(predictor, case, out_dir, config), repeats, device)
+        image = predictor.transform({"image": str(scan)})["image"]
+        windows = median_seconds(lambda: predictor.probabilities(image), repeats, device)
+    return {"end_to_end_s": end_to_end, "windows_s": windows, "peak_memory_gb": memory.peak_bytes / 1e9,
+            "sw_batch_size": predictor.sw_batch_size, "preprocessed_shape": list(image.shape[1:])}
+
+
+def loss_curve(config: Config, batches: list[dict], device: torch.device, seed: int) -> list[float]:
+    """Training losses over ``batches`` (the same crops for every path) from a model seeded with ``seed``."""
+    from monai.losses import DiceCELoss
+    torch.manual_seed(seed)
+    model = build_model(config.model).to(device).train()
+    use_sdpa(model, config.fast.sdpa)
+    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    precision = Precision.for_device(device, config.train.amp)
+    context = Context(0, 1, 0, device)
+    losses = []
+    for batch in batches:
+        image, label = batch["image"].as_tensor().to(device), batch["label"].as_tensor().to(device)
+        losses.append(train_step(model, image, label, loss_fn, optimizer, precision, context,
+                                 micro_batch_size(config.fast, device, image.shape[0])))
+    return losses
+
+
+def tiny_batches(config: Config, steps: int) -> list[dict]:
+    """``steps`` training batches of the tiny config, drawn once with a fixed seed."""
+    dataset = make_dataset(load_config_split(config.data, "training"), train_transforms(config), config.data)
+    dataset.transform.set_random_state(seed=0)
+    batches = []
+    while len(batches) < steps:
+        for index in range(len(dataset)):
+            crops = dataset[index]
+            batches.append({key: torch.stack([crop[key] for crop in crops]) for key in ("image", "label")})
+    return batches[:steps]
+
+
+def train_tiny(config: Config) -> Path:
+    """Train the tiny model of the Dice check; returns its checkpoint."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        launch(train_worker, config)
+    return Path(config.train.logdir) / "model_final.pt"
+
+
+def segment_folder(config: Config) -> float:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        summary = run_inference(config)
+    return float(summary["mean_organ_dice"])
+
+
+def configs(settings: dict, device: str, data_dir: Path, weights: Path | None = None) -> tuple[Config, Config]:
+    """(reference-style, fast) configs of the benchmark's model and data; inference loads ``weights``."""
+    space_x, space_y, space_z = settings["spacing"]
+    layer = {"model": settings["model"],
+             "data": {"data_dir": str(data_dir), "json_list": "dataset.json", "num_samples": settings["crops"],
+                      "space_x": space_x, "space_y": space_y, "space_z": space_z, "workers": 0},
+             "infer": {"device": device, "overlay": False, "hd95": False, "overwrite": True}}
+    if weights is not None:
+        layer["train"] = {"pretrained_dir": str(weights.parent), "pretrained_model_name": weights.name}
+    fast = build_config([layer])
+    return reference_style(fast), fast
+
+
+def run(args: argparse.Namespace) -> dict:
+    settings = SETTINGS["quick" if args.quick else "full"]
+    device = torch.device(args.device)
+    repeats = settings["repeats"]
+    work = Path(tempfile.mkdtemp(prefix="btcv_bench_"))
+    log = print if not args.silent else (lambda *a, **k: None)
+
+    log(f"phantoms ({settings['phantom_size']}^2 in-plane) in {work}")
+    data_dir = work / "data"
+    write_dataset(data_dir, settings["data_cases"], seed=1, size=settings["phantom_size"], progress=False)
+    seed, index = BTCV_LIKE_CASE
+    scan = work / "scan.nii.gz"
+    atomic_save_nifti(generate_case(seed, index, settings["phantom_size"]).image, scan)
+    tiny_dir = work / "tiny"
+    write_dataset(tiny_dir, 10, seed=3, size=64, progress=False)  # 8 training, 2 validation cases
+    reference, fast = configs(settings, args.device, data_dir)
+    torch.manual_seed(0)  # speed does not depend on the weights: a random model segments the scan
+    weights = work / "weights.pth"
+    torch.save(build_model(fast.model).state_dict(), weights)
+    reference, fast = configs(settings, args.device, data_dir, weights)
+    tiny_ref, tiny_fast = configs({**settings, "model": TINY["model"], "spacing": (6.0, 6.0, 6.0), "crops": 2},
+                                  args.device, tiny_dir)
+    batches = tiny_batches(tiny_fast, settings["loss_steps"])
+
+    if args.dice_checkpoint:
+        checkpoint, dice_data = args.dice_checkpoint.resolve(), args.dice_data.resolve()
+        log(f"Dice check: {checkpoint} on the validation cases of {dice_data}")
+    else:
+        log("training the tiny model of the Dice check")
+        tiny_dice = build_config([tiny_fast.to_dict(), {
+            "train": {"logdir": str(work / "tiny_run"), "max_epochs": 10_000, "max_steps": settings["dice_steps"],
+                      "val_every": 10_000, "optim_lr": 3e-3, "warmup_epochs": 2, "seed": 0},
+            "data": {"crop_sampler": "classes"}}])
+        checkpoint, dice_data = train_tiny(tiny_dice), tiny_dir
+        keep_freed_memory(False)  # training turned the fast allocator on; the reference phase needs glibc's default
+    # A training checkpoint brings its own architecture and preprocessing to inference.
+    dice_configs = dict(zip(("reference", "fast"), configs(settings, args.device, dice_data, checkpoint)))
+
+    results: dict = {"reference": {}, "fast": {}}
+    for name, config, tiny in (("reference", reference, tiny_ref), ("fast", fast, tiny_fast)):
+        keep_freed_memory(config.fast.malloc_tuning)
+        log(f"{name} path")
+        out = results[name]
+        out["model"] = model_passes(config, device, repeats)
+        log(f"  forward {out['model']['forward_s']:.3f} s, forward+backward {out['model']['forward_backward_s']:.3f} s")
+        out["train_step"] = training_step(config, device, repeats)
+        log(f"  training step {out['train_step']['step_s']:.2f} s")
+        out["inference"] = inference(config, scan, work / f"masks_{name}", repeats, device)
+        log(f"  inference {out['inference']['end_to_end_s']:.2f} s per scan, windows {out['inference']['windows_s']:.2f} s")
+        dice_config = build_config([dice_configs[name].to_dict(), {"infer": {"output_dir": str(work / f"dice_{name}")}}])
+        out["dice"] = segment_folder(dice_config)
+        log(f"  mean organ Dice of the {'given' if args.dice_checkpoint else 'tiny'} model {out['dice']:.4f}")
+        out["loss_curve"] = loss_curve(tiny, batches, device, seed=0)
+    results["reference"]["loss_curve_other_seed"] = loss_curve(tiny_ref, batches, device, seed=1)
+    keep_freed_memory(True)
+
+    results["fast"]["forward_profile"] = module_profile(fast, device, repeats)
+    results["data"] = data_throughput(fast)
+    flops_config = copy.deepcopy(fast.model)
+    model = build_model(flops_config)
+    x = torch.randn(1, 1, *flops_config.roi_size)
+    forward_flops = count_flops(lambda: model(x))
+    forward_backward_flops = count_flops(lambda: model(x).square().mean().backward())
+    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    peak = {"fp32_flops": matmul_peak(device, torch.float32, settings["matmul"], repeats),
+            "low_precision_flops": matmul_peak(device, low, settings["matmul"], repeats),
+            "low_precision_dtype": str(low).replace("torch.", ""),
+            "memory_bytes_per_s": memory_bandwidth(device, repeats)}
+    results["peak"] = peak
+    results["flops"] = {"forward": forward_flops, "forward_backward": forward_backward_flops,
+                        "train_step": forward_backward_flops * fast.data.num_samples}
+    results["machine"] = {"device": args.device, "cpu": platform.processor() or platform.machine(),
+                          "threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    results["settings"] = {"mode": "quick" if args.quick else "full", "repeats": repeats,
+                           "model": settings["model"], "spacing_mm": settings["spacing"],
+                           "scan_shape": list(generate_case(seed, index, settings["phantom_size"]).image.shape),
+                           "dice_steps": settings["dice_steps"], "loss_steps": settings["loss_steps"],
+                           "dice_checkpoint": str(checkpoint) if args.dice_checkpoint else None}
+    results["summary"] = summarise(results)
+    return results
+
+
+def summarise(r: dict) -> dict:
+    ref, fast, peak, flops = r["reference"], r["fast"], r["peak"], r["flops"]
+    last = max(1, len(fast["loss_curve"]) // 5)
+
+    def tail_gap(a: list[float], b: list[float]) -> float:
+        return statistics.mean(abs(x - y) for x, y in zip(a[-last:], b[-last:]))
+
+    return {
+        "forward_speedup": ref["model"]["forward_s"] / fast["model"]["forward_s"],
+        "train_step_speedup": ref["train_step"]["step_s"] / fast["train_step"]["step_s"],
+        "inference_speedup": ref["inference"]["end_to_end_s"] / fast["inference"]["end_to_end_s"],
+        "windows_speedup": ref["inference"]["windows_s"] / fast["inference"]["windows_s"],
+        "forward_fraction_of_peak": flops["forward"] / fast["model"]["forward_s"] / peak["low_precision_flops"],
+        "train_step_fraction_of_peak": flops["train_step"] / fast["train_step"]["step_s"] / peak["low_precision_flops"],
+        "reference_forward_fraction_of_fp32_peak": flops["forward"] / ref["model"]["forward_s"] / peak["fp32_flops"],
+        "dice_difference": abs(ref["dice"] - fast["dice"]),
+        "loss_gap_fast_vs_reference": tail_gap(fast["loss_curve"], ref["loss_curve"]),
+        "loss_gap_seed_to_seed": tail_gap(ref["loss_curve_other_seed"], ref["loss_curve"]),
+        "input_bound": r["data"]["random_s_per_case"] > fast["train_step"]["step_s"],
+    }
+
+
+def table(r: dict) -> str:
+    ref, fast, s = r["reference"], r["fast"], r["summary"]
+    rows = [
+        ("forward pass, s", ref["model"]["forward_s"], fast["model"]["forward_s"], s["forward_speedup"]),
+        ("forward+backward, s", ref["model"]["forward_backward_s"], fast["model"]["forward_backward_s"],
+         ref["model"]["forward_backward_s"] / fast["model"]["forward_backward_s"]),
+        (f"training step ({fast['train_step']['crops']} crops), s", ref["train_step"]["step_s"],
+         fast["train_step"]["step_s"], s["train_step_speedup"]),
+        ("inference per scan, end to end, s", ref["inference"]["end_to_end_s"], fast["inference"]["end_to_end_s"],
+         s["inference_speedup"]),
+        ("inference, windows alone, s", ref["inference"]["windows_s"], fast["inference"]["windows_s"],
+         s["windows_speedup"]),
+        ("inference peak memory, GB", ref["inference"]["peak_memory_gb"], fast["inference"]["peak_memory_gb"], None),
+        ("mean organ Dice (Dice check model)", ref["dice"], fast["dice"], None),
+    ]
+    lines = [f"{'':40s} {'reference':>10s} {'fast':>10s} {'ratio':>7s}"]
+    for name, a, b, ratio in rows:
+        lines.append(f"{name:40s} {a:10.3f} {b:10.3f} {'' if ratio is None else f'{ratio:6.2f}x':>7s}")
+    p = r["peak"]
+    lines += [
+        f"matmul peak: fp32 {p['fp32_flops'] / 1e9:.0f} GFLOP/s, {p['low_precision_dtype']} "
+        f"{p['low_precision_flops'] / 1e9:.0f} GFLOP/s",
+        f"fast forward {s['forward_fraction_of_peak']:.0%} and training step {s['train_step_fraction_of_peak']:.0%} "
+        f"of the {p['low_precision_dtype']} peak ({r['flops']['forward'] / 1e9:.0f} GFLOP per forward)",
+        f"Dice difference {s['dice_difference']:.4f}; loss gap fast vs reference {s['loss_gap_fast_vs_reference']:.4f} "
+        f"(seed to seed {s['loss_gap_seed_to_seed']:.4f})",
+        f"data: {r['data']['cases_per_s']:.1f} cases/s through the random transforms "
+        f"({'input' if s['input_bound'] else 'compute'}-bound); memory copy {p['memory_bytes_per_s'] / 1e9:.0f} GB/s",
+        "fast forward by block:  block       ms   GFLOP  GFLOP/s",
+    ]
+    for row in fast["forward_profile"]:
+        rate = row["flops"] / row["seconds"] / 1e9 if row["seconds"] else 0.0
+        lines.append(f"{'':23s} {row['block']:9s} {row['seconds'] * 1e3:6.0f} {row['flops'] / 1e9:7.1f} {rate:8.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke run of a few minutes")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file (default runs/bench_<device>[_quick].json)")
+    parser.add_argument("--silent", action="store_true", help="print only the table")
+    parser.add_argument("--dice_checkpoint", type=Path, default=None,
+                        help="trained checkpoint for the Dice check (e.g. runs/demo/model.pt) instead of a tiny model "
+                             "trained here; needs --dice_data")
+    parser.add_argument("--dice_data", type=Path, default=None,
+                        help="dataset folder with dataset.json whose validation cases the Dice check segments")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+    if (args.dice_checkpoint is None) != (args.dice_data is None):
+        print("error: --dice_checkpoint and --dice_data go together", file=sys.stderr)
+        return 2
+    for path in (args.dice_checkpoint, args.dice_data and args.dice_data / "dataset.json"):
+        if path is not None and not path.is_file():
+            print(f"error: {path} not found", file=sys.stderr)
+            return 2
+    started = time.perf_counter()
+    results = run(args)
+    results["duration_s"] = time.perf_counter() - started
+    out = args.out or Path("runs") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, results)
+    print(table(results))
+    print(f"{results['duration_s']:.0f} s in all; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The fast path: speed switches for training and inference, each on by default and each switchable off.
+
+    keep_freed_memory   glibc keeps freed blocks in the process (no page faults on every big activation)
+    use_sdpa            fused scaled-dot-product attention in the ViT blocks
+    compile_model       optional ``torch.compile`` (off by default: no gain measured on the 2-core CPU)
+    micro_batch_size    crops per forward/backward; the optimiser still steps once per batch
+    auto_sw_batch_size  windows per forward pass from the device and its free memory
+
+Why these and not others: ``benchmarks/bench.py`` and the README's benchmark section.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import sys
+import time
+
+import torch
+from monai.networks.blocks.selfattention import SABlock
+from torch import nn
+
+from .config import Config, FastConfig
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl and other C libraries: nothing to tune
+        return None
+    return libc if hasattr(libc, "mallopt") else None
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Keep freed heap memory in the process (``True``) or restore glibc's defaults (``False``).
+
+    By default glibc serves every block above 128 KiB-32 MiB with a fresh ``mmap`` and unmaps it on
+    free, so each 28-56 MB activation of a 96^3 UNETR window is page-faulted in again at every layer:
+    a third of a CPU forward pass. Serving all blocks from the heap and never trimming it removes
+    that; the process keeps its peak memory instead of returning it. Returns whether it applied.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    if enabled:
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    restored = bool(libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD))
+    libc.malloc_trim(0)
+    return restored
+
+
+def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Switch MONAI's ViT attention blocks to ``F.scaled_dot_product_attention``; returns the block count.
+
+    MONAI's UNETR does not expose the switch its ``SABlock`` has. The output is the same attention
+    (tested); on GPUs it runs the flash/memory-efficient kernels and never stores the token x token matrix.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, SABlock)]
+    for block in blocks:
+        if enabled and getattr(block, "save_attn", False):
+            continue  # MONAI forbids storing attention maps with the fused kernel
+        block.use_flash_attention = enabled
+    return len(blocks)
+
+
+def compile_model(model: nn.Module, enabled: bool) -> tuple[nn.Module, float]:
+    """``torch.compile(model)`` when enabled, compiled on the first call; returns (module, seconds spent here)."""
+    if not enabled:
+        return model, 0.0
+    started = time.perf_counter()
+    compiled = torch.compile(model)
+    return compiled, time.perf_counter() - started
+
+
+def apply_model_switches(model: nn.Module, fast: FastConfig) -> nn.Module:
+    """The model-level switches of ``fast`` (attention kernel, compilation), applied in place where possible."""
+    use_sdpa(model, fast.sdpa)
+    return compile_model(model, fast.compile)[0]
+
+
+def micro_batch_size(fast: FastConfig, device: torch.device, crops: int) -> int:
+    """Crops per forward/backward pass for a batch of ``crops`` crops.
+
+    ``fast.micro_batch`` 0 means automatic: one crop at a time on the CPU (measured faster per crop
+    than a batch of 4 with oneDNN), the whole batch on a GPU.
+    """
+    if fast.micro_batch > 0:
+        return min(fast.micro_batch, crops)
+    return 1 if device.type == "cpu" else crops
+
+
+# A rough upper bound of the GPU memory one window needs at inference: the decoder keeps a few
+# full-resolution maps of feature_size channels alive at once; 64 bytes per voxel and feature is
+# 16 such maps in float32 (0.9 GB for a 96^3 window at feature 16). Only half the free memory is used.
+_BYTES_PER_WINDOW_VOXEL_FEATURE = 64
+
+
+def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
+                       limit: int = 8) -> int:
+    """Windows per forward pass: ``requested`` if > 0, else 1 on the CPU and what fits in free GPU memory."""
+    if requested > 0:
+        return requested
+    if device.type != "cuda":
+        return 1  # on the CPU larger window batches were 15-40% slower per window
+    free, _ = torch.cuda.mem_get_info(device)
+    per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
+    return max(1, min(limit, int(0.5 * free // per_window)))
+
+
+def reference_style(config: Config) -> Config:
+    """``config`` with every speed switch off: the path the reference recipe takes.
+
+    float32 (no autocast), MONAI's default attention, glibc's default allocator, the crops of a batch in
+    one forward pass, one window per pass, and masks from every class probability inverted one by one.
+    """
+    fast = FastConfig(malloc_tuning=False, sdpa=False, micro_batch=config.data.num_samples * config.train.batch_size,
+                      fused_optimizer=False, compile=False)
+    return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, amp=False),
+                               infer=dataclasses.replace(config.infer, sw_batch_size=1, fast_invert=False))

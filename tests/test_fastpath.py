@@ -1,0 +1,190 @@
+"""The fast path equals the reference-style path within tolerance, and each switch can be turned off."""
+
+import copy
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss
+from monai.transforms import Invertd
+
+from btcv_unetr import cli, fastpath
+from btcv_unetr.config import FastConfig, parse_config
+from btcv_unetr.distributed import Context
+from btcv_unetr.infer import Predictor
+from btcv_unetr.model import build_model
+from btcv_unetr.optim import build_optimizer
+from btcv_unetr.phantoms import generate_case
+from btcv_unetr.train import Precision, train_step
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny UNETR fitted for 80 steps to one phantom crop: confident logits, as a trained model has."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    case = generate_case(seed=5, index=1, size=48)
+    image = torch.from_numpy(np.asarray(case.image.dataobj, np.float32))[None, None, :32, :32, :32]
+    label = torch.from_numpy(np.asarray(case.label.dataobj, np.float32))[None, None, :32, :32, :32]
+    image = ((image + 175) / 425).clamp(0, 1)
+    model = build_model(config.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    for _ in range(80):
+        optimizer.zero_grad()
+        loss_fn(model(image), label).backward()
+        optimizer.step()
+    folder = tmp_path_factory.mktemp("trained")
+    torch.save(model.state_dict(), folder / "w.pth")
+    return model.eval(), image, folder
+
+
+def test_sdpa_gives_the_same_output(trained):
+    model, image, _ = trained
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        fastpath.use_sdpa(model, False)
+        plain = model(image)
+        assert fastpath.use_sdpa(model, True) == 12  # UNETR always has 12 ViT layers
+        fused = model(image)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_windows_match_the_reference_path(trained, tmp_path):
+    """bf16 autocast + SDPA + allocator switch vs float32: logits close, argmax agrees on > 99.9% of voxels."""
+    _, _, folder = trained
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(generate_case(seed=5, index=2, size=48).image, scan)
+    fast = tiny_config(train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"},
+                       infer={"sw_batch_size": 1})
+    reference = fastpath.reference_style(fast)
+    probabilities = {}
+    for name, config in (("reference", reference), ("fast", fast)):
+        predictor = Predictor(config)
+        image = predictor.transform({"image": str(scan)})["image"]
+        probabilities[name] = predictor.probabilities(image)
+    fastpath.keep_freed_memory(False)
+    ref, fast_p = probabilities["reference"], probabilities["fast"]
+    assert ref.shape == fast_p.shape and ref.shape[0] == 14
+    assert (ref.argmax(0) == fast_p.argmax(0)).float().mean() > 0.999
+    assert (ref - fast_p).abs().max() < 0.05
+
+
+def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny):
+    """The recipe's 4 crops one at a time (accumulated) == one batch of 4: same effective batch, same gradient."""
+    torch.manual_seed(0)
+    model = build_model(tiny.model)
+    image = torch.rand(4, 1, 32, 32, 32)
+    label = torch.randint(0, 14, (4, 1, 32, 32, 32)).float()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    precision = Precision.for_device(CPU, enabled=False)
+    context = Context(0, 1, 0, CPU)
+    grads, losses = {}, {}
+    for micro in (4, 1, 3):
+        copy_ = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=0.0)
+        losses[micro] = train_step(copy_, image, label, loss_fn, optimizer, precision, context, micro)
+        grads[micro] = [p.grad.clone() for p in copy_.parameters() if p.grad is not None]
+    for micro in (1, 3):
+        assert losses[micro] == pytest.approx(losses[4], rel=1e-5)
+        assert len(grads[micro]) == len(grads[4])
+        for a, b in zip(grads[micro], grads[4]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)  # float32 summation order only
+
+
+def test_fused_optimizer_takes_the_same_step(tiny):
+    torch.manual_seed(0)
+    model = build_model(tiny.model)
+    x = torch.rand(1, 1, 32, 32, 32)
+    results = []
+    for fused in (False, True):
+        copy_ = copy.deepcopy(model)
+        optimizer = build_optimizer(copy_, tiny.train, fused=fused)
+        copy_(x).square().mean().backward()
+        optimizer.step()
+        results.append([p.detach().clone() for p in copy_.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_one_step_inversion_matches_monai_inverse(trained, tmp_path):
+    """The label map resampled in one step onto the scan grid == MONAI's Invertd (nearest) chain."""
+    _, _, folder = trained
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(generate_case(seed=5, index=3, size=48).image, scan)  # stored in a non-RAS orientation
+    predictor = Predictor(tiny_config(train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"}))
+    image = predictor.transform({"image": str(scan)})["image"]
+    labels = predictor.probabilities(image).argmax(0)
+    ours = predictor.labels_to_scan(labels, image)
+    inverter = Invertd(keys="pred", transform=predictor.transform, orig_keys="image", nearest_interp=True)
+    from monai.data import MetaTensor
+    monai = inverter({"image": image, "pred": MetaTensor(labels[None].float(), meta=dict(image.meta))})["pred"][0]
+    assert ours.shape == nib.load(scan).shape
+    assert (ours == np.rint(monai.numpy()).astype(np.uint8)).mean() > 0.999
+    fastpath.keep_freed_memory(False)
+
+
+def test_freed_memory_switch_applies_and_restores():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert fastpath.keep_freed_memory(True) is True
+    assert fastpath.keep_freed_memory(False) is True
+
+
+def test_automatic_sizes():
+    fast = FastConfig()
+    assert fastpath.micro_batch_size(fast, CPU, 4) == 1
+    assert fastpath.micro_batch_size(fast, torch.device("cuda"), 4) == 4
+    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=2), CPU, 4) == 2
+    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=8), CPU, 4) == 4
+    assert fastpath.auto_sw_batch_size(0, CPU, (96, 96, 96), 16) == 1
+    assert fastpath.auto_sw_batch_size(3, CPU, (96, 96, 96), 16) == 3
+
+
+def test_reference_style_turns_every_switch_off():
+    config = fastpath.reference_style(parse_config([]))
+    assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
+                                     compile=False)
+    assert (config.train.amp, config.infer.sw_batch_size, config.infer.fast_invert) == (False, 1, False)
+
+
+def test_flags_turn_each_switch_off():
+    config = parse_config(["--no-malloc_tuning", "--no-sdpa", "--micro_batch", "4", "--no-fused_optimizer",
+                           "--compile", "--no-fast_invert", "--sw_batch_size", "2"])
+    assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
+                                     compile=True)
+    assert (config.infer.fast_invert, config.infer.sw_batch_size) == (False, 2)
+
+
+def test_training_runs_with_every_switch_off(phantom_dir, tmp_path):
+    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(tmp_path / "run"), "--max_steps", "2", "--noamp", "--no-sdpa", "--no-malloc_tuning",
+            "--micro_batch", "2", "--no-fused_optimizer"]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "run" / "model_final.pt").is_file()
+
+
+def test_bench_quick_writes_valid_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--device", "cpu",
+                             "--out", str(out), "--silent"], capture_output=True, encoding="utf-8", timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    for path in ("forward_speedup", "train_step_speedup", "inference_speedup", "dice_difference"):
+        assert data["summary"][path] > 0 or path == "dice_difference"
+    for name in ("reference", "fast"):
+        assert data[name]["inference"]["end_to_end_s"] > data[name]["inference"]["windows_s"] > 0
+        assert len(data[name]["loss_curve"]) == data["settings"]["loss_steps"]
+    assert data["peak"]["fp32_flops"] > 0 and data["flops"]["forward"] > 0
+    assert "forward pass, s" in result.stdout
