@@ -147,8 +147,8 @@ class InferConfig:
     """Sliding-window inference."""
 
     infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
-    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: 1 on CPU (fastest there), "
-                                 "what fits in free memory on GPU (up to 8)")
+    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: on CPU 4 with AMX, else 1 (fastest "
+                                 "there); on GPU what fits in free memory (up to 8)")
     saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
                                  choices=("ckpt", "torchscript"))
     input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
@@ -179,7 +179,9 @@ class FastConfig:
     micro_batch: int = _opt(0, "crops per forward/backward; gradients are accumulated so the optimiser still "
                                "steps once per batch. 0 = auto: 1 on CPU (faster per crop), whole batch on GPU")
     fused_optimizer: bool = _opt(True, "fused Adam/AdamW step (one kernel over all parameters)")
-    compile: bool = _opt(False, "torch.compile the model (no gain measured on CPU; compile time ~40 s)")
+    compile: bool = _opt(False, "torch.compile the model (compiling takes tens of seconds per process)")
+    crop_before_resampling: bool = _opt(True, "crop to the body at the scan's resolution, then resample only "
+                                              "the box (the reference resamples the whole scan first)")
 
 
 @dataclass

@@ -102,13 +102,27 @@ def micro_batch_size(fast: FastConfig, device: torch.device, crops: int) -> int:
 _BYTES_PER_WINDOW_VOXEL_FEATURE = 64
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tile units for bfloat16 (Intel Xeon since Sapphire Rapids); Linux only."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
 def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
                        limit: int = 8) -> int:
-    """Windows per forward pass: ``requested`` if > 0, else 1 on the CPU and what fits in free GPU memory."""
+    """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
+
+    CPU: 4 with AMX (its matrix units are fed better by 4 windows: 18% less time per UNETR-B
+    window under bf16 on a 2-core Xeon), else 1 (on a 2-core Zen 5, 4 windows were 15-40% slower
+    per window). GPU: as many as fit in half the free memory, up to ``limit``.
+    """
     if requested > 0:
         return requested
     if device.type != "cuda":
-        return 1  # on the CPU larger window batches were 15-40% slower per window
+        return 4 if cpu_has_amx() else 1
     free, _ = torch.cuda.mem_get_info(device)
     per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
     return max(1, min(limit, int(0.5 * free // per_window)))
@@ -118,9 +132,10 @@ def reference_style(config: Config) -> Config:
     """``config`` with every speed switch off: the path the reference recipe takes.
 
     float32 (no autocast), MONAI's default attention, glibc's default allocator, the crops of a batch in
-    one forward pass, one window per pass, and masks from every class probability inverted one by one.
+    one forward pass, one window per pass, the whole scan resampled before the body crop, and masks
+    from every class probability inverted one by one.
     """
     fast = FastConfig(malloc_tuning=False, sdpa=False, micro_batch=config.data.num_samples * config.train.batch_size,
-                      fused_optimizer=False, compile=False)
+                      fused_optimizer=False, compile=False, crop_before_resampling=False)
     return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, amp=False),
                                infer=dataclasses.replace(config.infer, sw_batch_size=1, fast_invert=False))

@@ -133,6 +133,19 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), config
 
 
+def class_map(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(0)`` as uint8 for ``(C, X, Y, Z)`` scores, ties to the lower class as argmax does.
+
+    A running maximum over the channels: 6x faster on the CPU than ``argmax`` over the strided
+    channel axis (0.14 s against 0.83 s for 14 x 177 x 159 x 169).
+    """
+    best, labels = scores[0].clone(), torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for channel in range(1, scores.shape[0]):
+        labels.masked_fill_(scores[channel] > best, channel)
+        torch.maximum(best, scores[channel], out=best)
+    return labels
+
+
 class Predictor:
     """Loads the model once and segments any number of scans."""
 
@@ -193,21 +206,36 @@ class Predictor:
     def labels_to_scan(labels: torch.Tensor, image: MetaTensor) -> np.ndarray:
         """Labels ``(X, Y, Z)`` on the preprocessed grid, resampled onto the scan's own grid (nearest neighbour).
 
-        One resampling from the preprocessed affine to the scan's: the orientation, spacing and crop
-        steps combined, instead of undoing them one by one at full size. Outside the crop is background.
+        One resampling from the preprocessed affine to the scan's (the orientation, spacing and crop
+        steps combined), and only over the scan voxels the preprocessed box covers; the rest of the
+        scan is background.
         """
+        scan_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+        scan_shape = np.array([int(n) for n in image.meta["spatial_shape"]])
+        # The box's voxel edges in scan voxel indices, widened by one voxel.
+        edges = np.array([[x, y, z, 1.0] for x in (-0.5, labels.shape[0] - 0.5) for y in (-0.5, labels.shape[1] - 0.5)
+                          for z in (-0.5, labels.shape[2] - 0.5)])
+        to_scan = np.linalg.inv(scan_affine) @ np.asarray(image.affine, dtype=np.float64)
+        corners = (to_scan @ edges.T)[:3].T
+        start = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, scan_shape)
+        stop = np.clip(np.ceil(corners.max(0)).astype(int) + 2, 0, scan_shape)
+        scan = np.zeros(tuple(scan_shape), np.uint8)
+        if np.any(stop <= start):
+            return scan
+        box_affine = scan_affine.copy()
+        box_affine[:3, 3] = scan_affine[:3, :3] @ start + scan_affine[:3, 3]
         resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
-        source = MetaTensor(labels[None].float(), affine=image.affine)
-        shape = tuple(int(n) for n in image.meta["spatial_shape"])
-        native = resample(source, dst_affine=torch.as_tensor(image.meta["original_affine"]), spatial_size=shape)
-        return np.rint(native[0].numpy()).astype(np.uint8)
+        box = resample(MetaTensor(labels[None].float(), affine=image.affine), dst_affine=torch.as_tensor(box_affine),
+                       spatial_size=tuple(int(n) for n in stop - start))
+        scan[tuple(slice(a, b) for a, b in zip(start, stop))] = np.rint(box[0].numpy()).astype(np.uint8)
+        return scan
 
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
         image = self.transform({"image": str(path)})["image"]
         probs = self.probabilities(image)
         if self.config.infer.fast_invert and not keep_probabilities:
-            return self.labels_to_scan(probs.argmax(0), image), None
+            return self.labels_to_scan(class_map(probs), image), None
         best = labels = stored = None
         for channel in range(probs.shape[0]):
             if channel == 0:

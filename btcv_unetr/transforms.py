@@ -6,6 +6,8 @@ masks in the input scan's own geometry.
 
 Train:      load -> RAS -> resample -> window -> crop to body -> pad to ROI -> random pos/neg crops
             -> flips, 90-degree turns, intensity scale and shift.
+            (With ``fast.crop_before_resampling``, the default, the body box is found first and only
+            it is resampled: load -> RAS -> crop to body -> resample -> window.)
 Validation: the same deterministic prefix on image and label.
 Inference:  the same deterministic prefix on the image only.
 """
@@ -21,21 +23,36 @@ from .config import Config
 IMAGE_LABEL = ("image", "label")
 
 
+class Above:
+    """``x > threshold`` (a picklable crop criterion for loader worker processes)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def __call__(self, x):
+        return x > self.threshold
+
+
 def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.MapTransform]:
     """Deterministic steps shared by all chains; ``keys`` are ``("image",)`` or ``("image", "label")``."""
     data = config.data
     keys = list(keys)
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
-    return [
-        mt.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
-        mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation),
-        mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
-                                b_min=data.b_min, b_max=data.b_max, clip=True),
-        # Air is below a_min, so after windowing it is b_min and the crop keeps the body.
-        mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True,
-                           start_coord_key=None, end_coord_key=None),
-    ]
+    load = [mt.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+            mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
+    resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
+    window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
+                                     b_min=data.b_min, b_max=data.b_max, clip=True)
+    if config.fast.crop_before_resampling:
+        # The body box (HU above a_min) at the scan's own resolution; only it is resampled, which is
+        # most of the preprocessing time of a 512 x 512 scan (the body fills about a third of it).
+        crop = mt.CropForegroundd(keys=keys, source_key="image", select_fn=Above(data.a_min), allow_smaller=True,
+                                  start_coord_key=None, end_coord_key=None)
+        return [*load, crop, resample, window]
+    # Reference order. Air is below a_min, so after windowing it is b_min and the crop keeps the body.
+    crop = mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True,
+                              start_coord_key=None, end_coord_key=None)
+    return [*load, resample, window, crop]
 
 
 def train_transforms(config: Config) -> mt.Compose:

@@ -51,7 +51,10 @@ def test_validation_chain_resamples_to_ras_at_target_spacing(phantom_dir, entry)
     assert np.allclose(np.linalg.norm(image.affine[:3, :3].numpy(), axis=0), config.data.pixdim)
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     names = [op["class"] for op in image.applied_operations]
-    assert names == ["Orientation", "SpatialResample", "CropForeground"]  # what inversion needs
+    assert names == ["Orientation", "CropForeground", "SpatialResample"]  # what inversion needs (crop first)
+    reference_order = val_transforms(tiny_config(phantom_dir, fast={"crop_before_resampling": False}))(entry)
+    assert [op["class"] for op in reference_order["image"].applied_operations] == \
+        ["Orientation", "SpatialResample", "CropForeground"]
 
 
 def test_inverting_the_validation_chain_restores_the_scan_geometry(phantom_dir, entry):
