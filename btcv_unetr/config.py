@@ -162,8 +162,9 @@ class InferConfig:
     device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
     overwrite: bool = _opt(False, "replace existing outputs (otherwise they are skipped)")
     largest_component: bool = _opt(False, "keep the largest connected component per organ")
-    fast_invert: bool = _opt(True, "resample the label map to the scan's grid (nearest neighbour) in one step; "
-                                   "--no-fast_invert resamples every class probability (linear), slower")
+    fast_invert: bool = _opt(True, "map the class probabilities back onto the scan's grid in one separable "
+                                   "trilinear pass over the covered box (same masks as --no-fast_invert, which "
+                                   "undoes each preprocessing step per channel with MONAI's inverse transforms)")
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", negative_flag="--no_hd95")
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")

@@ -4,10 +4,11 @@
     Predictor    loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> invert
     run          writes masks (atomically), optional probabilities and overlays, and the metrics report
 
-The spatial preprocessing (orientation, spacing, foreground crop) is undone in one resampling of
-the label map from the preprocessed grid onto the scan's grid (nearest neighbour, the default), or
-with ``--no-fast_invert`` by MONAI's inverse transforms on every class probability, one channel at
-a time (linear; memory stays at two native-size channels).
+The spatial preprocessing (orientation, spacing, foreground crop) is undone on the class
+probabilities by trilinear interpolation, then the argmax is taken on the scan's grid. By default
+in one pass: three 1-D interpolations over only the scan voxels the crop covers. With
+``--no-fast_invert`` (and for oblique scans) by MONAI's inverse transforms, one probability channel
+at a time (memory stays at two native-size channels). Both give the same masks (tested).
 """
 
 from __future__ import annotations
@@ -146,6 +147,85 @@ def class_map(scores: torch.Tensor) -> torch.Tensor:
     return labels
 
 
+def _voxel_map(image: MetaTensor) -> list[tuple[int, float, float]] | None:
+    """For each scan axis j, (preprocessed axis i, a, b) with ``i_index = a * j_index + b``; None if oblique.
+
+    Orientation, spacing and crop only permute, flip, scale and shift the axes (MONAI's Spacing keeps
+    the scan's direction cosines, so tilted scans too), so the map from the scan's voxel indices to
+    the preprocessed grid's is axis-aligned; a grid rotated against the scan has no separable shortcut.
+    """
+    scan_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
+    to_grid = np.linalg.inv(np.asarray(image.affine, dtype=np.float64)) @ scan_affine
+    linear = to_grid[:3, :3]
+    tolerance = 1e-6 * np.abs(linear).max()
+    mapping = []
+    for j in range(3):
+        rows = np.flatnonzero(np.abs(linear[:, j]) > tolerance)
+        if len(rows) != 1:
+            return None
+        mapping.append((int(rows[0]), float(linear[rows[0], j]), float(to_grid[rows[0], 3])))
+    return mapping if sorted(i for i, _, _ in mapping) == [0, 1, 2] else None
+
+
+def _linear_weights(count: int, first: int, a: float, b: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower neighbour and weight of the upper one, in a grid padded by one voxel, for ``count`` scan indices."""
+    coords = a * torch.arange(first, first + count, dtype=torch.float64) + b + 1.0  # +1: the padding
+    coords = coords.clamp(0.0, size + 1.0)
+    lower = coords.floor().clamp(max=size).long()
+    return lower, (coords - lower).float()
+
+
+def probabilities_to_scan(probs: torch.Tensor, image: MetaTensor, slab: int = 16) -> np.ndarray | None:
+    """Class map on the scan's own grid from probabilities ``(C, X, Y, Z)`` on the preprocessed grid.
+
+    The same trilinear interpolation as undoing the preprocessing with MONAI's inverse transforms
+    (``--no-fast_invert``), outside the crop counted as background, but done in one pass as three
+    1-D interpolations over only the scan voxels the crop covers, ``slab`` scan slices at a time.
+    Returns None for a grid rotated against the scan (the caller then takes the inverse-transform path).
+    """
+    mapping = _voxel_map(image)
+    if mapping is None:
+        return None
+    scan_shape = [int(n) for n in image.meta["spatial_shape"]]
+    grid_shape = probs.shape[1:]
+    # The scan voxels whose interpolation can touch the crop: the rest is background.
+    box = []
+    for j, (i, a, b) in enumerate(mapping):
+        ends = sorted(((-1.0 - b) / a, (grid_shape[i] - b) / a))
+        box.append((max(0, int(np.floor(ends[0]))), min(scan_shape[j], int(np.ceil(ends[1])) + 1)))
+    labels = np.zeros(scan_shape, np.uint8)
+    if any(stop <= start for start, stop in box):
+        return labels
+    # One voxel of padding: where the grid ends at the scan's own edge, the edge values (MONAI resamples
+    # with border padding); where the crop cut the scan, background (the inverse crop pads with it).
+    padded = torch.nn.functional.pad(probs[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
+    for j, (i, a, b) in enumerate(mapping):
+        low, high = sorted((b, a * (scan_shape[j] - 1) + b))  # the scan's edges in grid coordinates
+        for side, at_scan_edge in ((0, low >= -1.0), (-1, high <= grid_shape[i])):
+            if not at_scan_edge:
+                face = padded.select(i + 1, side)
+                face.zero_()
+                face[0] = 1.0
+    weights = [_linear_weights(stop - start, start, a, b, grid_shape[i])
+               for (start, stop), (i, a, b) in zip(box, mapping)]
+    order = [i for i, _, _ in mapping]  # preprocessed axis of scan axes x, y, z
+    for first in range(0, box[2][1] - box[2][0], slab):
+        values = padded
+        for j in (2, 0, 1):  # scan z first: the slab keeps only the slices it needs
+            i = mapping[j][0]
+            lower, weight = weights[j]
+            if j == 2:
+                lower, weight = lower[first:first + slab], weight[first:first + slab]
+            shape = [1, 1, 1, 1]
+            shape[i + 1] = -1
+            weight = weight.view(shape)
+            values = values.index_select(i + 1, lower) * (1 - weight) + values.index_select(i + 1, lower + 1) * weight
+        values = values.permute(0, *[axis + 1 for axis in order])  # (C, x, y, z) in scan axis order
+        (x0, x1), (y0, y1), (z0, _) = box
+        labels[x0:x1, y0:y1, z0 + first:z0 + first + values.shape[3]] = class_map(values).numpy()
+    return labels
+
+
 class Predictor:
     """Loads the model once and segments any number of scans."""
 
@@ -202,40 +282,14 @@ class Predictor:
         pred = MetaTensor(values, meta=dict(image.meta))
         return inverter({"image": image, "pred": pred})["pred"][0].numpy()
 
-    @staticmethod
-    def labels_to_scan(labels: torch.Tensor, image: MetaTensor) -> np.ndarray:
-        """Labels ``(X, Y, Z)`` on the preprocessed grid, resampled onto the scan's own grid (nearest neighbour).
-
-        One resampling from the preprocessed affine to the scan's (the orientation, spacing and crop
-        steps combined), and only over the scan voxels the preprocessed box covers; the rest of the
-        scan is background.
-        """
-        scan_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
-        scan_shape = np.array([int(n) for n in image.meta["spatial_shape"]])
-        # The box's voxel edges in scan voxel indices, widened by one voxel.
-        edges = np.array([[x, y, z, 1.0] for x in (-0.5, labels.shape[0] - 0.5) for y in (-0.5, labels.shape[1] - 0.5)
-                          for z in (-0.5, labels.shape[2] - 0.5)])
-        to_scan = np.linalg.inv(scan_affine) @ np.asarray(image.affine, dtype=np.float64)
-        corners = (to_scan @ edges.T)[:3].T
-        start = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, scan_shape)
-        stop = np.clip(np.ceil(corners.max(0)).astype(int) + 2, 0, scan_shape)
-        scan = np.zeros(tuple(scan_shape), np.uint8)
-        if np.any(stop <= start):
-            return scan
-        box_affine = scan_affine.copy()
-        box_affine[:3, 3] = scan_affine[:3, :3] @ start + scan_affine[:3, 3]
-        resample = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)
-        box = resample(MetaTensor(labels[None].float(), affine=image.affine), dst_affine=torch.as_tensor(box_affine),
-                       spatial_size=tuple(int(n) for n in stop - start))
-        scan[tuple(slice(a, b) for a, b in zip(start, stop))] = np.rint(box[0].numpy()).astype(np.uint8)
-        return scan
-
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
         image = self.transform({"image": str(path)})["image"]
         probs = self.probabilities(image)
         if self.config.infer.fast_invert and not keep_probabilities:
-            return self.labels_to_scan(class_map(probs), image), None
+            labels = probabilities_to_scan(probs, image)
+            if labels is not None:
+                return labels, None
         best = labels = stored = None
         for channel in range(probs.shape[0]):
             if channel == 0:

@@ -247,8 +247,10 @@ def train_worker(context: Context, config: Config) -> None:
                          smooth_nr=config.train.smooth_nr, smooth_dr=config.train.smooth_dr)
     log = RunLog(logdir, context.is_main, config.model.out_channels)
     if context.is_main:
+        amp = f"on ({str(precision.dtype).replace('torch.', '')})" if precision.enabled else "off"
+        crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size)
         print(f"training on {context.device} x{context.world_size}, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, AMP {'on (' + str(precision.dtype).replace('torch.', '') + ')' if precision.enabled else 'off'}")
+              f"parameters, AMP {amp}, {crops} crop(s) per forward pass")
 
     t = config.train
     last_validation = None

@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 from monai.losses import DiceCELoss
-from monai.transforms import Invertd
 
 from btcv_unetr import cli, fastpath
 from btcv_unetr.config import FastConfig, parse_config
 from btcv_unetr.distributed import Context
-from btcv_unetr.infer import Predictor, class_map
+from btcv_unetr.infer import Predictor, class_map, probabilities_to_scan
 from btcv_unetr.model import build_model
 from btcv_unetr.optim import build_optimizer
 from btcv_unetr.phantoms import generate_case
@@ -149,20 +148,42 @@ def test_fused_optimizer_takes_the_same_step(tiny):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_one_step_inversion_matches_monai_inverse(trained, tmp_path):
-    """The label map resampled in one step onto the scan grid == MONAI's Invertd (nearest) chain."""
+def test_one_pass_inversion_equals_monai_inverse_transforms(trained, tmp_path):
+    """Separable trilinear resampling over the covered box == MONAI's per-channel inverse chain, voxel for voxel."""
     _, _, folder = trained
     scan = tmp_path / "scan.nii.gz"
-    nib.save(generate_case(seed=5, index=3, size=48).image, scan)  # stored in a non-RAS orientation
-    predictor = Predictor(tiny_config(train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"}))
-    image = predictor.transform({"image": str(scan)})["image"]
-    labels = predictor.probabilities(image).argmax(0)
-    ours = predictor.labels_to_scan(labels, image)
-    inverter = Invertd(keys="pred", transform=predictor.transform, orig_keys="image", nearest_interp=True)
-    from monai.data import MetaTensor
-    monai = inverter({"image": image, "pred": MetaTensor(labels[None].float(), meta=dict(image.meta))})["pred"][0]
-    assert ours.shape == nib.load(scan).shape
-    assert (ours == np.rint(monai.numpy()).astype(np.uint8)).mean() > 0.999
+    nib.save(generate_case(seed=5, index=3, size=96).image, scan)  # stored in a non-RAS orientation
+    assert nib.aff2axcodes(nib.load(scan).affine) != ("R", "A", "S")
+    for crop_first in (True, False):
+        exact = Predictor(tiny_config(train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"},
+                                      infer={"fast_invert": False}, fast={"crop_before_resampling": crop_first}))
+        image = exact.transform({"image": str(scan)})["image"]
+        probabilities = exact.probabilities(image)
+        ours = probabilities_to_scan(probabilities, image)
+        theirs, _ = exact.segment(scan)
+        assert ours.shape == theirs.shape == nib.load(scan).shape
+        assert (theirs > 0).sum() > 1000
+        assert (ours == theirs).mean() > 0.999
+    fastpath.keep_freed_memory(False)
+
+
+def test_tilted_scans_take_the_one_pass_inversion_too(trained, tmp_path):
+    """MONAI's Spacing keeps a tilted scan's direction, so the map stays separable and the masks equal."""
+    _, _, folder = trained
+    case = generate_case(seed=5, index=3, size=64).image
+    tilt = np.eye(4)
+    tilt[1:3, 1:3] = [[np.cos(0.2), -np.sin(0.2)], [np.sin(0.2), np.cos(0.2)]]  # a gantry tilt of 11 degrees
+    scan = tmp_path / "tilted.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(case.dataobj), tilt @ case.affine), scan)
+    exact = Predictor(tiny_config(train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"},
+                                  infer={"fast_invert": False}))
+    image = exact.transform({"image": str(scan)})["image"]
+    ours = probabilities_to_scan(exact.probabilities(image), image)
+    theirs, _ = exact.segment(scan)
+    assert ours is not None and (ours == theirs).mean() > 0.999
+    rotated = image.clone()
+    rotated.affine = torch.as_tensor(tilt) @ image.affine  # a grid rotated against the scan: no shortcut
+    assert probabilities_to_scan(exact.probabilities(image), rotated) is None
     fastpath.keep_freed_memory(False)
 
 
