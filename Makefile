@@ -13,7 +13,7 @@ DEMO_DIR ?= demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ test: $(STAMP)
 demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(VENV)/bin/btcv-unetr check-data --data_dir $(DEMO_DIR)/data --json_list dataset.json
 	$(PY) main.py --config phantom_demo.yaml --data_dir $(DEMO_DIR)/data
+
+# Reference-style path vs fast path (benchmarks/bench.py); BENCH_FLAGS=--quick for a short run.
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_FLAGS)
 
 $(DEMO_DIR)/data/dataset.json: | $(STAMP)
 	$(VENV)/bin/btcv-unetr phantoms --out $(DEMO_DIR)/data --cases 24 --test_cases 2 --size 128 --seed 0
