@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
-import json
 import os
 import platform
 import statistics
@@ -339,9 +337,8 @@ def run(args: argparse.Namespace) -> dict:
 
     results["fast"]["forward_profile"] = module_profile(fast, device, repeats)
     results["data"] = data_throughput(fast)
-    flops_config = copy.deepcopy(fast.model)
-    model = build_model(flops_config)
-    x = torch.randn(1, 1, *flops_config.roi_size)
+    model = build_model(fast.model)
+    x = torch.randn(1, 1, *fast.model.roi_size)
     forward_flops = count_flops(lambda: model(x))
     forward_backward_flops = count_flops(lambda: model(x).square().mean().backward())
     low = torch.float16 if device.type == "cuda" else torch.bfloat16

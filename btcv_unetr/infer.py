@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd, KeepLargestConnectedComponent, SpatialResample
+from monai.transforms import Invertd, KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
