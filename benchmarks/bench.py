@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import os
 import platform
@@ -128,10 +129,11 @@ def memory_bandwidth(device: torch.device, repeats: int, megabytes: int = 512) -
 def module_profile(config: Config, device: torch.device, repeats: int) -> list[dict]:
     """Seconds and FLOPs of each top-level block of one forward pass (where the time goes)."""
     torch.manual_seed(0)
-    model = build_model(config.model).to(device).eval()
+    layout = inference_layout(config, device)
+    model = build_model(config.model).to(device).eval().to(memory_format=layout)
     use_sdpa(model, config.fast.sdpa)
     precision = Precision.for_device(device, config.train.amp)
-    x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
+    x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device).contiguous(memory_format=layout)
     with FlopCounterMode(display=False) as counter:
         model(x)
     flops = {name.removeprefix(f"{type(model).__name__}."): sum(counts.values())
@@ -154,17 +156,25 @@ def module_profile(config: Config, device: torch.device, repeats: int) -> list[d
             for name, times in seconds.items() if times]
 
 
+def inference_layout(config: Config, device: torch.device) -> torch.memory_format:
+    """The memory format the Predictor runs windows in."""
+    return torch.channels_last_3d if config.fast.channels_last and device.type == "cpu" else torch.contiguous_format
+
+
 def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
-    """UNETR forward (inference mode) and forward+backward times for one ``roi`` crop."""
+    """UNETR forward (inference mode, as the Predictor runs it) and forward+backward times for one crop."""
     torch.manual_seed(0)
     model = build_model(config.model).to(device)
     use_sdpa(model, config.fast.sdpa)
     precision = Precision.for_device(device, config.train.amp)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
+    layout = inference_layout(config, device)
+    inference_model = copy.deepcopy(model).to(memory_format=layout)
+    x_inference = x.contiguous(memory_format=layout)
 
     def forward():
         with torch.inference_mode(), precision.autocast(device):
-            return model(x)
+            return inference_model(x_inference)
 
     def forward_backward():
         model.zero_grad(set_to_none=True)

@@ -136,6 +136,6 @@ def reference_style(config: Config) -> Config:
     from every class probability inverted one by one.
     """
     fast = FastConfig(malloc_tuning=False, sdpa=False, micro_batch=config.data.num_samples * config.train.batch_size,
-                      fused_optimizer=False, compile=False, crop_before_resampling=False)
+                      fused_optimizer=False, compile=False, channels_last=False, crop_before_resampling=False)
     return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, amp=False),
                                infer=dataclasses.replace(config.infer, sw_batch_size=1, fast_invert=False))

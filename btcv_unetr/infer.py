@@ -148,7 +148,7 @@ def class_map(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _voxel_map(image: MetaTensor) -> list[tuple[int, float, float]] | None:
-    """For each scan axis j, (preprocessed axis i, a, b) with ``i_index = a * j_index + b``; None if oblique.
+    """Per scan axis j: (preprocessed axis i, a, b) with ``i_index = a * j_index + b``, or None if not separable.
 
     Orientation, spacing and crop only permute, flip, scale and shift the axes (MONAI's Spacing keeps
     the scan's direction cosines, so tilted scans too), so the map from the scan's voxel indices to
@@ -235,8 +235,11 @@ class Predictor:
             keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
         torchscript = config.infer.saved_checkpoint == "torchscript"
+        # oneDNN's convolutions keep channels-last outputs as they are instead of reordering each one.
+        self.memory_format = torch.channels_last_3d if config.fast.channels_last and self.device.type == "cpu" \
+            else torch.contiguous_format
         if not torchscript:
-            self.model = apply_model_switches(self.model, config.fast)
+            self.model = apply_model_switches(self.model.to(memory_format=self.memory_format), config.fast)
         self.transform = infer_transforms(self.config)
         self.precision = Precision.for_device(self.device, self.config.train.amp and not torchscript)
         model = self.config.model
@@ -252,7 +255,7 @@ class Predictor:
 
     def _window(self, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
-            return self.model(window).float()
+            return self.model(window.contiguous(memory_format=self.memory_format)).float()
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:

@@ -216,15 +216,16 @@ def test_automatic_sizes():
 def test_reference_style_turns_every_switch_off():
     config = fastpath.reference_style(parse_config([]))
     assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
-                                     compile=False, crop_before_resampling=False)
+                                     compile=False, channels_last=False, crop_before_resampling=False)
     assert (config.train.amp, config.infer.sw_batch_size, config.infer.fast_invert) == (False, 1, False)
 
 
 def test_flags_turn_each_switch_off():
     config = parse_config(["--no-malloc_tuning", "--no-sdpa", "--micro_batch", "4", "--no-fused_optimizer",
-                           "--compile", "--no-fast_invert", "--sw_batch_size", "2", "--no-crop_before_resampling"])
+                           "--compile", "--no-fast_invert", "--sw_batch_size", "2", "--no-crop_before_resampling",
+                           "--no-channels_last"])
     assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
-                                     compile=True, crop_before_resampling=False)
+                                     compile=True, channels_last=False, crop_before_resampling=False)
     assert (config.infer.fast_invert, config.infer.sw_batch_size) == (False, 2)
 
 
