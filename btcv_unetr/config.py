@@ -364,7 +364,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         hints = _field_types(cls)
         for f in dataclasses.fields(cls):
             flags = f.metadata["flags"] or (f"--{f.name}",)
-            help_text = f"{f.metadata['help']} (default: {f.default})"
+            # argparse formats help with %: a literal % in a text ("30% faster") must be doubled.
+            help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
             base = typing.get_args(hints[f.name])
             base = next((a for a in base if a is not type(None)), hints[f.name])
             if base is bool:

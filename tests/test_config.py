@@ -102,3 +102,11 @@ def test_round_trip_through_plain_dict_and_yaml(tmp_path):
 def test_field_names_are_unique_across_sections():
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names)) == len(FIELD_SECTION)
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--no-malloc_tuning" in text and "30% faster" in text and "--feature_size" in text
