@@ -186,23 +186,31 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
             "forward_backward_s": median_seconds(forward_backward, repeats, device)}
 
 
-def training_step(config: Config, device: torch.device, repeats: int) -> dict:
-    """One optimiser step of the recipe's batch of crops (loss, backward, AdamW), as ``main.py`` runs it."""
+def step_function(config: Config, device: torch.device, seed: int) -> Callable[[torch.Tensor, torch.Tensor], float | None]:
+    """A fresh model and optimiser (seeded) and a function taking one training step as ``main.py`` does."""
     from monai.losses import DiceCELoss
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(config.model).to(device).train()
     use_sdpa(model, config.fast.sdpa)
-    crops = config.data.num_samples * config.train.batch_size
-    image = torch.randn(crops, 1, *config.model.roi_size, device=device)
-    label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
     precision = Precision.for_device(device, config.train.amp)
     context = Context(0, 1, 0, device)
-    micro = micro_batch_size(config.fast, device, crops)
-    seconds = median_seconds(lambda: train_step(model, image, label, loss_fn, optimizer, precision, context, micro),
-                             repeats, device)
-    return {"step_s": seconds, "crops": crops, "micro_batch": micro}
+
+    def step(image: torch.Tensor, label: torch.Tensor) -> float | None:
+        micro = micro_batch_size(config.fast, device, image.shape[0])
+        return train_step(model, image, label, loss_fn, optimizer, precision, context, micro)
+    return step
+
+
+def training_step(config: Config, device: torch.device, repeats: int) -> dict:
+    """One optimiser step of the recipe's batch of crops (loss, backward, AdamW), as ``main.py`` runs it."""
+    step = step_function(config, device, seed=0)
+    crops = config.data.num_samples * config.train.batch_size
+    image = torch.randn(crops, 1, *config.model.roi_size, device=device)
+    label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
+    seconds = median_seconds(lambda: step(image, label), repeats, device)
+    return {"step_s": seconds, "crops": crops, "micro_batch": micro_batch_size(config.fast, device, crops)}
 
 
 def data_throughput(config: Config) -> dict:
@@ -235,20 +243,8 @@ def inference(config: Config, scan: Path, out_dir: Path, repeats: int, device: t
 
 def loss_curve(config: Config, batches: list[dict], device: torch.device, seed: int) -> list[float]:
     """Training losses over ``batches`` (the same crops for every path) from a model seeded with ``seed``."""
-    from monai.losses import DiceCELoss
-    torch.manual_seed(seed)
-    model = build_model(config.model).to(device).train()
-    use_sdpa(model, config.fast.sdpa)
-    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
-    precision = Precision.for_device(device, config.train.amp)
-    context = Context(0, 1, 0, device)
-    losses = []
-    for batch in batches:
-        image, label = batch["image"].as_tensor().to(device), batch["label"].as_tensor().to(device)
-        losses.append(train_step(model, image, label, loss_fn, optimizer, precision, context,
-                                 micro_batch_size(config.fast, device, image.shape[0])))
-    return losses
+    step = step_function(config, device, seed)
+    return [step(batch["image"].as_tensor().to(device), batch["label"].as_tensor().to(device)) for batch in batches]
 
 
 def tiny_batches(config: Config, steps: int) -> list[dict]:
