@@ -92,8 +92,8 @@ def test_fast_masks_match_the_reference_path_in_the_scan_geometry(trained, tmp_p
     organs = masks["reference"] > 0
     assert organs.sum() > 1000  # the check means something only if the model finds organs
     assert (masks["fast"] == masks["reference"]).mean() > 0.99
-    # The test model works at 6 mm: a one-voxel boundary shift (the crop's sub-voxel grid shift, nearest
-    # vs linear inversion) is a large share of each organ here. A flipped or misplaced mask scores < 0.2.
+    # The test model works at 6 mm: a one-voxel boundary shift (the crop-first sub-voxel grid shift, bf16)
+    # is a large share of each organ here. A flipped or misplaced mask scores < 0.2.
     assert (masks["fast"][organs] == masks["reference"][organs]).mean() > 0.7
 
 
