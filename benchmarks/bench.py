@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from btcv_unetr.config import Config, build_config  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
-from btcv_unetr.fastpath import keep_freed_memory, micro_batch_size, reference_style, use_sdpa  # noqa: E402
+from btcv_unetr.fastpath import (keep_freed_memory, micro_batch_size, reference_style, to_inference_layout,  # noqa: E402
+                                 use_sdpa)
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
 from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
 from btcv_unetr.model import build_model  # noqa: E402
@@ -129,8 +130,7 @@ def memory_bandwidth(device: torch.device, repeats: int, megabytes: int = 512) -
 def module_profile(config: Config, device: torch.device, repeats: int) -> list[dict]:
     """Seconds and FLOPs of each top-level block of one forward pass (where the time goes)."""
     torch.manual_seed(0)
-    layout = inference_layout(config, device)
-    model = build_model(config.model).to(device).eval().to(memory_format=layout)
+    model, layout = to_inference_layout(build_model(config.model).to(device).eval(), config.fast, device)
     use_sdpa(model, config.fast.sdpa)
     precision = Precision.for_device(device, config.train.amp)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device).contiguous(memory_format=layout)
@@ -156,11 +156,6 @@ def module_profile(config: Config, device: torch.device, repeats: int) -> list[d
             for name, times in seconds.items() if times]
 
 
-def inference_layout(config: Config, device: torch.device) -> torch.memory_format:
-    """The memory format the Predictor runs windows in."""
-    return torch.channels_last_3d if config.fast.channels_last and device.type == "cpu" else torch.contiguous_format
-
-
 def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
     """UNETR forward (inference mode, as the Predictor runs it) and forward+backward times for one crop."""
     torch.manual_seed(0)
@@ -168,8 +163,7 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
     use_sdpa(model, config.fast.sdpa)
     precision = Precision.for_device(device, config.train.amp)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
-    layout = inference_layout(config, device)
-    inference_model = copy.deepcopy(model).to(memory_format=layout)
+    inference_model, layout = to_inference_layout(copy.deepcopy(model), config.fast, device)
     x_inference = x.contiguous(memory_format=layout)
 
     def forward():

@@ -125,6 +125,10 @@ class TrainConfig:
     val_every: int = _opt(100, "validate every N epochs")
     smooth_nr: float = _opt(0.0, "Dice loss numerator smoothing")
     smooth_dr: float = _opt(1e-6, "Dice loss denominator smoothing")
+    class_weights: str = _opt("none", "Dice class weights: none (the reference) or inverse_sqrt_volume "
+                                      "(sqrt(median organ volume / organ volume) from the training labels, 1 to 5; "
+                                      "the cross entropy stays unweighted)",
+                              choices=("none", "inverse_sqrt_volume"))
     amp: bool = _opt(True, "mixed precision (fp16 on CUDA, bf16 on CPU)", negative_flag="--noamp")
     seed: int | None = _opt(None, "random seed for reproducible runs")
 

@@ -35,7 +35,7 @@ from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
-from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory
+from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, to_inference_layout
 from .files import atomic_save_nifti, atomic_write
 from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
 from .train import Precision
@@ -235,11 +235,11 @@ class Predictor:
             keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
         torchscript = config.infer.saved_checkpoint == "torchscript"
-        # oneDNN's convolutions keep channels-last outputs as they are instead of reordering each one.
-        self.memory_format = torch.channels_last_3d if config.fast.channels_last and self.device.type == "cpu" \
-            else torch.contiguous_format
+        self.memory_format = torch.contiguous_format
         if not torchscript:
-            self.model = apply_model_switches(self.model.to(memory_format=self.memory_format), config.fast)
+            # oneDNN's convolutions keep channels-last outputs as they are instead of reordering each one.
+            self.model, self.memory_format = to_inference_layout(self.model, config.fast, self.device)
+            self.model = apply_model_switches(self.model, config.fast)
         self.transform = infer_transforms(self.config)
         self.precision = Precision.for_device(self.device, self.config.train.amp and not torchscript)
         model = self.config.model
@@ -255,7 +255,10 @@ class Predictor:
 
     def _window(self, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
-            return self.model(window.contiguous(memory_format=self.memory_format)).float()
+            logits = self.model(window.contiguous(memory_format=self.memory_format))
+        # The blending buffers are float32 in the default layout: convert both in one pass, not in a
+        # strided accumulation per window.
+        return logits.to(torch.float32, memory_format=torch.contiguous_format)
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from torch import nn
@@ -37,6 +36,7 @@ from .errors import UserError
 from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, micro_batch_size
 from .files import atomic_write
 from .logs import RunLog
+from .loss import build_loss
 from .model import build_model, load_file, load_pretrained, load_torchscript_weights, load_weights
 from .optim import build_optimizer, build_scheduler
 from .transforms import train_transforms, val_transforms
@@ -243,10 +243,12 @@ def train_worker(context: Context, config: Config) -> None:
     net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
         if context.distributed else model
     net = apply_model_switches(net, config.fast)  # the checkpoints keep saving `model`: no wrapper prefixes
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True,
-                         smooth_nr=config.train.smooth_nr, smooth_dr=config.train.smooth_dr)
+    labels = [item["label"] for item in load_config_split(config.data, "training")]
+    loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
     log = RunLog(logdir, context.is_main, config.model.out_channels)
     if context.is_main:
+        if class_weights is not None:
+            print("Dice class weights: " + " ".join(f"{w:.2f}" for w in class_weights))
         amp = f"on ({str(precision.dtype).replace('torch.', '')})" if precision.enabled else "off"
         crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size)
         print(f"training on {context.device} x{context.world_size}, {sum(p.numel() for p in model.parameters()):,} "

@@ -61,6 +61,35 @@ def test_sdpa_gives_the_same_output(trained):
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_equals_instance_norm(affine):
+    torch.manual_seed(0)
+    plain = torch.nn.InstanceNorm3d(6, affine=affine)
+    if affine:
+        torch.nn.init.normal_(plain.weight)
+        torch.nn.init.normal_(plain.bias)
+    x = (torch.randn(3, 6, 9, 10, 11) * 4 + 7).contiguous(memory_format=torch.channels_last_3d)
+    fast = copy.deepcopy(plain)
+    assert fastpath.channels_last_norms(fast) == 1 and type(fast) is fastpath.ChannelsLastInstanceNorm3d
+    out = fast(x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)  # no reorder for the next convolution
+    torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert fastpath.channels_last_norms(fast, enabled=False) == 1 and type(fast) is torch.nn.InstanceNorm3d
+
+
+def test_inference_layout_swaps_the_norms_only_on_the_cpu_when_asked(trained):
+    model = copy.deepcopy(trained[0])
+    norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+    _, layout = fastpath.to_inference_layout(model, FastConfig(channels_last=False), CPU)
+    assert layout == torch.contiguous_format and not any(
+        isinstance(m, fastpath.ChannelsLastInstanceNorm3d) for m in model.modules())
+    _, layout = fastpath.to_inference_layout(model, FastConfig(), CPU)
+    assert layout == torch.channels_last_3d
+    assert sum(isinstance(m, fastpath.ChannelsLastInstanceNorm3d) for m in model.modules()) == norms > 0
+    assert model.out.conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_fast_windows_match_the_reference_path(trained, tmp_path):
     """bf16 autocast + SDPA + allocator switch vs float32 on one image: logits close, argmax agrees on > 99.9%."""
     _, _, folder = trained

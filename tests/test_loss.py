@@ -1,0 +1,72 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+
+from btcv_unetr.config import TrainConfig
+from btcv_unetr.loss import ClassWeightedDiceCELoss, build_loss, class_volumes, inverse_sqrt_volume_weights
+
+CPU = torch.device("cpu")
+
+
+def _label_file(path, counts: dict[int, int], zooms=(2.0, 2.0, 5.0)):
+    """A label volume holding ``counts[c]`` voxels of class ``c`` (the rest background)."""
+    flat = np.zeros(10 * 10 * 10, np.uint8)
+    start = 0
+    for label, count in counts.items():
+        flat[start:start + count] = label
+        start += count
+    image = nib.Nifti1Image(flat.reshape(10, 10, 10), np.diag([*zooms, 1.0]))
+    nib.save(image, path)
+    return str(path)
+
+
+def test_class_volumes_are_mean_millilitres_per_case(tmp_path):
+    a = _label_file(tmp_path / "a.nii.gz", {1: 100, 2: 10})
+    b = _label_file(tmp_path / "b.nii.gz", {1: 300}, zooms=(1.0, 1.0, 1.0))
+    volumes = class_volumes([a, b], num_classes=4)
+    # a: 20 uL voxels -> class 1 2.0 mL, class 2 0.2 mL; b: 1 uL voxels -> class 1 0.3 mL
+    np.testing.assert_allclose(volumes, [(890 * 0.02 + 700 * 0.001) / 2, (2.0 + 0.3) / 2, 0.1, 0.0])
+
+
+def test_inverse_sqrt_volume_weights():
+    volumes = np.array([5000.0, 100.0, 400.0, 25.0, 1.0, 0.0])
+    weights = inverse_sqrt_volume_weights(volumes)
+    # median organ volume (present organs): 62.5 mL
+    np.testing.assert_allclose(weights, [1.0, 1.0, 1.0, np.sqrt(62.5 / 25.0), 5.0, 5.0])
+
+
+def test_weighted_loss_with_unit_weights_is_monai_dice_ce():
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 5, 6, 6, 6), torch.randint(0, 5, (2, 1, 6, 6, 6)).float()
+    reference = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    weighted = ClassWeightedDiceCELoss(torch.ones(5), smooth_nr=0.0, smooth_dr=1e-6)
+    torch.testing.assert_close(weighted(logits, target), reference(logits, target))
+
+
+def test_weights_scale_the_dice_term_only(tmp_path):
+    torch.manual_seed(0)
+    logits, target = torch.randn(1, 3, 6, 6, 6), torch.randint(0, 3, (1, 1, 6, 6, 6)).float()
+    weights = torch.tensor([1.0, 2.0, 4.0])
+    loss = ClassWeightedDiceCELoss(weights, smooth_nr=0.0, smooth_dr=1e-6)(logits, target)
+    dice = DiceLoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6,
+                    reduction="none")(logits, target).flatten()
+    ce = torch.nn.functional.cross_entropy(logits, target[:, 0].long())
+    torch.testing.assert_close(loss, (dice * weights).mean() + ce)
+
+
+def test_build_loss_reads_the_labels_only_when_weighted(tmp_path):
+    loss, weights = build_loss(TrainConfig(), 14, [str(tmp_path / "missing.nii.gz")], CPU)
+    assert isinstance(loss, DiceCELoss) and weights is None
+    labels = [_label_file(tmp_path / "a.nii.gz", {1: 400, 2: 100, 3: 4})]
+    loss, weights = build_loss(TrainConfig(class_weights="inverse_sqrt_volume"), 4, labels, CPU)
+    assert isinstance(loss, ClassWeightedDiceCELoss)
+    np.testing.assert_allclose(weights, [1.0, 1.0, 1.0, 5.0])
+    torch.testing.assert_close(loss.dice.class_weight, torch.tensor([1.0, 1.0, 1.0, 5.0]))
+
+
+def test_unknown_weighting_is_refused_with_the_choices():
+    from btcv_unetr.config import ConfigError, build_config
+    with pytest.raises(ConfigError, match="'class_weights': 'inverse' is not one of none, inverse_sqrt_volume"):
+        build_config([{"train": {"class_weights": "inverse"}}])
