@@ -29,13 +29,14 @@ test: $(STAMP)
 
 # Phantoms (written once), a data check, training of configs/phantom_demo.yaml (run folder
 # runs/demo; the per-organ Dice of the held-out cases at the training's 3 mm is printed after each
-# validation), then the best model segments the held-out cases and their per-organ Dice is printed
-# in each scan's own geometry (masks and pictures in runs/demo/validation).
+# validation), then the best model segments the held-out cases, keeping each organ's largest
+# connected component, and their per-organ Dice is printed in each scan's own geometry (masks and
+# pictures in runs/demo/validation).
 demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(VENV)/bin/btcv-unetr check-data --data_dir $(DEMO_DIR)/data --json_list dataset.json
 	$(PY) main.py --config phantom_demo.yaml --data_dir $(DEMO_DIR)/data
 	$(PY) test.py --data_dir $(DEMO_DIR)/data --json_list dataset.json --pretrained_dir runs/demo \
-		--pretrained_model_name model.pt --output_dir runs/demo/validation --overwrite
+		--pretrained_model_name model.pt --output_dir runs/demo/validation --overwrite --largest_component
 
 # Reference-style path vs fast path (benchmarks/bench.py); BENCH_FLAGS=--quick for a short run.
 bench: $(STAMP)
