@@ -3,8 +3,9 @@
     keep_freed_memory   glibc keeps freed blocks in the process (no page faults on every big activation)
     use_sdpa            fused scaled-dot-product attention in the ViT blocks
     channels_last_norms instance norms that keep the channels-last layout (CPU inference)
-    apply_model_switches  the attention kernel and the optional ``torch.compile`` (off by default:
-                        14% faster forward on the 2-core CPU, after 40 s of compiling per process)
+    to_inference_layout the model in the layout windows run in, with those norms
+    apply_model_switches  the attention kernel and the optional ``torch.compile`` (off by default: on
+                        the 2-core CPU slower than eager with the channels-last norms, after 28 s of compiling)
     micro_batch_size    crops per forward/backward; the optimiser still steps once per batch
     auto_sw_batch_size  windows per forward pass from the device and its free memory
 
