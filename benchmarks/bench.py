@@ -40,6 +40,7 @@ from btcv_unetr.fastpath import (keep_freed_memory, micro_batch_size, reference_
                                  use_sdpa)
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
 from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
+from btcv_unetr.loss import build_loss  # noqa: E402
 from btcv_unetr.model import build_model  # noqa: E402
 from btcv_unetr.optim import build_optimizer  # noqa: E402
 from btcv_unetr.phantoms import generate_case, write_dataset  # noqa: E402
@@ -182,12 +183,11 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
 
 def step_function(config: Config, device: torch.device, seed: int) -> Callable[[torch.Tensor, torch.Tensor], float | None]:
     """A fresh model and optimiser (seeded) and a function taking one training step as ``main.py`` does."""
-    from monai.losses import DiceCELoss
     torch.manual_seed(seed)
     model = build_model(config.model).to(device).train()
     use_sdpa(model, config.fast.sdpa)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    loss_fn, _ = build_loss(config.train, config.model.out_channels, [], device)  # the benchmark's configs: unweighted
     precision = Precision.for_device(device, config.train.amp)
     context = Context(0, 1, 0, device)
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__, checks, evaluate, export, infer, phantoms, train
+from .config import FlagParser
 from .errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -43,7 +44,8 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="btcv-unetr", description="UNETR for BTCV abdominal CT segmentation")
+    # Sub-command parsers take the class of this one: every flag mistake is one line.
+    parser = FlagParser(prog="btcv-unetr", description="UNETR for BTCV abdominal CT segmentation")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():

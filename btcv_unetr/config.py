@@ -393,8 +393,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return build_config(layers + [flags])
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints its whole usage, 60+ lines here, first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
     """Parse a full command line into a :class:`Config` (used by tests and simple entry points)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = FlagParser(description=description)
     add_config_arguments(parser)
     return config_from_args(parser.parse_args(argv))

@@ -100,21 +100,16 @@ def channels_last_norms(model: nn.Module, enabled: bool = True) -> int:
     return len(norms)
 
 
-def inference_layout(fast: FastConfig, device: torch.device) -> torch.memory_format:
-    """The memory format windows run in: channels-last 3D on the CPU when ``fast.channels_last``."""
-    return torch.channels_last_3d if fast.channels_last and device.type == "cpu" else torch.contiguous_format
-
-
 def to_inference_layout(model: nn.Module, fast: FastConfig, device: torch.device) -> tuple[nn.Module, torch.memory_format]:
-    """``model`` (changed in place) in the layout of :func:`inference_layout`, with its instance norms
-    swapped for channels-last ones there; returns the model and the layout its inputs must have.
+    """``model`` (changed in place) in the memory format windows run in, and that format.
 
-    Inference only: on this CPU a channels-last backward pass was 1.7x slower than the default layout.
+    Channels-last 3D with :class:`ChannelsLastInstanceNorm3d` on the CPU when ``fast.channels_last``,
+    else the default layout. Inference only: on this CPU a channels-last backward pass was 1.7x slower.
     """
-    layout = inference_layout(fast, device)
-    if layout == torch.channels_last_3d:
-        channels_last_norms(model)
-    return model.to(memory_format=layout), layout
+    if not (fast.channels_last and device.type == "cpu"):
+        return model, torch.contiguous_format
+    channels_last_norms(model)
+    return model.to(memory_format=torch.channels_last_3d), torch.channels_last_3d
 
 
 def apply_model_switches(model: nn.Module, fast: FastConfig) -> nn.Module:
@@ -154,8 +149,9 @@ def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int
     """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
 
     CPU: 4 with AMX (its matrix units are fed better by 4 windows: 6% less time per UNETR-B
-    window under bf16 on a 2-core Xeon with the channels-last norms, 18% without), else 1 (on a 2-core Zen 5, 4 windows were 15-40% slower
-    per window). GPU: as many as fit in half the free memory, up to ``limit``.
+    window under bf16 on a 2-core Xeon with the channels-last norms, 18% without), else 1 (on a
+    2-core Zen 5, 4 windows were 15-40% slower per window). GPU: as many as fit in half the free
+    memory, up to ``limit``.
     """
     if requested > 0:
         return requested

@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, ornt_transform
 
+from .config import FlagParser
 from .files import atomic_save_nifti, atomic_write_json
 from .labels import label_map
 
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import run_command
-    parser = argparse.ArgumentParser(prog="python -m btcv_unetr.phantoms", description=__doc__.split("\n")[0])
+    parser = FlagParser(prog="python -m btcv_unetr.phantoms", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run_command(run, parser.parse_args(argv))
 

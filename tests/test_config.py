@@ -89,6 +89,18 @@ def test_bad_flag_type_exits_with_argparse_message(capsys):
     assert "--max_epochs: invalid int value: 'many'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["train", "--optim_name", "rmsprop"], ["infer", "--no_such_flag"],
+                                  ["train", "--class_weights", "inverse"]])
+def test_bad_flag_on_the_command_line_is_one_line(argv, capsys):
+    from btcv_unetr import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("btcv-unetr") and ": error: " in err
+    assert argv[-1] in err and "(--help lists the flags)" in err
+
+
 def test_round_trip_through_plain_dict_and_yaml(tmp_path):
     config = build_config([{"model": {"feature_size": 8}, "train": {"seed": 3, "max_steps": 10}}])
     assert config_from_dict(config.to_dict()) == config
