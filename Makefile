@@ -38,8 +38,10 @@ demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(PY) test.py --data_dir $(DEMO_DIR)/data --json_list dataset.json --pretrained_dir runs/demo \
 		--pretrained_model_name model.pt --output_dir runs/demo/validation --overwrite --largest_component
 
-# Reference-style path vs fast path (benchmarks/bench.py); BENCH_FLAGS=--quick for a short run.
+# The benchmark's own test, then the reference-style path vs the fast path on this machine
+# (benchmarks/bench.py); BENCH_FLAGS=--quick for a short run.
 bench: $(STAMP)
+	$(PY) -m pytest -m bench
 	$(PY) benchmarks/bench.py $(BENCH_FLAGS)
 
 $(DEMO_DIR)/data/dataset.json: | $(STAMP)

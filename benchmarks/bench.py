@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,15 +36,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from btcv_unetr.config import Config, build_config  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
-from btcv_unetr.fastpath import (keep_freed_memory, micro_batch_size, reference_style, to_inference_layout,  # noqa: E402
-                                 use_sdpa)
+from btcv_unetr.fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory,  # noqa: E402
+                                 memory_format_for, micro_batch_size, reference_style, to_memory_format, use_sdpa)
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
 from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
 from btcv_unetr.loss import build_loss  # noqa: E402
 from btcv_unetr.model import build_model  # noqa: E402
 from btcv_unetr.optim import build_optimizer  # noqa: E402
 from btcv_unetr.phantoms import generate_case, write_dataset  # noqa: E402
-from btcv_unetr.train import Precision, train_step, train_worker  # noqa: E402
+from btcv_unetr.precision import Precision, cpu_features, resolve_precision  # noqa: E402
+from btcv_unetr.train import train_step, train_worker  # noqa: E402
 from btcv_unetr.transforms import train_transforms  # noqa: E402
 
 UNETR_B = {"roi_x": 96, "roi_y": 96, "roi_z": 96, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072,
@@ -62,6 +63,12 @@ SETTINGS = {
     "quick": {"model": DEMO_MODEL, "spacing": (3.0, 3.0, 3.0), "crops": 2, "matmul": 2048, "repeats": 2,
               "phantom_size": 128, "data_cases": 2, "dice_steps": 60, "loss_steps": 20},
 }
+
+
+def run_precision(config: Config, device: torch.device) -> Precision:
+    """The precision ``main.py`` and ``test.py`` would take for ``config`` here (the probe runs once per process)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        return resolve_precision(config.train.precision, device, config.model)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
@@ -131,9 +138,10 @@ def memory_bandwidth(device: torch.device, repeats: int, megabytes: int = 512) -
 def module_profile(config: Config, device: torch.device, repeats: int) -> list[dict]:
     """Seconds and FLOPs of each top-level block of one forward pass (where the time goes)."""
     torch.manual_seed(0)
-    model, layout = to_inference_layout(build_model(config.model).to(device).eval(), config.fast, device)
+    precision = run_precision(config, device)
+    layout = memory_format_for(config.fast, device, precision.name, training=False)
+    model = to_memory_format(build_model(config.model).to(device).eval(), layout)
     use_sdpa(model, config.fast.sdpa)
-    precision = Precision.for_device(device, config.train.amp)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device).contiguous(memory_format=layout)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -160,12 +168,16 @@ def module_profile(config: Config, device: torch.device, repeats: int) -> list[d
 def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
     """UNETR forward (inference mode, as the Predictor runs it) and forward+backward times for one crop."""
     torch.manual_seed(0)
+    precision = run_precision(config, device)
     model = build_model(config.model).to(device)
     use_sdpa(model, config.fast.sdpa)
-    precision = Precision.for_device(device, config.train.amp)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
-    inference_model, layout = to_inference_layout(copy.deepcopy(model), config.fast, device)
-    x_inference = x.contiguous(memory_format=layout)
+    inference_layout = memory_format_for(config.fast, device, precision.name, training=False)
+    inference_model = to_memory_format(copy.deepcopy(model), inference_layout)
+    x_inference = x.contiguous(memory_format=inference_layout)
+    training_layout = memory_format_for(config.fast, device, precision.name, training=True)
+    model = to_memory_format(model, training_layout)
+    x = x.contiguous(memory_format=training_layout)
 
     def forward():
         with torch.inference_mode(), precision.autocast(device):
@@ -184,16 +196,18 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
 def step_function(config: Config, device: torch.device, seed: int) -> Callable[[torch.Tensor, torch.Tensor], float | None]:
     """A fresh model and optimiser (seeded) and a function taking one training step as ``main.py`` does."""
     torch.manual_seed(seed)
-    model = build_model(config.model).to(device).train()
+    precision = run_precision(config, device)
+    layout = memory_format_for(config.fast, device, precision.name, training=True)
+    model = to_memory_format(build_model(config.model).to(device).train(), layout)
     use_sdpa(model, config.fast.sdpa)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     loss_fn, _ = build_loss(config.train, config.model.out_channels, [], device)  # the benchmark's configs: unweighted
-    precision = Precision.for_device(device, config.train.amp)
     context = Context(0, 1, 0, device)
 
     def step(image: torch.Tensor, label: torch.Tensor) -> float | None:
-        micro = micro_batch_size(config.fast, device, image.shape[0])
-        return train_step(model, image, label, loss_fn, optimizer, precision, context, micro)
+        micro = micro_batch_size(config.fast, device, image.shape[0], precision.name)
+        return train_step(model, image.contiguous(memory_format=layout), label, loss_fn, optimizer, precision,
+                          context, micro)
     return step
 
 
@@ -204,7 +218,73 @@ def training_step(config: Config, device: torch.device, repeats: int) -> dict:
     image = torch.randn(crops, 1, *config.model.roi_size, device=device)
     label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
     seconds = median_seconds(lambda: step(image, label), repeats, device)
-    return {"step_s": seconds, "crops": crops, "micro_batch": micro_batch_size(config.fast, device, crops)}
+    micro = micro_batch_size(config.fast, device, crops, run_precision(config, device).name)
+    return {"step_s": seconds, "crops": crops, "micro_batch": micro}
+
+
+def window_seconds(config: Config, device: torch.device, repeats: int, windows: int = 1) -> float:
+    """Seconds per window of a forward pass over ``windows`` windows, as the Predictor runs it."""
+    torch.manual_seed(0)
+    precision = run_precision(config, device)
+    layout = memory_format_for(config.fast, device, precision.name, training=False)
+    model = apply_model_switches(to_memory_format(build_model(config.model).to(device).eval(), layout), config.fast)
+    x = torch.randn(windows, config.model.in_channels, *config.model.roi_size, device=device)
+    x = x.contiguous(memory_format=layout)
+
+    def forward():
+        with torch.inference_mode(), precision.autocast(device):
+            return model(x)
+    return median_seconds(forward, repeats, device) / windows
+
+
+def switch_ablation(config: Config, device: torch.device, repeats: int) -> list[dict]:
+    """Each fast-path switch against its alternative on this machine, everything else as chosen here.
+
+    One row per switch and stage: the chosen setting and its seconds (per window for inference, per
+    step for training), the alternative and its seconds. The allocator switch is process-wide and
+    is measured last.
+    """
+    fast, rows = config.fast, []
+    precision = run_precision(config, device)
+    crops = config.data.num_samples * config.train.batch_size
+
+    def variant(**changes) -> Config:
+        return dataclasses.replace(config, fast=dataclasses.replace(fast, **changes))
+
+    def add(switch: str, stage: str, chosen: str, chosen_s: float, alternative: str, alternative_s: float) -> None:
+        rows.append({"switch": switch, "stage": stage, "chosen": chosen, "chosen_s": chosen_s,
+                     "alternative": alternative, "alternative_s": alternative_s})
+        print(f"  {switch:16s} {stage:9s} {chosen:>4s} {chosen_s:7.3f} s   {alternative:>4s} {alternative_s:7.3f} s",
+              flush=True)
+
+    def forward(c: Config, windows: int = 1) -> float:
+        return window_seconds(c, device, repeats, windows)
+
+    def step(c: Config) -> float:
+        return training_step(c, device, repeats)["step_s"]
+
+    on_off = {True: "on", False: "off"}
+    windows = auto_sw_batch_size(config.infer.sw_batch_size, device, config.model.roi_size,
+                                 config.model.feature_size, precision.name)
+    base_forward, base_step = forward(config, windows), step(config)
+    for stage, measure, base, training in (("inference", lambda c: forward(c, windows), base_forward, False),
+                                           ("training", step, base_step, True)):
+        layout = memory_format_for(fast, device, precision.name, training) == torch.channels_last_3d
+        add("channels_last", stage, on_off[layout], base, on_off[not layout], measure(variant(channels_last=not layout)))
+        add("sdpa", stage, on_off[fast.sdpa], base, on_off[not fast.sdpa], measure(variant(sdpa=not fast.sdpa)))
+    for other in (1, 2, 4):
+        if other != windows:
+            add("sw_batch_size", "inference", str(windows), base_forward, str(other), forward(config, other))
+    micro = micro_batch_size(fast, device, crops, precision.name)
+    other = crops if micro != crops else 1
+    add("micro_batch", "training", str(micro), base_step, str(other), step(variant(micro_batch=other)))
+    add("fused_optimizer", "training", "on", base_step, "off", step(variant(fused_optimizer=False)))
+    add("compile", "inference", "off", base_forward, "on", forward(variant(compile=True), windows))
+    keep_freed_memory(False)
+    add("malloc_tuning", "inference", "on", base_forward, "off", forward(config, windows))
+    add("malloc_tuning", "training", "on", base_step, "off", step(config))
+    keep_freed_memory(True)
+    return rows
 
 
 def data_throughput(config: Config) -> dict:
@@ -341,17 +421,16 @@ def run(args: argparse.Namespace) -> dict:
     x = torch.randn(1, 1, *fast.model.roi_size)
     forward_flops = count_flops(lambda: model(x))
     forward_backward_flops = count_flops(lambda: model(x).square().mean().backward())
-    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    # The peak of the precision the fast path runs in (a bfloat16 matmul where it is not native would take minutes).
+    chosen = run_precision(fast, device)
     peak = {"fp32_flops": matmul_peak(device, torch.float32, settings["matmul"], repeats),
-            "low_precision_flops": matmul_peak(device, low, settings["matmul"], repeats),
-            "low_precision_dtype": str(low).replace("torch.", ""),
-            "memory_bytes_per_s": memory_bandwidth(device, repeats)}
+            "memory_bytes_per_s": memory_bandwidth(device, repeats), "chosen_dtype": chosen.name}
+    peak["chosen_flops"] = peak["fp32_flops"] if chosen.name == "fp32" else \
+        matmul_peak(device, chosen.dtype, settings["matmul"], repeats)
     results["peak"] = peak
     results["flops"] = {"forward": forward_flops, "forward_backward": forward_backward_flops,
                         "train_step": forward_backward_flops * fast.data.num_samples}
-    results["machine"] = {"device": args.device, "cpu": platform.processor() or platform.machine(),
-                          "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    results["machine"] = machine_facts(device, chosen)
     results["settings"] = {"mode": "quick" if args.quick else "full", "repeats": repeats,
                            "model": settings["model"], "spacing_mm": settings["spacing"],
                            "scan_shape": list(generate_case(seed, index, settings["phantom_size"]).image.shape),
@@ -359,6 +438,35 @@ def run(args: argparse.Namespace) -> dict:
                            "dice_checkpoint": str(checkpoint) if args.dice_checkpoint else None}
     results["summary"] = summarise(results)
     return results
+
+
+def machine_facts(device: torch.device, precision: Precision) -> dict:
+    return {"device": device.type, **cpu_features().as_dict(), "precision": precision.as_dict(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def run_switches(args: argparse.Namespace) -> dict:
+    """The switch ablation alone, on the benchmark's model (``--quick``: the demo's)."""
+    settings = SETTINGS["quick" if args.quick else "full"]
+    device = torch.device(args.device)
+    config = build_config([{"model": settings["model"], "data": {"num_samples": settings["crops"]},
+                            "infer": {"device": args.device}}])
+    keep_freed_memory(True)
+    precision = run_precision(config, device)
+    print(f"{precision.describe()}; each switch against its alternative (median of {settings['repeats']})")
+    return {"machine": machine_facts(device, precision), "model": settings["model"],
+            "switches": switch_ablation(config, device, settings["repeats"])}
+
+
+def switch_table(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"machine: {m['gpu'] or m['model']}, {m['capability']} kernels, precision {m['precision']['name']}",
+             f"{'switch':16s} {'stage':9s} {'chosen':>14s} {'alternative':>14s} {'alternative/chosen':>19s}"]
+    for row in r["switches"]:
+        lines.append(f"{row['switch']:16s} {row['stage']:9s} {row['chosen']:>5s} {row['chosen_s']:7.3f} s "
+                     f"{row['alternative']:>5s} {row['alternative_s']:7.3f} s {row['alternative_s'] / row['chosen_s']:18.2f}x")
+    return "\n".join(lines)
 
 
 def summarise(r: dict) -> dict:
@@ -373,8 +481,8 @@ def summarise(r: dict) -> dict:
         "train_step_speedup": ref["train_step"]["step_s"] / fast["train_step"]["step_s"],
         "inference_speedup": ref["inference"]["end_to_end_s"] / fast["inference"]["end_to_end_s"],
         "windows_speedup": ref["inference"]["windows_s"] / fast["inference"]["windows_s"],
-        "forward_fraction_of_peak": flops["forward"] / fast["model"]["forward_s"] / peak["low_precision_flops"],
-        "train_step_fraction_of_peak": flops["train_step"] / fast["train_step"]["step_s"] / peak["low_precision_flops"],
+        "forward_fraction_of_peak": flops["forward"] / fast["model"]["forward_s"] / peak["chosen_flops"],
+        "train_step_fraction_of_peak": flops["train_step"] / fast["train_step"]["step_s"] / peak["chosen_flops"],
         "reference_forward_fraction_of_fp32_peak": flops["forward"] / ref["model"]["forward_s"] / peak["fp32_flops"],
         "dice_difference": abs(ref["dice"] - fast["dice"]),
         "loss_gap_fast_vs_reference": tail_gap(fast["loss_curve"], ref["loss_curve"]),
@@ -401,12 +509,15 @@ def table(r: dict) -> str:
     lines = [f"{'':40s} {'reference':>10s} {'fast':>10s} {'ratio':>7s}"]
     for name, a, b, ratio in rows:
         lines.append(f"{name:40s} {a:10.3f} {b:10.3f} {'' if ratio is None else f'{ratio:6.2f}x':>7s}")
-    p = r["peak"]
+    p, m = r["peak"], r["machine"]
     lines += [
-        f"matmul peak: fp32 {p['fp32_flops'] / 1e9:.0f} GFLOP/s, {p['low_precision_dtype']} "
-        f"{p['low_precision_flops'] / 1e9:.0f} GFLOP/s",
+        f"machine: {m['gpu'] or m['model']}, {m['threads']} threads, torch {m['torch']} ({m['capability']} kernels, "
+        f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}, amx_bf16 {'yes' if m['amx_bf16'] else 'no'})",
+        f"fast path precision {m['precision']['name']}: {m['precision']['reason']}",
+        f"matmul peak: fp32 {p['fp32_flops'] / 1e9:.0f} GFLOP/s"
+        + (f", {p['chosen_dtype']} {p['chosen_flops'] / 1e9:.0f} GFLOP/s" if p["chosen_dtype"] != "fp32" else ""),
         f"fast forward {s['forward_fraction_of_peak']:.0%} and training step {s['train_step_fraction_of_peak']:.0%} "
-        f"of the {p['low_precision_dtype']} peak ({r['flops']['forward'] / 1e9:.0f} GFLOP per forward)",
+        f"of the {p['chosen_dtype']} peak ({r['flops']['forward'] / 1e9:.0f} GFLOP per forward)",
         f"Dice difference {s['dice_difference']:.4f}; loss gap fast vs reference {s['loss_gap_fast_vs_reference']:.4f} "
         f"(seed to seed {s['loss_gap_seed_to_seed']:.4f})",
         f"data: {r['data']['cases_per_s']:.1f} cases/s through the random transforms "
@@ -425,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke run of a few minutes")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default runs/bench_<device>[_quick].json)")
     parser.add_argument("--silent", action="store_true", help="print only the table")
+    parser.add_argument("--switches", action="store_true",
+                        help="only measure each fast-path switch against its alternative on this machine")
     parser.add_argument("--dice_checkpoint", type=Path, default=None,
                         help="trained checkpoint for the Dice check (e.g. runs/demo/model.pt) instead of a tiny model "
                              "trained here; needs --dice_data")
@@ -442,12 +555,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} not found", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    results = run(args)
+    results = run_switches(args) if args.switches else run(args)
     results["duration_s"] = time.perf_counter() - started
-    out = args.out or Path("runs") / f"bench_{args.device}{'_quick' if args.quick else ''}.json"
+    name = f"bench_{'switches_' if args.switches else ''}{args.device}{'_quick' if args.quick else ''}.json"
+    out = args.out or Path("runs") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
-    print(table(results))
+    print(switch_table(results) if args.switches else table(results))
     print(f"{results['duration_s']:.0f} s in all; results in {out}")
     return 0
 

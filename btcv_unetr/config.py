@@ -26,6 +26,7 @@ import yaml
 
 from .errors import UserError
 from .files import atomic_write_text
+from .precision import PRECISIONS
 
 
 class ConfigError(UserError):
@@ -33,10 +34,10 @@ class ConfigError(UserError):
 
 
 def _opt(default: Any, help: str, *, choices: tuple | None = None, flags: tuple[str, ...] = (),
-         negative_flag: str | None = None) -> Any:
-    """A config field with its help text; ``flags`` replace the default ``--<name>`` flag."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags,
-                                            "negative_flag": negative_flag})
+         aliases: tuple[tuple[str, Any], ...] = ()) -> Any:
+    """A config field with its help text; ``flags`` replace the default ``--<name>`` flag, and each
+    ``(flag, value)`` of ``aliases`` is a flag without argument that sets the field to ``value``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags, "aliases": aliases})
 
 
 @dataclass
@@ -129,7 +130,13 @@ class TrainConfig:
                                       "(sqrt(median organ volume / organ volume) from the training labels, 1 to 5; "
                                       "the cross entropy stays unweighted)",
                               choices=("none", "inverse_sqrt_volume"))
-    amp: bool = _opt(True, "mixed precision (fp16 on CUDA, bf16 on CPU)", negative_flag="--noamp")
+    precision: str = _opt("auto", "autocast precision; auto: bf16 on CPUs that compute it natively (AVX512-BF16, "
+                                  "AMX, ARM BF16) when a short probe finds it faster, else fp32; on GPUs bf16 from "
+                                  "compute capability 8.0, else fp16 with a gradient scaler",
+                          choices=PRECISIONS, aliases=(("--noamp", "fp32"),))
+    time_budget_min: float | None = _opt(None, "wall-clock minutes for the epoch loop: the step time of the first "
+                                               "epoch fixes max_epochs so the learning-rate schedule spans the "
+                                               "budget (kept on resume)")
     seed: int | None = _opt(None, "random seed for reproducible runs")
 
 
@@ -169,14 +176,14 @@ class InferConfig:
     fast_invert: bool = _opt(True, "map the class probabilities back onto the scan's grid in one separable "
                                    "trilinear pass over the covered box (same masks as --no-fast_invert, which "
                                    "undoes each preprocessing step per channel with MONAI's inverse transforms)")
-    hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", negative_flag="--no_hd95")
+    hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
 
 
 @dataclass
 class FastConfig:
-    """Fast path (benchmarks/bench.py); every switch is on by default and can be turned off."""
+    """Fast path (benchmarks/bench.py); each switch is on, or chosen per machine, and can be turned off."""
 
     malloc_tuning: bool = _opt(True, "CPU: keep freed memory in the process (glibc) so big activations are not "
                                      "page-faulted in again at every layer (about 30% faster CPU passes)")
@@ -185,8 +192,9 @@ class FastConfig:
                                "steps once per batch. 0 = auto: 1 on CPU (faster per crop), whole batch on GPU")
     fused_optimizer: bool = _opt(True, "fused Adam/AdamW step (one kernel over all parameters)")
     compile: bool = _opt(False, "torch.compile the model (compiling takes tens of seconds per process)")
-    channels_last: bool = _opt(True, "CPU inference: channels-last 3D memory format for the model and windows, "
-                                     "instance norms by the group-norm kernel (25-30% less time per window)")
+    channels_last: bool | None = _opt(None, "CPU: channels-last 3D memory format, instance norms by the group-norm "
+                                            "kernel; unset = per CPU class: inference always, training only in "
+                                            "fp32 (slower under bf16)")
     crop_before_resampling: bool = _opt(True, "crop to the body at the scan's resolution, then resample only "
                                               "the box (the reference resamples the whole scan first)")
 
@@ -209,8 +217,10 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save(self, path: str | Path) -> None:
-        atomic_write_text(path, self.to_yaml())
+    def save(self, path: str | Path, comment: str = "") -> None:
+        """Write the YAML (loadable with ``--config``), ``comment`` first as ``#`` lines."""
+        header = "".join(f"# {line}\n" for line in comment.splitlines())
+        atomic_write_text(path, header + self.to_yaml())
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -258,6 +268,27 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     return value
 
 
+# Keys renamed since they were first written to config files and checkpoints: (section, old key) ->
+# (new key, old value -> new value). Files that use the old key keep loading.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("train", "amp"): ("precision", lambda amp: "auto" if amp else "fp32"),
+}
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (nested sections) with renamed keys under their new names; a new key given too wins."""
+    migrated = {}
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            values = dict(values)
+            for (renamed_section, old), (new, convert) in RENAMED_KEYS.items():
+                if renamed_section == section and old in values:
+                    value = values.pop(old)
+                    values.setdefault(new, convert(value))
+        migrated[section] = values
+    return migrated
+
+
 def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
@@ -272,6 +303,7 @@ def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}): fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    raw = migrate(raw)
     for section, values in raw.items():
         if section not in SECTIONS:
             hint = f" (did you mean {FIELD_SECTION[section]}.{section}?)" if section in FIELD_SECTION else ""
@@ -305,6 +337,7 @@ def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
 
 def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint); unknown keys are errors."""
+    data = migrate(data)
     for section, values in data.items():
         if section not in SECTIONS or not isinstance(values, dict):
             raise ConfigError(f"unknown config section '{section}'")
@@ -352,6 +385,8 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'workers' and 'warmup_epochs' must be >= 0")
     if not (math.isfinite(t.optim_lr) and t.optim_lr > 0):
         raise ConfigError(f"config key 'optim_lr': {t.optim_lr} must be a positive number")
+    if t.time_budget_min is not None and not (math.isfinite(t.time_budget_min) and t.time_budget_min > 0):
+        raise ConfigError(f"config key 'time_budget_min': {t.time_budget_min} must be a positive number of minutes")
     if d.use_normal_dataset and d.cache_dir:
         raise ConfigError("config keys 'use_normal_dataset' and 'cache_dir' exclude each other: choose one")
 
@@ -378,9 +413,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             else:
                 group.add_argument(*flags, dest=f.name, type=base, choices=f.metadata["choices"],
                                    default=argparse.SUPPRESS, help=help_text)
-            if f.metadata["negative_flag"]:
-                group.add_argument(f.metadata["negative_flag"], dest=f.name, action="store_false",
-                                   default=argparse.SUPPRESS, help=f"turn {f.name} off (reference flag)")
+            for alias, value in f.metadata["aliases"]:
+                group.add_argument(alias, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
+                                   help=f"sets {f.name} to {value} (reference flag)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

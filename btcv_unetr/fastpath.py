@@ -2,8 +2,9 @@
 
     keep_freed_memory   glibc keeps freed blocks in the process (no page faults on every big activation)
     use_sdpa            fused scaled-dot-product attention in the ViT blocks
-    channels_last_norms instance norms that keep the channels-last layout (CPU inference)
-    to_inference_layout the model in the layout windows run in, with those norms
+    channels_last_norms instance norms that keep the channels-last layout
+    memory_format_for   channels-last or not, per CPU class, precision and stage
+    to_memory_format    the model in that layout, with those norms
     apply_model_switches  the attention kernel and the optional ``torch.compile`` (off by default: on
                         the 2-core CPU slower than eager with the channels-last norms, after 28 s of compiling)
     micro_batch_size    crops per forward/backward; the optimiser still steps once per batch
@@ -24,6 +25,7 @@ from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
 from .config import Config, FastConfig
+from .precision import cpu_features
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -100,16 +102,27 @@ def channels_last_norms(model: nn.Module, enabled: bool = True) -> int:
     return len(norms)
 
 
-def to_inference_layout(model: nn.Module, fast: FastConfig, device: torch.device) -> tuple[nn.Module, torch.memory_format]:
-    """``model`` (changed in place) in the memory format windows run in, and that format.
+def memory_format_for(fast: FastConfig, device: torch.device, precision: str, training: bool) -> torch.memory_format:
+    """The memory format a model runs in: ``fast.channels_last`` when set, else chosen per CPU class.
 
-    Channels-last 3D with :class:`ChannelsLastInstanceNorm3d` on the CPU when ``fast.channels_last``,
-    else the default layout. Inference only: on this CPU a channels-last backward pass was 1.7x slower.
+    Automatic: channels-last 3D on the CPU for inference (oneDNN keeps channels-last outputs as they
+    are instead of reordering each one), and for training only in float32: there the 1x1x1 and
+    decoder convolutions' backward passes are faster channels-last, while under bfloat16 autocast
+    the channels-last backward was 1.6x slower (README, fast-path measurements per CPU class).
+    Never on GPUs (not measured there).
     """
-    if not (fast.channels_last and device.type == "cpu"):
-        return model, torch.contiguous_format
+    if device.type != "cpu":
+        return torch.contiguous_format
+    wanted = fast.channels_last if fast.channels_last is not None else (not training or precision == "fp32")
+    return torch.channels_last_3d if wanted else torch.contiguous_format
+
+
+def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """``model`` (changed in place) in ``memory_format``, with :class:`ChannelsLastInstanceNorm3d` when channels-last."""
+    if memory_format != torch.channels_last_3d:
+        return model
     channels_last_norms(model)
-    return model.to(memory_format=torch.channels_last_3d), torch.channels_last_3d
+    return model.to(memory_format=memory_format)
 
 
 def apply_model_switches(model: nn.Module, fast: FastConfig) -> nn.Module:
@@ -118,15 +131,19 @@ def apply_model_switches(model: nn.Module, fast: FastConfig) -> nn.Module:
     return torch.compile(model) if fast.compile else model
 
 
-def micro_batch_size(fast: FastConfig, device: torch.device, crops: int) -> int:
+def micro_batch_size(fast: FastConfig, device: torch.device, crops: int, precision: str) -> int:
     """Crops per forward/backward pass for a batch of ``crops`` crops.
 
-    ``fast.micro_batch`` 0 means automatic: one crop at a time on the CPU (measured faster per crop
-    than a batch of 4 with oneDNN), the whole batch on a GPU.
+    ``fast.micro_batch`` 0 means automatic. On the CPU, per precision: bfloat16 one crop at a time
+    (faster per crop than a batch of 4 on a Zen 5), float32 two (7% faster per step than one for
+    UNETR-B in the channels-last layout where bfloat16 is not native; four were no faster and
+    need twice the memory). On a GPU the whole batch.
     """
     if fast.micro_batch > 0:
         return min(fast.micro_batch, crops)
-    return 1 if device.type == "cpu" else crops
+    if device.type != "cpu":
+        return crops
+    return min(2 if precision == "fp32" else 1, crops)
 
 
 # A rough upper bound of the GPU memory one window needs at inference: the decoder keeps a few
@@ -135,28 +152,21 @@ def micro_batch_size(fast: FastConfig, device: torch.device, crops: int) -> int:
 _BYTES_PER_WINDOW_VOXEL_FEATURE = 64
 
 
-def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tile units for bfloat16 (Intel Xeon since Sapphire Rapids); Linux only."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in cpuinfo)
-    except OSError:
-        return False
-
-
 def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
-                       limit: int = 8) -> int:
-    """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
+                       precision: str, limit: int = 8) -> int:
+    """Windows per forward pass: ``requested`` if > 0, else chosen for the device and precision.
 
-    CPU: 4 with AMX (its matrix units are fed better by 4 windows: 6% less time per UNETR-B
-    window under bf16 on a 2-core Xeon with the channels-last norms, 18% without), else 1 (on a
-    2-core Zen 5, 4 windows were 15-40% slower per window). GPU: as many as fit in half the free
-    memory, up to ``limit``.
+    CPU, per class: bfloat16 with AMX 4 (its matrix units are fed better by 4 windows: 6% less time
+    per UNETR-B window on a 2-core Xeon), bfloat16 without AMX 1 (on a 2-core Zen 5, 4 windows were
+    15-40% slower per window), float32 2 (SWITCH_FP32). GPU: as many as fit in half the free memory,
+    up to ``limit``.
     """
     if requested > 0:
         return requested
     if device.type != "cuda":
-        return 4 if cpu_has_amx() else 1
+        if precision == "fp32":
+            return 2
+        return 4 if cpu_features().amx_bf16 else 1
     free, _ = torch.cuda.mem_get_info(device)
     per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
     return max(1, min(limit, int(0.5 * free // per_window)))
@@ -171,5 +181,5 @@ def reference_style(config: Config) -> Config:
     """
     fast = FastConfig(malloc_tuning=False, sdpa=False, micro_batch=config.data.num_samples * config.train.batch_size,
                       fused_optimizer=False, compile=False, channels_last=False, crop_before_resampling=False)
-    return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, amp=False),
+    return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, precision="fp32"),
                                infer=dataclasses.replace(config.infer, sw_batch_size=1, fast_invert=False))

@@ -35,10 +35,10 @@ from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
-from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, to_inference_layout
+from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for, to_memory_format
 from .files import atomic_save_nifti, atomic_write
 from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
-from .train import Precision
+from .precision import Precision, resolve_precision, runs_natively
 from .transforms import infer_transforms
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -117,7 +117,8 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     """The model (and the config it implies): TorchScript, our checkpoint, or a bare state dict.
 
     A training checkpoint carries its config: its architecture and preprocessing are used, so
-    ``test.py`` on a run folder needs no repeat of the training flags.
+    ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
+    ``--precision`` is left at auto and that precision is fast on ``device``.
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     if config.infer.saved_checkpoint == "torchscript":
@@ -126,7 +127,10 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     if isinstance(content, dict) and isinstance(content.get("config"), dict):
         trained = config_from_dict(content["config"])
         preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
-        config = dataclasses.replace(config, model=trained.model,
+        train = config.train
+        if train.precision == "auto" and runs_natively(trained.train.precision, device):
+            train = dataclasses.replace(train, precision=trained.train.precision)
+        config = dataclasses.replace(config, model=trained.model, train=train,
                                      data=dataclasses.replace(config.data, **preprocessing))
         print(f"using the architecture and preprocessing stored in {path}")
     model = build_model(config.model)
@@ -235,16 +239,22 @@ class Predictor:
             keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
         torchscript = config.infer.saved_checkpoint == "torchscript"
+        if torchscript:
+            self.precision = Precision("fp32", "TorchScript models run as saved, without autocast")
+        else:
+            requested = self.config.train.precision
+            stored = requested != config.train.precision
+            self.precision = resolve_precision(requested, self.device, self.config.model,
+                                               "the training run's setting, from its checkpoint" if stored else "")
+        print(self.precision.describe())
         self.memory_format = torch.contiguous_format
         if not torchscript:
-            # oneDNN's convolutions keep channels-last outputs as they are instead of reordering each one.
-            self.model, self.memory_format = to_inference_layout(self.model, config.fast, self.device)
-            self.model = apply_model_switches(self.model, config.fast)
+            self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
+            self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast)
         self.transform = infer_transforms(self.config)
-        self.precision = Precision.for_device(self.device, self.config.train.amp and not torchscript)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
-                                                model.feature_size)
+                                                model.feature_size, self.precision.name)
 
     def _stitch_device(self, image: torch.Tensor) -> torch.device:
         """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""

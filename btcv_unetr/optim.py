@@ -49,5 +49,7 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
     return {"warmup_cosine": warmup_cosine, "cosine_anneal": cosine, "none": lambda epoch: 1.0}[config.lrschedule]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    epochs_done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of ``config``, positioned after ``epochs_done`` epochs (for a schedule re-planned mid-run)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config), last_epoch=epochs_done - 1)

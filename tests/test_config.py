@@ -42,7 +42,7 @@ def test_flags_use_reference_names_and_override_the_file(tmp_path):
     assert config.train.optim_lr == 1e-3            # YAML 1.1 reads 1e-3 as a string; accepted as a float
     assert config.data.RandFlipd_prob == 0.5
     assert config.dist.dist_url == "tcp://10.0.0.1:1234"
-    assert config.train.amp is False
+    assert config.train.precision == "fp32"
     assert config.model.roi_size == (64, 96, 96)
 
 

@@ -16,6 +16,7 @@ from btcv_unetr import train
 from btcv_unetr.distributed import Context, gather_objects, launch
 from btcv_unetr.errors import UserError
 from btcv_unetr.model import build_model
+from btcv_unetr.precision import Precision
 from btcv_unetr.optim import build_optimizer
 
 from conftest import tiny_config
@@ -35,7 +36,7 @@ def _worker(context: Context, config, out: str) -> None:
     torch.manual_seed(0)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.train)
-    precision = train.Precision.for_device(context.device, enabled=False)
+    precision = Precision("fp32", "test")
     ddp = DistributedDataParallel(model)
     train.train_one_epoch(ddp, [_batch(context.rank)], _loss(), optimizer, precision, context, 0, None, 0)
     vectors = gather_objects(parameters_to_vector(model.parameters()).detach(), context)
@@ -85,7 +86,7 @@ def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_d
     single = tiny_config(phantom_dir, data={"json_list": str(tmp_path / "three_val.json")})
     context = Context(0, 1, 0, torch.device("cpu"))
     _, val_loader, _ = train.build_loaders(single, context)
-    precision = train.Precision.for_device(context.device, enabled=False)
+    precision = Precision("fp32", "test")
     organ_dice, mean_dice = train.validate(model, val_loader, single, precision, context)
     assert len(val_loader.dataset) == 3 and result["val_cases"] == 2  # rank 0 held 2 of the 3
     assert math.isclose(mean_dice, result["mean_dice"], rel_tol=1e-6)

@@ -20,7 +20,8 @@ from btcv_unetr.infer import Predictor, class_map, probabilities_to_scan
 from btcv_unetr.model import build_model
 from btcv_unetr.optim import build_optimizer
 from btcv_unetr.phantoms import generate_case
-from btcv_unetr.train import Precision, train_step
+from btcv_unetr.precision import CpuFeatures, Precision
+from btcv_unetr.train import train_step
 from btcv_unetr.transforms import infer_transforms
 
 from conftest import tiny_config
@@ -78,20 +79,30 @@ def test_channels_last_instance_norm_equals_instance_norm(affine):
     assert fastpath.channels_last_norms(fast, enabled=False) == 1 and type(fast) is torch.nn.InstanceNorm3d
 
 
-def test_inference_layout_swaps_the_norms_only_on_the_cpu_when_asked(trained):
+@pytest.mark.parametrize("channels_last, device, precision, training, expected", [
+    (None, "cpu", "fp32", False, True), (None, "cpu", "bf16", False, True),  # inference: always on the CPU
+    (None, "cpu", "fp32", True, True), (None, "cpu", "bf16", True, False),   # training: only in float32
+    (None, "cuda", "fp32", False, False), (True, "cuda", "fp32", False, False),
+    (True, "cpu", "bf16", True, True), (False, "cpu", "fp32", False, False),
+])
+def test_memory_format_per_stage_and_precision(channels_last, device, precision, training, expected):
+    layout = fastpath.memory_format_for(FastConfig(channels_last=channels_last), torch.device(device), precision,
+                                        training)
+    assert layout == (torch.channels_last_3d if expected else torch.contiguous_format)
+
+
+def test_channels_last_layout_swaps_the_norms(trained):
     model = copy.deepcopy(trained[0])
     norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
-    _, layout = fastpath.to_inference_layout(model, FastConfig(channels_last=False), CPU)
-    assert layout == torch.contiguous_format and not any(
-        isinstance(m, fastpath.ChannelsLastInstanceNorm3d) for m in model.modules())
-    _, layout = fastpath.to_inference_layout(model, FastConfig(), CPU)
-    assert layout == torch.channels_last_3d
+    assert fastpath.to_memory_format(model, torch.contiguous_format) is model
+    assert not any(isinstance(m, fastpath.ChannelsLastInstanceNorm3d) for m in model.modules())
+    fastpath.to_memory_format(model, torch.channels_last_3d)
     assert sum(isinstance(m, fastpath.ChannelsLastInstanceNorm3d) for m in model.modules()) == norms > 0
     assert model.out.conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_fast_windows_match_the_reference_path(trained, tmp_path):
-    """bf16 autocast + SDPA + allocator switch vs float32 on one image: logits close, argmax agrees on > 99.9%."""
+    """This machine's precision + SDPA + allocator switch vs float32 on one image: logits close, argmax agrees on > 99.9%."""
     _, _, folder = trained
     scan = tmp_path / "scan.nii.gz"
     nib.save(generate_case(seed=5, index=2, size=48).image, scan)
@@ -147,7 +158,7 @@ def test_micro_batches_give_the_gradient_of_the_whole_batch(tiny):
     image = torch.rand(4, 1, 32, 32, 32)
     label = torch.randint(0, 14, (4, 1, 32, 32, 32)).float()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
-    precision = Precision.for_device(CPU, enabled=False)
+    precision = Precision("fp32", "test")
     context = Context(0, 1, 0, CPU)
     grads, losses = {}, {}
     for micro in (4, 1, 3):
@@ -234,19 +245,28 @@ def test_freed_memory_switch_applies_and_restores():
 
 def test_automatic_sizes():
     fast = FastConfig()
-    assert fastpath.micro_batch_size(fast, CPU, 4) == 1
-    assert fastpath.micro_batch_size(fast, torch.device("cuda"), 4) == 4
-    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=2), CPU, 4) == 2
-    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=8), CPU, 4) == 4
-    assert fastpath.auto_sw_batch_size(0, CPU, (96, 96, 96), 16) == (4 if fastpath.cpu_has_amx() else 1)
-    assert fastpath.auto_sw_batch_size(3, CPU, (96, 96, 96), 16) == 3
+    assert fastpath.micro_batch_size(fast, CPU, 4, "bf16") == 1
+    assert fastpath.micro_batch_size(fast, CPU, 4, "fp32") == 2
+    assert fastpath.micro_batch_size(fast, CPU, 1, "fp32") == 1
+    assert fastpath.micro_batch_size(fast, torch.device("cuda"), 4, "bf16") == 4
+    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=2), CPU, 4, "bf16") == 2
+    assert fastpath.micro_batch_size(dataclasses.replace(fast, micro_batch=8), CPU, 4, "fp32") == 4
+    assert fastpath.auto_sw_batch_size(3, CPU, (96, 96, 96), 16, "bf16") == 3
+
+
+@pytest.mark.parametrize("amx, precision, windows", [(True, "bf16", 4), (False, "bf16", 1), (True, "fp32", 2),
+                                                     (False, "fp32", 2)])
+def test_automatic_windows_per_cpu_class(monkeypatch, amx, precision, windows):
+    features = CpuFeatures("test CPU", "AVX512", avx512_bf16=True, amx_bf16=amx, arm_bf16=False)
+    monkeypatch.setattr(fastpath, "cpu_features", lambda: features)
+    assert fastpath.auto_sw_batch_size(0, CPU, (96, 96, 96), 16, precision) == windows
 
 
 def test_reference_style_turns_every_switch_off():
     config = fastpath.reference_style(parse_config([]))
     assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
                                      compile=False, channels_last=False, crop_before_resampling=False)
-    assert (config.train.amp, config.infer.sw_batch_size, config.infer.fast_invert) == (False, 1, False)
+    assert (config.train.precision, config.infer.sw_batch_size, config.infer.fast_invert) == ("fp32", 1, False)
 
 
 def test_flags_turn_each_switch_off():
@@ -266,6 +286,7 @@ def test_training_runs_with_every_switch_off(phantom_dir, tmp_path):
     assert (tmp_path / "run" / "model_final.pt").is_file()
 
 
+@pytest.mark.bench  # minutes of CPU: `make bench` runs it, `make test` does not
 def test_bench_quick_writes_valid_json(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--device", "cpu",

@@ -12,6 +12,7 @@ from btcv_unetr import cli, train
 from btcv_unetr.data import load_config_split
 from btcv_unetr.distributed import Context
 from btcv_unetr.model import build_model
+from btcv_unetr.precision import Precision
 from btcv_unetr.optim import build_optimizer
 from btcv_unetr.transforms import train_transforms
 
@@ -35,7 +36,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny):
     for group in optimizer.param_groups:
         group["lr"] = 1e-3
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
-    precision = train.Precision.for_device(torch.device("cpu"), enabled=True)
+    precision = Precision("fp32", "test")
     context = Context(0, 1, 0, torch.device("cpu"))
     losses = []
     for _ in range(8):
@@ -49,7 +50,7 @@ def test_non_finite_loss_is_reported_and_skipped(tiny, capsys):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = build_optimizer(model, tiny.train)
     batch = {"image": torch.full((1, 1, 32, 32, 32), float("nan")), "label": torch.zeros(1, 1, 32, 32, 32)}
-    precision = train.Precision.for_device(torch.device("cpu"), enabled=False)
+    precision = Precision("fp32", "test")
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     loss, step = train.train_one_epoch(model, [batch], loss_fn, optimizer, precision,
                                        Context(0, 1, 0, torch.device("cpu")), 4, None, 10)
@@ -96,7 +97,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.train)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
-    precision = train.Precision.for_device(torch.device("cpu"), True)
+    precision = Precision("fp32", "test")
     path = tmp_path / "model_final.pt"
     train.save_checkpoint(path, model, optimizer, scheduler, precision, 1, 3, 0.5, config)
     good = path.read_bytes()
@@ -111,13 +112,14 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model_final.pt"]
 
 
-def test_finetuning_from_torchscript_turns_amp_off(phantom_dir, tmp_path, capsys):
+def test_finetuning_from_torchscript_turns_autocast_off(phantom_dir, tmp_path, capsys):
     model = build_model(tiny_config().model).eval()
     torch.jit.trace(model, torch.zeros(1, 1, 32, 32, 32)).save(str(tmp_path / "UNETR_model_best_acc.pt"))
     _train(phantom_dir, tmp_path / "run", "--max_epochs", "1", "--resume_jit", "--pretrained_dir", str(tmp_path),
            "--pretrained_model_name", "UNETR_model_best_acc.pt")
     out = capsys.readouterr().out
-    assert "loaded pretrained weights from" in out and "AMP off" in out
+    assert "loaded pretrained weights from" in out
+    assert "precision fp32: finetuning from TorchScript weights (--resume_jit) runs without autocast" in out
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -133,3 +135,31 @@ def test_bad_input_gives_one_clear_line(phantom_dir, tmp_path, flags, message):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_plan_epochs_fits_the_budget():
+    # 1 epoch took 10 s and a validation 5 s (15 s so far); each further epoch costs 10 s + 5 s / 2.
+    assert train.plan_epochs(budget_s=100, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 7
+    assert train.plan_epochs(budget_s=10, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 2
+
+
+def test_time_budget_fixes_the_epochs_and_resume_keeps_them(phantom_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "plan_epochs", lambda *args: 3)
+    budget = ["--time_budget_min", "5", "--max_epochs", "50", "--val_every", "10"]
+    _train(phantom_dir, tmp_path / "straight", *budget)
+    out = capsys.readouterr().out
+    assert "time budget 5 min: epoch 1 took" in out and "so 3 epochs in all" in out
+    assert "validation epoch 1:" in out  # the plan counts one validation's time
+    straight = torch.load(tmp_path / "straight/model_final.pt", weights_only=True)
+    assert straight["epoch"] == 3 and straight["config"]["train"]["max_epochs"] == 3
+    assert straight["scheduler"]["last_epoch"] == 3
+
+    _train(phantom_dir, tmp_path / "part", *budget, "--max_steps", "6")  # 3 steps per epoch: stops after epoch 2
+    assert torch.load(tmp_path / "part/model_final.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(train, "plan_epochs", lambda *args: pytest.fail("a resumed run must not plan again"))
+    _train(phantom_dir, tmp_path / "part", *budget, "--checkpoint", str(tmp_path / "part/model_final.pt"))
+    assert "3 epochs, as its time budget fixed them" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "part/model_final.pt", weights_only=True)
+    assert resumed["epoch"] == 3 and resumed["scheduler"] == straight["scheduler"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key

@@ -1,0 +1,152 @@
+"""The precision rule per machine (capabilities mocked both ways), its reason, where it is stored and reused."""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+import yaml
+
+from btcv_unetr import cli, precision
+from btcv_unetr.config import parse_config
+from btcv_unetr.infer import Predictor
+from btcv_unetr.model import build_model
+from btcv_unetr.precision import CpuFeatures, Precision, resolve_precision
+
+from conftest import tiny_config
+
+CPU = torch.device("cpu")
+AVX2 = CpuFeatures("AMD EPYC (AVX2)", "AVX2", avx512_bf16=False, amx_bf16=False, arm_bf16=False)
+ZEN5 = CpuFeatures("AMD EPYC (Zen 5)", "AVX512", avx512_bf16=True, amx_bf16=False, arm_bf16=False)
+XEON_AMX = CpuFeatures("Intel Xeon (AMX)", "AVX512", avx512_bf16=True, amx_bf16=True, arm_bf16=False)
+# The flags are there, but torch runs its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, or a build without AVX-512).
+FLAGS_WITHOUT_KERNELS = dataclasses.replace(ZEN5, capability="AVX2")
+GRAVITON = CpuFeatures("Neoverse-V1", "SVE256", avx512_bf16=False, amx_bf16=False, arm_bf16=True)
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """``machine(features, probe_speedup)`` makes this process see that CPU; the probe is counted."""
+    calls = []
+
+    def set_machine(features: CpuFeatures, speedup: float = 3.0):
+        monkeypatch.setattr(precision, "cpu_features", lambda: features)
+
+        def probe(*shapes):
+            calls.append(shapes)
+            return speedup
+        monkeypatch.setattr(precision, "probe_bf16_speedup", probe)
+        return calls
+    return set_machine
+
+
+@pytest.mark.parametrize("features, speedup, name, reason", [
+    (AVX2, 3.0, "fp32", "this CPU has no bfloat16 instructions (AVX2)"),
+    (FLAGS_WITHOUT_KERNELS, 3.0, "fp32", "this CPU has no bfloat16 instructions (AVX2)"),
+    (ZEN5, 3.0, "bf16", "this CPU computes bfloat16 natively (AVX512-BF16; probe: 3.0x float32)"),
+    (XEON_AMX, 4.0, "bf16", "this CPU computes bfloat16 natively (AMX; probe: 4.0x float32)"),
+    (GRAVITON, 2.0, "bf16", "this CPU computes bfloat16 natively (ARM BF16; probe: 2.0x float32)"),
+    (ZEN5, 1.05, "fp32", "this CPU has AVX512-BF16, but bfloat16 was not faster on this model's layers "
+                         "(probe: 1.05x float32)"),
+])
+def test_auto_on_the_cpu(machine, features, speedup, name, reason):
+    calls = machine(features, speedup)
+    chosen = resolve_precision("auto", CPU, tiny_config().model)
+    assert (chosen.name, chosen.reason) == (name, reason)
+    assert chosen.describe() == f"precision {name}: {reason}"
+    # The probe runs only where bfloat16 is native, on the model's own layer shapes (8 features, 8 tokens).
+    assert calls == ([(8, 96, 192, 8)] if features.native_bf16 else [])
+
+
+@pytest.mark.parametrize("capability, name, scaled", [((9, 0), "bf16", False), ((8, 0), "bf16", False),
+                                                      ((7, 5), "fp16", True)])
+def test_auto_on_a_gpu(monkeypatch, capability, name, scaled):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    chosen = resolve_precision("auto", torch.device("cuda", 0), tiny_config().model)
+    assert chosen.name == name and chosen.device_type == "cuda"
+    assert ("gradient scaler" in chosen.reason) and (("no gradient scaler" in chosen.reason) != scaled)
+
+
+def test_only_float16_has_a_gradient_scaler():
+    assert not Precision("bf16", "test").scaler.is_enabled()
+    assert not Precision("fp32", "test").scaler.is_enabled()
+    assert Precision("fp16", "test").dtype == torch.float16 and not Precision("fp32", "test").enabled
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        Precision("auto", "test")
+
+
+def test_the_probe_times_the_models_layers():
+    speedup = precision.probe_bf16_speedup(8, 32, 64, 8)
+    assert speedup > 0
+
+
+def test_bf16_forced_on_an_avx2_cpu_warns_and_still_runs(machine, capsys):
+    machine(AVX2)
+    chosen = resolve_precision("bf16", CPU, tiny_config().model)
+    err = capsys.readouterr().err
+    assert chosen.name == "bf16" and chosen.reason == "asked for (--precision bf16)"
+    assert "warning: precision bf16 has no fast kernels on this CPU (AVX2)" in err and "--precision auto" in err
+    model = build_model(tiny_config(model={"feature_size": 4, "roi_x": 16, "roi_y": 16, "roi_z": 16}).model).eval()
+    with torch.inference_mode(), chosen.autocast(CPU):
+        out = model(torch.rand(1, 1, 16, 16, 16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+def test_flags_and_old_settings_map_to_a_precision():
+    assert parse_config([]).train.precision == "auto"
+    assert parse_config(["--noamp"]).train.precision == "fp32"
+    assert parse_config(["--precision", "bf16"]).train.precision == "bf16"
+    from btcv_unetr.config import config_from_dict
+    old = parse_config([]).to_dict()
+    old["train"].pop("precision")
+    for amp, name in ((False, "fp32"), (True, "auto")):
+        old["train"]["amp"] = amp  # the key before the precision setting existed
+        assert config_from_dict(old).train.precision == name
+
+
+def _train(phantom_dir, logdir, *flags):
+    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(logdir), "--max_epochs", "1", *flags]
+    assert cli.main(argv) == 0
+
+
+def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, phantom_dir, tmp_path, capsys):
+    machine(AVX2)
+    _train(phantom_dir, tmp_path / "auto")
+    line = "precision fp32: this CPU has no bfloat16 instructions (AVX2)"
+    assert capsys.readouterr().out.count(line) == 1
+    config_text = (tmp_path / "auto" / "config.yaml").read_text()
+    assert config_text.startswith(f"# {line} (resolved on this machine)\n")
+    assert yaml.safe_load(config_text)["train"]["precision"] == "auto"  # the setting as asked
+    state = torch.load(tmp_path / "auto" / "model_final.pt", weights_only=True)
+    assert state["precision"] == {"name": "fp32", "reason": "this CPU has no bfloat16 instructions (AVX2)"}
+
+    # A run trained at an explicit fp32 on a machine where auto would pick bf16: inference keeps fp32 ...
+    machine(ZEN5)
+    _train(phantom_dir, tmp_path / "fp32", "--precision", "fp32")
+    infer = {"pretrained_dir": str(tmp_path / "fp32"), "pretrained_model_name": "model_final.pt"}
+    predictor = Predictor(tiny_config(phantom_dir, train=infer))
+    assert (predictor.precision.name, predictor.precision.reason) == ("fp32", "the training run's setting, from its "
+                                                                              "checkpoint")
+    # ... unless the flag says otherwise; and a run trained at auto is resolved afresh on this machine.
+    assert Predictor(tiny_config(phantom_dir, train={**infer, "precision": "bf16"})).precision.name == "bf16"
+    infer["pretrained_dir"] = str(tmp_path / "auto")
+    assert Predictor(tiny_config(phantom_dir, train=infer)).precision.name == "bf16"
+
+
+def test_a_stored_precision_that_is_slow_here_falls_back_to_auto(machine, phantom_dir, tmp_path):
+    trained = tiny_config(phantom_dir, train={"precision": "bf16"})  # e.g. trained on a GPU or a Zen 5
+    torch.save({"state_dict": build_model(trained.model).state_dict(), "config": trained.to_dict()},
+               tmp_path / "model.pt")
+    machine(AVX2)  # the checkpoint moves to a laptop
+    predictor = Predictor(tiny_config(phantom_dir, train={"pretrained_dir": str(tmp_path),
+                                                          "pretrained_model_name": "model.pt"}))
+    assert predictor.precision.describe() == "precision fp32: this CPU has no bfloat16 instructions (AVX2)"
+
+
+def test_unknown_precision_is_one_line(tmp_path):
+    import subprocess
+    result = subprocess.run([sys.executable, "-m", "btcv_unetr", "train", "--precision", "fp8"],
+                            capture_output=True, encoding="utf-8", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --precision: invalid choice: 'fp8'" in result.stderr.strip().splitlines()[-1]
