@@ -3,6 +3,9 @@
     btcv-unetr export --checkpoint runs/demo/model.pt --format torchscript --out unetr.pt
 
 The model takes ``(B, in_channels, roi_x, roi_y, roi_z)`` windows, as sliding-window inference feeds it.
+Exported models are float32: a trace taken under bfloat16 autocast would keep its casts, and run
+10-300x slower on the CPUs that have no bfloat16 instructions. The runtime that loads the file
+chooses its own precision (``test.py --saved_checkpoint torchscript`` runs it as saved, in float32).
 """
 
 from __future__ import annotations
@@ -52,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
     model, config = load_inference_model(config, torch.device("cpu"))
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
     export(model, example, args.format, Path(args.out))
-    print(f"wrote {args.format} model to {args.out}")
+    print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")
     return 0
