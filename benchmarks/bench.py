@@ -362,7 +362,7 @@ def configs(settings: dict, device: str, data_dir: Path, weights: Path | None = 
 def run(args: argparse.Namespace) -> dict:
     settings = SETTINGS["quick" if args.quick else "full"]
     device = torch.device(args.device)
-    repeats = settings["repeats"]
+    repeats = args.repeats or settings["repeats"]
     work = Path(tempfile.mkdtemp(prefix="btcv_bench_"))
     log = print if not args.silent else (lambda *a, **k: None)
 
@@ -454,9 +454,10 @@ def run_switches(args: argparse.Namespace) -> dict:
                             "infer": {"device": args.device}}])
     keep_freed_memory(True)
     precision = run_precision(config, device)
-    print(f"{precision.describe()}; each switch against its alternative (median of {settings['repeats']})")
-    return {"machine": machine_facts(device, precision), "model": settings["model"],
-            "switches": switch_ablation(config, device, settings["repeats"])}
+    repeats = args.repeats or settings["repeats"]
+    print(f"{precision.describe()}; each switch against its alternative (median of {repeats})")
+    return {"machine": machine_facts(device, precision), "model": settings["model"], "repeats": repeats,
+            "switches": switch_ablation(config, device, repeats)}
 
 
 def switch_table(r: dict) -> str:
@@ -536,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller shapes: a smoke run of a few minutes")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default runs/bench_<device>[_quick].json)")
     parser.add_argument("--silent", action="store_true", help="print only the table")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per figure after the warm-up (default 3, --quick 2)")
     parser.add_argument("--switches", action="store_true",
                         help="only measure each fast-path switch against its alternative on this machine")
     parser.add_argument("--dice_checkpoint", type=Path, default=None,

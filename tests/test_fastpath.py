@@ -300,3 +300,20 @@ def test_bench_quick_writes_valid_json(tmp_path):
         assert len(data[name]["loss_curve"]) == data["settings"]["loss_steps"]
     assert data["peak"]["fp32_flops"] > 0 and data["flops"]["forward"] > 0
     assert "forward pass, s" in result.stdout
+
+
+@pytest.mark.bench  # minutes of CPU: `make bench` runs it, `make test` does not
+def test_bench_switches_measures_every_switch_both_ways(tmp_path):
+    out = tmp_path / "switches.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--switches", "--quick",
+                             "--repeats", "1", "--device", "cpu", "--out", str(out)],
+                            capture_output=True, encoding="utf-8", timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["machine"]["precision"]["name"] in ("fp32", "bf16") and data["machine"]["capability"]
+    measured = {(row["switch"], row["stage"]) for row in data["switches"]}
+    assert measured >= {("channels_last", "inference"), ("channels_last", "training"), ("sdpa", "inference"),
+                        ("micro_batch", "training"), ("sw_batch_size", "inference"), ("fused_optimizer", "training"),
+                        ("compile", "inference"), ("malloc_tuning", "inference"), ("malloc_tuning", "training")}
+    assert all(row["chosen_s"] > 0 and row["alternative_s"] > 0 and row["chosen"] != row["alternative"]
+               for row in data["switches"])
