@@ -110,14 +110,16 @@ def _median_seconds(fn, repeats: int = 3) -> float:
 def probe_bf16_speedup(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int) -> float:
     """float32 time / bfloat16 autocast time of two of the model's own layers on this CPU (> 1: bf16 faster).
 
-    The layers are the decoder's 3x3x3 convolution at ``feature_size`` channels on a 32^3 map and
-    the ViT's MLP projection over ``tokens`` tokens: convolutions are about three quarters of a
-    UNETR forward, the ViT most of the rest. About 0.1-0.3 s where bfloat16 is native; only called there.
+    The layers are the decoder's 3x3x3 convolution at ``feature_size`` channels on a 48^3 map (large
+    enough that float32 takes oneDNN's kernel too, as in the model, not PyTorch's small-input
+    fallback) and the ViT's MLP projection over ``tokens`` tokens: convolutions are about three
+    quarters of a UNETR forward, the ViT most of the rest. About 0.1-0.3 s where bfloat16 is
+    native; only called there.
     """
     torch.manual_seed(0)
     conv = nn.Conv3d(feature_size, feature_size, 3, padding=1)
     linear = nn.Linear(hidden_size, mlp_dim)
-    volume = torch.randn(1, feature_size, 32, 32, 32)
+    volume = torch.randn(1, feature_size, 48, 48, 48)
     sequence = torch.randn(tokens, hidden_size)
 
     def layers(dtype: torch.dtype | None):
