@@ -158,8 +158,8 @@ class InferConfig:
     """Sliding-window inference."""
 
     infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
-    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: on CPU 4 with AMX, else 1 (fastest "
-                                 "there); on GPU what fits in free memory (up to 8)")
+    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: on CPU 4 with AMX in bf16, else 2 "
+                                 "(fastest there); on GPU what fits in free memory (up to 8)")
     saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
                                  choices=("ckpt", "torchscript"))
     input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "

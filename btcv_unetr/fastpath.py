@@ -154,19 +154,17 @@ _BYTES_PER_WINDOW_VOXEL_FEATURE = 64
 
 def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
                        precision: str, limit: int = 8) -> int:
-    """Windows per forward pass: ``requested`` if > 0, else chosen for the device and precision.
+    """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
 
-    CPU, per class: bfloat16 with AMX 4 (its matrix units are fed better by 4 windows: 6% less time
-    per UNETR-B window on a 2-core Xeon), bfloat16 without AMX 1 (on a 2-core Zen 5, 4 windows were
-    15-40% slower per window), float32 2 (SWITCH_FP32). GPU: as many as fit in half the free memory,
-    up to ``limit``.
+    CPU: 4 with AMX (its matrix units are fed better by 4 windows: 6% less time per UNETR-B
+    window under bf16 on a 2-core Xeon), else 2 (per UNETR-B window, 15% less time than 1 under
+    bf16 on a Zen 4, and 4 no better; 40% less under fp32 on the AVX2 class for the demo's model,
+    4 no better). AMX counts only in bfloat16: its tiles compute no float32. GPU: as many as fit in half the free memory, up to ``limit``.
     """
     if requested > 0:
         return requested
     if device.type != "cuda":
-        if precision == "fp32":
-            return 2
-        return 4 if cpu_features().amx_bf16 else 1
+        return 4 if cpu_features().amx_bf16 and precision == "bf16" else 2
     free, _ = torch.cuda.mem_get_info(device)
     per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
     return max(1, min(limit, int(0.5 * free // per_window)))

@@ -254,7 +254,7 @@ def test_automatic_sizes():
     assert fastpath.auto_sw_batch_size(3, CPU, (96, 96, 96), 16, "bf16") == 3
 
 
-@pytest.mark.parametrize("amx, precision, windows", [(True, "bf16", 4), (False, "bf16", 1), (True, "fp32", 2),
+@pytest.mark.parametrize("amx, precision, windows", [(True, "bf16", 4), (False, "bf16", 2), (True, "fp32", 2),
                                                      (False, "fp32", 2)])
 def test_automatic_windows_per_cpu_class(monkeypatch, amx, precision, windows):
     features = CpuFeatures("test CPU", "AVX512", avx512_bf16=True, amx_bf16=amx, arm_bf16=False)
