@@ -37,7 +37,8 @@ from btcv_unetr.config import Config, build_config  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
 from btcv_unetr.fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory,  # noqa: E402
-                                 memory_format_for, micro_batch_size, reference_style, to_memory_format, use_sdpa)
+                                 memory_format_for, micro_batch_size, reference_style, sdpa_for, to_memory_format,
+                                 use_sdpa)
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
 from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
 from btcv_unetr.loss import build_loss  # noqa: E402
@@ -141,7 +142,7 @@ def module_profile(config: Config, device: torch.device, repeats: int) -> list[d
     precision = run_precision(config, device)
     layout = memory_format_for(config.fast, device, precision.name, training=False)
     model = to_memory_format(build_model(config.model).to(device).eval(), layout)
-    use_sdpa(model, config.fast.sdpa)
+    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device).contiguous(memory_format=layout)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -170,7 +171,7 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
     precision = run_precision(config, device)
     model = build_model(config.model).to(device)
-    use_sdpa(model, config.fast.sdpa)
+    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
     inference_layout = memory_format_for(config.fast, device, precision.name, training=False)
     inference_model = to_memory_format(copy.deepcopy(model), inference_layout)
@@ -199,7 +200,7 @@ def step_function(config: Config, device: torch.device, seed: int) -> Callable[[
     precision = run_precision(config, device)
     layout = memory_format_for(config.fast, device, precision.name, training=True)
     model = to_memory_format(build_model(config.model).to(device).train(), layout)
-    use_sdpa(model, config.fast.sdpa)
+    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     loss_fn, _ = build_loss(config.train, config.model.out_channels, [], device)  # the benchmark's configs: unweighted
     context = Context(0, 1, 0, device)
@@ -227,7 +228,8 @@ def window_seconds(config: Config, device: torch.device, repeats: int, windows: 
     torch.manual_seed(0)
     precision = run_precision(config, device)
     layout = memory_format_for(config.fast, device, precision.name, training=False)
-    model = apply_model_switches(to_memory_format(build_model(config.model).to(device).eval(), layout), config.fast)
+    model = apply_model_switches(to_memory_format(build_model(config.model).to(device).eval(), layout), config.fast,
+                                 device, precision.name)
     x = torch.randn(windows, config.model.in_channels, *config.model.roi_size, device=device)
     x = x.contiguous(memory_format=layout)
 
@@ -271,7 +273,8 @@ def switch_ablation(config: Config, device: torch.device, repeats: int) -> list[
                                            ("training", step, base_step, True)):
         layout = memory_format_for(fast, device, precision.name, training) == torch.channels_last_3d
         add("channels_last", stage, on_off[layout], base, on_off[not layout], measure(variant(channels_last=not layout)))
-        add("sdpa", stage, on_off[fast.sdpa], base, on_off[not fast.sdpa], measure(variant(sdpa=not fast.sdpa)))
+        sdpa = sdpa_for(fast, device, precision.name)
+        add("sdpa", stage, on_off[sdpa], base, on_off[not sdpa], measure(variant(sdpa=not sdpa)))
     for other in (1, 2, 4):
         if other != windows:
             add("sw_batch_size", "inference", str(windows), base_forward, str(other), forward(config, other))

@@ -187,7 +187,8 @@ class FastConfig:
 
     malloc_tuning: bool = _opt(True, "CPU: keep freed memory in the process (glibc) so big activations are not "
                                      "page-faulted in again at every layer (about 30% faster CPU passes)")
-    sdpa: bool = _opt(True, "fused scaled-dot-product attention in the ViT blocks (same result)")
+    sdpa: bool | None = _opt(None, "fused scaled-dot-product attention in the ViT blocks (same result); unset = "
+                                   "on, except in bf16 on the CPU (MONAI's own attention was faster there)")
     micro_batch: int = _opt(0, "crops per forward/backward; gradients are accumulated so the optimiser still "
                                "steps once per batch. 0 = auto: 1 on CPU (faster per crop), whole batch on GPU")
     fused_optimizer: bool = _opt(True, "fused Adam/AdamW step (one kernel over all parameters)")

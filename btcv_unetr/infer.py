@@ -35,7 +35,8 @@ from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
-from .fastpath import apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for, to_memory_format
+from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
+                       to_memory_format)
 from .files import atomic_save_nifti, atomic_write
 from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
 from .precision import Precision, resolve_precision, runs_natively
@@ -250,7 +251,8 @@ class Predictor:
         self.memory_format = torch.contiguous_format
         if not torchscript:
             self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
-            self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast)
+            self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
+                                              self.device, self.precision.name)
         self.transform = infer_transforms(self.config)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,

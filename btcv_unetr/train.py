@@ -289,7 +289,8 @@ def train_worker(context: Context, config: Config) -> None:
     train_loader, val_loader, sampler = build_loaders(config, context)
     net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
         if context.distributed else model
-    net = apply_model_switches(net, config.fast)  # the checkpoints keep saving `model`: no wrapper prefixes
+    # The checkpoints keep saving `model`: no wrapper prefixes.
+    net = apply_model_switches(net, config.fast, context.device, precision.name)
     labels = [item["label"] for item in load_config_split(config.data, "training")]
     loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
     log = RunLog(logdir, context.is_main, config.model.out_channels)

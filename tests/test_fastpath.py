@@ -91,6 +91,14 @@ def test_memory_format_per_stage_and_precision(channels_last, device, precision,
     assert layout == (torch.channels_last_3d if expected else torch.contiguous_format)
 
 
+@pytest.mark.parametrize("sdpa, device, precision, expected", [
+    (None, "cpu", "fp32", True), (None, "cpu", "bf16", False), (None, "cuda", "bf16", True),
+    (None, "cuda", "fp16", True), (True, "cpu", "bf16", True), (False, "cuda", "fp16", False),
+])
+def test_attention_kernel_per_class(sdpa, device, precision, expected):
+    assert fastpath.sdpa_for(FastConfig(sdpa=sdpa), torch.device(device), precision) is expected
+
+
 def test_channels_last_layout_swaps_the_norms(trained):
     model = copy.deepcopy(trained[0])
     norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
