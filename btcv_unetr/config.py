@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import math
 import typing
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,8 +233,9 @@ for _section, _cls in SECTIONS.items():
         assert _f.name not in FIELD_SECTION, f"config field {_f.name} defined twice"
         FIELD_SECTION[_f.name] = _section
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PACKAGE_ROOT / "configs"
+# Shipped inside the package (so a wheel or a Docker image has them); the checkout's top-level
+# configs/ and dataset_json/ are links to these folders.
+CONFIG_DIR = Path(str(resources.files(__package__) / "configs"))
 
 
 def _field_types(cls: type) -> dict[str, Any]:

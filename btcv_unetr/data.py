@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from .config import PACKAGE_ROOT, DataConfig
+from .config import DataConfig
 from .errors import UserError
 
-BUILTIN_DATALISTS = PACKAGE_ROOT / "dataset_json"
+BUILTIN_DATALISTS = Path(str(resources.files(__package__) / "dataset_json"))  # shipped in the package
 LABELLED_SPLITS = ("training", "validation")
 
 

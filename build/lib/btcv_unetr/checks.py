@@ -1,0 +1,157 @@
+"""``btcv-unetr check-data``: read every datalist entry and report all problems at once.
+
+Each problem is one line ``PATH: what is wrong``. Training runs these checks first and refuses to
+start on any problem, so a broken file is found in seconds, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .config import Config
+from .data import base_dir_for, read_datalist, resolve_datalist, split_entries
+from .errors import UserError
+
+SPLITS = ("training", "validation", "test")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+@dataclass
+class Volume:
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    data: np.ndarray
+
+
+def is_3d(shape: tuple[int, ...]) -> bool:
+    """A 3D volume, possibly with trailing singleton axes (X, Y, Z, 1)."""
+    return len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:]))
+
+
+def read_volume(path: Path) -> Volume:
+    """Read a volume (NIfTI with nibabel; MHA, NRRD ... with SimpleITK) with its RAS affine."""
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
+        image = nib.load(str(path))
+        return Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(path))
+    data = sitk.GetArrayFromImage(image).T  # SimpleITK is (z, y, x)
+    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)
+    affine = np.eye(4)
+    if image.GetDimension() == 3:
+        lps = np.eye(4)
+        lps[:3, :3] = direction * np.array(image.GetSpacing())
+        lps[:3, 3] = image.GetOrigin()
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK's LPS world to NIfTI's RAS world
+    return Volume(tuple(data.shape), affine, data)
+
+
+def _volume_problems(path: Path) -> tuple[Volume | None, list[Problem]]:
+    if not path.exists():
+        return None, [Problem(str(path), "file not found")]
+    try:
+        volume = read_volume(path)
+    except Exception as exc:  # nibabel and SimpleITK raise many types for corrupt files
+        return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {exc})")]
+    problems = []
+    if not is_3d(volume.shape):
+        problems.append(Problem(str(path), f"image is {len(volume.shape)}D with shape {volume.shape}, "
+                                           "expected a 3D volume"))
+    if np.issubdtype(volume.data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(volume.data)))
+        if bad:
+            problems.append(Problem(str(path), f"{bad} NaN or infinite voxels"))
+    return volume, problems
+
+
+def _label_problems(label_path: Path, label: Volume, image_path: Path, image: Volume | None,
+                    num_classes: int) -> list[Problem]:
+    problems = []
+    values = np.unique(label.data[np.isfinite(label.data)] if label.data.dtype.kind == "f" else label.data)
+    bad = [v for v in values.tolist() if v < 0 or v >= num_classes or v != int(v)]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        problems.append(Problem(str(label_path), f"label values {shown} outside 0..{num_classes - 1}"))
+    if image is not None:
+        if image.shape[:3] != label.shape[:3]:
+            problems.append(Problem(str(label_path), f"label shape {label.shape} differs from image shape "
+                                                     f"{image.shape} ({image_path})"))
+        elif not np.allclose(image.affine, label.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+            difference = float(np.abs(image.affine - label.affine).max())
+            problems.append(Problem(str(label_path), f"affine differs from the image's by up to {difference:.3g} mm "
+                                                     f"({image_path})"))
+    return problems
+
+
+def check_entry(entry: dict[str, str], num_classes: int) -> list[Problem]:
+    """Problems of one ``{"image", "label"?}`` entry (paths already absolute)."""
+    image_path = Path(entry["image"])
+    image, problems = _volume_problems(image_path)
+    if "label" in entry:
+        label_path = Path(entry["label"])
+        label, label_problems = _volume_problems(label_path)
+        problems += label_problems
+        if label is not None:
+            problems += _label_problems(label_path, label, image_path, image, num_classes)
+    return problems
+
+
+def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4) -> tuple[list[Problem], dict]:
+    """Check the datalist and every file it names.
+
+    Returns:
+        (problems, counts): every problem found, and the number of entries per split.
+    """
+    try:
+        datalist = resolve_datalist(data_dir, json_list)
+        content = read_datalist(datalist)
+    except UserError as exc:
+        return [Problem("", str(exc))], {}
+    base_dir = base_dir_for(data_dir, datalist)
+    entries = [(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)]
+    counts = {split: len(content.get(split, [])) for split in SPLITS}
+    problems = []
+    if counts["training"] == 0:
+        problems.append(Problem(str(datalist), "datalist has no 'training' entries"))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found in pool.map(lambda item: check_entry(item[1], num_classes), entries):
+            problems.extend(found)
+    return problems, counts
+
+
+def check_config_data(config: Config) -> tuple[list[Problem], dict]:
+    return check_data(config.data.data_dir, config.data.json_list, config.model.out_channels,
+                      workers=min(4, max(1, config.data.workers)))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_dir", required=True, help="dataset folder")
+    parser.add_argument("--json_list", default="dataset_0.json", help="datalist name in data_dir, or a path")
+    parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
+
+
+def run(args: argparse.Namespace) -> int:
+    problems, counts = check_data(args.data_dir, args.json_list, args.out_channels)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"check-data: {len(problems)} problem(s) found; fix them and run again")
+        return 1
+    print("check-data: OK, " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " entries")
+    return 0

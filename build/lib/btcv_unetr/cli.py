@@ -1,0 +1,64 @@
+"""``btcv-unetr`` command: one sub-command per job.
+
+    btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
+    btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
+    btcv-unetr train [--config FILE.yaml] [reference flags]      (also: python main.py ...)
+    btcv-unetr infer [--input PATH] [reference flags]            (also: python test.py ...)
+    btcv-unetr evaluate --pred DIR --label DIR
+    btcv-unetr export --checkpoint FILE --format torchscript|onnx --out FILE
+
+A mistake by the user (:class:`UserError`) is printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import __version__, checks, evaluate, export, infer, phantoms, train
+from .config import FlagParser
+from .errors import UserError
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
+    "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
+    "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
+    "infer": ("segment scans: NIfTI masks in each scan's geometry (reference flags)", infer.add_arguments, infer.run),
+    "evaluate": ("score predicted masks against labels (Dice, HD95, surface Dice)", evaluate.add_arguments,
+                 evaluate.run),
+    "export": ("write a trained model as TorchScript or ONNX", export.add_arguments, export.run),
+}
+
+
+def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a :class:`UserError` becomes one line on stderr and exit status 2."""
+    try:
+        return command(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Sub-command parsers take the class of this one: every flag mistake is one line.
+    parser = FlagParser(prog="btcv-unetr", description="UNETR for BTCV abdominal CT segmentation")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.run, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""One resolved configuration object: defaults, then a YAML file, then command-line flags.
+
+The defaults of every field are the values of the reference UNETR/BTCV recipe (MONAI
+research-contributions), and every field's command-line flag has the reference name
+(``--feature_size``, ``--RandFlipd_prob``, ``--dist-url`` ...), so reference commands keep working.
+The YAML file groups the same names into sections::
+
+    model: {feature_size: 16, roi_x: 96}
+    data:  {space_z: 2.0}
+
+Flow: ``parse_config(argv)`` -> :class:`Config` -> passed down to every stage. Nothing re-reads
+flags or files later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from importlib import resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .files import atomic_write_text
+from .precision import PRECISIONS
+
+
+class ConfigError(UserError):
+    """A configuration value or key is wrong; the message names the key."""
+
+
+def _opt(default: Any, help: str, *, choices: tuple | None = None, flags: tuple[str, ...] = (),
+         aliases: tuple[tuple[str, Any], ...] = ()) -> Any:
+    """A config field with its help text; ``flags`` replace the default ``--<name>`` flag, and each
+    ``(flag, value)`` of ``aliases`` is a flag without argument that sets the field to ``value``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flags": flags, "aliases": aliases})
+
+
+@dataclass
+class ModelConfig:
+    """UNETR architecture (MONAI ``monai.networks.nets.UNETR``)."""
+
+    model_name: str = _opt("unetr", "network architecture", choices=("unetr",))
+    in_channels: int = _opt(1, "input image channels")
+    out_channels: int = _opt(14, "output classes including background (BTCV: 13 organs + 1)")
+    roi_x: int = _opt(96, "ROI (crop and sliding window) size along x, voxels; a multiple of 16")
+    roi_y: int = _opt(96, "ROI size along y, voxels; a multiple of 16")
+    roi_z: int = _opt(96, "ROI size along z, voxels; a multiple of 16")
+    feature_size: int = _opt(16, "decoder feature size")
+    hidden_size: int = _opt(768, "ViT hidden size")
+    mlp_dim: int = _opt(3072, "ViT MLP size")
+    num_heads: int = _opt(12, "ViT attention heads")
+    pos_embed: str = _opt("perceptron", "patch embedding (MONAI proj_type)", choices=("perceptron", "conv"))
+    norm_name: str = _opt("instance", "decoder normalisation", choices=("instance", "batch"))
+    conv_block: bool = _opt(True, "convolutional blocks in the decoder skip paths")
+    res_block: bool = _opt(True, "residual blocks in the decoder")
+    dropout_rate: float = _opt(0.0, "dropout rate in the ViT")
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return (self.roi_x, self.roi_y, self.roi_z)
+
+
+@dataclass
+class DataConfig:
+    """Datalist, preprocessing, augmentation and dataset caching."""
+
+    data_dir: str = _opt("/dataset/dataset0/", "dataset folder; datalist paths resolve against it")
+    json_list: str = _opt("dataset_0.json", "datalist file name in data_dir, or a path to one")
+    a_min: float = _opt(-175.0, "intensity window lower bound, HU")
+    a_max: float = _opt(250.0, "intensity window upper bound, HU")
+    b_min: float = _opt(0.0, "scaled intensity at a_min")
+    b_max: float = _opt(1.0, "scaled intensity at a_max")
+    space_x: float = _opt(1.5, "target voxel spacing along x, mm")
+    space_y: float = _opt(1.5, "target voxel spacing along y, mm")
+    space_z: float = _opt(2.0, "target voxel spacing along z, mm")
+    axcodes: str = _opt("RAS", "target orientation")
+    num_samples: int = _opt(4, "random crops per volume")
+    crop_sampler: str = _opt("posneg", "crop centres: 'posneg' (reference: foreground vs background, pos:neg) or "
+                             "'classes' (each class equally often, so small organs are seen)",
+                             choices=("posneg", "classes"))
+    pos: float = _opt(1.0, "weight of crops centred on foreground (posneg)")
+    neg: float = _opt(1.0, "weight of crops centred on background (posneg)")
+    RandFlipd_prob: float = _opt(0.2, "probability of a flip, per axis")
+    RandRotate90d_prob: float = _opt(0.2, "probability of a 90-degree rotation")
+    rotate90_max_k: int = _opt(3, "maximum number of 90-degree turns")
+    RandScaleIntensityd_prob: float = _opt(0.1, "probability of intensity scaling")
+    scale_intensity_factor: float = _opt(0.1, "intensity scaling factor range (+-)")
+    RandShiftIntensityd_prob: float = _opt(0.1, "probability of intensity shift")
+    shift_intensity_offset: float = _opt(0.1, "intensity shift range (+-)")
+    use_normal_dataset: bool = _opt(False, "plain monai Dataset: no caching")
+    cache_rate: float = _opt(1.0, "fraction of training cases held in RAM (CacheDataset)")
+    cache_dir: str | None = _opt(None, "cache preprocessed cases on disk here (PersistentDataset)")
+    workers: int = _opt(8, "data loading worker processes")
+
+    @property
+    def pixdim(self) -> tuple[float, float, float]:
+        return (self.space_x, self.space_y, self.space_z)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, loss, logging and checkpoints."""
+
+    logdir: str = _opt("test", "run folder; a bare name goes under ./runs/ as in the reference")
+    checkpoint: str | None = _opt(None, "resume the whole training state from this checkpoint")
+    save_checkpoint: bool = _opt(True, "write model.pt (best) and model_final.pt (last) to logdir")
+    pretrained_dir: str = _opt("./pretrained_models/", "folder of pretrained weights")
+    pretrained_model_name: str = _opt("UNETR_model_best_acc.pth", "pretrained weights file name")
+    resume_ckpt: bool = _opt(False, "finetune from pretrained_dir/pretrained_model_name (state dict)")
+    resume_jit: bool = _opt(False, "finetune from a TorchScript file (AMP off)")
+    optim_name: str = _opt("adamw", "optimiser", choices=("adam", "adamw", "sgd"))
+    optim_lr: float = _opt(1e-4, "learning rate")
+    reg_weight: float = _opt(1e-5, "weight decay")
+    momentum: float = _opt(0.99, "SGD momentum")
+    lrschedule: str = _opt("warmup_cosine", "learning-rate schedule",
+                           choices=("warmup_cosine", "cosine_anneal", "none"))
+    warmup_epochs: int = _opt(50, "linear warm-up epochs")
+    max_epochs: int = _opt(5000, "training epochs")
+    max_steps: int | None = _opt(None, "stop after this many optimiser steps (quick runs)")
+    batch_size: int = _opt(1, "volumes per batch (each gives num_samples crops)")
+    val_every: int = _opt(100, "validate every N epochs")
+    smooth_nr: float = _opt(0.0, "Dice loss numerator smoothing")
+    smooth_dr: float = _opt(1e-6, "Dice loss denominator smoothing")
+    class_weights: str = _opt("none", "Dice class weights: none (the reference) or inverse_sqrt_volume "
+                                      "(sqrt(median organ volume / organ volume) from the training labels, 1 to 5; "
+                                      "the cross entropy stays unweighted)",
+                              choices=("none", "inverse_sqrt_volume"))
+    precision: str = _opt("auto", "autocast precision; auto: bf16 on CPUs that compute it natively (AVX512-BF16, "
+                                  "AMX, ARM BF16) when a short probe finds it faster, else fp32; on GPUs bf16 from "
+                                  "compute capability 8.0, else fp16 with a gradient scaler",
+                          choices=PRECISIONS, aliases=(("--noamp", "fp32"),))
+    time_budget_min: float | None = _opt(None, "wall-clock minutes for the epoch loop: the step time of the first "
+                                               "epoch fixes max_epochs so the learning-rate schedule spans the "
+                                               "budget (kept on resume)")
+    seed: int | None = _opt(None, "random seed for reproducible runs")
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings (reference names)."""
+
+    distributed: bool = _opt(False, "one process per visible GPU")
+    nproc_per_node: int | None = _opt(None, "processes to spawn with --distributed (default: visible GPUs)")
+    world_size: int = _opt(1, "number of nodes")
+    rank: int = _opt(0, "node rank")
+    dist_url: str = _opt("tcp://127.0.0.1:23456", "rendezvous URL", flags=("--dist-url", "--dist_url"))
+    dist_backend: str = _opt("nccl", "backend (gloo is used on CPU)", flags=("--dist-backend", "--dist_backend"),
+                             choices=("nccl", "gloo"))
+
+
+@dataclass
+class InferConfig:
+    """Sliding-window inference."""
+
+    infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
+    sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: on CPU 4 with AMX in bf16, else 2 "
+                                 "(fastest there); on GPU what fits in free memory (up to 8)")
+    saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
+                                 choices=("ckpt", "torchscript"))
+    input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
+                                   "(default: the datalist's --split)")
+    split: str = _opt("validation", "datalist split to segment without --input",
+                      choices=("training", "validation", "test"))
+    output_dir: str = _opt("./outputs", "folder for masks, reports and pictures")
+    mode: str = _opt("gaussian", "blending of overlapping windows", choices=("gaussian", "constant"))
+    tta: bool = _opt(False, "flip test-time augmentation (averages probabilities of 4 passes)")
+    save_probabilities: bool = _opt(False, "also write CASE_probabilities.npz (float16, native geometry)")
+    device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
+    overwrite: bool = _opt(False, "replace existing outputs (otherwise they are skipped)")
+    largest_component: bool = _opt(False, "keep the largest connected component per organ")
+    fast_invert: bool = _opt(True, "map the class probabilities back onto the scan's grid in one separable "
+                                   "trilinear pass over the covered box (same masks as --no-fast_invert, which "
+                                   "undoes each preprocessing step per channel with MONAI's inverse transforms)")
+    hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
+    overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
+    sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
+
+
+@dataclass
+class FastConfig:
+    """Fast path (benchmarks/bench.py); each switch is on, or chosen per machine, and can be turned off."""
+
+    malloc_tuning: bool = _opt(True, "CPU: keep freed memory in the process (glibc) so big activations are not "
+                                     "page-faulted in again at every layer (about 30% faster CPU passes)")
+    sdpa: bool | None = _opt(None, "fused scaled-dot-product attention in the ViT blocks (same result); unset = "
+                                   "on, except in bf16 on the CPU (MONAI's own attention was faster there)")
+    micro_batch: int = _opt(0, "crops per forward/backward; gradients are accumulated so the optimiser still "
+                               "steps once per batch. 0 = auto: 1 on CPU (faster per crop), whole batch on GPU")
+    fused_optimizer: bool = _opt(True, "fused Adam/AdamW step (one kernel over all parameters)")
+    compile: bool = _opt(False, "torch.compile the model (compiling takes tens of seconds per process)")
+    channels_last: bool | None = _opt(None, "CPU: channels-last 3D memory format, instance norms by the group-norm "
+                                            "kernel; unset = per CPU class: inference always, training only in "
+                                            "fp32 (slower under bf16)")
+    crop_before_resampling: bool = _opt(True, "crop to the body at the scan's resolution, then resample only "
+                                              "the box (the reference resamples the whole scan first)")
+
+
+@dataclass
+class Config:
+    """The resolved configuration passed to every stage."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    fast: FastConfig = field(default_factory=FastConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (YAML- and ``torch.load(weights_only=True)``-safe)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path, comment: str = "") -> None:
+        """Write the YAML (loadable with ``--config``), ``comment`` first as ``#`` lines."""
+        header = "".join(f"# {line}\n" for line in comment.splitlines())
+        atomic_write_text(path, header + self.to_yaml())
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+# field name -> section; names are unique across sections so that flags can stay flat.
+FIELD_SECTION: dict[str, str] = {}
+for _section, _cls in SECTIONS.items():
+    for _f in dataclasses.fields(_cls):
+        assert _f.name not in FIELD_SECTION, f"config field {_f.name} defined twice"
+        FIELD_SECTION[_f.name] = _section
+
+# Shipped inside the package (so a wheel or a Docker image has them); the checkout's top-level
+# configs/ and dataset_json/ are links to these folders.
+CONFIG_DIR = Path(str(resources.files(__package__) / "configs"))
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
+    """Check ``value`` against the field's type; returns it (ints widened to float)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        name = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"config key '{key}': expected {name}, got {type(value).__name__} {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+# Keys renamed since they were first written to config files and checkpoints: (section, old key) ->
+# (new key, old value -> new value). Files that use the old key keep loading.
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("train", "amp"): ("precision", lambda amp: "auto" if amp else "fp32"),
+}
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` (nested sections) with renamed keys under their new names; a new key given too wins."""
+    migrated = {}
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            values = dict(values)
+            for (renamed_section, old), (new, convert) in RENAMED_KEYS.items():
+                if renamed_section == section and old in values:
+                    value = values.pop(old)
+                    values.setdefault(new, convert(value))
+        migrated[section] = values
+    return migrated
+
+
+def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        builtin = CONFIG_DIR / path
+        if not path.is_absolute() and builtin.is_file():
+            path = builtin
+        else:
+            raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__}): fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)})")
+    raw = migrate(raw)
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            hint = f" (did you mean {FIELD_SECTION[section]}.{section}?)" if section in FIELD_SECTION else ""
+            raise ConfigError(f"{path}: unknown config section '{section}'{hint}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        for key in values:
+            if FIELD_SECTION.get(key) != section:
+                where = f" (it belongs in '{FIELD_SECTION[key]}')" if key in FIELD_SECTION else ""
+                raise ConfigError(f"{path}: unknown config key '{section}.{key}'{where}")
+    return raw
+
+
+def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
+    """Apply nested ``{section: {key: value}}`` layers over the defaults, check types and ranges."""
+    sections = {}
+    for section, cls in SECTIONS.items():
+        values = {}
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            value = f.default
+            for layer in layers:
+                if f.name in layer.get(section, {}):
+                    value = layer[section][f.name]
+            values[f.name] = _coerce(f.name, value, hints[f.name], f.metadata["choices"])
+        sections[section] = cls(**values)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a checkpoint); unknown keys are errors."""
+    data = migrate(data)
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"unknown config section '{section}'")
+        for key in values:
+            if FIELD_SECTION.get(key) != section:
+                raise ConfigError(f"unknown config key '{section}.{key}'")
+    return build_config([data])
+
+
+def validate(config: Config) -> None:
+    """Cross-field and range checks; raises :class:`ConfigError` naming the key."""
+    m, d, t, i = config.model, config.data, config.train, config.infer
+    for key in ("roi_x", "roi_y", "roi_z"):
+        size = getattr(m, key)
+        if size < 16 or size % 16:
+            raise ConfigError(f"config key '{key}': {size} must be a positive multiple of 16 (UNETR's patch size)")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"config key 'hidden_size': {m.hidden_size} is not divisible by num_heads={m.num_heads}")
+    if d.a_max <= d.a_min:
+        raise ConfigError(f"config key 'a_max': {d.a_max} must be greater than a_min={d.a_min}")
+    for key in ("space_x", "space_y", "space_z"):
+        if not getattr(d, key) > 0:
+            raise ConfigError(f"config key '{key}': spacing must be > 0 mm")
+    probabilities = {"dropout_rate": m.dropout_rate, "cache_rate": d.cache_rate,
+                     "RandFlipd_prob": d.RandFlipd_prob, "RandRotate90d_prob": d.RandRotate90d_prob,
+                     "RandScaleIntensityd_prob": d.RandScaleIntensityd_prob,
+                     "RandShiftIntensityd_prob": d.RandShiftIntensityd_prob}
+    for key, value in probabilities.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key '{key}': {value} must be between 0 and 1")
+    if not 0.0 <= i.infer_overlap < 1.0:
+        raise ConfigError(f"config key 'infer_overlap': {i.infer_overlap} must be in [0, 1)")
+    positive = {"in_channels": m.in_channels, "out_channels": m.out_channels, "num_samples": d.num_samples,
+                "batch_size": t.batch_size, "val_every": t.val_every, "max_epochs": t.max_epochs,
+                "world_size": config.dist.world_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}': {value} must be >= 1")
+    for key, value in {"sw_batch_size": i.sw_batch_size, "micro_batch": config.fast.micro_batch}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}': {value} must be >= 0 (0 = automatic)")
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"config key 'max_steps': {t.max_steps} must be >= 1")
+    if d.workers < 0 or t.warmup_epochs < 0:
+        raise ConfigError("config keys 'workers' and 'warmup_epochs' must be >= 0")
+    if not (math.isfinite(t.optim_lr) and t.optim_lr > 0):
+        raise ConfigError(f"config key 'optim_lr': {t.optim_lr} must be a positive number")
+    if t.time_budget_min is not None and not (math.isfinite(t.time_budget_min) and t.time_budget_min > 0):
+        raise ConfigError(f"config key 'time_budget_min': {t.time_budget_min} must be a positive number of minutes")
+    if d.use_normal_dataset and d.cache_dir:
+        raise ConfigError("config keys 'use_normal_dataset' and 'cache_dir' exclude each other: choose one")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per config field (reference names; defaults shown in help).
+
+    Flags default to ``argparse.SUPPRESS`` so that only flags the user typed override the YAML file.
+    """
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="YAML file of config sections; flags given on the command line override it")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            flags = f.metadata["flags"] or (f"--{f.name}",)
+            # argparse formats help with %: a literal % in a text ("30% faster") must be doubled.
+            help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
+            base = typing.get_args(hints[f.name])
+            base = next((a for a in base if a is not type(None)), hints[f.name])
+            if base is bool:
+                group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(*flags, dest=f.name, type=base, choices=f.metadata["choices"],
+                                   default=argparse.SUPPRESS, help=help_text)
+            for alias, value in f.metadata["aliases"]:
+                group.add_argument(alias, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
+                                   help=f"sets {f.name} to {value} (reference flag)")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Defaults, then ``args.config`` (if any), then the flags present in ``args``."""
+    layers = [_read_yaml(args.config)] if getattr(args, "config", None) else []
+    flags: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for name, value in vars(args).items():
+        if name in FIELD_SECTION:
+            flags[FIELD_SECTION[name]][name] = value
+    return build_config(layers + [flags])
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints its whole usage, 60+ lines here, first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+def parse_config(argv: list[str] | None = None, description: str = "") -> Config:
+    """Parse a full command line into a :class:`Config` (used by tests and simple entry points)."""
+    parser = FlagParser(description=description)
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

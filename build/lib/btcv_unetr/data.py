@@ -1,0 +1,116 @@
+"""Datalists (Decathlon format) and datasets (plain, RAM-cached or disk-cached).
+
+A datalist is a JSON file with ``training`` and ``validation`` lists of ``{"image", "label"}``
+entries and an optional ``test`` list whose entries may be plain image paths. Relative paths
+resolve against ``data_dir`` when that folder exists, else against the JSON file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai.data import CacheDataset, Dataset, PersistentDataset
+
+from .config import DataConfig
+from .errors import UserError
+
+BUILTIN_DATALISTS = Path(str(resources.files(__package__) / "dataset_json"))  # shipped in the package
+LABELLED_SPLITS = ("training", "validation")
+
+
+def case_name(path: str | Path) -> str:
+    """``/data/imagesTr/img0035.nii.gz`` -> ``img0035`` (also strips ``.nii``, ``.mha``, ``.nrrd`` ...)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def resolve_datalist(data_dir: str, json_list: str) -> Path:
+    """Find the datalist: ``json_list`` as a path, else in ``data_dir``, else among the shipped ones."""
+    candidates = [Path(json_list), Path(data_dir) / json_list, BUILTIN_DATALISTS / json_list]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise UserError(f"datalist '{json_list}' not found in {data_dir}, the current folder or "
+                    f"{BUILTIN_DATALISTS}: pass --json_list PATH or --data_dir DIR")
+
+
+def base_dir_for(data_dir: str, datalist: Path) -> Path:
+    """Folder that relative datalist paths resolve against."""
+    return Path(data_dir) if Path(data_dir).is_dir() else datalist.parent
+
+
+def read_datalist(path: Path) -> dict[str, Any]:
+    """Read and check a datalist's structure; raises :class:`UserError` naming the file and entry."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read datalist ({exc.__class__.__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: datalist is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path}: datalist must be a JSON object with 'training'/'validation' lists")
+    for split, entries in content.items():
+        if split not in (*LABELLED_SPLITS, "test"):
+            continue
+        if not isinstance(entries, list):
+            raise UserError(f"{path}: '{split}' must be a list")
+        for index, entry in enumerate(entries):
+            if split == "test" and isinstance(entry, str):
+                continue
+            required = ("image", "label") if split in LABELLED_SPLITS else ("image",)
+            if not isinstance(entry, dict) or any(not isinstance(entry.get(key), str) for key in required):
+                raise UserError(f"{path}: {split}[{index}] must be an object with string "
+                                f"{' and '.join(repr(k) for k in required)} paths, got {entry!r}")
+    return content
+
+
+def split_entries(content: dict[str, Any], split: str, base_dir: Path) -> list[dict[str, str]]:
+    """Entries of ``split`` in a checked datalist, with ``image``/``label`` paths joined to ``base_dir``.
+
+    Plain-string entries (allowed in ``test``) become ``{"image": path}``; other keys (``fold``) are kept.
+    """
+    entries = [{"image": entry} if isinstance(entry, str) else dict(entry) for entry in content.get(split, [])]
+    for entry in entries:
+        for key in ("image", "label"):
+            if key in entry:
+                entry[key] = os.path.normpath(Path(base_dir) / entry[key])
+    return entries
+
+
+def load_split(datalist: Path, split: str, base_dir: Path) -> list[dict[str, str]]:
+    """The entries of one split with absolute paths; an absent or empty split is an error."""
+    content = read_datalist(datalist)
+    if not content.get(split):
+        present = [key for key in (*LABELLED_SPLITS, "test") if content.get(key)]
+        raise UserError(f"{datalist}: no '{split}' entries (it has: {', '.join(present) or 'none'})")
+    return split_entries(content, split, base_dir)
+
+
+def load_config_split(data: DataConfig, split: str) -> list[dict[str, str]]:
+    """Entries of ``split`` of the datalist named by the config."""
+    datalist = resolve_datalist(data.data_dir, data.json_list)
+    return load_split(datalist, split, base_dir_for(data.data_dir, datalist))
+
+
+def make_dataset(items: Sequence[dict], transform: Callable, data: DataConfig) -> Dataset:
+    """The dataset type chosen by the config.
+
+    ``use_normal_dataset``: no caching; ``cache_dir``: deterministic transforms cached on disk
+    (for datasets larger than RAM); otherwise a ``cache_rate`` fraction cached in RAM. MONAI caches
+    each item up to the first random transform, so augmentation stays random.
+    """
+    if data.use_normal_dataset:
+        return Dataset(data=list(items), transform=transform)
+    if data.cache_dir:
+        Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(data=list(items), transform=transform, cache_dir=data.cache_dir)
+    return CacheDataset(data=list(items), transform=transform, cache_rate=data.cache_rate,
+                        num_workers=data.workers or None)

@@ -1,0 +1,192 @@
+"""Per-case, per-organ metrics (MONAI: Dice, HD95, normalised surface Dice) and their reports.
+
+``btcv-unetr evaluate --pred DIR --label DIR|DATALIST.json`` scores any predictions, ours or another tool's,
+matching files by case name (``img0035_seg.nii.gz`` <-> ``label0035.nii.gz`` / ``img0035.nii.gz``).
+Distances are in mm, computed in each label's own voxel spacing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
+
+from .data import LABELLED_SPLITS, case_name, read_datalist, split_entries
+from .errors import UserError
+from .files import atomic_write, atomic_write_json
+from .labels import BTCV_LABELS
+
+NSD_TOLERANCE_MM = 2.0
+
+
+@dataclass
+class CaseMetrics:
+    """Metrics of one case; one value per organ (classes 1..N-1), NaN where the organ is absent from the label."""
+
+    case: str
+    dice: list[float]
+    hd95: list[float] = field(default_factory=list)
+    nsd: list[float] = field(default_factory=list)
+    seconds: float = math.nan
+
+
+def organ_names(num_classes: int) -> list[str]:
+    return [BTCV_LABELS[i] if i < len(BTCV_LABELS) else f"class {i}" for i in range(1, num_classes)]
+
+
+def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float], num_classes: int,
+                 distances: bool = True) -> CaseMetrics:
+    """Score integer label maps of the same shape; one organ at a time so memory stays at two masks."""
+    if prediction.shape != label.shape:
+        raise UserError(f"{case}: prediction shape {prediction.shape} differs from label shape {label.shape}")
+    spacing = [float(s) for s in spacing]  # MONAI refuses numpy scalars (nibabel's zooms)
+    dice, hd95, nsd = [], [], []
+    for organ in range(1, num_classes):
+        truth = torch.from_numpy(label == organ)[None, None]
+        guess = torch.from_numpy(prediction == organ)[None, None]
+        if not truth.any():
+            dice.append(math.nan)
+            hd95.append(math.nan)
+            nsd.append(math.nan)
+            continue
+        dice.append(float(compute_dice(guess, truth, include_background=True, ignore_empty=True)))
+        if distances:
+            if guess.any():
+                hd95.append(float(compute_hausdorff_distance(guess, truth, include_background=True, percentile=95,
+                                                             spacing=spacing)))
+                nsd.append(float(compute_surface_dice(guess, truth, [NSD_TOLERANCE_MM], include_background=True,
+                                                      spacing=spacing)))
+            else:  # an organ missed entirely: no surface to measure from
+                hd95.append(math.inf)
+                nsd.append(0.0)
+    return CaseMetrics(case, dice, hd95, nsd)
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def summarise(results: Sequence[CaseMetrics], num_classes: int) -> dict:
+    """Per-organ means over cases (absent organs left out) and the mean organ Dice, as the reference reports."""
+    organs = organ_names(num_classes)
+    summary: dict = {"cases": len(results), "organs": {}}
+    for index, organ in enumerate(organs):
+        entry = {"dice": _mean([r.dice[index] for r in results])}
+        if all(r.hd95 for r in results) and results:
+            entry["hd95_mm"] = _mean([r.hd95[index] for r in results])
+            entry["nsd"] = _mean([r.nsd[index] for r in results])
+        summary["organs"][organ] = entry
+    summary["mean_organ_dice"] = _mean([e["dice"] for e in summary["organs"].values()])
+    summary["mean_case_dice"] = _mean([_mean(r.dice) for r in results])
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    width = max(len(name) for name in summary["organs"]) + 2
+    distances = any("hd95_mm" in e for e in summary["organs"].values())
+    lines = [f"{'organ':<{width}}{'Dice':>8}" + (f"{'HD95 mm':>10}{'NSD':>8}" if distances else "")]
+    for name, entry in summary["organs"].items():
+        line = f"{name:<{width}}{entry['dice']:>8.4f}"
+        if distances:
+            line += f"{entry['hd95_mm']:>10.2f}{entry['nsd']:>8.4f}"
+        lines.append(line)
+    lines.append(f"{'mean organ Dice':<{width}}{summary['mean_organ_dice']:>8.4f}   ({summary['cases']} cases)")
+    return "\n".join(lines)
+
+
+def write_reports(out_dir: Path, results: Sequence[CaseMetrics], num_classes: int) -> dict:
+    """``metrics.csv`` (a row per case and organ) and ``summary.json``; returns the summary."""
+    organs = organ_names(num_classes)
+
+    def write_csv(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["case", "organ", "dice", "hd95_mm", "nsd", "seconds"])
+            for r in results:
+                for index, organ in enumerate(organs):
+                    hd95 = r.hd95[index] if r.hd95 else math.nan
+                    nsd = r.nsd[index] if r.nsd else math.nan
+                    writer.writerow([r.case, organ, f"{r.dice[index]:.5f}", f"{hd95:.3f}", f"{nsd:.5f}",
+                                     f"{r.seconds:.2f}"])
+
+    atomic_write(out_dir / "metrics.csv", write_csv)
+    summary = summarise(results, num_classes)
+    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    return summary
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else "inf"
+    return value
+
+
+
+
+def match_key(path: Path) -> str:
+    """Key that pairs a prediction with its label: the case name without ``_seg`` and the img/label prefix."""
+    name = case_name(path).removesuffix("_seg")
+    return re.sub(r"^(img|image|label|seg)", "", name)
+
+
+def _nifti_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+
+
+def label_files(source: Path) -> list[Path]:
+    """Label files from a folder, or from every labelled entry of a datalist JSON."""
+    if source.is_dir():
+        return _nifti_files(source)
+    if source.is_file() and source.suffix == ".json":
+        content = read_datalist(source)
+        return [Path(entry["label"]) for split in LABELLED_SPLITS
+                for entry in split_entries(content, split, source.parent)]
+    raise UserError(f"--label {source}: not a folder of masks nor a datalist .json")
+
+
+def evaluate_folders(pred_dir: Path, label_source: Path, num_classes: int, distances: bool) -> list[CaseMetrics]:
+    if not pred_dir.is_dir():
+        raise UserError(f"not a folder: {pred_dir}")
+    labels = {match_key(p): p for p in label_files(label_source)}
+    predictions = {match_key(p): p for p in _nifti_files(pred_dir)}
+    common = sorted(set(labels) & set(predictions))
+    if not common:
+        raise UserError(f"no prediction in {pred_dir} matches a label in {label_source} by case name")
+    results = []
+    for key in common:
+        label_image, prediction_image = nib.load(labels[key]), nib.load(predictions[key])
+        if not np.allclose(label_image.affine, prediction_image.affine, atol=1e-3):
+            raise UserError(f"{predictions[key]}: affine differs from its label {labels[key]}")
+        results.append(case_metrics(case_name(predictions[key]).removesuffix("_seg"),
+                                    np.asarray(prediction_image.dataobj).astype(np.int16),
+                                    np.asarray(label_image.dataobj).astype(np.int16),
+                                    label_image.header.get_zooms()[:3], num_classes, distances))
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI)")
+    parser.add_argument("--label", required=True,
+                        help="folder of ground-truth masks (NIfTI), or a datalist .json (paths relative to it)")
+    parser.add_argument("--out", default=None, help="folder for metrics.csv and summary.json (default: --pred)")
+    parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
+    parser.add_argument("--no_hd95", action="store_true", help="Dice only (distances are slow)")
+
+
+def run(args: argparse.Namespace) -> int:
+    results = evaluate_folders(Path(args.pred), Path(args.label), args.out_channels, not args.no_hd95)
+    summary = write_reports(Path(args.out or args.pred), results, args.out_channels)
+    print(format_summary(summary))
+    return 0

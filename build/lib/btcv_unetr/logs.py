@@ -1,0 +1,49 @@
+"""Run logs on rank 0: TensorBoard scalars and a ``metrics.csv`` row per validation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .labels import BTCV_LABELS
+
+
+class RunLog:
+    """Writes nothing when ``enabled`` is False (ranks other than 0)."""
+
+    def __init__(self, logdir: Path, enabled: bool, num_classes: int):
+        self.enabled = enabled
+        self.csv_path = logdir / "metrics.csv"
+        self.organs = [BTCV_LABELS[i] if i < len(BTCV_LABELS) else f"class {i}" for i in range(1, num_classes)]
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(logdir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def validation(self, epoch: int, step: int, organ_dice: list[float], mean_dice: float) -> None:
+        if not self.enabled:
+            return
+        self.scalars(epoch, {"val/mean_dice": mean_dice,
+                             **{f"val_dice/{name}": value for name, value in zip(self.organs, organ_dice)}})
+        new = not self.csv_path.exists()
+        with self.csv_path.open("a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(["epoch", "step", "mean_dice", *self.organs])
+            writer.writerow([epoch, step, f"{mean_dice:.5f}", *(f"{v:.5f}" for v in organ_dice)])
+
+    def table(self, organ_dice: list[float], mean_dice: float) -> str:
+        """Per-organ Dice as an aligned text table (absent organs shown as n/a)."""
+        width = max(len(name) for name in self.organs)
+        lines = [f"{name:<{width}}  {'n/a' if value != value else f'{value:.4f}'}"
+                 for name, value in zip(self.organs, organ_dice)]
+        return "\n".join([*lines, f"{'mean organ Dice':<{width}}  {mean_dice:.4f}"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

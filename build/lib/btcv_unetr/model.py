@@ -1,0 +1,150 @@
+"""UNETR construction and weight loading (our checkpoints, bare state dicts, old MONAI layouts, TorchScript).
+
+All files are read with ``torch.load(weights_only=True)``: a file that needs arbitrary code to
+unpickle is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import UNETR
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+# Keys of UNETR state dicts written by MONAI 0.6-0.8 (the released BTCV weights) that the current
+# UNETR no longer has. None of them ever affected the output: the class token was unused without
+# classification, and conv3 was a residual projection that those blocks never applied.
+LEGACY_KEYS = re.compile(r"^(vit\.patch_embedding\.cls_token|encoder\d\.blocks\.\d+\.1\.conv3\.conv\.weight)$")
+# Built by MONAI's TransformerBlock but only used with cross-attention, which UNETR never enables.
+UNUSED_PARAMETERS = re.compile(r"\.norm_cross_attn\.")
+WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+
+
+def build_model(config: ModelConfig) -> UNETR:
+    """MONAI UNETR from the config; parameters that never receive a gradient are frozen.
+
+    Input ``(B, in_channels, roi_x, roi_y, roi_z)``; output logits ``(B, out_channels, roi_x, roi_y, roi_z)``.
+    Freezing the unused LayerNorms lets DDP run without ``find_unused_parameters``.
+    """
+    model = UNETR(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        img_size=config.roi_size,
+        feature_size=config.feature_size,
+        hidden_size=config.hidden_size,
+        mlp_dim=config.mlp_dim,
+        num_heads=config.num_heads,
+        proj_type=config.pos_embed,
+        norm_name=config.norm_name,
+        conv_block=config.conv_block,
+        res_block=config.res_block,
+        dropout_rate=config.dropout_rate,
+    )
+    for name, parameter in model.named_parameters():
+        if UNUSED_PARAMETERS.search(name):
+            parameter.requires_grad_(False)
+    return model
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def load_file(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU with one-line errors for user mistakes."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    if _is_torchscript(path):
+        raise UserError(f"{path}: this is a TorchScript file: use --resume_jit (training) or "
+                        "--saved_checkpoint torchscript (inference)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():
+            raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
+        raise UserError(f"{path}: refused to load, the file needs arbitrary code to unpickle (weights_only=True); "
+                        "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def extract_state_dict(content: Any, source: str) -> dict[str, torch.Tensor]:
+    """The model weights of a training checkpoint dict or a bare state dict, wrapper prefixes removed."""
+    if isinstance(content, Mapping) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    if not isinstance(content, Mapping) or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        raise UserError(f"{source}: neither a state dict nor a checkpoint with a 'state_dict' entry")
+    state = {}
+    for key, value in content.items():
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def adapt_legacy_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an old-MONAI UNETR state dict onto the current layout.
+
+    Drops the legacy keys the model lacks and keeps the model's own values for its unused
+    parameters when the file lacks them. Any other difference is left for the strict load to report.
+    """
+    own = model.state_dict()
+    adapted = {k: v for k, v in state.items() if k in own or not LEGACY_KEYS.match(k)}
+    for key, value in own.items():
+        if key not in adapted and UNUSED_PARAMETERS.search(key):
+            adapted[key] = value
+    return adapted
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load; a mismatch names the missing, unexpected and mis-shaped keys (never a silent partial load)."""
+    state = adapt_legacy_keys(dict(state), model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape (file vs model)", mis_shaped)):
+            if keys:
+                shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+                parts.append(f"{len(keys)} {title}: {shown}")
+        raise UserError(f"{source}: weights do not match the model built from the flags "
+                        f"(check --feature_size/--hidden_size/--num_heads/--roi_*/--out_channels); {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> None:
+    """Load weights from our checkpoint, a bare state dict (any MONAI version) into ``model``."""
+    load_weights(model, extract_state_dict(load_file(path), str(path)), str(path))
+
+
+def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """A TorchScript file (e.g. the released ``UNETR_model_best_acc.pt``), with one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"TorchScript file not found: {path}")
+    try:
+        return torch.jit.load(str(path), map_location=device)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})") from None
+
+
+def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the weights of a TorchScript UNETR into ``model`` (which keeps AMP, DDP and eager debugging)."""
+    load_weights(model, extract_state_dict(load_torchscript(path).state_dict(), str(path)), str(path))

@@ -1,0 +1,225 @@
+"""Numeric precision chosen per machine: the autocast dtype of a run, and the reason for it.
+
+    cpu_features       what this CPU computes natively (model name, torch's kernel level, bf16/AMX flags)
+    resolve_precision  the setting ``auto|fp32|bf16|fp16`` -> :class:`Precision` for a device
+    Precision          autocast context, gradient scaler, and the one line that explains the choice
+
+``auto`` on a CPU takes bfloat16 only where the processor computes it natively (x86 AVX512-BF16 or
+AMX, ARM BF16) *and* a probe on the model's own layer shapes finds it faster than float32: on an
+AVX2-only CPU bfloat16 autocast runs 10-300x slower than float32 (no kernels for it), and float16
+has no fast CPU kernels anywhere. On CUDA, ``auto`` takes bfloat16 without a gradient scaler where
+the GPU computes it natively (compute capability 8.0, Ampere, and newer), else float16 with the
+scaler as the reference recipe does.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bfloat16 must beat float32 by this factor in the probe: a tie is not worth the rounding.
+PROBE_MARGIN = 0.9
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU as the bfloat16 decision sees it."""
+
+    model: str
+    capability: str  # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "SVE256", "DEFAULT" ...
+    avx512_bf16: bool
+    amx_bf16: bool
+    arm_bf16: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 arithmetic in hardware, and torch's kernels built for that instruction level.
+
+        Checking torch's level too keeps ``ATEN_CPU_CAPABILITY=avx2`` (and a build without AVX-512
+        kernels) on the float32 side even where the flags are present.
+        """
+        x86 = self.capability.startswith("AVX512") and (self.avx512_bf16 or self.amx_bf16)
+        return x86 or self.arm_bf16
+
+    @property
+    def bf16_isa(self) -> str:
+        """The instructions that compute bfloat16 here, or torch's level when none do."""
+        if self.amx_bf16 and self.native_bf16:
+            return "AMX"
+        if self.avx512_bf16 and self.native_bf16:
+            return "AVX512-BF16"
+        if self.arm_bf16:
+            return "ARM BF16"
+        return self.capability
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "capability": self.capability, "avx512_bf16": self.avx512_bf16,
+                "amx_bf16": self.amx_bf16, "arm_bf16": self.arm_bf16, "native_bf16": self.native_bf16}
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """Model name and flags (x86 ``flags``, ARM ``Features``) from /proc/cpuinfo; empty where there is none."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "CPU part") and not model:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+@functools.cache
+def cpu_features() -> CpuFeatures:
+    model, flags = _cpuinfo()
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    return CpuFeatures(
+        model=model or platform.processor() or platform.machine(),
+        capability=torch.backends.cpu.get_cpu_capability(),
+        avx512_bf16="avx512_bf16" in flags,
+        amx_bf16="amx_bf16" in flags,
+        arm_bf16=arm and "bf16" in flags,
+    )
+
+
+def _median_seconds(fn, repeats: int = 3) -> float:
+    fn()  # warm-up: oneDNN builds its kernels on the first call
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+@functools.cache
+def probe_bf16_speedup(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int) -> float:
+    """float32 time / bfloat16 autocast time of two of the model's own layers on this CPU (> 1: bf16 faster).
+
+    The layers are the decoder's 3x3x3 convolution at ``feature_size`` channels on a 48^3 map (large
+    enough that float32 takes oneDNN's kernel too, as in the model, not PyTorch's small-input
+    fallback) and the ViT's MLP projection over ``tokens`` tokens: convolutions are about three
+    quarters of a UNETR forward, the ViT most of the rest. About 0.1-0.3 s where bfloat16 is
+    native; only called there.
+    """
+    torch.manual_seed(0)
+    conv = nn.Conv3d(feature_size, feature_size, 3, padding=1)
+    linear = nn.Linear(hidden_size, mlp_dim)
+    volume = torch.randn(1, feature_size, 48, 48, 48)
+    sequence = torch.randn(tokens, hidden_size)
+
+    def layers(dtype: torch.dtype | None):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+                conv(volume)
+                linear(sequence)
+        return run
+
+    return _median_seconds(layers(None)) / _median_seconds(layers(torch.bfloat16))
+
+
+@dataclass
+class Precision:
+    """The autocast dtype of a run (``name`` fp32|bf16|fp16), why it was chosen, and its gradient scaler.
+
+    float16 keeps a gradient scaler (small gradients underflow in float16); bfloat16 has float32's
+    exponent range and needs none.
+    """
+
+    name: str
+    reason: str
+    device_type: str = "cpu"
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in DTYPES:
+            raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {self.name!r}")
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.name == "fp16")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether autocast is on (anything below float32)."""
+        return self.name != "fp32"
+
+    def autocast(self, device: torch.device | None = None):
+        device_type = device.type if device is not None else self.device_type
+        return torch.autocast(device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def describe(self) -> str:
+        return f"precision {self.name}: {self.reason}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "reason": self.reason}
+
+
+def _probe_tokens(roi_size: tuple[int, ...]) -> int:
+    tokens = 1
+    for size in roi_size:
+        tokens *= max(1, size // 16)
+    return tokens
+
+
+def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
+    """``auto`` on the CPU: bfloat16 where it is native and the probe on ``model`` (a ModelConfig) finds it faster."""
+    features = features or cpu_features()
+    if not features.native_bf16:
+        return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
+    speedup = probe_bf16_speedup(model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size))
+    if speedup * PROBE_MARGIN < 1.0:
+        return Precision("fp32", f"this CPU has {features.bf16_isa}, but bfloat16 was not faster on this model's "
+                                 f"layers (probe: {speedup:.2f}x float32)")
+    return Precision("bf16", f"this CPU computes bfloat16 natively ({features.bf16_isa}; probe: {speedup:.1f}x float32)")
+
+
+def auto_cuda_precision(device: torch.device) -> Precision:
+    """``auto`` on a GPU: bfloat16 (no scaler) from compute capability 8.0, else float16 with the scaler."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return Precision("bf16", f"this GPU computes bfloat16 natively (compute capability {major}.{minor}); "
+                                 "no gradient scaler needed", "cuda")
+    return Precision("fp16", f"this GPU has no native bfloat16 (compute capability {major}.{minor}): float16 "
+                             "with a gradient scaler", "cuda")
+
+
+def runs_natively(name: str, device: torch.device) -> bool:
+    """Whether precision ``name`` has fast kernels on ``device``."""
+    if name == "fp32":
+        return True
+    if device.type == "cuda":
+        return name == "fp16" or torch.cuda.get_device_capability(device)[0] >= 8
+    return name == "bf16" and cpu_features().native_bf16
+
+
+def resolve_precision(requested: str, device: torch.device, model, reason: str = "") -> Precision:
+    """The :class:`Precision` for setting ``requested`` on ``device`` with ``model`` (a ModelConfig).
+
+    ``reason`` explains an explicit choice (default: "asked for"). An explicit bf16/fp16 that has no
+    fast kernels here still runs, with a warning on stderr.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "auto":
+        return auto_cuda_precision(device) if device.type == "cuda" else auto_cpu_precision(model)
+    if not runs_natively(requested, device):
+        where = f"this CPU ({cpu_features().bf16_isa})" if device.type == "cpu" else "this GPU"
+        print(f"warning: precision {requested} has no fast kernels on {where}: expect it to run 10-300x slower "
+              "than fp32 (--precision auto picks what is fast here)", file=sys.stderr)
+    return Precision(requested, reason or f"asked for (--precision {requested})", device.type)

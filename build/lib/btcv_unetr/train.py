@@ -1,0 +1,377 @@
+"""Training: ``python main.py`` / ``btcv-unetr train`` with the reference flags.
+
+    train_one_epoch  one pass over the training crops (autocast, non-finite losses skipped)
+    validate         sliding-window Dice per organ over the validation cases, each counted once
+    plan_epochs      the epoch count that fits a wall-clock budget (``--time_budget_min``)
+    train_worker     one process: data, model, optimiser, resume, the epoch loop, checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .checks import check_config_data
+from .config import Config, FastConfig, add_config_arguments, config_from_args
+from .data import load_config_split, make_dataset
+from .distributed import Context, all_true, broadcast_object, gather_objects, launch
+from .errors import UserError
+from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
+                       micro_batch_size, to_memory_format)
+from .files import atomic_write
+from .logs import RunLog
+from .loss import build_loss
+from .model import build_model, load_file, load_pretrained, load_torchscript_weights, load_weights
+from .optim import build_optimizer, build_scheduler
+from .precision import Precision, resolve_precision
+from .transforms import train_transforms, val_transforms
+
+
+def resolve_logdir(logdir: str) -> Path:
+    """A bare name goes under ./runs/ as in the reference (``--logdir test`` -> ``runs/test``)."""
+    path = Path(logdir)
+    return path if path.is_absolute() or len(path.parts) > 1 else Path("runs") / path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor without MONAI metadata, on ``device``: MetaTensor dispatch costs ~10% of a CPU step."""
+    if isinstance(tensor, MetaTensor):
+        tensor = tensor.as_tensor()
+    return tensor.to(device, non_blocking=True)
+
+
+def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, precision: Precision, context: Context, micro_batch: int) -> float | None:
+    """One optimiser step over a batch of crops ``(B, C, X, Y, Z)``, ``micro_batch`` crops per forward/backward.
+
+    Each micro-batch's loss is weighted by its share of the batch, so the accumulated gradient is the
+    gradient of the whole batch's loss (DiceCE averages over crops) and the step is the one a single
+    batch would take. Under DDP only the last micro-batch synchronises gradients. Returns the batch
+    loss, or None when a non-finite loss on any rank skipped the step on every rank (no update).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    crops, total = image.shape[0], 0.0
+    for start in range(0, crops, micro_batch):
+        stop = min(start + micro_batch, crops)
+        accumulate = isinstance(model, DistributedDataParallel) and stop < crops
+        with model.no_sync() if accumulate else contextlib.nullcontext():
+            with precision.autocast(context.device):
+                logits = model(image[start:stop])
+            loss = loss_fn(logits.float(), label[start:stop]) * ((stop - start) / crops)
+            if not all_true(bool(torch.isfinite(loss)), context):
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            precision.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return total
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    precision: Precision, context: Context, epoch: int, max_steps: int | None,
+                    global_step: int, fast: FastConfig | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, int]:
+    """One epoch; returns (mean loss over the steps taken, global step after the epoch).
+
+    A non-finite loss on any rank is reported with its step and skipped on every rank (no update),
+    so no rank trains on it and DDP's collectives stay in step.
+    """
+    model.train()
+    fast = fast or FastConfig()
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not context.is_main, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if max_steps is not None and global_step >= max_steps:
+            break
+        image = plain(batch["image"], context.device).contiguous(memory_format=memory_format)
+        label = plain(batch["label"], context.device)
+        loss = train_step(model, image, label, loss_fn, optimizer, precision, context,
+                          micro_batch_size(fast, context.device, image.shape[0], precision.name))
+        global_step += 1
+        if loss is None:
+            if context.is_main:
+                print(f"warning: non-finite loss at step {global_step} (epoch {epoch + 1}); step skipped",
+                      file=sys.stderr)
+            continue
+        total += loss
+        steps += 1
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return (total / steps if steps else math.nan), global_step
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Precision,
+             context: Context) -> tuple[list[float], float]:
+    """Per-organ Dice (classes 1..N-1) averaged over all validation cases, and their mean.
+
+    Each rank evaluates its own share of the cases (no padding), the per-case rows are gathered, so
+    every case counts exactly once. An organ absent from a case's label is left out of that organ's mean.
+    """
+    model.eval()
+    classes = config.model.out_channels
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(context.device):
+            return model(window).float()
+
+    sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, context.device, config.model.roi_size,
+                                       config.model.feature_size, precision.name)
+    rows = []
+    for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
+        image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
+        logits = sliding_window_inference(image, config.model.roi_size, sw_batch_size, predictor,
+                                          overlap=config.infer.infer_overlap)
+        prediction = one_hot(logits.argmax(1, keepdim=True), classes)
+        rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
+    rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
+    if not rows:
+        return [math.nan] * (classes - 1), math.nan
+    table = torch.cat(rows).double()  # (cases, organs), NaN where an organ is absent
+    organ_dice = torch.nanmean(table, dim=0)
+    return organ_dice.tolist(), float(torch.nanmean(organ_dice))
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, precision: Precision, epoch: int,
+                    global_step: int, best_acc: float, config: Config) -> None:
+    """One dict that resumes everything; plain values only, so ``weights_only=True`` loads it.
+
+    ``config`` holds the settings as asked (``precision: auto``, ``time_budget_min``, and the
+    ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason.
+    """
+    state = {"epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
+             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+             "config": config.to_dict(), "precision": precision.as_dict()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def check_training_data(config: Config, context: Context) -> None:
+    """Rank 0 reads every file of the datalist; every rank refuses to start on any problem."""
+    problems = [str(p) for p in check_config_data(config)[0]] if context.is_main else None
+    problems = broadcast_object(problems, context)
+    if problems:
+        if context.is_main:
+            print("\n".join(problems), file=sys.stderr)
+        raise UserError(f"training data has {len(problems)} problem(s), listed above: fix them "
+                        "(btcv-unetr check-data lists them again)")
+
+
+def build_loaders(config: Config, context: Context) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+    train_items = load_config_split(config.data, "training")
+    val_items = load_config_split(config.data, "validation")
+    train_ds = make_dataset(train_items, train_transforms(config), config.data)
+    # Each rank validates a disjoint share of the cases: no sampler padding, no double counting.
+    val_ds = make_dataset(val_items[context.rank::context.world_size], val_transforms(config), config.data)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=config.train.seed or 0) if context.distributed else None
+    pin = context.device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=config.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=config.data.workers, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=config.data.workers, pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def build_trainable_model(config: Config, context: Context) -> nn.Module:
+    model = build_model(config.model)
+    pretrained = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    if config.train.resume_jit:
+        load_torchscript_weights(model, pretrained)
+    elif config.train.resume_ckpt:
+        load_pretrained(model, pretrained)
+    if context.is_main and (config.train.resume_jit or config.train.resume_ckpt):
+        print(f"loaded pretrained weights from {pretrained}")
+    return model.to(context.device)
+
+
+def run_precision(config: Config, context: Context) -> Precision:
+    """The run's precision: rank 0 resolves it (the probe times this machine), every rank uses it."""
+    if config.train.resume_jit:  # as the reference: finetuning from TorchScript weights runs without autocast
+        choice = ("fp32", "finetuning from TorchScript weights (--resume_jit) runs without autocast")
+    elif context.is_main:
+        resolved = resolve_precision(config.train.precision, context.device, config.model)
+        choice = (resolved.name, resolved.reason)
+    else:
+        choice = None
+    name, reason = broadcast_object(choice, context)
+    return Precision(name, reason, context.device.type)
+
+
+def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, epoch_s: float, validation_s: float,
+                val_every: int) -> int:
+    """Total epochs that end within ``budget_s`` seconds: ``epochs_done`` took ``elapsed_s``; each further
+    epoch takes ``epoch_s`` plus its share of a validation every ``val_every`` epochs. At least one more.
+    """
+    per_epoch = epoch_s + validation_s / val_every
+    return epochs_done + max(1, int((budget_s - elapsed_s) // per_epoch))
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """A training checkpoint (our dict), or a one-line error."""
+    state: Any = load_file(path)
+    required = ("state_dict", "optimizer", "scheduler", "epoch")
+    if not isinstance(state, dict) or any(key not in state for key in required):
+        raise UserError(f"{path}: not a training checkpoint (needs {', '.join(required)}); "
+                        "to finetune from bare weights use --resume_ckpt")
+    return state
+
+
+def budgeted_epochs(state: dict[str, Any] | None, config: Config) -> int | None:
+    """The epoch count a time budget fixed in the run being resumed (so the schedule stays the same), if any."""
+    if state is None or config.train.time_budget_min is None:
+        return None
+    stored = state.get("config", {}).get("train", {})
+    return int(stored["max_epochs"]) if stored.get("time_budget_min") is not None else None
+
+
+def restore(state: dict[str, Any], path: str, model: nn.Module, optimizer, scheduler,
+            precision: Precision) -> tuple[int, int, float]:
+    """Load a training checkpoint into the objects in place; returns (epoch, global_step, best_acc)."""
+    load_weights(model, state["state_dict"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise UserError(f"{path}: optimiser state does not fit (--optim_name changed?): {exc}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and precision.scaler.is_enabled():
+        precision.scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), int(state.get("global_step", 0)), float(state.get("best_acc", -1.0))
+
+
+def train_worker(context: Context, config: Config) -> None:
+    logdir = resolve_logdir(config.train.logdir)
+    if config.train.seed is not None:
+        seed_everything(config.train.seed)
+    if context.device.type == "cpu" and config.fast.malloc_tuning:
+        keep_freed_memory()
+    check_training_data(config, context)
+    state = load_training_state(config.train.checkpoint) if config.train.checkpoint else None
+    fixed_epochs = budgeted_epochs(state, config)
+    if fixed_epochs is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=fixed_epochs))
+
+    precision = run_precision(config, context)
+    memory_format = memory_format_for(config.fast, context.device, precision.name, training=True)
+    model = to_memory_format(build_trainable_model(config, context), memory_format)
+    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
+    scheduler = build_scheduler(optimizer, config.train)
+    start_epoch, global_step, best_acc = 0, 0, -1.0
+    if state is not None:
+        start_epoch, global_step, best_acc = restore(state, config.train.checkpoint, model, optimizer, scheduler,
+                                                     precision)
+        if context.is_main:
+            print(f"resumed {config.train.checkpoint}: epoch {start_epoch}, step {global_step}, best {best_acc:.4f}"
+                  + (f"; {fixed_epochs} epochs, as its time budget fixed them" if fixed_epochs else ""))
+    train_loader, val_loader, sampler = build_loaders(config, context)
+    net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
+        if context.distributed else model
+    # The checkpoints keep saving `model`: no wrapper prefixes.
+    net = apply_model_switches(net, config.fast, context.device, precision.name)
+    labels = [item["label"] for item in load_config_split(config.data, "training")]
+    loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
+    log = RunLog(logdir, context.is_main, config.model.out_channels)
+    if context.is_main:
+        logdir.mkdir(parents=True, exist_ok=True)
+        print(config.to_yaml(), end="")
+        config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")
+        print(precision.describe())
+        if class_weights is not None:
+            print("Dice class weights: " + " ".join(f"{w:.2f}" for w in class_weights))
+        crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
+                                 precision.name)
+        layout = "channels-last" if memory_format == torch.channels_last_3d else "contiguous"
+        print(f"training on {context.device} x{context.world_size}, {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, {crops} crop(s) per forward pass, {layout} layout")
+
+    t = config.train
+    plan_budget = t.time_budget_min is not None and fixed_epochs is None
+    loop_started = time.time()
+    last_validation = None
+    epoch = start_epoch
+    while epoch < t.max_epochs:
+        if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
+            seed_everything(t.seed * 100_003 + epoch)
+            train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + epoch) % 2**32)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        started = time.time()
+        loss, global_step = train_one_epoch(net, train_loader, loss_fn, optimizer, precision, context, epoch,
+                                            t.max_steps, global_step, config.fast, memory_format)
+        epoch_s = time.time() - started
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        epoch += 1
+        stop = t.max_steps is not None and global_step >= t.max_steps
+        if context.is_main:
+            print(f"epoch {epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {global_step}  {epoch_s:.1f}s")
+            log.scalars(epoch, {"train/loss": loss, "train/lr": lr})
+        validation_s = 0.0
+        # A budget is planned after the first epoch, from its time and that of one validation.
+        if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or plan_budget:
+            started = time.time()
+            organ_dice, mean_dice = validate(model, val_loader, config, precision, context)
+            validation_s = time.time() - started
+            last_validation = (organ_dice, mean_dice)
+            improved = mean_dice > best_acc
+            best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
+            if context.is_main:
+                print(f"validation epoch {epoch}: mean organ Dice {mean_dice:.4f}"
+                      f"{' (new best)' if improved else f'  (best {best_acc:.4f})'}")
+                log.validation(epoch, global_step, organ_dice, mean_dice)
+                if t.save_checkpoint and improved:
+                    save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
+                                    best_acc, config)
+        if plan_budget:
+            # Rank 0's clock decides, so that every rank plans the same schedule.
+            planned = broadcast_object(plan_epochs(60 * t.time_budget_min, time.time() - loop_started, epoch,
+                                                   epoch_s, validation_s, t.val_every), context)
+            if context.is_main:
+                print(f"time budget {t.time_budget_min:g} min: epoch {epoch} took {epoch_s:.1f} s and a validation "
+                      f"{validation_s:.1f} s, so {planned} epochs in all (the learning-rate schedule spans them)")
+            t = dataclasses.replace(t, max_epochs=planned)
+            config = dataclasses.replace(config, train=t)
+            scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
+            plan_budget = False
+        if context.is_main and t.save_checkpoint:  # every epoch, so that a crash loses at most one
+            save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
+                            best_acc, config)
+        if stop:
+            break
+    log.close()
+    if context.is_main and last_validation is not None:
+        print("per-organ Dice on the validation cases, last validation:\n" + log.table(*last_validation))
+    if context.is_main:
+        print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    launch(train_worker, config_from_args(args))
+    return 0
