@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from monai import transforms as mt
 
 from .config import Config
+from .images import SimpleITKReader
 
 IMAGE_LABEL = ("image", "label")
 
@@ -38,7 +39,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     data = config.data
     keys = list(keys)
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
-    load = [mt.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+    load = [mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True),
             mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
     window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,

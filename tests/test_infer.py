@@ -12,7 +12,9 @@ import torch
 
 from btcv_unetr.config import build_config, _read_yaml as read_yaml, CONFIG_DIR
 from btcv_unetr.evaluate import case_metrics, evaluate_folders, summarise
+from btcv_unetr.errors import UserError
 from btcv_unetr.export import export
+from btcv_unetr.files import folder_lock
 from btcv_unetr.infer import Predictor, keep_largest_components, run_inference
 from btcv_unetr.model import build_model
 from btcv_unetr.phantoms import generate_case
@@ -38,15 +40,33 @@ def _config(weights_dir, **infer):
 
 def _phantom(path: Path, index: int, size: int = 48) -> Path:
     case = generate_case(seed=11, index=index, size=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(case.image, path)
     return path
 
 
+def _lps_anisotropic(path: Path, index: int = 1) -> Path:
+    """A phantom stored left-posterior-superior with 0.9 x 0.8 x 2.5 mm voxels and an offset origin."""
+    data = np.asarray(generate_case(seed=11, index=index, size=48).image.dataobj)
+    affine = np.diag([-0.9, -0.8, 2.5, 1.0])
+    affine[:3, 3] = (40.0, 30.0, -60.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def _assert_same_geometry(mask: sitk.Image, source: sitk.Image) -> None:
+    assert mask.GetSize() == source.GetSize()
+    assert np.allclose(mask.GetSpacing(), source.GetSpacing(), atol=1e-5)
+    assert np.allclose(mask.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    assert np.allclose(mask.GetDirection(), source.GetDirection(), atol=1e-6)
+
+
 def test_masks_have_the_input_geometry_lps_and_anisotropic(weights, tmp_path):
     folder = tmp_path / "in"
-    folder.mkdir()
-    paths = [_phantom(folder / f"scan{i}.nii.gz", i) for i in (1, 2, 3)]
-    assert len({nib.aff2axcodes(nib.load(p).affine) for p in paths}) >= 1
+    paths = [_phantom(folder / f"scan{i}.nii.gz", i) for i in (1, 2)]
+    paths.append(_lps_anisotropic(folder / "lps.nii.gz"))
+    assert nib.aff2axcodes(nib.load(paths[-1]).affine) == ("L", "P", "S")
     run_inference(_config(weights, input=str(folder), output_dir=str(tmp_path / "out"), fast_invert=False))
     for path in paths:
         source = nib.load(path)
@@ -54,12 +74,27 @@ def test_masks_have_the_input_geometry_lps_and_anisotropic(weights, tmp_path):
         assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
         assert np.allclose(mask.affine, source.affine, atol=1e-4)
         assert set(np.unique(np.asarray(mask.dataobj))) <= set(range(14))
-        itk_source, itk_mask = sitk.ReadImage(str(path)), sitk.ReadImage(str(tmp_path / "out" / mask.get_filename()))
-        assert itk_mask.GetSize() == itk_source.GetSize()
-        assert np.allclose(itk_mask.GetOrigin(), itk_source.GetOrigin(), atol=1e-4)
-        assert np.allclose(itk_mask.GetDirection(), itk_source.GetDirection(), atol=1e-6)
-        assert np.allclose(itk_mask.GetSpacing(), itk_source.GetSpacing(), atol=1e-5)
+        _assert_same_geometry(sitk.ReadImage(str(mask.get_filename())), sitk.ReadImage(str(path)))
     assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_nrrd_and_mha_inputs_give_masks_in_their_own_format_and_geometry(weights, tmp_path):
+    """The same LPS, anisotropic scan as NIfTI, NRRD and MHA: three masks with the same voxels, each in
+    its input's format and with the geometry SimpleITK reads from that input."""
+    folder = tmp_path / "in"
+    nifti = _lps_anisotropic(folder / "scan.nii.gz")
+    inputs = {"as_nrrd": folder / "as_nrrd.nrrd", "as_mha": folder / "as_mha.mha"}
+    for path in inputs.values():
+        sitk.WriteImage(sitk.ReadImage(str(nifti)), str(path))
+    run_inference(_config(weights, input=str(folder), output_dir=str(tmp_path / "out")))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "scan_seg.nii.gz")))
+    assert len(np.unique(reference)) > 1  # random weights still give several classes: voxel order is tested
+    for name, path in inputs.items():
+        written = tmp_path / "out" / f"{name}_seg{path.suffix}"
+        mask = sitk.ReadImage(str(written))
+        _assert_same_geometry(mask, sitk.ReadImage(str(path)))
+        assert mask.GetPixelID() == sitk.sitkUInt8
+        assert np.array_equal(sitk.GetArrayFromImage(mask), reference)
 
 
 def test_inversion_puts_labels_back_where_they_were(weights, tmp_path):
@@ -191,7 +226,7 @@ def _cli(tmp_path, weights, *flags):
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "error: input not found: {tmp}/nope.nii.gz"),
-    ("empty", "error: {tmp}/empty: no NIfTI files and no DICOM series in this folder"),
+    ("empty", "error: {tmp}/empty: no image files (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr) and no DICOM series in this folder"),
     ("flat", "error: {tmp}/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume"),
     ("four_d", "error: {tmp}/four_d.nii.gz: image is 4D with shape (8, 8, 8, 2), expected a 3D volume"),
     ("mismatch", "error: {weights}/w.pth: weights do not match the model built from the flags"),
@@ -259,3 +294,47 @@ def test_largest_component_keeps_one_blob_per_organ():
     kept = keep_largest_components(labels, 14)
     assert kept.dtype == np.uint8 and int((kept == 6).sum()) == 600 and kept[21, 21, 4] == 0
     assert int((kept == 1).sum()) == 27
+
+
+def test_one_bad_file_does_not_stop_a_folder_and_a_rerun_does_only_what_is_missing(weights, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    good = [_phantom(folder / f"scan{i}.nii.gz", i) for i in (1, 2)]
+    truncated = folder / "broken.nii.gz"
+    truncated.write_bytes(good[0].read_bytes()[:3000])
+    config = _config(weights, input=str(folder), output_dir=str(out))
+    with pytest.raises(UserError, match=r"^1 of 3 case\(s\) failed"):
+        run_inference(config)
+    assert "broken.nii.gz: cannot be read" in capsys.readouterr().err
+    assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["scan1_seg.nii.gz", "scan2_seg.nii.gz"]
+    assert not list(out.glob(".*tmp*"))
+
+    # An interrupted run left a stale temporary and no mask for scan2: the rerun segments scan2 only.
+    truncated.unlink()
+    (out / "scan2_seg.nii.gz").unlink()
+    (out / ".scan2_seg.nii.gz.abc123.tmp.nii.gz").write_bytes(b"half")
+    written = (out / "scan1_seg.nii.gz").stat().st_mtime_ns
+    run_inference(config)
+    printed = capsys.readouterr().out
+    assert "scan1: " in printed and "exists, skipped" in printed
+    assert (out / "scan1_seg.nii.gz").stat().st_mtime_ns == written
+    assert (out / "scan2_seg.nii.gz").is_file() and not list(out.glob(".*tmp*"))
+
+
+def test_inputs_that_would_write_the_same_mask_are_refused(weights, tmp_path):
+    first, second = _phantom(tmp_path / "a" / "case.nii.gz", 1), _phantom(tmp_path / "b" / "case.nii.gz", 2)
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"test": [str(first), str(second)]}))
+    config = build_config([_config(weights, split="test", output_dir=str(tmp_path / "out")).to_dict(),
+                           {"data": {"data_dir": str(tmp_path), "json_list": str(datalist)}}])
+    with pytest.raises(UserError, match="would both write .*case_seg.nii.gz"):
+        run_inference(config)
+    assert not list((tmp_path / "out").glob("*_seg*"))
+
+
+def test_an_output_folder_in_use_is_refused(weights, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out, "inference"):
+        with pytest.raises(UserError, match=r"out is in use by inference \(process \d+\)"):
+            run_inference(_config(weights, input=str(_phantom(tmp_path / "x.nii.gz", 1)), output_dir=str(out)))
+    assert not list(out.glob("*_seg*"))
