@@ -30,7 +30,7 @@ from monai.transforms import Invertd, KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config, add_config_arguments, config_from_args, config_from_dict
+from .config import Config, add_config_arguments, config_from_args
 from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
@@ -39,8 +39,9 @@ from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memo
                        to_memory_format)
 from .files import atomic_write, folder_lock, remove_stale_temporaries
 from .images import IMAGE_SUFFIXES, image_shape, is_image_file, mask_path, read_volume, write_mask
-from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
-from .precision import Precision, resolve_precision, runs_natively
+from .checkpoint import load_checkpoint, stored_config
+from .model import build_model, extract_state_dict, load_torchscript_weights, load_weights
+from .precision import resolve_precision, runs_natively
 from .transforms import infer_transforms
 
 LARGE_SCAN_WINDOWS = 64
@@ -114,18 +115,21 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:
-    """The model (and the config it implies): TorchScript, our checkpoint, or a bare state dict.
+    """The model (and the config it implies) from our checkpoint, a bare state dict or a TorchScript file.
 
     A training checkpoint carries its config: its architecture and preprocessing are used, so
     ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
-    ``--precision`` is left at auto and that precision is fast on ``device``.
+    ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
+    its weights to this project's UNETR built from the flags (its own code is never run on data).
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
-    if config.infer.saved_checkpoint == "torchscript":
-        return load_torchscript(path, device).eval(), config
-    content = load_file(path)
-    if isinstance(content, dict) and isinstance(content.get("config"), dict):
-        trained = config_from_dict(content["config"])
+    model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
+    if model is not None:
+        load_torchscript_weights(model, path)
+        return model.to(device).eval(), config
+    content = load_checkpoint(path)
+    trained = stored_config(content, str(path)) if isinstance(content, dict) else None
+    if trained is not None:
         preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
         train = config.train
         if train.precision == "auto" and runs_natively(trained.train.precision, device):
@@ -238,20 +242,14 @@ class Predictor:
         if self.device.type == "cpu" and config.fast.malloc_tuning:
             keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
-        torchscript = config.infer.saved_checkpoint == "torchscript"
-        if torchscript:
-            self.precision = Precision("fp32", "TorchScript models run as saved, without autocast")
-        else:
-            requested = self.config.train.precision
-            stored = requested != config.train.precision
-            self.precision = resolve_precision(requested, self.device, self.config.model,
-                                               "the training run's setting, from its checkpoint" if stored else "")
+        requested = self.config.train.precision
+        stored = requested != config.train.precision
+        self.precision = resolve_precision(requested, self.device, self.config.model,
+                                           "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
-        self.memory_format = torch.contiguous_format
-        if not torchscript:
-            self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
-            self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
-                                              self.device, self.precision.name)
+        self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
+        self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
+                                          self.device, self.precision.name)
         self.transform = infer_transforms(self.config)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from btcv_unetr.errors import UserError
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
@@ -107,7 +109,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match=r"model_final.pt: the checkpoint could not be written \(OSError: disk full\); "
+                                        "the previous file is unchanged"):
         train.save_checkpoint(path, model, optimizer, scheduler, precision, 2, 6, 0.6, config)
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model_final.pt"]
 
