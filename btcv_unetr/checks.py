@@ -95,9 +95,9 @@ def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4
     try:
         datalist = resolve_datalist(data_dir, json_list)
         content = read_datalist(datalist)
+        base_dir = base_dir_for(data_dir, datalist)
     except UserError as exc:
         return [Problem("", str(exc))], {}
-    base_dir = base_dir_for(data_dir, datalist)
     entries = [(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)]
     counts = {split: len(content.get(split, [])) for split in SPLITS}
     problems = []

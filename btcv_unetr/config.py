@@ -263,6 +263,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': {value} is not a finite number")
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -367,6 +369,11 @@ def split_unknown_keys(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]],
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the key."""
     m, d, t, i = config.model, config.data, config.train, config.infer
+    sizes = {"feature_size": m.feature_size, "hidden_size": m.hidden_size, "mlp_dim": m.mlp_dim,
+             "num_heads": m.num_heads}
+    for key, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}': {value} must be >= 1")
     for key in ("roi_x", "roi_y", "roi_z"):
         size = getattr(m, key)
         if size < 16 or size % 16:

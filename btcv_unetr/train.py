@@ -205,6 +205,8 @@ def check_training_data(config: Config, context: Context) -> None:
     """Rank 0 reads every file of the datalist; every rank refuses to start on any problem."""
     problems = [str(p) for p in check_config_data(config)[0]] if context.is_main else None
     problems = broadcast_object(problems, context)
+    if len(problems or []) == 1:
+        raise UserError(f"{problems[0]} (training data)")
     if problems:
         if context.is_main:
             print("\n".join(problems), file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai import transforms as mt
 
 from .config import Config
@@ -25,13 +26,18 @@ IMAGE_LABEL = ("image", "label")
 
 
 class Above:
-    """``x > threshold`` (a picklable crop criterion for loader worker processes)."""
+    """``x > threshold``, or everywhere when no voxel is (a picklable crop criterion for loader workers).
+
+    A scan with nothing above the threshold (all air, constant, NaN) is kept whole rather than cropped
+    to an empty box that nothing downstream could resample.
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
 
     def __call__(self, x):
-        return x > self.threshold
+        above = x > self.threshold
+        return above if bool(above.any()) else torch.ones_like(above)
 
 
 def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.MapTransform]:
