@@ -142,6 +142,11 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), config
 
 
+def window_settings(config: Config) -> dict:
+    """Sliding-window settings shared by ``test.py`` and training validation, so both blend windows alike."""
+    return {"roi_size": config.model.roi_size, "overlap": config.infer.infer_overlap, "mode": config.infer.mode}
+
+
 def class_map(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(0)`` as uint8 for ``(C, X, Y, Z)`` scores, ties to the lower class as argmax does.
 
@@ -283,9 +288,9 @@ class Predictor:
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(x, self.config.model.roi_size, self.sw_batch_size, self._window,
-                                              overlap=infer.infer_overlap, mode=infer.mode, sw_device=self.device,
-                                              device=stitch, progress=progress)
+            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size, predictor=self._window,
+                                              sw_device=self.device, device=stitch, progress=progress,
+                                              **window_settings(self.config))
             probs = torch.softmax(logits, dim=1).cpu()
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs

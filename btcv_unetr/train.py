@@ -38,6 +38,7 @@ from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
 from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
                        micro_batch_size, to_memory_format)
+from .infer import window_settings
 from .logs import RunLog
 from .loss import build_loss
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -147,8 +148,8 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
     rows = []
     for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
-        logits = sliding_window_inference(image, config.model.roi_size, sw_batch_size, predictor,
-                                          overlap=config.infer.infer_overlap)
+        logits = sliding_window_inference(image, sw_batch_size=sw_batch_size, predictor=predictor,
+                                          **window_settings(config))
         prediction = one_hot(logits.argmax(1, keepdim=True), classes)
         rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
     rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]

@@ -166,3 +166,33 @@ def test_time_budget_fixes_the_epochs_and_resume_keeps_them(phantom_dir, tmp_pat
     assert resumed["epoch"] == 3 and resumed["scheduler"] == straight["scheduler"]
     for key, value in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][key], value), key
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_validation_dice_is_the_dice_of_the_inference_pipeline_on_the_same_grid(phantom_dir, tmp_path, mode):
+    """Validation and test.py blend windows alike: the same model on the same preprocessed case gives the same
+    Dice through ``validate`` and through the Predictor's probabilities."""
+    from monai.data import DataLoader
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    from btcv_unetr.infer import Predictor
+    from btcv_unetr.transforms import val_transforms
+
+    torch.manual_seed(1)
+    config = tiny_config(phantom_dir, train={"pretrained_dir": str(tmp_path), "pretrained_model_name": "w.pth",
+                                             "precision": "fp32"},
+                         infer={"mode": mode, "infer_overlap": 0.5})
+    model = build_model(config.model).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    entry = load_config_split(config.data, "validation")[0]
+    case = val_transforms(config)(entry)
+    context = Context(0, 1, 0, torch.device("cpu"))
+    loader = DataLoader([case], batch_size=1)
+    _, validation_dice = train.validate(model, loader, config, Precision("fp32", "test"), context)
+
+    probabilities = Predictor(config).probabilities(case["image"])
+    prediction = one_hot(probabilities.argmax(0)[None, None], 14)
+    rows = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(
+        prediction, one_hot(case["label"][None].long(), 14))
+    assert validation_dice == pytest.approx(float(torch.nanmean(torch.nanmean(rows.double(), 0))), abs=1e-6)
