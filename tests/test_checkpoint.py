@@ -1,0 +1,221 @@
+"""Checkpoints across versions and crashes: migration, unknown keys, reference files, --save_every, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from btcv_unetr import cli
+from btcv_unetr.checkpoint import CHECKPOINT_VERSION, load_checkpoint, weights_checksum
+from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.errors import UserError
+from btcv_unetr.model import build_model
+from btcv_unetr.optim import build_optimizer, build_scheduler
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_argv(phantom_dir, logdir, *flags):
+    return ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(logdir), "--precision", "fp32", *flags]
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir, tmp_path_factory):
+    """A 2-epoch tiny run (model_final.pt of the current version)."""
+    logdir = tmp_path_factory.mktemp("run") / "run"
+    assert cli.main(_train_argv(phantom_dir, logdir, "--max_epochs", "2", "--val_every", "1")) == 0
+    return logdir
+
+
+def _test_scan(phantom_dir: Path) -> Path:
+    return next((phantom_dir / "imagesTs").glob("*.nii.gz"))
+
+
+def _infer_argv(weights: Path, scan: Path, out: Path):
+    return ["infer", "--config", "tiny.yaml", "--pretrained_dir", str(weights.parent), "--pretrained_model_name",
+            weights.name, "--input", str(scan), "--output_dir", str(out), "--no-overlay", "--no_hd95"]
+
+
+def test_checkpoints_carry_the_version_and_a_checksum_of_their_weights(run):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    assert state["version"] == CHECKPOINT_VERSION
+    assert state["checksum"] == weights_checksum(state["state_dict"])
+    state["state_dict"]["out.conv.conv.bias"][0] += 1e-3
+    assert weights_checksum(state["state_dict"]) != state["checksum"]
+
+
+def test_a_version_0_checkpoint_with_the_old_amp_key_resumes_and_segments(run, phantom_dir, tmp_path, capsys):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    old = {key: value for key, value in state.items() if key not in ("version", "checksum", "precision")}
+    old["config"]["train"].pop("precision")
+    old["config"]["train"]["amp"] = False  # as version 0 stored the AMP switch
+    old["config"]["train"].pop("save_every")  # did not exist then
+    torch.save(old, tmp_path / "v0.pt")
+    migrated = load_checkpoint(tmp_path / "v0.pt")
+    assert migrated["version"] == CHECKPOINT_VERSION and migrated["epoch"] == 2
+    assert cli.main(_infer_argv(tmp_path / "v0.pt", _test_scan(phantom_dir), tmp_path / "o")) == 0
+    assert "precision fp32" in capsys.readouterr().out  # amp: false -> fp32, from the stored setting
+    assert cli.main(_train_argv(phantom_dir, tmp_path / "resumed", "--max_epochs", "3", "--val_every", "5",
+                                "--checkpoint", str(tmp_path / "v0.pt"))) == 0
+    assert torch.load(tmp_path / "resumed" / "model_final.pt", weights_only=True)["epoch"] == 3
+
+
+def test_inference_ignores_config_keys_it_does_not_know_with_one_warning(run, phantom_dir, tmp_path, capsys):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    state["config"]["train"]["removed_option"] = 3
+    state["config"]["gone_section"] = {"x": 1}
+    torch.save(state, tmp_path / "model.pt")
+    assert cli.main(_infer_argv(tmp_path / "model.pt", _test_scan(phantom_dir), tmp_path / "o")) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tmp_path / 'model.pt'}: ignoring config keys this version does not use: "
+                        "train.removed_option, gone_section"]
+
+
+def test_a_checkpoint_saved_by_the_reference_trainer_loads_for_inference_and_finetuning(phantom_dir, tmp_path):
+    """The reference saves {"epoch", "best_acc" (a numpy float), "state_dict", "optimizer"}."""
+    model = build_model(tiny_config().model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    torch.save({"epoch": 7, "best_acc": np.float64(0.61), "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict()}, tmp_path / "model.pt")
+    assert load_checkpoint(tmp_path / "model.pt")["best_acc"] == pytest.approx(0.61)
+    assert cli.main(_infer_argv(tmp_path / "model.pt", _test_scan(phantom_dir), tmp_path / "o")) == 0
+    assert cli.main(_train_argv(phantom_dir, tmp_path / "ft", "--max_epochs", "1", "--val_every", "5",
+                                "--resume_ckpt", "--pretrained_dir", str(tmp_path),
+                                "--pretrained_model_name", "model.pt")) == 0
+
+
+def test_anything_else_needing_code_is_still_refused(tmp_path):
+    torch.save({"state_dict": {}, "extra": torch.optim.AdamW}, tmp_path / "code.pt")
+    with pytest.raises(UserError, match="needs arbitrary code to unpickle"):
+        load_checkpoint(tmp_path / "code.pt")
+
+
+def test_save_every_writes_the_resumable_state_every_n_epochs_and_at_the_end(phantom_dir, tmp_path, monkeypatch):
+    from btcv_unetr import train
+    saved = []
+    real = train.save_checkpoint
+
+    def record(path, *args):
+        saved.append((path.name, args[4]))  # (file, epoch)
+        real(path, *args)
+
+    monkeypatch.setattr(train, "save_checkpoint", record)
+    assert cli.main(_train_argv(phantom_dir, tmp_path / "r", "--max_epochs", "5", "--save_every", "2",
+                                "--val_every", "10")) == 0
+    assert [epoch for name, epoch in saved if name == "model_final.pt"] == [2, 4, 5]
+
+
+TRAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    from btcv_unetr import cli
+    sys.exit(cli.main(sys.argv[1:]))
+""")
+
+
+class Training:
+    """A training in a child process whose output lines are collected as they come."""
+
+    def __init__(self, argv, cwd):
+        self.process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, *argv], cwd=cwd, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
+        self.reader.start()
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> bool:
+        """True once a line containing ``text`` was printed; False if the process ended first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in line for line in list(self.lines)):
+                return True
+            if self.process.poll() is not None:
+                self.reader.join()
+                return any(text in line for line in self.lines)
+            time.sleep(0.05)
+        raise TimeoutError(f"no '{text}' within {timeout} s")
+
+    def kill(self) -> str:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.reader.join()
+        return "".join(self.lines)
+
+
+def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_rate(phantom_dir, tmp_path):
+    """Ten kills at random moments of one training; each resume loads the last state and goes on from there,
+    with the learning rate the schedule gives at that epoch."""
+    rng = random.Random(0)
+    logdir, epochs = tmp_path / "run", 40
+    flags = ["--max_epochs", str(epochs), "--val_every", "100", "--warmup_epochs", "3", "--optim_lr", "1e-3",
+             "--seed", "0"]
+    last_epoch, kills = 0, 0
+    while kills < 10:
+        resume = ["--checkpoint", str(logdir / "model_final.pt")] if (logdir / "model_final.pt").exists() else []
+        training = Training(_train_argv(phantom_dir, logdir, *flags, *resume), tmp_path)
+        if not training.wait_for("training on cpu"):
+            pytest.fail("training ended before its kill: " + "".join(training.lines)[-2000:])
+        time.sleep(rng.uniform(0.2, 2.5))  # somewhere in an epoch, a validation or a checkpoint write
+        output = training.kill()
+        kills += 1
+        if resume:
+            assert f"resumed {logdir / 'model_final.pt'}: epoch {last_epoch}," in output, output[-2000:]
+        if (logdir / "model_final.pt").exists():
+            epoch = load_checkpoint(logdir / "model_final.pt")["epoch"]  # loads: never half-written
+            assert epoch >= last_epoch
+            last_epoch = epoch
+    assert kills == 10 and last_epoch >= 3
+    # The learning rate of the last state is the schedule's at its epoch, as in an uninterrupted run.
+    state = load_checkpoint(logdir / "model_final.pt")
+    config = tiny_config(train={"max_epochs": epochs, "warmup_epochs": 3, "optim_lr": 1e-3})
+    optimizer = build_optimizer(torch.nn.Linear(1, 1), config.train)
+    scheduler = build_scheduler(optimizer, config.train)
+    optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
+    for _ in range(state["epoch"]):
+        scheduler.step()
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+    assert state["scheduler"]["last_epoch"] == state["epoch"]
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_the_next_start_cleans_up(tmp_path):
+    config_dir = str(CONFIG_DIR)
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from pathlib import Path
+        from btcv_unetr.checkpoint import save_checkpoint
+        from btcv_unetr.config import build_config, _read_yaml
+        from btcv_unetr.model import build_model
+        from btcv_unetr.precision import Precision
+        config = build_config([_read_yaml(Path({config_dir!r}) / "tiny.yaml")])
+        model = build_model(config.model)
+        optimizer = torch.optim.AdamW(model.parameters())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
+        path = Path({str(tmp_path)!r}) / "model_final.pt"
+        save_checkpoint(path, model, optimizer, scheduler, Precision("fp32", ""), 1, 3, 0.5, config)
+        def dying_save(obj, f, *args, **kwargs):
+            Path(f).write_bytes(b"the first megabyte of a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = dying_save
+        save_checkpoint(path, model, optimizer, scheduler, Precision("fp32", ""), 2, 6, 0.6, config)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "model_final.pt")["epoch"] == 1
+    assert len(list(tmp_path.glob(".model_final.pt.*.tmp.pt"))) == 1  # what the kill left
+    from btcv_unetr.files import remove_stale_temporaries
+    assert [p.name for p in remove_stale_temporaries(tmp_path)][0].startswith(".model_final.pt.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]
