@@ -301,8 +301,9 @@ def test_bench_quick_writes_valid_json(tmp_path):
                              "--out", str(out), "--silent"], capture_output=True, encoding="utf-8", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
-    for path in ("forward_speedup", "train_step_speedup", "inference_speedup", "dice_difference"):
-        assert data["summary"][path] > 0 or path == "dice_difference"
+    for path in ("forward_speedup", "train_step_speedup", "inference_speedup"):
+        assert data["summary"][path] > 0
+    assert abs(data["summary"]["dice_difference"]) < 0.05  # the fast path segments as the reference does
     for name in ("reference", "fast"):
         assert data[name]["inference"]["end_to_end_s"] > data[name]["inference"]["windows_s"] > 0
         assert len(data[name]["loss_curve"]) == data["settings"]["loss_steps"]
