@@ -127,7 +127,7 @@ def test_finetuning_from_torchscript_turns_autocast_off(phantom_dir, tmp_path, c
 
 @pytest.mark.parametrize("flags, message", [
     (["--data_dir", "/nonexistent", "--json_list", "nope.json"],
-     "error: training data has 1 problem(s), listed above"),
+     "error: datalist 'nope.json' not found in /nonexistent"),
     (["--roi_x", "100"], "error: config key 'roi_x': 100 must be a positive multiple of 16 (UNETR's patch size)"),
     (["--checkpoint", "/nonexistent/model.pt"], "error: checkpoint not found: /nonexistent/model.pt"),
 ])

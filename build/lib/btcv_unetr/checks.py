@@ -11,12 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from .config import Config
 from .data import base_dir_for, read_datalist, resolve_datalist, split_entries
 from .errors import UserError
+from .images import Volume, read_volume
 
 SPLITS = ("training", "validation", "test")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -31,35 +31,9 @@ class Problem:
         return f"{self.path}: {self.message}" if self.path else self.message
 
 
-@dataclass
-class Volume:
-    shape: tuple[int, ...]
-    affine: np.ndarray
-    data: np.ndarray
-
-
 def is_3d(shape: tuple[int, ...]) -> bool:
     """A 3D volume, possibly with trailing singleton axes (X, Y, Z, 1)."""
     return len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:]))
-
-
-def read_volume(path: Path) -> Volume:
-    """Read a volume (NIfTI with nibabel; MHA, NRRD ... with SimpleITK) with its RAS affine."""
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz", ".img", ".hdr")):
-        image = nib.load(str(path))
-        return Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
-    import SimpleITK as sitk
-    image = sitk.ReadImage(str(path))
-    data = sitk.GetArrayFromImage(image).T  # SimpleITK is (z, y, x)
-    direction = np.array(image.GetDirection()).reshape(image.GetDimension(), -1)
-    affine = np.eye(4)
-    if image.GetDimension() == 3:
-        lps = np.eye(4)
-        lps[:3, :3] = direction * np.array(image.GetSpacing())
-        lps[:3, 3] = image.GetOrigin()
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK's LPS world to NIfTI's RAS world
-    return Volume(tuple(data.shape), affine, data)
 
 
 def _volume_problems(path: Path) -> tuple[Volume | None, list[Problem]]:
@@ -121,9 +95,9 @@ def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4
     try:
         datalist = resolve_datalist(data_dir, json_list)
         content = read_datalist(datalist)
+        base_dir = base_dir_for(data_dir, datalist)
     except UserError as exc:
         return [Problem("", str(exc))], {}
-    base_dir = base_dir_for(data_dir, datalist)
     entries = [(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)]
     counts = {split: len(content.get(split, [])) for split in SPLITS}
     problems = []

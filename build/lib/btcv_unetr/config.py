@@ -125,6 +125,7 @@ class TrainConfig:
     max_steps: int | None = _opt(None, "stop after this many optimiser steps (quick runs)")
     batch_size: int = _opt(1, "volumes per batch (each gives num_samples crops)")
     val_every: int = _opt(100, "validate every N epochs")
+    save_every: int = _opt(1, "write the resumable state (model_final.pt) every N epochs, and after the last")
     smooth_nr: float = _opt(0.0, "Dice loss numerator smoothing")
     smooth_dr: float = _opt(1e-6, "Dice loss denominator smoothing")
     class_weights: str = _opt("none", "Dice class weights: none (the reference) or inverse_sqrt_volume "
@@ -172,7 +173,8 @@ class InferConfig:
     tta: bool = _opt(False, "flip test-time augmentation (averages probabilities of 4 passes)")
     save_probabilities: bool = _opt(False, "also write CASE_probabilities.npz (float16, native geometry)")
     device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
-    overwrite: bool = _opt(False, "replace existing outputs (otherwise they are skipped)")
+    overwrite: bool = _opt(False, "replace existing outputs: masks (otherwise skipped), an export's --out, a "
+                                  "training run folder that holds an earlier run (otherwise refused)")
     largest_component: bool = _opt(False, "keep the largest connected component per organ")
     fast_invert: bool = _opt(True, "map the class probabilities back onto the scan's grid in one separable "
                                    "trilinear pass over the covered box (same masks as --no-fast_invert, which "
@@ -261,6 +263,8 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
                 pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}': {value} is not a finite number")
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -350,9 +354,26 @@ def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     return build_config([data])
 
 
+def split_unknown_keys(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """``data`` without the sections and keys this version does not define, and the dropped ``section.key`` names."""
+    known, dropped = {}, []
+    for section, values in data.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            dropped.append(section)
+            continue
+        known[section] = {key: value for key, value in values.items() if FIELD_SECTION.get(key) == section}
+        dropped += [f"{section}.{key}" for key in values if FIELD_SECTION.get(key) != section]
+    return known, dropped
+
+
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the key."""
     m, d, t, i = config.model, config.data, config.train, config.infer
+    sizes = {"feature_size": m.feature_size, "hidden_size": m.hidden_size, "mlp_dim": m.mlp_dim,
+             "num_heads": m.num_heads}
+    for key, value in sizes.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}': {value} must be >= 1")
     for key in ("roi_x", "roi_y", "roi_z"):
         size = getattr(m, key)
         if size < 16 or size % 16:
@@ -374,7 +395,8 @@ def validate(config: Config) -> None:
     if not 0.0 <= i.infer_overlap < 1.0:
         raise ConfigError(f"config key 'infer_overlap': {i.infer_overlap} must be in [0, 1)")
     positive = {"in_channels": m.in_channels, "out_channels": m.out_channels, "num_samples": d.num_samples,
-                "batch_size": t.batch_size, "val_every": t.val_every, "max_epochs": t.max_epochs,
+                "batch_size": t.batch_size, "val_every": t.val_every, "save_every": t.save_every,
+                "max_epochs": t.max_epochs,
                 "world_size": config.dist.world_size}
     for key, value in positive.items():
         if value < 1:

@@ -43,8 +43,16 @@ def resolve_datalist(data_dir: str, json_list: str) -> Path:
 
 
 def base_dir_for(data_dir: str, datalist: Path) -> Path:
-    """Folder that relative datalist paths resolve against."""
-    return Path(data_dir) if Path(data_dir).is_dir() else datalist.parent
+    """Folder that relative datalist paths resolve against: data_dir, else the datalist's own folder.
+
+    A shipped datalist names files relative to a data folder the user has: without it, say so.
+    """
+    if Path(data_dir).is_dir():
+        return Path(data_dir)
+    if datalist.parent == BUILTIN_DATALISTS.resolve():
+        raise UserError(f"data folder {data_dir} does not exist (the shipped datalist {datalist.name} names files "
+                        "inside it): pass --data_dir DIR")
+    return datalist.parent
 
 
 def read_datalist(path: Path) -> dict[str, Any]:

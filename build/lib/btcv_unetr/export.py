@@ -49,11 +49,15 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.train.checkpoint:
         raise UserError("export: --checkpoint FILE is required (a training checkpoint or a state dict)")
-    path = Path(config.train.checkpoint)
+    path, out = Path(config.train.checkpoint), Path(args.out)
+    if out.resolve() == path.resolve():
+        raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
+    if out.exists() and not config.infer.overwrite:
+        raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
     config = dataclasses.replace(config, train=dataclasses.replace(
         config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name))
     model, config = load_inference_model(config, torch.device("cpu"))
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
-    export(model, example, args.format, Path(args.out))
+    export(model, example, args.format, out)
     print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")
     return 0

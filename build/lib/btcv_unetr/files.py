@@ -6,6 +6,7 @@ truncated one. ``os.replace`` is atomic on POSIX and Windows within one filesyst
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+
+from .errors import UserError
 
 
 @contextmanager
@@ -35,6 +38,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+TEMPORARY_GLOB = ".*.tmp*"  # the names atomic_path gives
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete temporary files that a killed process left in ``folder`` (call it while holding its lock)."""
+    removed = []
+    for path in Path(folder).glob(TEMPORARY_GLOB):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@contextmanager
+def folder_lock(folder: str | Path, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``.lock`` file in it) for the block, or refuse in one line.
+
+    The operating system drops the lock when the process ends, however it ends, so a crashed run
+    never leaves a folder locked.
+    """
+    folder = Path(folder)
+    lock_file = folder / ".lock"
+    try:
+        handle = lock_file.open("a+")
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot be written ({exc.strerror}): choose another folder") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise UserError(f"{folder} is in use by {owner}: wait for it to finish, or choose another folder") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{purpose} (process {os.getpid()})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -30,19 +30,20 @@ from monai.transforms import Invertd, KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config, add_config_arguments, config_from_args, config_from_dict
+from .config import Config, add_config_arguments, config_from_args
 from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
 from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
                        to_memory_format)
-from .files import atomic_save_nifti, atomic_write
-from .model import build_model, extract_state_dict, load_file, load_torchscript, load_weights
-from .precision import Precision, resolve_precision, runs_natively
+from .files import atomic_write, folder_lock, remove_stale_temporaries
+from .images import IMAGE_SUFFIXES, image_shape, is_image_file, mask_path, read_volume, write_mask
+from .checkpoint import load_checkpoint, stored_config
+from .model import build_model, extract_state_dict, load_torchscript_weights, load_weights
+from .precision import resolve_precision, runs_natively
 from .transforms import infer_transforms
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LARGE_SCAN_WINDOWS = 64
 # Preprocessing keys taken from a training checkpoint's config: the model only works on data
 # prepared as it was trained.
@@ -54,10 +55,6 @@ class Case:
     name: str
     image: Path
     label: Path | None = None
-
-
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
 
 
 def _dicom_series(folder: Path) -> list[str]:
@@ -76,7 +73,7 @@ def _dicom_to_nifti(folder: Path, series: str, out: Path) -> Path:
 
 
 def find_cases(config: Config, scratch: Path) -> list[Case]:
-    """The scans to segment: ``--input`` (file, NIfTI folder or DICOM folder), else the datalist split."""
+    """The scans to segment: ``--input`` (an image file, a folder of them or a DICOM folder), else the datalist split."""
     given = config.infer.input
     if given is None:
         entries = load_config_split(config.data, config.infer.split)
@@ -87,22 +84,25 @@ def find_cases(config: Config, scratch: Path) -> list[Case]:
         raise UserError(f"input not found: {path}")
     if path.is_file():
         return [Case(case_name(path), path)]
-    files = sorted(p for p in path.iterdir() if _is_nifti(p))
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
     if files:
         return [Case(case_name(p), p) for p in files]
     series = _dicom_series(path)
     if series:
         return [Case(case_name(nifti), nifti) for nifti in (_dicom_to_nifti(path, s, scratch) for s in series)]
-    raise UserError(f"{path}: no NIfTI files and no DICOM series in this folder")
+    raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
 
 
 def check_image(path: Path) -> None:
-    """A readable 3D image, or a one-line error naming the file."""
+    """A readable 3D image of an accepted format, or a one-line error naming the file."""
+    if not is_image_file(path):
+        raise UserError(f"{path}: not an accepted image format ({', '.join(IMAGE_SUFFIXES)}); convert it, "
+                        "or give a DICOM series as its folder")
     try:
-        shape = nib.load(path).shape if _is_nifti(path) else None
-    except Exception as exc:  # nibabel raises several types for unreadable files
+        shape = image_shape(path)
+    except Exception as exc:  # nibabel and SimpleITK raise several types for unreadable files
         raise UserError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
-    if shape is not None and not is_3d(tuple(shape)):
+    if not is_3d(tuple(shape)):
         raise UserError(f"{path}: image is {len(shape)}D with shape {tuple(shape)}, expected a 3D volume")
 
 
@@ -115,18 +115,21 @@ def pick_device(name: str) -> torch.device:
 
 
 def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:
-    """The model (and the config it implies): TorchScript, our checkpoint, or a bare state dict.
+    """The model (and the config it implies) from our checkpoint, a bare state dict or a TorchScript file.
 
     A training checkpoint carries its config: its architecture and preprocessing are used, so
     ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
-    ``--precision`` is left at auto and that precision is fast on ``device``.
+    ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
+    its weights to this project's UNETR built from the flags (its own code is never run on data).
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
-    if config.infer.saved_checkpoint == "torchscript":
-        return load_torchscript(path, device).eval(), config
-    content = load_file(path)
-    if isinstance(content, dict) and isinstance(content.get("config"), dict):
-        trained = config_from_dict(content["config"])
+    model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
+    if model is not None:
+        load_torchscript_weights(model, path)
+        return model.to(device).eval(), config
+    content = load_checkpoint(path)
+    trained = stored_config(content, str(path)) if isinstance(content, dict) else None
+    if trained is not None:
         preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
         train = config.train
         if train.precision == "auto" and runs_natively(trained.train.precision, device):
@@ -137,6 +140,11 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     model = build_model(config.model)
     load_weights(model, extract_state_dict(content, str(path)), str(path))
     return model.to(device).eval(), config
+
+
+def window_settings(config: Config) -> dict:
+    """Sliding-window settings shared by ``test.py`` and training validation, so both blend windows alike."""
+    return {"roi_size": config.model.roi_size, "overlap": config.infer.infer_overlap, "mode": config.infer.mode}
 
 
 def class_map(scores: torch.Tensor) -> torch.Tensor:
@@ -239,20 +247,14 @@ class Predictor:
         if self.device.type == "cpu" and config.fast.malloc_tuning:
             keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
-        torchscript = config.infer.saved_checkpoint == "torchscript"
-        if torchscript:
-            self.precision = Precision("fp32", "TorchScript models run as saved, without autocast")
-        else:
-            requested = self.config.train.precision
-            stored = requested != config.train.precision
-            self.precision = resolve_precision(requested, self.device, self.config.model,
-                                               "the training run's setting, from its checkpoint" if stored else "")
+        requested = self.config.train.precision
+        stored = requested != config.train.precision
+        self.precision = resolve_precision(requested, self.device, self.config.model,
+                                           "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
-        self.memory_format = torch.contiguous_format
-        if not torchscript:
-            self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
-            self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
-                                              self.device, self.precision.name)
+        self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
+        self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
+                                          self.device, self.precision.name)
         self.transform = infer_transforms(self.config)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
@@ -286,9 +288,9 @@ class Predictor:
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(x, self.config.model.roi_size, self.sw_batch_size, self._window,
-                                              overlap=infer.infer_overlap, mode=infer.mode, sw_device=self.device,
-                                              device=stitch, progress=progress)
+            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size, predictor=self._window,
+                                              sw_device=self.device, device=stitch, progress=progress,
+                                              **window_settings(self.config))
             probs = torch.softmax(logits, dim=1).cpu()
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
@@ -302,7 +304,15 @@ class Predictor:
 
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
-        image = self.transform({"image": str(path)})["image"]
+        try:
+            image = self.transform({"image": str(path)})["image"]
+        except Exception as exc:  # MONAI wraps the reader's error (truncated gzip, bad header ...)
+            cause = exc.__cause__ or exc
+            detail = (str(cause).strip().splitlines() or [""])[0]
+            raise UserError(f"{path}: cannot be read ({cause.__class__.__name__}: {detail})") from None
+        if not bool(torch.isfinite(image).all()):
+            raise UserError(f"{path}: the image has NaN or infinite voxels (btcv-unetr check-data counts them): "
+                            "replace them, e.g. by the lowest intensity, and run again")
         probs = self.probabilities(image)
         if self.config.infer.fast_invert and not keep_probabilities:
             labels = probabilities_to_scan(probs, image)
@@ -354,53 +364,87 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     labels, probabilities = predictor.segment(case.image, keep_probabilities=infer.save_probabilities)
     if infer.largest_component:
         labels = keep_largest_components(labels, predictor.config.model.out_channels)
-    original = nib.load(case.image) if _is_nifti(case.image) else None
-    reference = original if original is not None else nib.Nifti1Image(np.zeros(labels.shape, np.uint8), np.eye(4))
-    if labels.shape != reference.shape[:3]:
-        raise RuntimeError(f"inverted mask {labels.shape} does not match the input {reference.shape}")
-    mask = nib.Nifti1Image(labels, reference.affine)
-    mask.set_qform(reference.affine, code=1)
-    mask.set_sform(reference.affine, code=1)
-    atomic_save_nifti(mask, out_dir / f"{case.name}_seg.nii.gz")
+    scan_shape = image_shape(case.image)[:3]
+    if labels.shape != tuple(scan_shape):
+        raise RuntimeError(f"inverted mask {labels.shape} does not match the input {tuple(scan_shape)}")
+    mask_file = mask_path(out_dir, case.name, case.image)
+    write_mask(labels, case.image, mask_file)
     if probabilities is not None:
         atomic_write(out_dir / f"{case.name}_probabilities.npz",
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
     seconds = time.time() - started
     if infer.overlay:
         from .plots import save_overlay, to_display_order
-        image, mask, spacing = to_display_order(np.asarray(reference.dataobj), labels, reference.affine)
+        scan = read_volume(case.image)
+        image, mask, spacing = to_display_order(np.asarray(scan.data).reshape(scan.shape[:3]), labels, scan.affine)
         save_overlay(image, mask, spacing, out_dir / f"{case.name}_overlay.png", title=case.name)
-    print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {out_dir / (case.name + '_seg.nii.gz')}")
+    print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}")
     if case.label is None:
         return None
-    label_image = nib.load(case.label)
-    result = case_metrics(case.name, labels, np.asarray(label_image.dataobj).astype(np.int16),
-                          label_image.header.get_zooms()[:3], predictor.config.model.out_channels, infer.hd95)
+    label = read_volume(case.label)
+    spacing = np.linalg.norm(label.affine[:3, :3], axis=0)
+    result = case_metrics(case.name, labels, np.asarray(label.data).reshape(label.shape[:3]).astype(np.int16),
+                          tuple(spacing), predictor.config.model.out_channels, infer.hd95)
     result.seconds = seconds
     return result
 
 
+def check_distinct_outputs(cases: list[Case], out_dir: Path) -> None:
+    """Two inputs whose masks would share one file (``a/case.nii.gz``, ``b/case.nii.gz``) are refused."""
+    seen: dict[Path, Case] = {}
+    for case in cases:
+        target = mask_path(out_dir, case.name, case.image)
+        if target in seen:
+            raise UserError(f"{seen[target].image} and {case.image} would both write {target}: rename one, "
+                            "or segment them into different --output_dir folders")
+        seen[target] = case
+
+
 def run_inference(config: Config) -> dict | None:
+    """Segment every case; finished masks are skipped unless ``--overwrite``, failed cases listed at the end.
+
+    Every output is written to a temporary name and renamed, so an interrupted run leaves complete
+    masks only, and running the same command again segments the rest.
+    """
     out_dir = Path(config.infer.output_dir)
     prepare_output_dir(out_dir)
-    with tempfile.TemporaryDirectory() as scratch:
+    with folder_lock(out_dir, "inference"), tempfile.TemporaryDirectory() as scratch:
+        remove_stale_temporaries(out_dir)
         cases = find_cases(config, Path(scratch))
+        check_distinct_outputs(cases, out_dir)
+        todo = []
         for case in cases:
-            check_image(case.image)
-        predictor = Predictor(config)
-        results = []
-        for case in tqdm(cases, desc="cases", unit="case", disable=len(cases) < 2):
-            if (out_dir / f"{case.name}_seg.nii.gz").exists() and not config.infer.overwrite:
-                print(f"{case.name}: {out_dir / (case.name + '_seg.nii.gz')} exists, skipped (--overwrite replaces it)")
+            if mask_path(out_dir, case.name, case.image).exists() and not config.infer.overwrite:
+                print(f"{case.name}: {mask_path(out_dir, case.name, case.image)} exists, skipped "
+                      "(--overwrite replaces it)")
+            else:
+                todo.append(case)
+        if len(cases) == 1:
+            for case in todo:  # one input: its problem is the run's error
+                check_image(case.image)
+        predictor = Predictor(config) if todo else None
+        results, failures = [], []
+        for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2):
+            try:
+                check_image(case.image)
+                result = segment_case(predictor, case, out_dir, config)
+            except UserError as exc:
+                if len(cases) == 1:
+                    raise
+                print(f"{case.name}: failed: {exc}", file=sys.stderr)
+                failures.append(str(exc))
                 continue
-            result = segment_case(predictor, case, out_dir, config)
             if result is not None:
                 results.append(result)
-    if not results:
-        return None
-    summary = write_reports(out_dir, results, predictor.config.model.out_channels)
-    print(format_summary(summary))
-    print(f"Overall Mean Dice: {summary['mean_organ_dice']:.4f}" if not math.isnan(summary["mean_organ_dice"]) else "")
+    summary = None
+    if results:
+        summary = write_reports(out_dir, results, predictor.config.model.out_channels)
+        print(format_summary(summary))
+        if not math.isnan(summary["mean_organ_dice"]):
+            print(f"Overall Mean Dice: {summary['mean_organ_dice']:.4f}")
+    if failures:
+        print("\n".join(["failed cases:"] + failures), file=sys.stderr)
+        raise UserError(f"{len(failures)} of {len(cases)} case(s) failed (listed above); the others were written")
     return summary
 
 
@@ -409,6 +453,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_inference(config_from_args(args))
+    try:
+        run_inference(config_from_args(args))
+    except KeyboardInterrupt:
+        print("interrupted: the masks written so far are complete; run the same command again to segment the rest",
+              file=sys.stderr)
+        return 130
     return 0
 

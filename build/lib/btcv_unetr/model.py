@@ -1,14 +1,15 @@
 """UNETR construction and weight loading (our checkpoints, bare state dicts, old MONAI layouts, TorchScript).
 
-All files are read with ``torch.load(weights_only=True)``: a file that needs arbitrary code to
-unpickle is refused, never executed.
+Checkpoints and state dicts are read as data only (``checkpoint.load_file``). TorchScript files are
+programs: ``torch.jit.load`` runs code from the file, so they are loaded only where asked for
+(``--resume_jit``, ``--saved_checkpoint torchscript``), with a warning, and only their weights are
+used, in this project's own UNETR.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from monai.networks.nets import UNETR
 from torch import nn
 
+from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .errors import UserError
 
@@ -53,32 +55,6 @@ def build_model(config: ModelConfig) -> UNETR:
         if UNUSED_PARAMETERS.search(name):
             parameter.requires_grad_(False)
     return model
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
-
-
-def load_file(path: str | Path) -> Any:
-    """``torch.load(weights_only=True)`` on CPU with one-line errors for user mistakes."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    if _is_torchscript(path):
-        raise UserError(f"{path}: this is a TorchScript file: use --resume_jit (training) or "
-                        "--saved_checkpoint torchscript (inference)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "global" not in str(exc).lower():
-            raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
-        raise UserError(f"{path}: refused to load, the file needs arbitrary code to unpickle (weights_only=True); "
-                        "re-save it as a plain state dict (torch.save(model.state_dict(), ...))") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: {exc})") from None
 
 
 def extract_state_dict(content: Any, source: str) -> dict[str, torch.Tensor]:
@@ -131,14 +107,19 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
 
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load weights from our checkpoint, a bare state dict (any MONAI version) into ``model``."""
-    load_weights(model, extract_state_dict(load_file(path), str(path)), str(path))
+    load_weights(model, extract_state_dict(load_checkpoint(path), str(path)), str(path))
 
 
 def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """A TorchScript file (e.g. the released ``UNETR_model_best_acc.pt``), with one-line errors."""
+    """A TorchScript file (e.g. the released ``UNETR_model_best_acc.pt``), with one-line errors.
+
+    Loading TorchScript runs code stored in the file: a warning says so once per load.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"TorchScript file not found: {path}")
+    print(f"warning: {path} is TorchScript, which is a program: loading it runs code from the file; "
+          "load only files you trust", file=sys.stderr)
     try:
         return torch.jit.load(str(path), map_location=device)
     except RuntimeError as exc:
@@ -146,5 +127,9 @@ def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> to
 
 
 def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights of a TorchScript UNETR into ``model`` (which keeps AMP, DDP and eager debugging)."""
+    """Copy the weights of a TorchScript UNETR into ``model`` (which keeps AMP, DDP and eager debugging).
+
+    The scripted module itself never runs: a file that is not a UNETR of ``model``'s configuration
+    fails here with the names of the mismatching weights.
+    """
     load_weights(model, extract_state_dict(load_torchscript(path).state_dict(), str(path)), str(path))

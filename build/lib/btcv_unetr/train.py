@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,12 +35,14 @@ from .config import Config, FastConfig, add_config_arguments, config_from_args
 from .data import load_config_split, make_dataset
 from .distributed import Context, all_true, broadcast_object, gather_objects, launch
 from .errors import UserError
+from .files import folder_lock, remove_stale_temporaries
 from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
                        micro_batch_size, to_memory_format)
-from .files import atomic_write
+from .infer import window_settings
 from .logs import RunLog
 from .loss import build_loss
-from .model import build_model, load_file, load_pretrained, load_torchscript_weights, load_weights
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model import build_model, load_pretrained, load_torchscript_weights, load_weights
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_precision
 from .transforms import train_transforms, val_transforms
@@ -145,8 +148,8 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
     rows = []
     for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
-        logits = sliding_window_inference(image, config.model.roi_size, sw_batch_size, predictor,
-                                          overlap=config.infer.infer_overlap)
+        logits = sliding_window_inference(image, sw_batch_size=sw_batch_size, predictor=predictor,
+                                          **window_settings(config))
         prediction = one_hot(logits.argmax(1, keepdim=True), classes)
         rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
     rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
@@ -157,24 +160,54 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
     return organ_dice.tolist(), float(torch.nanmean(organ_dice))
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, precision: Precision, epoch: int,
-                    global_step: int, best_acc: float, config: Config) -> None:
-    """One dict that resumes everything; plain values only, so ``weights_only=True`` loads it.
+# What a training run writes into its folder; an earlier run's files are not silently mixed with a new one's.
+RUN_FILES = ("model.pt", "model_final.pt", "metrics.csv", "config.yaml")
 
-    ``config`` holds the settings as asked (``precision: auto``, ``time_budget_min``, and the
-    ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason.
-    """
-    state = {"epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
-             "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-             "config": config.to_dict(), "precision": precision.as_dict()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+def clear_earlier_run(logdir: Path, config: Config) -> None:
+    """Refuse a run folder that holds an earlier run, unless resuming it or ``--overwrite`` (which deletes its files)."""
+    if config.train.checkpoint:
+        return
+    previous = [logdir / name for name in RUN_FILES if (logdir / name).exists()]
+    previous += sorted(logdir.glob("events.out.tfevents.*"))
+    if previous and not config.infer.overwrite:
+        raise UserError(f"{logdir} holds an earlier run ({', '.join(p.name for p in previous[:3])}"
+                        f"{' ...' if len(previous) > 3 else ''}): resume it with --checkpoint "
+                        f"{logdir / 'model_final.pt'}, replace it with --overwrite, or choose another --logdir")
+    for path in previous:
+        path.unlink()
+
+
+@contextlib.contextmanager
+def run_folder(logdir: Path, config: Config, context: Context) -> Iterator[None]:
+    """Rank 0 creates the run folder and locks it for the whole run (a second training on it is refused);
+    temporary files of a killed run are removed. Every rank stops when the folder cannot be used."""
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if context.is_main:
+            try:
+                try:
+                    logdir.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise UserError(f"{logdir}: cannot create the run folder ({exc.strerror or exc}): "
+                                    "choose another --logdir") from None
+                stack.enter_context(folder_lock(logdir, "a training run"))
+                clear_earlier_run(logdir, config)
+                remove_stale_temporaries(logdir)
+            except UserError as exc:
+                problem = str(exc)
+        problem = broadcast_object(problem, context)
+        if problem:
+            raise UserError(problem)
+        yield
 
 
 def check_training_data(config: Config, context: Context) -> None:
     """Rank 0 reads every file of the datalist; every rank refuses to start on any problem."""
     problems = [str(p) for p in check_config_data(config)[0]] if context.is_main else None
     problems = broadcast_object(problems, context)
+    if len(problems or []) == 1:
+        raise UserError(f"{problems[0]} (training data)")
     if problems:
         if context.is_main:
             print("\n".join(problems), file=sys.stderr)
@@ -230,13 +263,17 @@ def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, epoch_s: fl
     return epochs_done + max(1, int((budget_s - elapsed_s) // per_epoch))
 
 
-def load_training_state(path: str) -> dict[str, Any]:
-    """A training checkpoint (our dict), or a one-line error."""
-    state: Any = load_file(path)
+def load_training_state(path: str, config: Config) -> dict[str, Any]:
+    """A training checkpoint (our dict, any version) that fits this run, or a one-line error."""
+    state: Any = load_checkpoint(path)
     required = ("state_dict", "optimizer", "scheduler", "epoch")
     if not isinstance(state, dict) or any(key not in state for key in required):
         raise UserError(f"{path}: not a training checkpoint (needs {', '.join(required)}); "
                         "to finetune from bare weights use --resume_ckpt")
+    saved = state.get("config", {}).get("train", {}).get("optim_name")
+    if saved is not None and saved != config.train.optim_name:
+        raise UserError(f"{path}: saved with --optim_name {saved}, this run asks for {config.train.optim_name}: "
+                        f"resume with --optim_name {saved}, or finetune its weights with --resume_ckpt")
     return state
 
 
@@ -269,7 +306,13 @@ def train_worker(context: Context, config: Config) -> None:
     if context.device.type == "cpu" and config.fast.malloc_tuning:
         keep_freed_memory()
     check_training_data(config, context)
-    state = load_training_state(config.train.checkpoint) if config.train.checkpoint else None
+    with run_folder(logdir, config, context):
+        run_training(context, config, logdir)
+
+
+def run_training(context: Context, config: Config, logdir: Path) -> None:
+    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked)."""
+    state = load_training_state(config.train.checkpoint, config) if config.train.checkpoint else None
     fixed_epochs = budgeted_epochs(state, config)
     if fixed_epochs is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=fixed_epochs))
@@ -295,7 +338,6 @@ def train_worker(context: Context, config: Config) -> None:
     loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
     log = RunLog(logdir, context.is_main, config.model.out_channels)
     if context.is_main:
-        logdir.mkdir(parents=True, exist_ok=True)
         print(config.to_yaml(), end="")
         config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")
         print(precision.describe())
@@ -356,7 +398,7 @@ def train_worker(context: Context, config: Config) -> None:
             config = dataclasses.replace(config, train=t)
             scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
             plan_budget = False
-        if context.is_main and t.save_checkpoint:  # every epoch, so that a crash loses at most one
+        if context.is_main and t.save_checkpoint and (epoch % t.save_every == 0 or epoch >= t.max_epochs or stop):
             save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
                             best_acc, config)
         if stop:

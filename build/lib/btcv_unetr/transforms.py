@@ -16,21 +16,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from monai import transforms as mt
 
 from .config import Config
+from .images import SimpleITKReader
 
 IMAGE_LABEL = ("image", "label")
 
 
 class Above:
-    """``x > threshold`` (a picklable crop criterion for loader worker processes)."""
+    """``x > threshold``, or everywhere when no voxel is (a picklable crop criterion for loader workers).
+
+    A scan with nothing above the threshold (all air, constant, NaN) is kept whole rather than cropped
+    to an empty box that nothing downstream could resample.
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
 
     def __call__(self, x):
-        return x > self.threshold
+        above = x > self.threshold
+        return above if bool(above.any()) else torch.ones_like(above)
 
 
 def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.MapTransform]:
@@ -38,7 +45,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     data = config.data
     keys = list(keys)
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
-    load = [mt.LoadImaged(keys=keys, ensure_channel_first=True, image_only=True),
+    load = [mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True),
             mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
     window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,

@@ -1,0 +1,161 @@
+"""Image files in and masks out, each in its own geometry: NIfTI by nibabel, MHA/MHD/NRRD by SimpleITK.
+
+    image_shape       the voxel shape from the header only
+    read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
+    SimpleITKReader   the same for MONAI's ``LoadImage`` (MONAI reads the ITK formats only with ``itk``)
+    mask_path         where a case's mask goes: ``CASE_seg`` with the input's own format
+    write_mask        labels on the input's voxel grid, written with the input's geometry, atomically
+
+Voxel order is the file's (i, j, k) in every array here; SimpleITK's ``GetArrayFromImage`` is
+(k, j, i), hence the transposes. ITK's world is LPS and NIfTI's RAS: the affines returned are RAS,
+as nibabel's and MONAI's are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.data import ImageReader
+from monai.utils import ensure_tuple
+
+from .files import atomic_path, atomic_save_nifti
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    data: np.ndarray
+
+
+def is_nifti(path: str | Path) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image_file(path: str | Path) -> bool:
+    return str(path).lower().endswith(IMAGE_SUFFIXES)
+
+
+def image_suffix(path: str | Path) -> str:
+    """``.nii.gz``, ``.nrrd`` ...: the accepted suffix ``path`` ends with (case kept), else its last suffix."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[-len(suffix):]
+    return Path(path).suffix
+
+
+def ras_affine(image) -> np.ndarray:
+    """The 4x4 voxel-to-RAS affine of a 3D SimpleITK image (identity for other dimensions)."""
+    if image.GetDimension() != 3:
+        return np.eye(4)
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    lps[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ lps
+
+
+def _itk_array(image) -> np.ndarray:
+    """Voxels in (i, j, k[, component]) order."""
+    import SimpleITK as sitk
+    array = sitk.GetArrayFromImage(image)
+    scalar_axes = image.GetDimension()
+    order = tuple(reversed(range(scalar_axes))) + tuple(range(scalar_axes, array.ndim))
+    return array.transpose(order)
+
+
+def image_shape(path: str | Path) -> tuple[int, ...]:
+    """The voxel shape (i, j, k[, components]) from the file's header, without reading the voxels."""
+    if is_nifti(path):
+        return tuple(nib.load(str(path)).shape)
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    components = reader.GetNumberOfComponents()
+    return tuple(reader.GetSize()) + ((components,) if components > 1 else ())
+
+
+def read_volume(path: str | Path) -> Volume:
+    """Voxels and RAS affine of a NIfTI (nibabel) or ITK-format (SimpleITK) file; errors are the libraries'."""
+    path = Path(path)
+    if is_nifti(path):
+        image = nib.load(str(path))
+        return Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
+    import SimpleITK as sitk
+    image = sitk.ReadImage(str(path))
+    data = _itk_array(image)
+    return Volume(tuple(data.shape), ras_affine(image), data)
+
+
+class SimpleITKReader(ImageReader):
+    """MONAI image reader for MHA/MHD/NRRD files through SimpleITK: data (X, Y, Z) with a RAS affine.
+
+    MONAI's own ``ITKReader`` needs the ``itk`` package, which this project does not install.
+    """
+
+    def verify_suffix(self, filename: Sequence[str] | str) -> bool:
+        return all(is_image_file(name) and not is_nifti(name) for name in ensure_tuple(filename))
+
+    def read(self, data: Sequence[str] | str, **kwargs):
+        # LoadImage tries a reader it was given on every file: leave NIfTI to nibabel, as MONAI does.
+        if not self.verify_suffix(data):
+            raise ValueError(f"SimpleITKReader reads {', '.join(ITK_SUFFIXES)} files only")
+        names = ensure_tuple(data)
+        if len(names) != 1:
+            raise ValueError("SimpleITKReader reads one file per image")
+        import SimpleITK as sitk
+        return sitk.ReadImage(str(names[0]))
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        image = img  # a SimpleITK image is iterable (its voxels): never pass it to ensure_tuple
+        affine = ras_affine(image)
+        meta = {"affine": affine, "original_affine": affine.copy(),
+                "spatial_shape": np.asarray(image.GetSize()), "space": "RAS",
+                "original_channel_dim": float("nan") if image.GetNumberOfComponentsPerPixel() == 1 else -1}
+        return _itk_array(image), meta
+
+
+def mask_path(out_dir: Path, case: str, image: Path) -> Path:
+    """``out_dir/CASE_seg`` with the input's own format (``.nii.gz`` for NIfTI and DICOM inputs)."""
+    suffix = image_suffix(image)
+    if is_nifti(image) or suffix.lower() not in ITK_SUFFIXES:
+        suffix = ".nii.gz"
+    elif suffix.lower() in (".mhd", ".nhdr"):  # header + data pairs: one self-contained file instead
+        suffix = ".mha" if suffix.lower() == ".mhd" else ".nrrd"
+    return out_dir / f"{case}_seg{suffix}"
+
+
+def write_mask(labels: np.ndarray, like: Path, path: Path) -> None:
+    """Write uint8 ``labels`` (the voxel grid of image ``like``) to ``path`` with ``like``'s geometry.
+
+    NIfTI masks carry the image's affine as both qform and sform; ITK-format masks the image's
+    origin, spacing and direction (read from its header only).
+    """
+    labels = np.asarray(labels, dtype=np.uint8)
+    if is_nifti(path):
+        affine = nib.load(str(like)).affine if is_nifti(like) else read_volume(like).affine
+        mask = nib.Nifti1Image(labels, affine)
+        mask.set_qform(affine, code=1)
+        mask.set_sform(affine, code=1)
+        atomic_save_nifti(mask, path)
+        return
+    import SimpleITK as sitk
+    header = sitk.ImageFileReader()
+    header.SetFileName(str(like))
+    header.ReadImageInformation()
+    mask = sitk.GetImageFromArray(labels.transpose(2, 1, 0))
+    mask.SetOrigin(header.GetOrigin())
+    mask.SetSpacing(header.GetSpacing())
+    mask.SetDirection(header.GetDirection())
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(mask, str(tmp), True)
