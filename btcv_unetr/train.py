@@ -1,9 +1,10 @@
 """Training: ``python main.py`` / ``btcv-unetr train`` with the reference flags.
 
     train_one_epoch  one pass over the training crops (autocast, non-finite losses skipped)
-    validate         sliding-window Dice per organ over the validation cases, each counted once
+    validate         sliding-window Dice per organ over the validation cases (blended as test.py does)
     plan_epochs      the epoch count that fits a wall-clock budget (``--time_budget_min``)
-    train_worker     one process: data, model, optimiser, resume, the epoch loop, checkpoints
+    run_folder       the run folder, locked for the run; an earlier run refused unless resumed/overwritten
+    train_worker     one process: checks, then run_training (resume, model, data, the epoch loop, checkpoints)
 """
 
 from __future__ import annotations

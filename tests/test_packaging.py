@@ -1,6 +1,7 @@
 """The package installed from a wheel, outside the checkout, finds its shipped configs and datalists."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,7 +22,10 @@ print(resolve_datalist("/nonexistent", "dataset_0.json"))
 def test_wheel_in_a_fresh_venv_finds_configs_and_datalists(tmp_path):
     wheels, venv, elsewhere = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    # Built from a copy: an in-tree build would leave build/ in the checkout.
+    source = shutil.copytree(ROOT, tmp_path / "source", symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "runs", "demo", "outputs", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "--quiet", "-w", str(wheels)], check=True, cwd=elsewhere)
     wheel = next(wheels.glob("btcv_unetr-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
