@@ -426,7 +426,8 @@ def run_inference(config: Config) -> dict | None:
         results, failures = [], []
         for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2):
             try:
-                check_image(case.image)
+                if len(cases) > 1:  # a single input was checked before the model was loaded
+                    check_image(case.image)
                 result = segment_case(predictor, case, out_dir, config)
             except UserError as exc:
                 if len(cases) == 1:

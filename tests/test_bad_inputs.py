@@ -238,22 +238,22 @@ def infer_truncated_checkpoint(tmp, ctx):
     return _infer(tmp, path, ctx["scan"]), "not a readable PyTorch checkpoint"
 
 
-def infer_pickle_payload(tmp, ctx):
+def _payload_checkpoint(tmp, ctx, write) -> Path:
+    """A checkpoint whose unpickling would create a marker file (which must stay absent)."""
     path = tmp / "w" / "w.pth"
     path.parent.mkdir()
-    marker = tmp / "marker"
-    ctx["absent"] = [marker]
-    with path.open("wb") as handle:
-        pickle.dump({"state_dict": Payload(str(marker))}, handle)
+    ctx["absent"] = [tmp / "marker"]
+    write({"state_dict": Payload(str(tmp / "marker"))}, path)
+    return path
+
+
+def infer_pickle_payload(tmp, ctx):
+    path = _payload_checkpoint(tmp, ctx, lambda obj, path: path.write_bytes(pickle.dumps(obj)))
     return _infer(tmp, path, ctx["scan"]), "not a readable PyTorch checkpoint"
 
 
 def infer_torch_pickle_payload(tmp, ctx):
-    path = tmp / "w" / "w.pth"
-    path.parent.mkdir()
-    marker = tmp / "marker"
-    ctx["absent"] = [marker]
-    torch.save({"state_dict": Payload(str(marker))}, path)
+    path = _payload_checkpoint(tmp, ctx, torch.save)
     return _infer(tmp, path, ctx["scan"]), "refused to load, the file needs arbitrary code to unpickle"
 
 
