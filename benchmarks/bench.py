@@ -29,25 +29,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from btcv_unetr.allocator import keep_freed_memory  # noqa: E402
 from btcv_unetr.config import Config, build_config  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
-from btcv_unetr.fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory,  # noqa: E402
-                                 memory_format_for, micro_batch_size, reference_style, sdpa_for, to_memory_format,
-                                 use_sdpa)
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
-from btcv_unetr.infer import Case, Predictor, run_inference, segment_case  # noqa: E402
+from btcv_unetr.infer import Case, Predictor, auto_sw_batch_size, run_inference, segment_case  # noqa: E402
 from btcv_unetr.loss import build_loss  # noqa: E402
-from btcv_unetr.model import build_model  # noqa: E402
+from btcv_unetr.model import build_model, compile_if_asked, memory_format_for, prepare_model, sdpa_for  # noqa: E402
 from btcv_unetr.optim import build_optimizer  # noqa: E402
 from btcv_unetr.phantoms import generate_case, write_dataset  # noqa: E402
 from btcv_unetr.precision import Precision, cpu_features, resolve_precision  # noqa: E402
-from btcv_unetr.train import train_step, train_worker  # noqa: E402
+from btcv_unetr.train import micro_batch_size, train_step, train_worker  # noqa: E402
 from btcv_unetr.transforms import train_transforms  # noqa: E402
+from reference import InverseTransformPredictor, reference_style  # noqa: E402  (benchmarks/reference.py)
 
 UNETR_B = {"roi_x": 96, "roi_y": 96, "roi_z": 96, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072,
            "num_heads": 12}
@@ -72,16 +72,15 @@ def run_precision(config: Config, device: torch.device) -> Precision:
         return resolve_precision(config.train.precision, device, config.model)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run."""
-    def timed() -> float:
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - started
-    timed()
-    return statistics.median(timed() for _ in range(repeats))
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up run.
+
+    PyTorch's ``Timer`` synchronises CUDA around each run; it is told to keep this process's thread
+    count (it would otherwise time on one thread).
+    """
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer.timeit(1)
+    return statistics.median(timer.timeit(1).median for _ in range(repeats))
 
 
 class PeakMemory:
@@ -120,7 +119,7 @@ class PeakMemory:
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
     """FLOP/s of an ``n x n`` matrix product (multiply-add counted as 2)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    return 2 * n**3 / median_seconds(lambda: a @ b, repeats, device)
+    return 2 * n**3 / median_seconds(lambda: a @ b, repeats)
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -133,16 +132,15 @@ def memory_bandwidth(device: torch.device, repeats: int, megabytes: int = 512) -
     """Bytes per second moved by copying a large tensor (read + write counted)."""
     source = torch.ones(megabytes * 2**20 // 4, device=device)
     target = torch.empty_like(source)
-    return 2 * source.numel() * 4 / median_seconds(lambda: target.copy_(source), repeats, device)
+    return 2 * source.numel() * 4 / median_seconds(lambda: target.copy_(source), repeats)
 
 
 def module_profile(config: Config, device: torch.device, repeats: int) -> list[dict]:
     """Seconds and FLOPs of each top-level block of one forward pass (where the time goes)."""
     torch.manual_seed(0)
     precision = run_precision(config, device)
-    layout = memory_format_for(config.fast, device, precision.name, training=False)
-    model = to_memory_format(build_model(config.model).to(device).eval(), layout)
-    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
+    model, layout = prepare_model(build_model(config.model).to(device).eval(), config.fast, device, precision.name,
+                                  training=False)
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device).contiguous(memory_format=layout)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -171,13 +169,11 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
     torch.manual_seed(0)
     precision = run_precision(config, device)
     model = build_model(config.model).to(device)
-    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
     x = torch.randn(1, config.model.in_channels, *config.model.roi_size, device=device)
-    inference_layout = memory_format_for(config.fast, device, precision.name, training=False)
-    inference_model = to_memory_format(copy.deepcopy(model), inference_layout)
+    inference_model, inference_layout = prepare_model(copy.deepcopy(model), config.fast, device, precision.name,
+                                                      training=False)
     x_inference = x.contiguous(memory_format=inference_layout)
-    training_layout = memory_format_for(config.fast, device, precision.name, training=True)
-    model = to_memory_format(model, training_layout)
+    model, training_layout = prepare_model(model, config.fast, device, precision.name, training=True)
     x = x.contiguous(memory_format=training_layout)
 
     def forward():
@@ -190,17 +186,16 @@ def model_passes(config: Config, device: torch.device, repeats: int) -> dict:
             out = model(x)
         out.float().square().mean().backward()
 
-    return {"forward_s": median_seconds(forward, repeats, device),
-            "forward_backward_s": median_seconds(forward_backward, repeats, device)}
+    return {"forward_s": median_seconds(forward, repeats),
+            "forward_backward_s": median_seconds(forward_backward, repeats)}
 
 
 def step_function(config: Config, device: torch.device, seed: int) -> Callable[[torch.Tensor, torch.Tensor], float | None]:
     """A fresh model and optimiser (seeded) and a function taking one training step as ``main.py`` does."""
     torch.manual_seed(seed)
     precision = run_precision(config, device)
-    layout = memory_format_for(config.fast, device, precision.name, training=True)
-    model = to_memory_format(build_model(config.model).to(device).train(), layout)
-    use_sdpa(model, sdpa_for(config.fast, device, precision.name))
+    model, layout = prepare_model(build_model(config.model).to(device).train(), config.fast, device, precision.name,
+                                  training=True)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     loss_fn, _ = build_loss(config.train, config.model.out_channels, [], device)  # the benchmark's configs: unweighted
     context = Context(0, 1, 0, device)
@@ -218,7 +213,7 @@ def training_step(config: Config, device: torch.device, repeats: int) -> dict:
     crops = config.data.num_samples * config.train.batch_size
     image = torch.randn(crops, 1, *config.model.roi_size, device=device)
     label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
-    seconds = median_seconds(lambda: step(image, label), repeats, device)
+    seconds = median_seconds(lambda: step(image, label), repeats)
     micro = micro_batch_size(config.fast, device, crops, run_precision(config, device).name)
     return {"step_s": seconds, "crops": crops, "micro_batch": micro}
 
@@ -227,16 +222,16 @@ def window_seconds(config: Config, device: torch.device, repeats: int, windows: 
     """Seconds per window of a forward pass over ``windows`` windows, as the Predictor runs it."""
     torch.manual_seed(0)
     precision = run_precision(config, device)
-    layout = memory_format_for(config.fast, device, precision.name, training=False)
-    model = apply_model_switches(to_memory_format(build_model(config.model).to(device).eval(), layout), config.fast,
-                                 device, precision.name)
+    model, layout = prepare_model(build_model(config.model).to(device).eval(), config.fast, device, precision.name,
+                                  training=False)
+    model = compile_if_asked(model, config.fast)
     x = torch.randn(windows, config.model.in_channels, *config.model.roi_size, device=device)
     x = x.contiguous(memory_format=layout)
 
     def forward():
         with torch.inference_mode(), precision.autocast(device):
             return model(x)
-    return median_seconds(forward, repeats, device) / windows
+    return median_seconds(forward, repeats) / windows
 
 
 def switch_ablation(config: Config, device: torch.device, repeats: int) -> list[dict]:
@@ -305,15 +300,16 @@ def data_throughput(config: Config) -> dict:
     return {"cache_s_per_case": cache_s, "random_s_per_case": per_case, "cases_per_s": 1 / per_case}
 
 
-def inference(config: Config, scan: Path, out_dir: Path, repeats: int, device: torch.device) -> dict:
+def inference(predictor_class: type[Predictor], config: Config, scan: Path, out_dir: Path, repeats: int,
+              device: torch.device) -> dict:
     """Seconds per scan end to end (read, preprocess, windows, invert, write) and for the windows alone."""
     with contextlib.redirect_stdout(io.StringIO()):
-        predictor = Predictor(config)
+        predictor = predictor_class(config)
         case = Case(scan.name.split(".")[0], scan)
         with PeakMemory(device) as memory:
-            end_to_end = median_seconds(lambda: segment_case(predictor, case, out_dir, config), repeats, device)
+            end_to_end = median_seconds(lambda: segment_case(predictor, case, out_dir, config), repeats)
         image = predictor.transform({"image": str(scan)})["image"]
-        windows = median_seconds(lambda: predictor.probabilities(image), repeats, device)
+        windows = median_seconds(lambda: predictor.probabilities(image), repeats)
     return {"end_to_end_s": end_to_end, "windows_s": windows, "peak_memory_gb": memory.peak_bytes / 1e9,
             "sw_batch_size": predictor.sw_batch_size, "preprocessed_shape": list(image.shape[1:])}
 
@@ -343,9 +339,10 @@ def train_tiny(config: Config) -> Path:
     return Path(config.train.logdir) / "model_final.pt"
 
 
-def segment_folder(config: Config) -> float:
+def segment_folder(predictor_class: type[Predictor], config: Config) -> float:
+    """Mean organ Dice over the datalist's validation cases, segmented by ``predictor_class``."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = run_inference(config)
+        summary = run_inference(config, predictor_class(config))
     return float(summary["mean_organ_dice"])
 
 
@@ -401,7 +398,8 @@ def run(args: argparse.Namespace) -> dict:
     dice_configs = dict(zip(("reference", "fast"), configs(settings, args.device, dice_data, checkpoint)))
 
     results: dict = {"reference": {}, "fast": {}}
-    for name, config, tiny in (("reference", reference, tiny_ref), ("fast", fast, tiny_fast)):
+    paths = (("reference", reference, tiny_ref, InverseTransformPredictor), ("fast", fast, tiny_fast, Predictor))
+    for name, config, tiny, predictor_class in paths:
         keep_freed_memory(config.fast.malloc_tuning)
         log(f"{name} path")
         out = results[name]
@@ -409,10 +407,10 @@ def run(args: argparse.Namespace) -> dict:
         log(f"  forward {out['model']['forward_s']:.3f} s, forward+backward {out['model']['forward_backward_s']:.3f} s")
         out["train_step"] = training_step(config, device, repeats)
         log(f"  training step {out['train_step']['step_s']:.2f} s")
-        out["inference"] = inference(config, scan, work / f"masks_{name}", repeats, device)
+        out["inference"] = inference(predictor_class, config, scan, work / f"masks_{name}", repeats)
         log(f"  inference {out['inference']['end_to_end_s']:.2f} s per scan, windows {out['inference']['windows_s']:.2f} s")
         dice_config = build_config([dice_configs[name].to_dict(), {"infer": {"output_dir": str(work / f"dice_{name}")}}])
-        out["dice"] = segment_folder(dice_config)
+        out["dice"] = segment_folder(predictor_class, dice_config)
         log(f"  mean organ Dice of the {'given' if args.dice_checkpoint else 'tiny'} model {out['dice']:.4f}")
         out["loss_curve"] = loss_curve(tiny, batches, device, seed=0)
     results["reference"]["loss_curve_other_seed"] = loss_curve(tiny_ref, batches, device, seed=1)

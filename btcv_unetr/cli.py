@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__, checks, evaluate, export, infer, phantoms, train
-from .config import FlagParser
+from .config import FlagParser, unrecognized_flags_message
 from .errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unrecognized = parser.parse_known_args(argv)
+    if unrecognized:
+        # ``infer --warmup_epochs 3`` would be ignored: refused, naming the commands that take the flag.
+        parser.error(unrecognized_flags_message(args.command, unrecognized))
     return run_command(args.run, args)
 
 

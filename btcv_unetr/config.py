@@ -176,9 +176,6 @@ class InferConfig:
     overwrite: bool = _opt(False, "replace existing outputs: masks (otherwise skipped), an export's --out, a "
                                   "training run folder that holds an earlier run (otherwise refused)")
     largest_component: bool = _opt(False, "keep the largest connected component per organ")
-    fast_invert: bool = _opt(True, "map the class probabilities back onto the scan's grid in one separable "
-                                   "trilinear pass over the covered box (same masks as --no-fast_invert, which "
-                                   "undoes each preprocessing step per channel with MONAI's inverse transforms)")
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
@@ -244,6 +241,11 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _flag_type(hint: Any) -> type:
+    """The type a flag parses: ``bool`` for ``bool | None``, ``int`` for ``int``."""
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+
+
 def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
     """Check ``value`` against the field's type; returns it (ints widened to float)."""
     args = typing.get_args(hint)
@@ -282,12 +284,19 @@ RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
 }
 
 
+# Keys removed since: dropped silently from files and checkpoints that still carry them.
+REMOVED_KEYS: set[tuple[str, str]] = {
+    ("infer", "fast_invert"),  # the one-pass inversion became the only inversion path
+}
+
+
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` (nested sections) with renamed keys under their new names; a new key given too wins."""
+    """``raw`` (nested sections) with renamed keys under their new names (a new key given too wins)
+    and removed keys dropped."""
     migrated = {}
     for section, values in raw.items():
         if isinstance(values, dict):
-            values = dict(values)
+            values = {key: value for key, value in values.items() if (section, key) not in REMOVED_KEYS}
             for (renamed_section, old), (new, convert) in RENAMED_KEYS.items():
                 if renamed_section == section and old in values:
                     value = values.pop(old)
@@ -416,22 +425,50 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'use_normal_dataset' and 'cache_dir' exclude each other: choose one")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per config field (reference names; defaults shown in help).
+PREPROCESSING = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
+# Flags the reference's test.py took without using them at inference (its loader shared the
+# training arguments): test.py still accepts them, so that reference commands keep working.
+REFERENCE_TEST_EXTRAS = ("RandFlipd_prob", "RandRotate90d_prob", "RandScaleIntensityd_prob",
+                         "RandShiftIntensityd_prob", "workers", "distributed")
+# The config flags each command takes: section -> its fields, or None for the whole section. A
+# YAML file may set any key; a flag a command would ignore is refused.
+COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "train": {"model": None, "data": None, "train": None, "dist": None, "fast": None,
+              "infer": ("infer_overlap", "sw_batch_size", "mode", "overwrite")},
+    "infer": {"model": None, "infer": None,
+              "data": ("data_dir", "json_list", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
+              "train": ("pretrained_dir", "pretrained_model_name", "precision"),
+              "dist": REFERENCE_TEST_EXTRAS[5:],
+              "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
+    "export": {"model": None, "train": ("checkpoint",), "infer": ("overwrite",)},
+}
+
+
+def command_fields(command: str | None) -> dict[str, list[dataclasses.Field]]:
+    """The config fields ``command`` takes flags for, per section (``None``: every field)."""
+    wanted = COMMAND_FLAGS[command] if command is not None else {section: None for section in SECTIONS}
+    return {section: [f for f in dataclasses.fields(SECTIONS[section]) if names is None or f.name in names]
+            for section, names in wanted.items()}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """Add ``--config`` and one flag per config field ``command`` uses (reference names; defaults in help).
 
     Flags default to ``argparse.SUPPRESS`` so that only flags the user typed override the YAML file.
     """
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="YAML file of config sections; flags given on the command line override it")
-    for section, cls in SECTIONS.items():
+    for section, fields in command_fields(command).items():
+        cls = SECTIONS[section]
         group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
         hints = _field_types(cls)
-        for f in dataclasses.fields(cls):
+        for f in fields:
             flags = f.metadata["flags"] or (f"--{f.name}",)
+            unused = command == "infer" and f.name in REFERENCE_TEST_EXTRAS
             # argparse formats help with %: a literal % in a text ("30% faster") must be doubled.
-            help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")
-            base = typing.get_args(hints[f.name])
-            base = next((a for a in base if a is not type(None)), hints[f.name])
+            help_text = ("accepted as the reference's test.py does; not used by inference" if unused else
+                         f"{f.metadata['help']} (default: {f.default})").replace("%", "%%")
+            base = _flag_type(hints[f.name])
             if base is bool:
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
@@ -441,6 +478,29 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             for alias, value in f.metadata["aliases"]:
                 group.add_argument(alias, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
                                    help=f"sets {f.name} to {value} (reference flag)")
+
+
+def _flags_of(f: dataclasses.Field, hint: Any) -> list[str]:
+    """Every flag that sets field ``f``: its names, its aliases and the ``--no-`` form of a switch."""
+    names = list(f.metadata["flags"] or (f"--{f.name}",)) + [alias for alias, _ in f.metadata["aliases"]]
+    return names + ([f"--no-{f.name}"] if _flag_type(hint) is bool else [])
+
+
+def unrecognized_flags_message(command: str, words: list[str]) -> str:
+    """The error line for flags ``command`` does not take: config flags of other commands are named as such."""
+    owners: dict[str, list[str]] = {}
+    for other in COMMAND_FLAGS:
+        for section, fields in command_fields(other).items():
+            hints = _field_types(SECTIONS[section])
+            for f in fields:
+                for flag in _flags_of(f, hints[f.name]):
+                    owners.setdefault(flag, []).append(other)
+    flags = [word.split("=")[0] for word in words if word.startswith("-")]
+    known = [flag for flag in flags if flag in owners]
+    if known:
+        return "; ".join(f"{flag} is not a flag of '{command}' (it is one of: {', '.join(owners[flag])})"
+                         for flag in known)
+    return f"unrecognized arguments: {' '.join(words)}"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

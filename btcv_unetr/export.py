@@ -42,7 +42,7 @@ def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path) -
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript")
     parser.add_argument("--out", required=True, help="output file")
-    add_config_arguments(parser)
+    add_config_arguments(parser, "export")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,14 +1,17 @@
 """Inference: ``python test.py`` / ``btcv-unetr infer``; one ``CASE_seg.nii.gz`` per scan in the scan's own geometry.
 
-    find_cases   --input (a NIfTI file, a folder of them, a DICOM series folder) or a datalist split
-    Predictor    loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> invert
-    run          writes masks (atomically), optional probabilities and overlays, and the metrics report
+    find_cases             --input (a NIfTI file, a folder of them, a DICOM series folder) or a datalist split
+    auto_sw_batch_size     windows per forward pass, per device, CPU class and free memory
+    window_settings        the sliding-window settings test.py and training validation share
+    Predictor              loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> to the scan
+    probabilities_to_scan  class map (and probabilities) on the scan's own grid
+    run_inference          writes masks (atomically), optional probabilities and overlays, and the metrics report
 
 The spatial preprocessing (orientation, spacing, foreground crop) is undone on the class
-probabilities by trilinear interpolation, then the argmax is taken on the scan's grid. By default
-in one pass: three 1-D interpolations over only the scan voxels the crop covers. With
-``--no-fast_invert`` (and for oblique scans) by MONAI's inverse transforms, one probability channel
-at a time (memory stays at two native-size channels). Both give the same masks (tested).
+probabilities by trilinear interpolation, then the argmax is taken on the scan's grid, in one pass:
+three 1-D interpolations over only the scan voxels the crop covers. It gives the masks MONAI's
+inverse transforms (``Invertd``) give, one channel at a time (the tests' oracle), at a fraction of
+the time and memory.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd, KeepLargestConnectedComponent
+from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
@@ -35,13 +38,13 @@ from .checks import is_3d
 from .data import case_name, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
-from .fastpath import (apply_model_switches, auto_sw_batch_size, keep_freed_memory, memory_format_for,
-                       to_memory_format)
+from .allocator import keep_freed_memory
 from .files import atomic_write, folder_lock, remove_stale_temporaries
 from .images import IMAGE_SUFFIXES, image_shape, is_image_file, mask_path, read_volume, write_mask
 from .checkpoint import load_checkpoint, stored_config
-from .model import build_model, extract_state_dict, load_torchscript_weights, load_weights
-from .precision import resolve_precision, runs_natively
+from .model import (build_model, compile_if_asked, extract_state_dict, load_torchscript_weights, load_weights,
+                    prepare_model)
+from .precision import cpu_features, resolve_precision, runs_natively
 from .transforms import infer_transforms
 
 LARGE_SCAN_WINDOWS = 64
@@ -142,6 +145,31 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), config
 
 
+# A rough upper bound of the GPU memory one window needs at inference: the decoder keeps a few
+# full-resolution maps of feature_size channels alive at once; 64 bytes per voxel and feature is
+# 16 such maps in float32 (0.9 GB for a 96^3 window at feature 16). Only half the free memory is used.
+_BYTES_PER_WINDOW_VOXEL_FEATURE = 64
+
+
+def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
+                       precision: str, limit: int = 8) -> int:
+    """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
+
+    CPU: 4 with AMX (its matrix units are fed better by 4 windows: 6% less time per UNETR-B
+    window under bf16 on a 2-core Xeon), else 2 (per UNETR-B window, 15% less time than 1 under
+    bf16 on a Zen 4, and 4 no better; 40% less under fp32 on the AVX2 class for the demo's model,
+    4 no better). AMX counts only in bfloat16: its tiles compute no float32. GPU: as many as fit in
+    half the free memory, up to ``limit``.
+    """
+    if requested > 0:
+        return requested
+    if device.type != "cuda":
+        return 4 if cpu_features().amx_bf16 and precision == "bf16" else 2
+    free, _ = torch.cuda.mem_get_info(device)
+    per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
+    return max(1, min(limit, int(0.5 * free // per_window)))
+
+
 def window_settings(config: Config) -> dict:
     """Sliding-window settings shared by ``test.py`` and training validation, so both blend windows alike."""
     return {"roi_size": config.model.roi_size, "overlap": config.infer.infer_overlap, "mode": config.infer.mode}
@@ -160,12 +188,12 @@ def class_map(scores: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _voxel_map(image: MetaTensor) -> list[tuple[int, float, float]] | None:
-    """Per scan axis j: (preprocessed axis i, a, b) with ``i_index = a * j_index + b``, or None if not separable.
+def _voxel_map(image: MetaTensor) -> list[tuple[int, float, float]]:
+    """Per scan axis j: (preprocessed axis i, a, b) with ``i_index = a * j_index + b``.
 
     Orientation, spacing and crop only permute, flip, scale and shift the axes (MONAI's Spacing keeps
     the scan's direction cosines, so tilted scans too), so the map from the scan's voxel indices to
-    the preprocessed grid's is axis-aligned; a grid rotated against the scan has no separable shortcut.
+    the preprocessed grid's is axis-aligned.
     """
     scan_affine = np.asarray(image.meta["original_affine"], dtype=np.float64)
     to_grid = np.linalg.inv(np.asarray(image.affine, dtype=np.float64)) @ scan_affine
@@ -175,9 +203,12 @@ def _voxel_map(image: MetaTensor) -> list[tuple[int, float, float]] | None:
     for j in range(3):
         rows = np.flatnonzero(np.abs(linear[:, j]) > tolerance)
         if len(rows) != 1:
-            return None
+            break
         mapping.append((int(rows[0]), float(linear[rows[0], j]), float(to_grid[rows[0], 3])))
-    return mapping if sorted(i for i, _, _ in mapping) == [0, 1, 2] else None
+    if sorted(i for i, _, _ in mapping) != [0, 1, 2]:
+        # Only a preprocessing step that rotates the grid (none of ours does) could get here.
+        raise RuntimeError(f"the preprocessed grid is rotated against the scan's (voxel map {linear.tolist()})")
+    return mapping
 
 
 def _linear_weights(count: int, first: int, a: float, b: float, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,41 +219,71 @@ def _linear_weights(count: int, first: int, a: float, b: float, size: int) -> tu
     return lower, (coords - lower).float()
 
 
-def probabilities_to_scan(probs: torch.Tensor, image: MetaTensor, slab: int = 16) -> np.ndarray | None:
-    """Class map on the scan's own grid from probabilities ``(C, X, Y, Z)`` on the preprocessed grid.
+def _crop_box_before_resampling(image: MetaTensor, mapping: list[tuple[int, float, float]],
+                                scan_shape: list[int]) -> list[tuple[int, int]] | None:
+    """Per scan axis, the ``[start, stop)`` scan voxels of a body crop taken before resampling, else None.
 
-    The same trilinear interpolation as undoing the preprocessing with MONAI's inverse transforms
-    (``--no-fast_invert``), outside the crop counted as background, but done in one pass as three
-    1-D interpolations over only the scan voxels the crop covers, ``slab`` scan slices at a time.
-    Returns None for a grid rotated against the scan (the caller then takes the inverse-transform path).
+    The crop box's first voxel is the grid's first (resampling keeps the corner); its size is the
+    resampling step's input size, which MONAI records with the step.
     """
-    mapping = _voxel_map(image)
-    if mapping is None:
+    steps = [op["class"] for op in image.applied_operations]
+    if "CropForeground" not in steps or "SpatialResample" not in steps or \
+            steps.index("CropForeground") > steps.index("SpatialResample"):
         return None
-    scan_shape = [int(n) for n in image.meta["spatial_shape"]]
-    grid_shape = probs.shape[1:]
-    # The scan voxels whose interpolation can touch the crop: the rest is background.
+    cropped = image.applied_operations[steps.index("SpatialResample")]["orig_size"]  # in grid axis order
     box = []
     for j, (i, a, b) in enumerate(mapping):
-        ends = sorted(((-1.0 - b) / a, (grid_shape[i] - b) / a))
-        box.append((max(0, int(np.floor(ends[0]))), min(scan_shape[j], int(np.ceil(ends[1])) + 1)))
+        first = int(round(-b / a))  # the scan voxel at grid index 0
+        start = first if a > 0 else first - int(cropped[i]) + 1
+        box.append((max(0, start), min(scan_shape[j], start + int(cropped[i]))))
+    return box
+
+
+def probabilities_to_scan(probs: torch.Tensor, image: MetaTensor, slab: int = 16,
+                          keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class map ``(X, Y, Z)`` uint8 on the scan's own grid from probabilities ``(C, x, y, z)`` on the
+    preprocessed grid of ``image``; with ``keep_probabilities`` also the scan-grid probabilities
+    ``(C, X, Y, Z)`` as float16.
+
+    The trilinear interpolation that undoing the preprocessing with MONAI's inverse transforms
+    performs, done as three 1-D interpolations over only the scan voxels the crop covers, ``slab``
+    scan slices at a time. Beyond the grid's ends: its border values within the scan, or within the
+    crop box when the body was cropped before resampling (background outside it); background at
+    grid resolution where the crop cut the resampled scan (the reference order).
+    """
+    mapping = _voxel_map(image)
+    scan_shape = [int(n) for n in image.meta["spatial_shape"]]
+    grid_shape = probs.shape[1:]
     labels = np.zeros(scan_shape, np.uint8)
+    stored = None
+    if keep_probabilities:
+        stored = np.zeros((probs.shape[0], *scan_shape), np.float16)
+        stored[0] = 1.0  # outside the crop: background
+    # The scan voxels whose values come from the grid: the rest is background.
+    box = _crop_box_before_resampling(image, mapping, scan_shape)
+    crop_first = box is not None
+    if not crop_first:
+        box = []
+        for j, (i, a, b) in enumerate(mapping):
+            ends = sorted(((-1.0 - b) / a, (grid_shape[i] - b) / a))
+            box.append((max(0, int(np.floor(ends[0]))), min(scan_shape[j], int(np.ceil(ends[1])) + 1)))
     if any(stop <= start for start, stop in box):
-        return labels
-    # One voxel of padding: where the grid ends at the scan's own edge, the edge values (MONAI resamples
-    # with border padding); where the crop cut the scan, background (the inverse crop pads with it).
+        return labels, stored
+    # One voxel of padding, with the edge values (MONAI resamples with border padding); but in the
+    # reference order, where the crop cut the resampled scan, background (the inverse crop pads with it).
     padded = torch.nn.functional.pad(probs[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
     for j, (i, a, b) in enumerate(mapping):
         low, high = sorted((b, a * (scan_shape[j] - 1) + b))  # the scan's edges in grid coordinates
         for side, at_scan_edge in ((0, low >= -1.0), (-1, high <= grid_shape[i])):
-            if not at_scan_edge:
+            if not (at_scan_edge or crop_first):
                 face = padded.select(i + 1, side)
                 face.zero_()
                 face[0] = 1.0
     weights = [_linear_weights(stop - start, start, a, b, grid_shape[i])
                for (start, stop), (i, a, b) in zip(box, mapping)]
     order = [i for i, _, _ in mapping]  # preprocessed axis of scan axes x, y, z
-    for first in range(0, box[2][1] - box[2][0], slab):
+    (x0, x1), (y0, y1), (z0, z1) = box
+    for first in range(0, z1 - z0, slab):
         values = padded
         for j in (2, 0, 1):  # scan z first: the slab keeps only the slices it needs
             i = mapping[j][0]
@@ -234,9 +295,11 @@ def probabilities_to_scan(probs: torch.Tensor, image: MetaTensor, slab: int = 16
             weight = weight.view(shape)
             values = values.index_select(i + 1, lower) * (1 - weight) + values.index_select(i + 1, lower + 1) * weight
         values = values.permute(0, *[axis + 1 for axis in order])  # (C, x, y, z) in scan axis order
-        (x0, x1), (y0, y1), (z0, _) = box
-        labels[x0:x1, y0:y1, z0 + first:z0 + first + values.shape[3]] = class_map(values).numpy()
-    return labels
+        z = slice(z0 + first, z0 + first + values.shape[3])
+        labels[x0:x1, y0:y1, z] = class_map(values).numpy()
+        if stored is not None:
+            stored[:, x0:x1, y0:y1, z] = values.numpy()
+    return labels, stored
 
 
 class Predictor:
@@ -244,17 +307,15 @@ class Predictor:
 
     def __init__(self, config: Config):
         self.device = pick_device(config.infer.device)
-        if self.device.type == "cpu" and config.fast.malloc_tuning:
-            keep_freed_memory()
         self.model, self.config = load_inference_model(config, self.device)
         requested = self.config.train.precision
         stored = requested != config.train.precision
         self.precision = resolve_precision(requested, self.device, self.config.model,
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
-        self.memory_format = memory_format_for(config.fast, self.device, self.precision.name, training=False)
-        self.model = apply_model_switches(to_memory_format(self.model, self.memory_format), config.fast,
-                                          self.device, self.precision.name)
+        self.model, self.memory_format = prepare_model(self.model, config.fast, self.device, self.precision.name,
+                                                       training=False)
+        self.model = compile_if_asked(self.model, config.fast)
         self.transform = infer_transforms(self.config)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
@@ -296,14 +357,8 @@ class Predictor:
             total = probs if total is None else total + probs
         return (total / len(flips))[0]
 
-    def invert(self, values: torch.Tensor, image: MetaTensor, nearest: bool) -> np.ndarray:
-        """Undo the spatial preprocessing of ``values`` ``(1, X, Y, Z)``; returns the native-size array."""
-        inverter = Invertd(keys="pred", transform=self.transform, orig_keys="image", nearest_interp=nearest)
-        pred = MetaTensor(values, meta=dict(image.meta))
-        return inverter({"image": image, "pred": pred})["pred"][0].numpy()
-
-    def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
+    def prepare(self, path: Path) -> MetaTensor:
+        """The preprocessed image ``(1, x, y, z)`` of the scan at ``path``, or a one-line error naming it."""
         try:
             image = self.transform({"image": str(path)})["image"]
         except Exception as exc:  # MONAI wraps the reader's error (truncated gzip, bad header ...)
@@ -313,28 +368,17 @@ class Predictor:
         if not bool(torch.isfinite(image).all()):
             raise UserError(f"{path}: the image has NaN or infinite voxels (btcv-unetr check-data counts them): "
                             "replace them, e.g. by the lowest intensity, and run again")
-        probs = self.probabilities(image)
-        if self.config.infer.fast_invert and not keep_probabilities:
-            labels = probabilities_to_scan(probs, image)
-            if labels is not None:
-                return labels, None
-        best = labels = stored = None
-        for channel in range(probs.shape[0]):
-            if channel == 0:
-                # Undoing the foreground crop pads with 0: invert 1 - p so that outside the body is background.
-                native = 1.0 - self.invert(1.0 - probs[:1], image, nearest=False)
-            else:
-                native = self.invert(probs[channel:channel + 1], image, nearest=False)
-            if best is None:
-                best, labels = native, np.zeros(native.shape, np.uint8)
-                stored = np.empty((probs.shape[0], *native.shape), np.float16) if keep_probabilities else None
-            else:
-                better = native > best
-                labels[better] = channel
-                best = np.where(better, native, best)
-            if stored is not None:
-                stored[channel] = native
-        return labels, stored
+        return image
+
+    def to_scan(self, probs: torch.Tensor, image: MetaTensor,
+                keep_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and probabilities) on the scan's grid from ``probs`` on the preprocessed grid of ``image``."""
+        return probabilities_to_scan(probs, image, keep_probabilities=keep_probabilities)
+
+    def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
+        image = self.prepare(path)
+        return self.to_scan(self.probabilities(image), image, keep_probabilities)
 
 
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -400,8 +444,10 @@ def check_distinct_outputs(cases: list[Case], out_dir: Path) -> None:
         seen[target] = case
 
 
-def run_inference(config: Config) -> dict | None:
+def run_inference(config: Config, predictor: Predictor | None = None) -> dict | None:
     """Segment every case; finished masks are skipped unless ``--overwrite``, failed cases listed at the end.
+
+    ``predictor`` is one already loaded (from ``config``); by default it is loaded when a case needs it.
 
     Every output is written to a temporary name and renamed, so an interrupted run leaves complete
     masks only, and running the same command again segments the rest.
@@ -422,7 +468,8 @@ def run_inference(config: Config) -> dict | None:
         if len(cases) == 1:
             for case in todo:  # one input: its problem is the run's error
                 check_image(case.image)
-        predictor = Predictor(config) if todo else None
+        if todo and predictor is None:
+            predictor = Predictor(config)
         results, failures = [], []
         for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2):
             try:
@@ -450,12 +497,15 @@ def run_inference(config: Config) -> dict | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
+    add_config_arguments(parser, "infer")
 
 
 def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    if config.fast.malloc_tuning and pick_device(config.infer.device).type == "cpu":
+        keep_freed_memory()
     try:
-        run_inference(config_from_args(args))
+        run_inference(config)
     except KeyboardInterrupt:
         print("interrupted: the masks written so far are complete; run the same command again to segment the rest",
               file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from btcv_unetr.config import _read_yaml as read_yaml
 from btcv_unetr.phantoms import write_dataset
 
 PHANTOM_SIZE = 64
+# benchmarks/reference.py (the reference-style path, MONAI's inverse transforms) is the oracle of some tests.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.fixture(scope="session")

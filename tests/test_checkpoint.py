@@ -131,7 +131,7 @@ class Training:
 
     def __init__(self, argv, cwd):
         self.process = subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, *argv], cwd=cwd, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True,
+                                        stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
                                         env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.process.stdout), daemon=True)
@@ -164,7 +164,8 @@ def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_
     flags = ["--max_epochs", str(epochs), "--val_every", "100", "--warmup_epochs", "3", "--optim_lr", "1e-3",
              "--seed", "0"]
     last_epoch, kills = 0, 0
-    while kills < 10:
+    # At least ten kills, and more on a slow or busy machine until three epochs were saved in all.
+    while (kills < 10 or last_epoch < 3) and kills < 40:
         resume = ["--checkpoint", str(logdir / "model_final.pt")] if (logdir / "model_final.pt").exists() else []
         training = Training(_train_argv(phantom_dir, logdir, *flags, *resume), tmp_path)
         if not training.wait_for("training on cpu"):
@@ -178,7 +179,7 @@ def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_
             epoch = load_checkpoint(logdir / "model_final.pt")["epoch"]  # loads: never half-written
             assert epoch >= last_epoch
             last_epoch = epoch
-    assert kills == 10 and last_epoch >= 3
+    assert kills >= 10 and last_epoch >= 3
     # The learning rate of the last state is the schedule's at its epoch, as in an uninterrupted run.
     state = load_checkpoint(logdir / "model_final.pt")
     config = tiny_config(train={"max_epochs": epochs, "warmup_epochs": 3, "optim_lr": 1e-3})

@@ -122,3 +122,41 @@ def test_help_lists_every_flag(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--no-malloc_tuning" in text and "30% faster" in text and "--feature_size" in text
+
+
+@pytest.mark.parametrize("argv, owners", [
+    (["infer", "--warmup_epochs", "3"], "train"), (["infer", "--micro_batch", "2"], "train"),
+    (["train", "--input", "scan.nii.gz"], "infer"), (["train", "--no-tta"], "infer"),
+    (["export", "--out", "x.pt", "--optim_lr=0.1"], "train"), (["export", "--out", "x.pt", "--split", "test"], "infer"),
+])
+def test_a_flag_of_another_command_is_refused_naming_its_commands(argv, owners, capsys):
+    """A config flag the command would ignore stops it, and the line says which commands take it."""
+    from btcv_unetr import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    flag = next(word for word in argv[1:] if word.startswith("-") and word not in ("--out",)).split("=")[0]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{flag} is not a flag of '{argv[0]}' (it is one of: {owners})" in err
+
+
+def test_reference_test_py_flags_are_still_accepted():
+    """The reference's test.py took its loader's training flags: test.py accepts them (unused)."""
+    from btcv_unetr import cli
+    parser = cli.build_parser()
+    args = parser.parse_args(["infer", "--RandFlipd_prob", "0.2", "--RandRotate90d_prob", "0.2", "--workers", "8",
+                              "--distributed", "--infer_overlap", "0.5", "--saved_checkpoint", "ckpt",
+                              "--pretrained_dir", "./pretrained_models/", "--res_block", "--conv_block"])
+    assert (args.RandFlipd_prob, args.workers, args.distributed, args.infer_overlap) == (0.2, 8, True, 0.5)
+
+
+def test_each_command_lists_only_its_flags():
+    from btcv_unetr.config import command_fields
+    names = {command: {f.name for fields in command_fields(command).values() for f in fields}
+             for command in ("train", "infer", "export")}
+    assert {"warmup_epochs", "optim_lr", "micro_batch", "infer_overlap", "overwrite"} <= names["train"]
+    assert not {"input", "tta", "output_dir", "split"} & names["train"]
+    assert {"input", "tta", "pretrained_dir", "precision", "a_min", "space_z"} <= names["infer"]
+    assert not {"warmup_epochs", "optim_lr", "max_epochs", "logdir", "micro_batch", "num_samples"} & names["infer"]
+    assert names["export"] == {"checkpoint", "overwrite"} | {f.name for f in dataclasses.fields(SECTIONS["model"])}

@@ -15,7 +15,7 @@ from btcv_unetr.evaluate import case_metrics, evaluate_folders, summarise
 from btcv_unetr.errors import UserError
 from btcv_unetr.export import export
 from btcv_unetr.files import folder_lock
-from btcv_unetr.infer import Predictor, keep_largest_components, run_inference
+from btcv_unetr.infer import Predictor, keep_largest_components, probabilities_to_scan, run_inference
 from btcv_unetr.model import build_model
 from btcv_unetr.phantoms import generate_case
 
@@ -67,7 +67,7 @@ def test_masks_have_the_input_geometry_lps_and_anisotropic(weights, tmp_path):
     paths = [_phantom(folder / f"scan{i}.nii.gz", i) for i in (1, 2)]
     paths.append(_lps_anisotropic(folder / "lps.nii.gz"))
     assert nib.aff2axcodes(nib.load(paths[-1]).affine) == ("L", "P", "S")
-    run_inference(_config(weights, input=str(folder), output_dir=str(tmp_path / "out"), fast_invert=False))
+    run_inference(_config(weights, input=str(folder), output_dir=str(tmp_path / "out")))
     for path in paths:
         source = nib.load(path)
         mask = nib.load(tmp_path / "out" / path.name.replace(".nii.gz", "_seg.nii.gz"))
@@ -98,8 +98,9 @@ def test_nrrd_and_mha_inputs_give_masks_in_their_own_format_and_geometry(weights
 
 
 def test_inversion_puts_labels_back_where_they_were(weights, tmp_path):
-    """Preprocess a label map as if it were the image (identity intensity window), invert it as if it were
-    the prediction: every label lands where it was, through orientation, spacing and crop."""
+    """Preprocess a label map as if it were the image (identity intensity window), map its one-hot
+    encoding back as if it were the predicted probabilities: every label lands where it was, through
+    orientation, spacing and crop."""
     case = generate_case(seed=3, index=1, size=64)
     nib.save(case.label, tmp_path / "lab.nii.gz")
     config = build_config([_config(weights).to_dict(), {"data": {"a_min": 0.0, "a_max": 13.0, "b_min": 0.0,
@@ -107,22 +108,26 @@ def test_inversion_puts_labels_back_where_they_were(weights, tmp_path):
     predictor = Predictor(config)
     prepared = predictor.transform({"image": str(tmp_path / "lab.nii.gz")})["image"]
     assert prepared.shape[1:] != case.label.shape  # resampled, reoriented and cropped
-    restored = predictor.invert(torch.round(prepared.as_tensor()), prepared, nearest=True)
+    one_hot = torch.nn.functional.one_hot(torch.round(prepared[0].as_tensor()).long(), 14).permute(3, 0, 1, 2)
+    restored, _ = probabilities_to_scan(one_hot.float(), prepared)
     original = np.asarray(case.label.dataobj)
     assert restored.shape == original.shape
-    assert (np.rint(restored).astype(np.uint8) == original).mean() > 0.97
+    assert (restored == original).mean() > 0.97
+    # The organs, not just background: through the tiny config's 6 mm grid their boundary voxels (a
+    # large share of them) may change, a misplaced or flipped map keeps few.
+    assert (restored[original > 0] == original[original > 0]).mean() > 0.6
 
 
 def test_input_kinds_file_folder_dicom(weights, tmp_path):
     scan = _phantom(tmp_path / "one.nii.gz", 4)
-    run_inference(_config(weights, input=str(scan), output_dir=str(tmp_path / "a"), fast_invert=True))
+    run_inference(_config(weights, input=str(scan), output_dir=str(tmp_path / "a")))
     assert (tmp_path / "a/one_seg.nii.gz").is_file()
 
     dicom = tmp_path / "series"
     dicom.mkdir()
     source = sitk.ReadImage(str(scan))
     _write_dicom_series(sitk.Cast(source, sitk.sitkInt16), dicom)
-    run_inference(_config(weights, input=str(dicom), output_dir=str(tmp_path / "b"), fast_invert=True))
+    run_inference(_config(weights, input=str(dicom), output_dir=str(tmp_path / "b")))
     mask = sitk.ReadImage(str(tmp_path / "b/series_seg.nii.gz"))
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom)))
@@ -211,8 +216,7 @@ def test_torchscript_export_equals_eager_and_loads_for_inference(weights, tmp_pa
     with torch.no_grad():
         assert torch.allclose(scripted(example), model(example), atol=1e-5)
     scan = _phantom(tmp_path / "t.nii.gz", 6)
-    config = _config(tmp_path, input=str(scan), output_dir=str(tmp_path / "o"), saved_checkpoint="torchscript",
-                     fast_invert=True)
+    config = _config(tmp_path, input=str(scan), output_dir=str(tmp_path / "o"), saved_checkpoint="torchscript")
     config = build_config([config.to_dict(), {"train": {"pretrained_model_name": "unetr.pt"}}])
     run_inference(config)
     assert (tmp_path / "o/t_seg.nii.gz").is_file()
@@ -264,10 +268,10 @@ def test_existing_outputs_are_kept_without_overwrite(weights, tmp_path):
     scan = _phantom(tmp_path / "k.nii.gz", 2)
     (tmp_path / "out").mkdir()
     (tmp_path / "out/k_seg.nii.gz").write_bytes(b"previous")
-    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--fast_invert")
+    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0 and "exists, skipped (--overwrite replaces it)" in result.stdout
     assert (tmp_path / "out/k_seg.nii.gz").read_bytes() == b"previous"
-    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--fast_invert",
+    result = _cli(tmp_path, weights, "--input", str(scan), "--output_dir", str(tmp_path / "out"),
                   "--overwrite")
     assert result.returncode == 0 and nib.load(tmp_path / "out/k_seg.nii.gz").shape == nib.load(scan).shape
 

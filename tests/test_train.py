@@ -78,6 +78,18 @@ def test_run_writes_logs_and_checkpoints_that_load_weights_only(phantom_dir, tmp
     assert not list(run.glob(".*tmp*"))
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_started_over(phantom_dir, tmp_path, capsys):
+    """Logs but no checkpoint (killed in the first epoch): the next start replaces them, saying so."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "events.out.tfevents.1.host.1.0").write_bytes(b"old events")
+    _train(phantom_dir, run, "--max_steps", "1")
+    assert "saved no checkpoint; starting over" in capsys.readouterr().out
+    assert not (run / "events.out.tfevents.1.host.1.0").exists()
+    assert (run / "model_final.pt").is_file() and "hidden_size: 96" in (run / "config.yaml").read_text()
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(phantom_dir, tmp_path):
     _train(phantom_dir, tmp_path / "straight", "--max_epochs", "2", "--val_every", "5")
     _train(phantom_dir, tmp_path / "part", "--max_epochs", "2", "--val_every", "5", "--max_steps", "3")
