@@ -407,7 +407,7 @@ def run(args: argparse.Namespace) -> dict:
         log(f"  forward {out['model']['forward_s']:.3f} s, forward+backward {out['model']['forward_backward_s']:.3f} s")
         out["train_step"] = training_step(config, device, repeats)
         log(f"  training step {out['train_step']['step_s']:.2f} s")
-        out["inference"] = inference(predictor_class, config, scan, work / f"masks_{name}", repeats)
+        out["inference"] = inference(predictor_class, config, scan, work / f"masks_{name}", repeats, device)
         log(f"  inference {out['inference']['end_to_end_s']:.2f} s per scan, windows {out['inference']['windows_s']:.2f} s")
         dice_config = build_config([dice_configs[name].to_dict(), {"infer": {"output_dir": str(work / f"dice_{name}")}}])
         out["dice"] = segment_folder(predictor_class, dice_config)

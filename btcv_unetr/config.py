@@ -46,11 +46,13 @@ class ModelConfig:
     """UNETR architecture (MONAI ``monai.networks.nets.UNETR``)."""
 
     model_name: str = _opt("unetr", "network architecture", choices=("unetr",))
-    in_channels: int = _opt(1, "input image channels")
+    spatial_dims: int = _opt(3, "3 for volumes (CT: NIfTI, NRRD, MHA, DICOM), 2 for pictures and slices (PNG, "
+                                "JPEG): the model, transforms, inference and reports follow", choices=(2, 3))
+    in_channels: int = _opt(1, "input image channels (2D: 3 for RGB, 1 for grayscale)")
     out_channels: int = _opt(14, "output classes including background (BTCV: 13 organs + 1)")
     roi_x: int = _opt(96, "ROI (crop and sliding window) size along x, voxels; a multiple of 16")
     roi_y: int = _opt(96, "ROI size along y, voxels; a multiple of 16")
-    roi_z: int = _opt(96, "ROI size along z, voxels; a multiple of 16")
+    roi_z: int = _opt(96, "ROI size along z, voxels; a multiple of 16 (unused in 2D)")
     feature_size: int = _opt(16, "decoder feature size")
     hidden_size: int = _opt(768, "ViT hidden size")
     mlp_dim: int = _opt(3072, "ViT MLP size")
@@ -62,8 +64,9 @@ class ModelConfig:
     dropout_rate: float = _opt(0.0, "dropout rate in the ViT")
 
     @property
-    def roi_size(self) -> tuple[int, int, int]:
-        return (self.roi_x, self.roi_y, self.roi_z)
+    def roi_size(self) -> tuple[int, ...]:
+        """``(roi_x, roi_y, roi_z)``, or ``(roi_x, roi_y)`` in 2D (x: image columns, y: rows)."""
+        return (self.roi_x, self.roi_y, self.roi_z)[:self.spatial_dims]
 
 
 @dataclass
@@ -97,6 +100,14 @@ class DataConfig:
     cache_rate: float = _opt(1.0, "fraction of training cases held in RAM (CacheDataset)")
     cache_dir: str | None = _opt(None, "cache preprocessed cases on disk here (PersistentDataset)")
     workers: int = _opt(8, "data loading worker processes")
+    # 2D pictures (spatial_dims 2); the CT keys above do not apply to them.
+    hflip_prob: float = _opt(0.0, "2D: probability of a left-right flip; keep 0 where left and right parts are "
+                                  "different classes (faces)")
+    rotate_degrees: float = _opt(10.0, "2D: random rotation range (+-), degrees")
+    color_jitter: float = _opt(0.2, "2D: random brightness and contrast change (+- fraction)")
+    min_crop_scale: float = _opt(0.6, "2D: random resized crop, smallest crop side as a fraction of the image's")
+    label_map: str | None = _opt(None, "2D masks: stored value to class, e.g. '1:1,2:0,3:2' for the Oxford pets "
+                                       "trimap (1 pet, 2 background, 3 border); unlisted values are refused")
 
     @property
     def pixdim(self) -> tuple[float, float, float]:
@@ -375,6 +386,19 @@ def split_unknown_keys(data: dict[str, Any]) -> tuple[dict[str, dict[str, Any]],
     return known, dropped
 
 
+def parse_label_map(text: str) -> dict[int, int]:
+    """``'1:1,2:0,3:2'`` -> ``{1: 1, 2: 0, 3: 2}`` (stored mask value -> class), or a one-line ConfigError."""
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        mapping = {int(stored): int(target) for stored, target in pairs}
+    except ValueError:
+        raise ConfigError(f"config key 'label_map': {text!r} is not a list of stored:class pairs such as "
+                          "'1:1,2:0,3:2'") from None
+    if not mapping or min(mapping.values()) < 0:
+        raise ConfigError(f"config key 'label_map': {text!r} needs stored:class pairs with classes >= 0")
+    return mapping
+
+
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises :class:`ConfigError` naming the key."""
     m, d, t, i = config.model, config.data, config.train, config.infer
@@ -383,7 +407,7 @@ def validate(config: Config) -> None:
     for key, value in sizes.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': {value} must be >= 1")
-    for key in ("roi_x", "roi_y", "roi_z"):
+    for key in ("roi_x", "roi_y", "roi_z")[:m.spatial_dims]:
         size = getattr(m, key)
         if size < 16 or size % 16:
             raise ConfigError(f"config key '{key}': {size} must be a positive multiple of 16 (UNETR's patch size)")
@@ -394,7 +418,12 @@ def validate(config: Config) -> None:
     for key in ("space_x", "space_y", "space_z"):
         if not getattr(d, key) > 0:
             raise ConfigError(f"config key '{key}': spacing must be > 0 mm")
-    probabilities = {"dropout_rate": m.dropout_rate, "cache_rate": d.cache_rate,
+    if d.label_map is not None:
+        parse_label_map(d.label_map)
+    if not 0.0 < d.min_crop_scale <= 1.0:
+        raise ConfigError(f"config key 'min_crop_scale': {d.min_crop_scale} must be in (0, 1]")
+    probabilities = {"dropout_rate": m.dropout_rate, "cache_rate": d.cache_rate, "hflip_prob": d.hflip_prob,
+                     "color_jitter": d.color_jitter,
                      "RandFlipd_prob": d.RandFlipd_prob, "RandRotate90d_prob": d.RandRotate90d_prob,
                      "RandScaleIntensityd_prob": d.RandScaleIntensityd_prob,
                      "RandShiftIntensityd_prob": d.RandShiftIntensityd_prob}
@@ -436,7 +465,7 @@ COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "train": {"model": None, "data": None, "train": None, "dist": None, "fast": None,
               "infer": ("infer_overlap", "sw_batch_size", "mode", "overwrite")},
     "infer": {"model": None, "infer": None,
-              "data": ("data_dir", "json_list", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
+              "data": ("data_dir", "json_list", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
               "train": ("pretrained_dir", "pretrained_model_name", "precision"),
               "dist": REFERENCE_TEST_EXTRAS[5:],
               "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},

@@ -18,6 +18,7 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from .config import DataConfig
 from .errors import UserError
+from .labels import BTCV_LABELS
 
 BUILTIN_DATALISTS = Path(str(resources.files(__package__) / "dataset_json"))  # shipped in the package
 LABELLED_SPLITS = ("training", "validation")
@@ -100,6 +101,21 @@ def load_split(datalist: Path, split: str, base_dir: Path) -> list[dict[str, str
         present = [key for key in (*LABELLED_SPLITS, "test") if content.get(key)]
         raise UserError(f"{datalist}: no '{split}' entries (it has: {', '.join(present) or 'none'})")
     return split_entries(content, split, base_dir)
+
+
+def class_names(data: DataConfig, num_classes: int) -> list[str]:
+    """Names of classes 1..N-1 for reports: the datalist's ``labels`` map, else BTCV's organs (14
+    classes), else ``class i``."""
+    try:
+        labels = read_datalist(resolve_datalist(data.data_dir, data.json_list)).get("labels") or {}
+    except UserError:
+        labels = {}
+    fallback = BTCV_LABELS if num_classes == len(BTCV_LABELS) else ()
+    names = []
+    for index in range(1, num_classes):
+        name = labels.get(str(index)) if isinstance(labels, dict) else None
+        names.append(str(name) if name else fallback[index] if fallback else f"class {index}")
+    return names
 
 
 def load_config_split(data: DataConfig, split: str) -> list[dict[str, str]]:

@@ -39,8 +39,14 @@ class CaseMetrics:
     seconds: float = math.nan
 
 
-def organ_names(num_classes: int) -> list[str]:
-    return [BTCV_LABELS[i] if i < len(BTCV_LABELS) else f"class {i}" for i in range(1, num_classes)]
+def organ_names(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
+    """Names of classes 1..N-1: ``names`` when given (a datalist's labels), BTCV's organs for 14 classes,
+    else ``class i``."""
+    if names is not None:
+        return list(names)
+    if num_classes == len(BTCV_LABELS):
+        return list(BTCV_LABELS[1:])
+    return [f"class {i}" for i in range(1, num_classes)]
 
 
 def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float], num_classes: int,
@@ -76,9 +82,9 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def summarise(results: Sequence[CaseMetrics], num_classes: int) -> dict:
+def summarise(results: Sequence[CaseMetrics], num_classes: int, names: Sequence[str] | None = None) -> dict:
     """Per-organ means over cases (absent organs left out) and the mean organ Dice, as the reference reports."""
-    organs = organ_names(num_classes)
+    organs = organ_names(num_classes, names)
     summary: dict = {"cases": len(results), "organs": {}}
     for index, organ in enumerate(organs):
         entry = {"dice": _mean([r.dice[index] for r in results])}
@@ -104,9 +110,10 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_reports(out_dir: Path, results: Sequence[CaseMetrics], num_classes: int) -> dict:
+def write_reports(out_dir: Path, results: Sequence[CaseMetrics], num_classes: int,
+                  names: Sequence[str] | None = None) -> dict:
     """``metrics.csv`` (a row per case and organ) and ``summary.json``; returns the summary."""
-    organs = organ_names(num_classes)
+    organs = organ_names(num_classes, names)
 
     def write_csv(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
@@ -120,7 +127,7 @@ def write_reports(out_dir: Path, results: Sequence[CaseMetrics], num_classes: in
                                      f"{r.seconds:.2f}"])
 
     atomic_write(out_dir / "metrics.csv", write_csv)
-    summary = summarise(results, num_classes)
+    summary = summarise(results, num_classes, names)
     atomic_write_json(out_dir / "summary.json", _json_safe(summary))
     return summary
 

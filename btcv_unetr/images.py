@@ -1,4 +1,5 @@
-"""Image files in and masks out, each in its own geometry: NIfTI by nibabel, MHA/MHD/NRRD by SimpleITK.
+"""Image files in and masks out, each in its own geometry: NIfTI by nibabel, MHA/MHD/NRRD and the 2D
+pictures (PNG, JPEG, BMP) by SimpleITK.
 
     image_shape       the voxel shape from the header only
     read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
@@ -26,19 +27,30 @@ from .files import atomic_path, atomic_save_nifti
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
-IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass
 class Volume:
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # voxel order (i, j[, k]), then the colour components if more than one
     affine: np.ndarray
     data: np.ndarray
+    components: int = 1
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return self.shape[:-1] if self.components > 1 else self.shape
 
 
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_picture(path: str | Path) -> bool:
+    """A 2D picture file (PNG, JPEG, BMP): pixels without a physical geometry."""
+    return str(path).lower().endswith(PICTURE_SUFFIXES)
 
 
 def is_image_file(path: str | Path) -> bool:
@@ -94,11 +106,12 @@ def read_volume(path: str | Path) -> Volume:
     import SimpleITK as sitk
     image = sitk.ReadImage(str(path))
     data = _itk_array(image)
-    return Volume(tuple(data.shape), ras_affine(image), data)
+    return Volume(tuple(data.shape), ras_affine(image), data, image.GetNumberOfComponentsPerPixel())
 
 
 class SimpleITKReader(ImageReader):
-    """MONAI image reader for MHA/MHD/NRRD files through SimpleITK: data (X, Y, Z) with a RAS affine.
+    """MONAI image reader for MHA/MHD/NRRD files through SimpleITK: data (X, Y, Z) with a RAS affine;
+    and for pictures: (X, Y[, colour]) with X the columns, Y the rows.
 
     MONAI's own ``ITKReader`` needs the ``itk`` package, which this project does not install.
     """
@@ -109,7 +122,7 @@ class SimpleITKReader(ImageReader):
     def read(self, data: Sequence[str] | str, **kwargs):
         # LoadImage tries a reader it was given on every file: leave NIfTI to nibabel, as MONAI does.
         if not self.verify_suffix(data):
-            raise ValueError(f"SimpleITKReader reads {', '.join(ITK_SUFFIXES)} files only")
+            raise ValueError(f"SimpleITKReader reads {', '.join(ITK_SUFFIXES + PICTURE_SUFFIXES)} files only")
         names = ensure_tuple(data)
         if len(names) != 1:
             raise ValueError("SimpleITKReader reads one file per image")
@@ -126,7 +139,10 @@ class SimpleITKReader(ImageReader):
 
 
 def mask_path(out_dir: Path, case: str, image: Path) -> Path:
-    """``out_dir/CASE_seg`` with the input's own format (``.nii.gz`` for NIfTI and DICOM inputs)."""
+    """``out_dir/CASE_seg`` with the input's own format (``.nii.gz`` for NIfTI and DICOM inputs, ``.png``
+    for pictures: lossless, whatever the input's format)."""
+    if is_picture(image):
+        return out_dir / f"{case}_seg.png"
     suffix = image_suffix(image)
     if is_nifti(image) or suffix.lower() not in ITK_SUFFIXES:
         suffix = ".nii.gz"
@@ -150,6 +166,10 @@ def write_mask(labels: np.ndarray, like: Path, path: Path) -> None:
         atomic_save_nifti(mask, path)
         return
     import SimpleITK as sitk
+    if is_picture(path):
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(sitk.GetImageFromArray(labels.T), str(tmp))
+        return
     header = sitk.ImageFileReader()
     header.SetFileName(str(like))
     header.ReadImageInformation()

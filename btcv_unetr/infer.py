@@ -33,14 +33,15 @@ from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
 
-from .config import Config, add_config_arguments, config_from_args
-from .checks import is_3d
-from .data import case_name, load_config_split
+from .config import Config, add_config_arguments, config_from_args, parse_label_map
+from .checks import Expected, dimension_problems
+from .data import case_name, class_names, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
 from .allocator import keep_freed_memory
 from .files import atomic_write, folder_lock, remove_stale_temporaries
-from .images import IMAGE_SUFFIXES, image_shape, is_image_file, mask_path, read_volume, write_mask
+from .images import (IMAGE_SUFFIXES, Volume, image_shape, is_image_file, is_picture, mask_path, read_volume,
+                     write_mask)
 from .checkpoint import load_checkpoint, stored_config
 from .model import (build_model, compile_if_asked, extract_state_dict, load_torchscript_weights, load_weights,
                     prepare_model)
@@ -96,17 +97,22 @@ def find_cases(config: Config, scratch: Path) -> list[Case]:
     raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
 
 
-def check_image(path: Path) -> None:
-    """A readable 3D image of an accepted format, or a one-line error naming the file."""
+def check_image(path: Path, expected: Expected) -> None:
+    """A readable image of an accepted format with the dimensions and colour channels the model takes,
+    or a one-line error naming the file."""
     if not is_image_file(path):
         raise UserError(f"{path}: not an accepted image format ({', '.join(IMAGE_SUFFIXES)}); convert it, "
                         "or give a DICOM series as its folder")
     try:
-        shape = image_shape(path)
+        volume = read_volume(path) if is_picture(path) else None  # pictures are small: read them whole
+        shape = volume.shape if volume is not None else image_shape(path)
     except Exception as exc:  # nibabel and SimpleITK raise several types for unreadable files
         raise UserError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
-    if not is_3d(tuple(shape)):
-        raise UserError(f"{path}: image is {len(shape)}D with shape {tuple(shape)}, expected a 3D volume")
+    if volume is None:
+        volume = Volume(tuple(shape), np.eye(4), np.empty(0), 1)
+    problems = dimension_problems(path, volume, expected, is_label=False)
+    if problems:
+        raise UserError(str(problems[0]))
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,6 +308,16 @@ def probabilities_to_scan(probs: torch.Tensor, image: MetaTensor, slab: int = 16
     return labels, stored
 
 
+def probabilities_to_picture(probs: torch.Tensor, image: MetaTensor,
+                             keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Class map ``(X, Y)`` uint8 in the picture's own size from probabilities ``(C, x, y)`` at the ROI
+    size (bilinear, as the picture was resized); with ``keep_probabilities`` those too, float16."""
+    size = [int(n) for n in image.meta["spatial_shape"]][:2]
+    resized = torch.nn.functional.interpolate(probs[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    labels = class_map(resized).numpy()
+    return labels, resized.numpy().astype(np.float16) if keep_probabilities else None
+
+
 class Predictor:
     """Loads the model once and segments any number of scans."""
 
@@ -314,7 +330,7 @@ class Predictor:
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
         self.model, self.memory_format = prepare_model(self.model, config.fast, self.device, self.precision.name,
-                                                       training=False)
+                                                       training=False, spatial_dims=self.config.model.spatial_dims)
         self.model = compile_if_asked(self.model, config.fast)
         self.transform = infer_transforms(self.config)
         model = self.config.model
@@ -342,7 +358,8 @@ class Predictor:
         Windows run on the model's device; they are blended there too when the scan fits, else on the CPU.
         """
         infer = self.config.infer
-        flips = [()] + ([(2,), (3,), (4,)] if infer.tta else [])
+        dims = self.config.model.spatial_dims
+        flips = [()] + ([(axis,) for axis in range(2, 2 + dims)] if infer.tta else [])
         # A bar over the windows when asked, or when a scan holds many windows' worth of voxels.
         progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(self.config.model.roi_size)
         total, stitch = None, self._stitch_device(image)
@@ -373,12 +390,22 @@ class Predictor:
     def to_scan(self, probs: torch.Tensor, image: MetaTensor,
                 keep_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Labels (and probabilities) on the scan's grid from ``probs`` on the preprocessed grid of ``image``."""
+        if self.config.model.spatial_dims == 2:
+            return probabilities_to_picture(probs, image, keep_probabilities)
         return probabilities_to_scan(probs, image, keep_probabilities=keep_probabilities)
 
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
         image = self.prepare(path)
         return self.to_scan(self.probabilities(image), image, keep_probabilities)
+
+
+def map_labels(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Stored mask values to classes (``--label_map``); values not in ``mapping`` become background."""
+    lookup = np.zeros(max(int(labels.max()), max(mapping)) + 1, dtype=np.int16)
+    for stored, target in mapping.items():
+        lookup[stored] = target
+    return lookup[np.clip(labels, 0, None)]
 
 
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -408,7 +435,8 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     labels, probabilities = predictor.segment(case.image, keep_probabilities=infer.save_probabilities)
     if infer.largest_component:
         labels = keep_largest_components(labels, predictor.config.model.out_channels)
-    scan_shape = image_shape(case.image)[:3]
+    picture = predictor.config.model.spatial_dims == 2
+    scan_shape = read_volume(case.image).spatial_shape if picture else image_shape(case.image)[:3]
     if labels.shape != tuple(scan_shape):
         raise RuntimeError(f"inverted mask {labels.shape} does not match the input {tuple(scan_shape)}")
     mask_file = mask_path(out_dir, case.name, case.image)
@@ -417,7 +445,10 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
         atomic_write(out_dir / f"{case.name}_probabilities.npz",
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
     seconds = time.time() - started
-    if infer.overlay:
+    if infer.overlay and picture:
+        from .plots import save_picture_overlay
+        save_picture_overlay(np.asarray(read_volume(case.image).data), labels, out_dir / f"{case.name}_overlay.png")
+    elif infer.overlay:
         from .plots import save_overlay, to_display_order
         scan = read_volume(case.image)
         image, mask, spacing = to_display_order(np.asarray(scan.data).reshape(scan.shape[:3]), labels, scan.affine)
@@ -426,9 +457,11 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     if case.label is None:
         return None
     label = read_volume(case.label)
-    spacing = np.linalg.norm(label.affine[:3, :3], axis=0)
-    result = case_metrics(case.name, labels, np.asarray(label.data).reshape(label.shape[:3]).astype(np.int16),
-                          tuple(spacing), predictor.config.model.out_channels, infer.hd95)
+    truth = np.asarray(label.data).reshape(label.spatial_shape).astype(np.int16)
+    if picture and predictor.config.data.label_map:
+        truth = map_labels(truth, parse_label_map(predictor.config.data.label_map))
+    spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
+    result = case_metrics(case.name, labels, truth, spacing, predictor.config.model.out_channels, infer.hd95)
     result.seconds = seconds
     return result
 
@@ -465,16 +498,14 @@ def run_inference(config: Config, predictor: Predictor | None = None) -> dict | 
                       "(--overwrite replaces it)")
             else:
                 todo.append(case)
-        if len(cases) == 1:
-            for case in todo:  # one input: its problem is the run's error
-                check_image(case.image)
         if todo and predictor is None:
             predictor = Predictor(config)
+        # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels.
+        expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels) if todo else None
         results, failures = [], []
         for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2):
             try:
-                if len(cases) > 1:  # a single input was checked before the model was loaded
-                    check_image(case.image)
+                check_image(case.image, expected)
                 result = segment_case(predictor, case, out_dir, config)
             except UserError as exc:
                 if len(cases) == 1:
@@ -486,7 +517,8 @@ def run_inference(config: Config, predictor: Predictor | None = None) -> dict | 
                 results.append(result)
     summary = None
     if results:
-        summary = write_reports(out_dir, results, predictor.config.model.out_channels)
+        classes = predictor.config.model.out_channels
+        summary = write_reports(out_dir, results, classes, class_names(config.data, classes))
         print(format_summary(summary))
         if not math.isnan(summary["mean_organ_dice"]):
             print(f"Overall Mean Dice: {summary['mean_organ_dice']:.4f}")

@@ -5,16 +5,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .labels import BTCV_LABELS
 
 
 class RunLog:
     """Writes nothing when ``enabled`` is False (ranks other than 0)."""
 
-    def __init__(self, logdir: Path, enabled: bool, num_classes: int):
+    def __init__(self, logdir: Path, enabled: bool, class_names: list[str]):
+        """``class_names``: the names of classes 1..N-1 (organs in BTCV), the columns of every table."""
         self.enabled = enabled
         self.csv_path = logdir / "metrics.csv"
-        self.organs = [BTCV_LABELS[i] if i < len(BTCV_LABELS) else f"class {i}" for i in range(1, num_classes)]
+        self.organs = list(class_names)
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter

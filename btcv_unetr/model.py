@@ -42,10 +42,12 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 def build_model(config: ModelConfig) -> UNETR:
     """MONAI UNETR from the config; parameters that never receive a gradient are frozen.
 
-    Input ``(B, in_channels, roi_x, roi_y, roi_z)``; output logits ``(B, out_channels, roi_x, roi_y, roi_z)``.
+    Input ``(B, in_channels, roi_x, roi_y, roi_z)``; output logits ``(B, out_channels, roi_x, roi_y, roi_z)``
+    (in 2D without ``roi_z``).
     Freezing the unused LayerNorms lets DDP run without ``find_unused_parameters``.
     """
     model = UNETR(
+        spatial_dims=config.spatial_dims,
         in_channels=config.in_channels,
         out_channels=config.out_channels,
         img_size=config.roi_size,
@@ -118,16 +120,17 @@ def channels_last_norms(model: nn.Module, enabled: bool = True) -> int:
     return len(norms)
 
 
-def memory_format_for(fast: FastConfig, device: torch.device, precision: str, training: bool) -> torch.memory_format:
+def memory_format_for(fast: FastConfig, device: torch.device, precision: str, training: bool,
+                      spatial_dims: int = 3) -> torch.memory_format:
     """The memory format a model runs in: ``fast.channels_last`` when set, else chosen per CPU class.
 
     Automatic: channels-last 3D on the CPU for inference (oneDNN keeps channels-last outputs as they
     are instead of reordering each one), and for training only in float32: there the 1x1x1 and
     decoder convolutions' backward passes are faster channels-last, while under bfloat16 autocast
     the channels-last step was 1.5-1.7x slower on a Zen 4 (README, fast-path switches per CPU class).
-    Never on GPUs (not measured there).
+    Never on GPUs and for 2D models (not measured there).
     """
-    if device.type != "cpu":
+    if device.type != "cpu" or spatial_dims != 3:
         return torch.contiguous_format
     wanted = fast.channels_last if fast.channels_last is not None else (not training or precision == "fp32")
     return torch.channels_last_3d if wanted else torch.contiguous_format
@@ -142,13 +145,13 @@ def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn
 
 
 def prepare_model(model: nn.Module, fast: FastConfig, device: torch.device, precision: str,
-                  training: bool) -> tuple[nn.Module, torch.memory_format]:
+                  training: bool, spatial_dims: int = 3) -> tuple[nn.Module, torch.memory_format]:
     """``model`` (changed in place) in its memory format with its attention kernel, and that format.
 
     Inputs must be given in the returned format. ``torch.compile`` is left to :func:`compile_if_asked`,
     which training applies after the DDP wrapper.
     """
-    memory_format = memory_format_for(fast, device, precision, training)
+    memory_format = memory_format_for(fast, device, precision, training, spatial_dims)
     model = to_memory_format(model, memory_format)
     use_sdpa(model, sdpa_for(fast, device, precision))
     return model, memory_format

@@ -90,3 +90,25 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float]
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80, facecolor="black"))
     plt.close(figure)
     return True
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` uint8 colours: the organ colours, repeated beyond them."""
+    return np.array([ORGAN_COLOURS[i % len(ORGAN_COLOURS)] if i else (0, 0, 0) for i in range(num_classes)],
+                    dtype=np.uint8)
+
+
+def save_picture_overlay(picture: np.ndarray, labels: np.ndarray, path: Path, opacity: float = 0.5) -> None:
+    """A 2D picture with its mask blended in the class colours, as a PNG (SimpleITK: no matplotlib needed).
+
+    Args:
+        picture: ``(X, Y)`` grayscale or ``(X, Y, 3)`` RGB, 0-255 (X: columns, Y: rows).
+        labels: ``(X, Y)`` class indices.
+    """
+    import SimpleITK as sitk
+    rgb = np.repeat(picture[..., None], 3, axis=-1) if picture.ndim == 2 else picture[..., :3]
+    rgb = rgb.astype(np.float32)
+    colours = class_colours(int(labels.max()) + 1).astype(np.float32)
+    blended = np.where((labels > 0)[..., None], (1 - opacity) * rgb + opacity * colours[labels], rgb)
+    image = sitk.GetImageFromArray(np.clip(blended, 0, 255).astype(np.uint8).transpose(1, 0, 2), isVector=True)
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp)))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .checks import check_config_data
 from .config import Config, FastConfig, add_config_arguments, config_from_args
-from .data import load_config_split, make_dataset
+from .data import class_names, load_config_split, make_dataset
 from .distributed import Context, all_true, broadcast_object, gather_objects, launch
 from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
@@ -336,7 +336,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
 
     precision = run_precision(config, context)
     model, memory_format = prepare_model(build_trainable_model(config, context), config.fast, context.device,
-                                         precision.name, training=True)
+                                         precision.name, training=True, spatial_dims=config.model.spatial_dims)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     scheduler = build_scheduler(optimizer, config.train)
     start_epoch, global_step, best_acc = 0, 0, -1.0
@@ -353,7 +353,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
     net = compile_if_asked(net, config.fast)
     labels = [item["label"] for item in load_config_split(config.data, "training")]
     loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
-    log = RunLog(logdir, context.is_main, config.model.out_channels)
+    log = RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels))
     if context.is_main:
         print(config.to_yaml(), end="")
         config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")

@@ -10,19 +10,28 @@ Train:      load -> RAS -> resample -> window -> crop to body -> pad to ROI -> r
             it is resampled: load -> RAS -> crop to body -> resample -> window.)
 Validation: the same deterministic prefix on image and label.
 Inference:  the same deterministic prefix on the image only.
+
+2D pictures (``spatial_dims: 2``), pixels in (x: columns, y: rows) order:
+Train:      load -> stored mask values to classes (--label_map) -> 0..1 -> random resized crop ->
+            rotation, left-right flip (--hflip_prob), brightness and contrast -> ImageNet mean/std.
+Validation: load -> 0..1 -> resize to the ROI -> mean/std. Inference: the same on the image only;
+            the prediction is resized back to the picture's own size (``infer``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from monai import transforms as mt
 
-from .config import Config
+from .config import Config, parse_label_map
 from .images import SimpleITKReader
 
 IMAGE_LABEL = ("image", "label")
+# ImageNet statistics, the usual normalisation of pictures; grayscale takes their mean.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Above:
@@ -62,7 +71,52 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     return [*load, resample, window, crop]
 
 
+def picture_loading(config: Config, keys: Sequence[str]) -> list[mt.MapTransform]:
+    """2D: read the picture (and mask), mask values to classes, colours to 0..1."""
+    keys = list(keys)
+    steps = [mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True)]
+    if config.data.label_map is not None and "label" in keys:
+        mapping = parse_label_map(config.data.label_map)
+        steps.append(mt.MapLabelValued(keys="label", orig_labels=list(mapping), target_labels=list(mapping.values())))
+    steps.append(mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    return steps
+
+
+def picture_normalisation(config: Config) -> mt.MapTransform:
+    channels = config.model.in_channels
+    mean = IMAGENET_MEAN if channels == 3 else (sum(IMAGENET_MEAN) / 3,) * channels
+    std = IMAGENET_STD if channels == 3 else (sum(IMAGENET_STD) / 3,) * channels
+    return mt.NormalizeIntensityd(keys="image", subtrahend=mean, divisor=std, channel_wise=True)
+
+
+def picture_train_transforms(config: Config) -> mt.Compose:
+    data, keys = config.data, list(IMAGE_LABEL)
+    modes = ("bilinear", "nearest")
+    jitter = data.color_jitter
+    return mt.Compose([
+        *picture_loading(config, keys),
+        mt.RandScaleCropd(keys=keys, roi_scale=data.min_crop_scale, max_roi_scale=1.0, random_size=True),
+        mt.Resized(keys=keys, spatial_size=config.model.roi_size, mode=modes),
+        mt.RandRotated(keys=keys, range_x=math.radians(data.rotate_degrees), prob=1.0 if data.rotate_degrees else 0.0,
+                       mode=modes, padding_mode="zeros"),
+        mt.RandFlipd(keys=keys, prob=data.hflip_prob, spatial_axis=0),  # axis 0 is x: a left-right flip
+        mt.RandScaleIntensityd(keys="image", factors=jitter, prob=1.0 if jitter else 0.0),
+        mt.RandAdjustContrastd(keys="image", gamma=(1.0 - jitter, 1.0 + jitter), prob=1.0 if jitter else 0.0),
+        picture_normalisation(config),
+    ])
+
+
+def picture_eval_transforms(config: Config, keys: Sequence[str]) -> mt.Compose:
+    """Validation (image and label) and inference (image): the whole picture resized to the ROI."""
+    modes = ["bilinear" if key == "image" else "nearest" for key in keys]
+    return mt.Compose([*picture_loading(config, keys),
+                       mt.Resized(keys=list(keys), spatial_size=config.model.roi_size, mode=modes),
+                       picture_normalisation(config)])
+
+
 def train_transforms(config: Config) -> mt.Compose:
+    if config.model.spatial_dims == 2:
+        return picture_train_transforms(config)
     data = config.data
     keys = list(IMAGE_LABEL)
     roi = config.model.roi_size
@@ -101,8 +155,12 @@ def random_crop(config: Config) -> list[mt.MapTransform]:
 
 
 def val_transforms(config: Config) -> mt.Compose:
+    if config.model.spatial_dims == 2:
+        return picture_eval_transforms(config, IMAGE_LABEL)
     return mt.Compose(preprocessing(config, IMAGE_LABEL))
 
 
 def infer_transforms(config: Config) -> mt.Compose:
+    if config.model.spatial_dims == 2:
+        return picture_eval_transforms(config, ("image",))
     return mt.Compose(preprocessing(config, ("image",)))

@@ -1,0 +1,168 @@
+"""The 2D mode (``spatial_dims: 2``): pictures in, the same training loop, masks in each picture's own size."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data import list_data_collate
+from monai.losses import DiceCELoss
+
+from btcv_unetr import cli, train
+from btcv_unetr.checks import Expected, check_data
+from btcv_unetr.config import CONFIG_DIR, ConfigError, build_config, parse_label_map
+from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.data import load_config_split
+from btcv_unetr.distributed import Context
+from btcv_unetr.infer import map_labels
+from btcv_unetr.model import build_model
+from btcv_unetr.optim import build_optimizer
+from btcv_unetr.precision import Precision
+from btcv_unetr.transforms import train_transforms, val_transforms
+
+CLASSES = {"0": "background", "1": "animal", "2": "boundary"}
+
+
+def _scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """An RGB picture (rows, columns, 3) of a disc with a dark rim on noise, and its trimap mask."""
+    rows, columns = np.mgrid[:height, :width]
+    cy, cx, radius = rng.uniform(22, height - 22), rng.uniform(22, width - 22), rng.uniform(10, 16)
+    distance = np.hypot(rows - cy, columns - cx)
+    mask = np.where(distance < radius - 2, 1, np.where(distance < radius + 1, 2, 0)).astype(np.uint8)
+    picture = rng.integers(0, 90, (height, width, 3)).astype(np.uint8)
+    picture[mask == 1] = (210, 130, 40)
+    picture[mask == 2] = (80, 50, 20)
+    return picture, mask
+
+
+def _write_png(array: np.ndarray, path, rgb: bool) -> None:
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=rgb), str(path))
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Eight pictures of different sizes (6 training, 2 validation) with masks and a datalist with class names."""
+    root = tmp_path_factory.mktemp("pictures")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    entries = []
+    for index in range(8):
+        picture, mask = _scene(rng, 64 + 8 * (index % 2), 72 + 8 * (index % 3))
+        _write_png(picture, root / f"images/p{index}.png", rgb=True)
+        _write_png(mask, root / f"masks/p{index}.png", rgb=False)
+        entries.append({"image": f"images/p{index}.png", "label": f"masks/p{index}.png"})
+    datalist = {"training": entries[:6], "validation": entries[6:], "labels": CLASSES}
+    (root / "dataset.json").write_text(json.dumps(datalist))
+    return root
+
+
+def _config(root, **sections):
+    return build_config([read_yaml(CONFIG_DIR / "tiny2d.yaml"),
+                         {"data": {"data_dir": str(root), "json_list": "dataset.json"}}, sections])
+
+
+def test_transforms_give_roi_sized_pictures_and_masks(pictures):
+    config = _config(pictures)
+    entry = load_config_split(config.data, "training")[0]
+    sample = train_transforms(config)(entry)
+    assert tuple(sample["image"].shape) == (3, 64, 64) and tuple(sample["label"].shape) == (1, 64, 64)
+    assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0, 2.0}  # nearest: no blended class values
+    validation = val_transforms(config)(load_config_split(config.data, "validation")[0])
+    assert tuple(validation["image"].shape) == (3, 64, 64)
+    # ImageNet normalisation: the noise background (0-90 of 255) lies below the channel means.
+    assert float(validation["image"][0][validation["label"][0] == 0].mean()) < 0
+
+
+def test_a_few_2d_steps_lower_the_loss_on_a_fixed_batch(pictures):
+    config = _config(pictures)
+    torch.manual_seed(0)
+    entries = load_config_split(config.data, "training")[:4]
+    batch = list_data_collate([train_transforms(config)(entry) for entry in entries])
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.train)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-3
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
+    context = Context(0, 1, 0, torch.device("cpu"))
+    losses = [train.train_one_epoch(model, [batch], loss_fn, optimizer, Precision("fp32", "test"), context, 0, None,
+                                    0)[0] for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_training_then_inference_writes_masks_in_each_pictures_size(pictures, tmp_path):
+    run = tmp_path / "run"
+    argv = ["--config", "tiny2d.yaml", "--data_dir", str(pictures), "--json_list", "dataset.json"]
+    assert cli.main(["train", *argv, "--logdir", str(run), "--max_epochs", "2", "--noamp"]) == 0
+    header = next(csv.reader((run / "metrics.csv").open()))
+    assert header[-2:] == ["animal", "boundary"]  # the datalist's class names
+    out = tmp_path / "masks"
+    assert cli.main(["infer", "--data_dir", str(pictures), "--json_list", "dataset.json", "--pretrained_dir", str(run),
+                     "--pretrained_model_name", "model_final.pt", "--output_dir", str(out), "--no_hd95",
+                     "--tta"]) == 0
+    for index in (6, 7):
+        picture = sitk.ReadImage(str(pictures / f"images/p{index}.png"))
+        mask = sitk.ReadImage(str(out / f"p{index}_seg.png"))
+        assert mask.GetSize() == picture.GetSize() and mask.GetNumberOfComponentsPerPixel() == 1
+        assert set(np.unique(sitk.GetArrayFromImage(mask)).tolist()) <= {0, 1, 2}
+        overlay = sitk.ReadImage(str(out / f"p{index}_overlay.png"))
+        assert overlay.GetSize() == picture.GetSize() and overlay.GetNumberOfComponentsPerPixel() == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["organs"]) == {"animal", "boundary"} and summary["cases"] == 2
+
+
+def test_check_data_names_each_mismatch_in_one_line(pictures, tmp_path):
+    rng = np.random.default_rng(1)
+    picture, mask = _scene(rng, 64, 64)
+    _write_png(picture[..., 0], tmp_path / "gray.png", rgb=False)
+    _write_png(picture, tmp_path / "rgb_mask.png", rgb=True)
+    _write_png(mask, tmp_path / "mask.png", rgb=False)
+    _write_png(picture, tmp_path / "rgb.png", rgb=True)
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 8), np.int16), np.eye(4)), tmp_path / "volume.nii.gz")
+    entries = [{"image": "gray.png", "label": "mask.png"}, {"image": "rgb.png", "label": "rgb_mask.png"},
+               {"image": "volume.nii.gz", "label": "mask.png"}]
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    problems = [str(p) for p in check_data(str(tmp_path), "list.json", 3, expected=Expected(2, 3))[0]]
+    assert problems == [
+        f"{tmp_path}/gray.png: 1 colour channel(s); the model takes 3 (in_channels 3): convert the picture or set "
+        "--in_channels",
+        f"{tmp_path}/rgb_mask.png: 3 colour channel(s); a mask must be single-channel class indices",
+        f"{tmp_path}/volume.nii.gz: image has 3 spatial dimensions (shape (64, 64, 8)): a 2D model (spatial_dims 2) "
+        "takes pictures",
+        f"{tmp_path}/mask.png: label shape (64, 64) differs from image shape (64, 64, 8) ({tmp_path}/volume.nii.gz)",
+    ]
+
+
+def test_label_map_turns_stored_values_into_classes_and_refuses_others(tmp_path):
+    """The Oxford pets trimap stores 1 pet, 2 background, 3 border."""
+    mapping = parse_label_map("1:1,2:0,3:2")
+    assert mapping == {1: 1, 2: 0, 3: 2}
+    stored = np.array([[1, 2], [3, 2]], np.uint8)
+    assert map_labels(stored, mapping).tolist() == [[1, 0], [2, 0]]
+    with pytest.raises(ConfigError, match="'label_map'"):
+        parse_label_map("pet=1")
+    rng = np.random.default_rng(2)
+    picture, mask = _scene(rng, 64, 64)
+    _write_png(picture, tmp_path / "p.png", rgb=True)
+    _write_png((mask + 1).astype(np.uint8), tmp_path / "m.png", rgb=False)  # stored 1, 2, 3
+    (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "p.png", "label": "m.png"}]}))
+    assert check_data(str(tmp_path), "list.json", 3, expected=Expected(2, 3, {1: 0, 2: 1, 3: 2}))[0] == []
+    problems = check_data(str(tmp_path), "list.json", 3, expected=Expected(2, 3, {1: 0, 2: 1}))[0]
+    assert [str(p) for p in problems] == [f"{tmp_path}/m.png: mask values 3 are not in --label_map"]
+
+
+def test_a_picture_given_to_the_3d_model_is_one_line(tmp_path, capsys):
+    picture, _ = _scene(np.random.default_rng(3), 64, 64)
+    _write_png(picture, tmp_path / "p.png", rgb=True)
+    model = build_model(build_config([read_yaml(CONFIG_DIR / "tiny.yaml")]).model)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    code = cli.main(["infer", "--config", "tiny.yaml", "--input", str(tmp_path / "p.png"), "--pretrained_dir",
+                     str(tmp_path), "--pretrained_model_name", "w.pth", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    # The colour channels are not a third axis.
+    assert f"{tmp_path}/p.png: image is 2D with shape (64, 64, 3), expected a 3D volume" in err
+    assert not list((tmp_path / "out").glob("*_seg*"))
