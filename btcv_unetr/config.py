@@ -57,6 +57,8 @@ class ModelConfig:
     hidden_size: int = _opt(768, "ViT hidden size")
     mlp_dim: int = _opt(3072, "ViT MLP size")
     num_heads: int = _opt(12, "ViT attention heads")
+    num_layers: int = _opt(12, "ViT blocks, a multiple of 4 (the decoder taps a quarter, half and three quarters "
+                               "of the depth): 12 in the paper (ViT-B), 24 for ViT-L")
     pos_embed: str = _opt("perceptron", "patch embedding (MONAI proj_type)", choices=("perceptron", "conv"))
     norm_name: str = _opt("instance", "decoder normalisation", choices=("instance", "batch"))
     conv_block: bool = _opt(True, "convolutional blocks in the decoder skip paths")
@@ -411,6 +413,8 @@ def validate(config: Config) -> None:
         size = getattr(m, key)
         if size < 16 or size % 16:
             raise ConfigError(f"config key '{key}': {size} must be a positive multiple of 16 (UNETR's patch size)")
+    if m.num_layers < 4 or m.num_layers % 4:
+        raise ConfigError(f"config key 'num_layers': {m.num_layers} must be a positive multiple of 4")
     if m.hidden_size % m.num_heads:
         raise ConfigError(f"config key 'hidden_size': {m.hidden_size} is not divisible by num_heads={m.num_heads}")
     if d.a_max <= d.a_min:
@@ -454,6 +458,7 @@ def validate(config: Config) -> None:
         raise ConfigError("config keys 'use_normal_dataset' and 'cache_dir' exclude each other: choose one")
 
 
+PRESETS = ("lite", "base", "large")
 PREPROCESSING = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
 # Flags the reference's test.py took without using them at inference (its loader shared the
 # training arguments): test.py still accepts them, so that reference commands keep working.
@@ -487,6 +492,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = 
     """
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
                         help="YAML file of config sections; flags given on the command line override it")
+    parser.add_argument("--preset", default=None, choices=PRESETS,
+                        help="model size (configs/preset_NAME.yaml): lite (CPUs), base (the paper's ViT-B), large "
+                             "(ViT-L); applied after --config, before the other flags")
     for section, fields in command_fields(command).items():
         cls = SECTIONS[section]
         group = parser.add_argument_group(f"{section} ({cls.__doc__.strip()})")
@@ -533,8 +541,10 @@ def unrecognized_flags_message(command: str, words: list[str]) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Defaults, then ``args.config`` (if any), then the flags present in ``args``."""
+    """Defaults, then ``args.config`` (if any), then the ``--preset`` file, then the flags present in ``args``."""
     layers = [_read_yaml(args.config)] if getattr(args, "config", None) else []
+    if getattr(args, "preset", None):
+        layers.append(_read_yaml(CONFIG_DIR / f"preset_{args.preset}.yaml"))
     flags: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for name, value in vars(args).items():
         if name in FIELD_SECTION:

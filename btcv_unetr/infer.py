@@ -43,7 +43,7 @@ from .files import atomic_write, folder_lock, remove_stale_temporaries
 from .images import (IMAGE_SUFFIXES, Volume, image_shape, is_image_file, is_picture, mask_path, read_volume,
                      write_mask)
 from .checkpoint import load_checkpoint, stored_config
-from .model import (build_model, compile_if_asked, extract_state_dict, load_torchscript_weights, load_weights,
+from .model import (build_model, compile_if_asked, describe_model_size, extract_state_dict, load_torchscript_weights, load_weights,
                     prepare_model)
 from .precision import cpu_features, resolve_precision, runs_natively
 from .transforms import infer_transforms
@@ -329,6 +329,7 @@ class Predictor:
         self.precision = resolve_precision(requested, self.device, self.config.model,
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
+        print(describe_model_size(self.config.model))
         self.model, self.memory_format = prepare_model(self.model, config.fast, self.device, self.precision.name,
                                                        training=False, spatial_dims=self.config.model.spatial_dims)
         self.model = compile_if_asked(self.model, config.fast)

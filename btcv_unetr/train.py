@@ -43,7 +43,7 @@ from .infer import auto_sw_batch_size, window_settings
 from .logs import RunLog
 from .loss import build_loss
 from .checkpoint import load_checkpoint, save_checkpoint
-from .model import (build_model, compile_if_asked, load_pretrained, load_torchscript_weights, load_weights,
+from .model import (build_model, compile_if_asked, describe_model_size, load_pretrained, load_torchscript_weights, load_weights,
                     prepare_model)
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_precision
@@ -363,8 +363,8 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
                                  precision.name)
         layout = "channels-last" if memory_format == torch.channels_last_3d else "contiguous"
-        print(f"training on {context.device} x{context.world_size}, {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, {crops} crop(s) per forward pass, {layout} layout")
+        print(describe_model_size(config.model))
+        print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
 
     t = config.train
     plan_budget = t.time_budget_min is not None and fixed_epochs is None

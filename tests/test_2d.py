@@ -166,3 +166,17 @@ def test_a_picture_given_to_the_3d_model_is_one_line(tmp_path, capsys):
     # The colour channels are not a third axis.
     assert f"{tmp_path}/p.png: image is 2D with shape (64, 64, 3), expected a 3D volume" in err
     assert not list((tmp_path / "out").glob("*_seg*"))
+
+
+def test_2d_export_equals_the_eager_model(tmp_path):
+    config = build_config([read_yaml(CONFIG_DIR / "tiny2d.yaml")])
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    assert cli.main(["export", "--config", "tiny2d.yaml", "--checkpoint", str(tmp_path / "w.pth"), "--out",
+                     str(tmp_path / "unetr2d.pt")]) == 0
+    scripted = torch.jit.load(str(tmp_path / "unetr2d.pt"))
+    pictures = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert scripted(pictures).shape == (2, 3, 64, 64)
+        torch.testing.assert_close(scripted(pictures), model(pictures), atol=1e-5, rtol=1e-4)

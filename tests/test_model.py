@@ -96,3 +96,35 @@ def test_torchscript_weights_load_into_the_eager_model(model, volume, tmp_path):
         assert torch.equal(other(volume), model(volume))
     with pytest.raises(UserError, match="this is a TorchScript file: use --resume_jit"):
         load_pretrained(_fresh(), tmp_path / "UNETR_model_best_acc.pt")
+
+
+@pytest.mark.parametrize("preset, parameters", [("lite", None), ("base", 92_802_478), ("large", 311_867_566)])
+def test_each_preset_builds_with_its_printed_parameter_count(preset, parameters):
+    """lite, base (the paper's ViT-B: about 92.6 M parameters for BTCV) and large (ViT-L, 24 blocks)."""
+    from btcv_unetr.config import parse_config
+    from btcv_unetr.model import describe_model_size, model_size
+    config = parse_config(["--preset", preset]).model
+    with torch.device("meta"):  # the count needs the modules, not their memory
+        model = build_model(config)
+    counted = sum(p.numel() for p in model.parameters())
+    assert model_size(config)[0] == counted and len(model.vit.blocks) == config.num_layers
+    if parameters is not None:
+        assert counted == parameters
+    assert describe_model_size(config).startswith(f"model: {counted:,} parameters, ")
+    assert describe_model_size(config).endswith(" GFLOPs per 96x96x96 window")
+
+
+def test_a_deeper_vit_feeds_the_decoder_from_a_quarter_half_and_three_quarters_of_its_depth():
+    from btcv_unetr.model import DeeperUNETR
+    model = build_model(tiny_config(model={"num_layers": 8}).model).eval()
+    assert isinstance(model, DeeperUNETR) and len(model.vit.blocks) == 8
+    blocks, skips = {}, {}
+    for index, block in enumerate(model.vit.blocks):
+        block.register_forward_hook(lambda _m, _i, out, index=index: blocks.__setitem__(index, out))
+    for name in ("encoder2", "encoder3", "encoder4"):
+        getattr(model, name).register_forward_pre_hook(lambda _m, args, name=name: skips.__setitem__(name, args[0]))
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 32, 32, 32))
+        assert out.shape == (1, 14, 32, 32, 32)
+        for name, block in (("encoder2", 2), ("encoder3", 4), ("encoder4", 6)):
+            assert torch.equal(skips[name], model.proj_feat(blocks[block]))
