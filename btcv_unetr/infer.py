@@ -37,7 +37,7 @@ from .config import Config, add_config_arguments, config_from_args, parse_label_
 from .checks import Expected, dimension_problems
 from .data import case_name, class_names, load_config_split
 from .errors import UserError
-from .evaluate import CaseMetrics, case_metrics, format_summary, write_reports
+from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, write_reports
 from .allocator import keep_freed_memory
 from .files import atomic_write, folder_lock, remove_stale_temporaries
 from .images import (IMAGE_SUFFIXES, Volume, image_shape, is_image_file, is_picture, mask_path, read_volume,
@@ -401,14 +401,6 @@ class Predictor:
         return self.to_scan(self.probabilities(image), image, keep_probabilities)
 
 
-def map_labels(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
-    """Stored mask values to classes (``--label_map``); values not in ``mapping`` become background."""
-    lookup = np.zeros(max(int(labels.max()), max(mapping)) + 1, dtype=np.int16)
-    for stored, target in mapping.items():
-        lookup[stored] = target
-    return lookup[np.clip(labels, 0, None)]
-
-
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """MONAI's largest-connected-component filter, per organ (needs scikit-image)."""
     try:
@@ -460,7 +452,7 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     label = read_volume(case.label)
     truth = np.asarray(label.data).reshape(label.spatial_shape).astype(np.int16)
     if picture and predictor.config.data.label_map:
-        truth = map_labels(truth, parse_label_map(predictor.config.data.label_map))
+        truth = map_values(truth, parse_label_map(predictor.config.data.label_map))
     spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
     result = case_metrics(case.name, labels, truth, spacing, predictor.config.model.out_channels, infer.hd95)
     result.seconds = seconds

@@ -17,7 +17,7 @@ from btcv_unetr.config import CONFIG_DIR, ConfigError, build_config, parse_label
 from btcv_unetr.config import _read_yaml as read_yaml
 from btcv_unetr.data import load_config_split
 from btcv_unetr.distributed import Context
-from btcv_unetr.infer import map_labels
+from btcv_unetr.evaluate import map_values
 from btcv_unetr.model import build_model
 from btcv_unetr.optim import build_optimizer
 from btcv_unetr.precision import Precision
@@ -141,7 +141,7 @@ def test_label_map_turns_stored_values_into_classes_and_refuses_others(tmp_path)
     mapping = parse_label_map("1:1,2:0,3:2")
     assert mapping == {1: 1, 2: 0, 3: 2}
     stored = np.array([[1, 2], [3, 2]], np.uint8)
-    assert map_labels(stored, mapping).tolist() == [[1, 0], [2, 0]]
+    assert map_values(stored, mapping).tolist() == [[1, 0], [2, 0]]
     with pytest.raises(ConfigError, match="'label_map'"):
         parse_label_map("pet=1")
     rng = np.random.default_rng(2)
@@ -180,3 +180,34 @@ def test_2d_export_equals_the_eager_model(tmp_path):
     with torch.no_grad():
         assert scripted(pictures).shape == (2, 3, 64, 64)
         torch.testing.assert_close(scripted(pictures), model(pictures), atol=1e-5, rtol=1e-4)
+
+
+def test_iou_dice_and_pixel_accuracy_from_a_known_confusion():
+    """4 x 4 pixels: class 1 has 4 true pixels, 2 found and 2 false alarms; class 2 has 2, both found."""
+    from btcv_unetr.evaluate import case_metrics, summarise
+    label = np.zeros((4, 4), np.int16)
+    prediction = np.zeros((4, 4), np.int16)
+    label[0, :4] = 1
+    prediction[0, :2] = 1
+    prediction[1, :2] = 1
+    label[3, :2] = prediction[3, :2] = 2
+    result = case_metrics("c", prediction, label, (1.0, 1.0), 3, distances=False)
+    assert result.dice == pytest.approx([2 * 2 / (4 + 4), 1.0])
+    assert result.iou == pytest.approx([2 / 6, 1.0])
+    assert result.accuracy == pytest.approx(12 / 16)  # 2 missed + 2 false alarms of 16 pixels
+    summary = summarise([result], 3, ["animal", "boundary"])
+    assert summary["mean_iou"] == pytest.approx((1 / 3 + 1) / 2) and summary["accuracy"] == pytest.approx(0.75)
+
+
+def test_evaluate_scores_folders_of_png_masks_with_a_label_map(tmp_path, capsys):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "label").mkdir()
+    truth = np.zeros((8, 8), np.uint8)
+    truth[2:6, 2:6] = 1
+    _write_png(truth, tmp_path / "pred/a_seg.png", rgb=False)
+    _write_png(np.where(truth == 1, 1, 2).astype(np.uint8), tmp_path / "label/a.png", rgb=False)  # pets: 2 background
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--label", str(tmp_path / "label"),
+                     "--out_channels", "2", "--label_map", "1:1,2:0", "--no_hd95"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].split() == ["class", "1", "1.0000", "1.0000"] and lines[-1].split()[:3] == ["pixel", "accuracy", "1.0000"]

@@ -230,7 +230,7 @@ def _cli(tmp_path, weights, *flags):
 
 @pytest.mark.parametrize("setup, message", [
     ("missing", "error: input not found: {tmp}/nope.nii.gz"),
-    ("empty", "error: {tmp}/empty: no image files (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr) and no DICOM series in this folder"),
+    ("empty", "error: {tmp}/empty: no image files (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr, .png, .jpg, .jpeg, .bmp) and no DICOM series in this folder"),
     ("flat", "error: {tmp}/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume"),
     ("four_d", "error: {tmp}/four_d.nii.gz: image is 4D with shape (8, 8, 8, 2), expected a 3D volume"),
     ("mismatch", "error: {weights}/w.pth: weights do not match the model built from the flags"),
