@@ -37,13 +37,6 @@ class RunLog:
                 writer.writerow(["epoch", "step", "mean_dice", *self.organs])
             writer.writerow([epoch, step, f"{mean_dice:.5f}", *(f"{v:.5f}" for v in organ_dice)])
 
-    def table(self, organ_dice: list[float], mean_dice: float) -> str:
-        """Per-organ Dice as an aligned text table (absent organs shown as n/a)."""
-        width = max(len(name) for name in self.organs)
-        lines = [f"{name:<{width}}  {'n/a' if value != value else f'{value:.4f}'}"
-                 for name, value in zip(self.organs, organ_dice)]
-        return "\n".join([*lines, f"{'mean organ Dice':<{width}}  {mean_dice:.4f}"])
-
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import math
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, MeanIoU
 from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 from torch import nn
@@ -39,6 +40,7 @@ from .distributed import Context, all_true, broadcast_object, gather_objects, la
 from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
 from .allocator import keep_freed_memory
+from .evaluate import format_summary
 from .infer import auto_sw_batch_size, window_settings
 from .logs import RunLog
 from .loss import build_loss
@@ -138,17 +140,48 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
     return (total / steps if steps else math.nan), global_step
 
 
+@dataclass
+class Validation:
+    """Per-class means over the validation cases (classes 1..N-1; a class absent from a case's label is
+    left out of that class's mean) and the mean pixel (voxel) accuracy, background included."""
+
+    organ_dice: list[float]
+    organ_iou: list[float]
+    accuracy: float
+    cases: int
+
+    @property
+    def mean_dice(self) -> float:
+        return _nanmean(self.organ_dice)
+
+    @property
+    def mean_iou(self) -> float:
+        return _nanmean(self.organ_iou)
+
+    def summary(self, names: list[str]) -> dict:
+        """In the layout of ``evaluate.summarise``, so the table printed is that of ``test.py`` and ``evaluate``."""
+        organs = {name: {"dice": dice, "iou": iou} for name, dice, iou in zip(names, self.organ_dice, self.organ_iou)}
+        return {"cases": self.cases, "organs": organs, "mean_organ_dice": self.mean_dice, "mean_iou": self.mean_iou,
+                "accuracy": self.accuracy}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Precision,
-             context: Context) -> tuple[list[float], float]:
-    """Per-organ Dice (classes 1..N-1) averaged over all validation cases, and their mean.
+             context: Context) -> Validation:
+    """Per-class Dice and IoU (MONAI's metrics) and pixel accuracy over all validation cases.
 
     Each rank evaluates its own share of the cases (no padding), the per-case rows are gathered, so
-    every case counts exactly once. An organ absent from a case's label is left out of that organ's mean.
+    every case counts exactly once.
     """
     model.eval()
     classes = config.model.out_channels
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    iou_metric = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with precision.autocast(context.device):
@@ -161,14 +194,16 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
         logits = sliding_window_inference(image, sw_batch_size=sw_batch_size, predictor=predictor,
                                           **window_settings(config))
-        prediction = one_hot(logits.argmax(1, keepdim=True), classes)
-        rows.append(metric(prediction, one_hot(label.long(), classes)).cpu())
+        labels = logits.argmax(1, keepdim=True)
+        prediction, truth = one_hot(labels, classes), one_hot(label.long(), classes)
+        accuracy = (labels == label.long()).flatten(1).float().mean(1)
+        rows.append((dice_metric(prediction, truth).cpu(), iou_metric(prediction, truth).cpu(), accuracy.cpu()))
     rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
     if not rows:
-        return [math.nan] * (classes - 1), math.nan
-    table = torch.cat(rows).double()  # (cases, organs), NaN where an organ is absent
-    organ_dice = torch.nanmean(table, dim=0)
-    return organ_dice.tolist(), float(torch.nanmean(organ_dice))
+        return Validation([math.nan] * (classes - 1), [math.nan] * (classes - 1), math.nan, 0)
+    dice, iou, accuracy = (torch.cat(column).double() for column in zip(*rows))  # (cases, classes), NaN if absent
+    return Validation(torch.nanmean(dice, dim=0).tolist(), torch.nanmean(iou, dim=0).tolist(),
+                      float(accuracy.mean()), int(dice.shape[0]))
 
 
 # What a training run writes into its folder; an earlier run's files are not silently mixed with a new one's.
@@ -392,15 +427,15 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         # A budget is planned after the first epoch, from its time and that of one validation.
         if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or plan_budget:
             started = time.time()
-            organ_dice, mean_dice = validate(model, val_loader, config, precision, context)
+            last_validation = validate(model, val_loader, config, precision, context)
             validation_s = time.time() - started
-            last_validation = (organ_dice, mean_dice)
+            mean_dice = last_validation.mean_dice
             improved = mean_dice > best_acc
             best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
             if context.is_main:
                 print(f"validation epoch {epoch}: mean organ Dice {mean_dice:.4f}"
                       f"{' (new best)' if improved else f'  (best {best_acc:.4f})'}")
-                log.validation(epoch, global_step, organ_dice, mean_dice)
+                log.validation(epoch, global_step, last_validation.organ_dice, mean_dice)
                 if t.save_checkpoint and improved:
                     save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
                                     best_acc, config)
@@ -422,7 +457,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
             break
     log.close()
     if context.is_main and last_validation is not None:
-        print("per-organ Dice on the validation cases, last validation:\n" + log.table(*last_validation))
+        print("the validation cases at the last validation:\n" + format_summary(last_validation.summary(log.organs)))
     if context.is_main:
         print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
 

@@ -93,10 +93,14 @@ def test_a_few_2d_steps_lower_the_loss_on_a_fixed_batch(pictures):
     assert losses[-1] < losses[0] - 0.05
 
 
-def test_training_then_inference_writes_masks_in_each_pictures_size(pictures, tmp_path):
+def test_training_then_inference_writes_masks_in_each_pictures_size(pictures, tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["--config", "tiny2d.yaml", "--data_dir", str(pictures), "--json_list", "dataset.json"]
     assert cli.main(["train", *argv, "--logdir", str(run), "--max_epochs", "2", "--noamp"]) == 0
+    table = capsys.readouterr().out.split("the validation cases at the last validation:\n")[1].splitlines()
+    assert table[0].split() == ["class", "Dice", "IoU"] and [line.split()[0] for line in table[1:3]] == \
+        ["animal", "boundary"]
+    assert table[4].startswith("mean IoU") and table[5].startswith("pixel accuracy")
     header = next(csv.reader((run / "metrics.csv").open()))
     assert header[-2:] == ["animal", "boundary"]  # the datalist's class names
     out = tmp_path / "masks"

@@ -41,7 +41,8 @@ def _worker(context: Context, config, out: str) -> None:
     train.train_one_epoch(ddp, [_batch(context.rank)], _loss(), optimizer, precision, context, 0, None, 0)
     vectors = gather_objects(parameters_to_vector(model.parameters()).detach(), context)
     _, val_loader, _ = train.build_loaders(config, context)
-    organ_dice, mean_dice = train.validate(model, val_loader, config, precision, context)
+    validation = train.validate(model, val_loader, config, precision, context)
+    organ_dice, mean_dice = validation.organ_dice, validation.mean_dice
     if context.is_main:
         torch.save({"vectors": vectors, "organ_dice": organ_dice, "mean_dice": mean_dice,
                     "val_cases": len(val_loader.dataset)}, out)
@@ -87,7 +88,8 @@ def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_d
     context = Context(0, 1, 0, torch.device("cpu"))
     _, val_loader, _ = train.build_loaders(single, context)
     precision = Precision("fp32", "test")
-    organ_dice, mean_dice = train.validate(model, val_loader, single, precision, context)
+    validation = train.validate(model, val_loader, single, precision, context)
+    organ_dice, mean_dice = validation.organ_dice, validation.mean_dice
     assert len(val_loader.dataset) == 3 and result["val_cases"] == 2  # rank 0 held 2 of the 3
     assert math.isclose(mean_dice, result["mean_dice"], rel_tol=1e-6)
     for ours, theirs in zip(organ_dice, result["organ_dice"]):

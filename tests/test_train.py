@@ -201,7 +201,7 @@ def test_validation_dice_is_the_dice_of_the_inference_pipeline_on_the_same_grid(
     case = val_transforms(config)(entry)
     context = Context(0, 1, 0, torch.device("cpu"))
     loader = DataLoader([case], batch_size=1)
-    _, validation_dice = train.validate(model, loader, config, Precision("fp32", "test"), context)
+    validation_dice = train.validate(model, loader, config, Precision("fp32", "test"), context).mean_dice
 
     probabilities = Predictor(config).probabilities(case["image"])
     prediction = one_hot(probabilities.argmax(0)[None, None], 14)
