@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from btcv_unetr.allocator import keep_freed_memory  # noqa: E402
-from btcv_unetr.config import Config, build_config  # noqa: E402
+from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402
+from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
@@ -60,9 +61,11 @@ TINY = {"model": {"roi_x": 32, "roi_y": 32, "roi_z": 32, "feature_size": 8, "hid
 BTCV_LIKE_CASE = (0, 7)
 SETTINGS = {
     "full": {"model": UNETR_B, "spacing": (1.5, 1.5, 2.0), "crops": 4, "matmul": 4096, "repeats": 3,
-             "phantom_size": 512, "data_cases": 3, "dice_steps": 300, "loss_steps": 50},
+             "phantom_size": 512, "data_cases": 3, "dice_steps": 300, "loss_steps": 50,
+             "picture": {"preset": "base", "size": 256, "batch": 8}},
     "quick": {"model": DEMO_MODEL, "spacing": (3.0, 3.0, 3.0), "crops": 2, "matmul": 2048, "repeats": 2,
-              "phantom_size": 128, "data_cases": 2, "dice_steps": 60, "loss_steps": 20},
+              "phantom_size": 128, "data_cases": 2, "dice_steps": 60, "loss_steps": 20,
+              "picture": {"preset": "lite", "size": 128, "batch": 4}},
 }
 
 
@@ -211,7 +214,7 @@ def training_step(config: Config, device: torch.device, repeats: int) -> dict:
     """One optimiser step of the recipe's batch of crops (loss, backward, AdamW), as ``main.py`` runs it."""
     step = step_function(config, device, seed=0)
     crops = config.data.num_samples * config.train.batch_size
-    image = torch.randn(crops, 1, *config.model.roi_size, device=device)
+    image = torch.randn(crops, config.model.in_channels, *config.model.roi_size, device=device)
     label = torch.randint(0, config.model.out_channels, (crops, 1, *config.model.roi_size), device=device).float()
     seconds = median_seconds(lambda: step(image, label), repeats)
     micro = micro_batch_size(config.fast, device, crops, run_precision(config, device).name)
@@ -314,6 +317,25 @@ def inference(predictor_class: type[Predictor], config: Config, scan: Path, out_
             "sw_batch_size": predictor.sw_batch_size, "preprocessed_shape": list(image.shape[1:])}
 
 
+def picture_config(settings: dict, device: str) -> Config:
+    """The 2D case: an RGB UNETR of the setting's preset on square pictures, a batch of pictures per step."""
+    picture = settings["picture"]
+    size = picture["size"]
+    return build_config([read_yaml(CONFIG_DIR / f"preset_{picture['preset']}.yaml"),
+                         {"model": {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": size,
+                                    "roi_y": size},
+                          "data": {"num_samples": 1}, "train": {"batch_size": picture["batch"]},
+                          "infer": {"device": device}}])
+
+
+def picture_figures(config: Config, device: torch.device, repeats: int) -> dict:
+    """Pictures per second through one forward pass (inference) and training steps per second."""
+    forward_s = model_passes(config, device, repeats)["forward_s"]
+    step = training_step(config, device, repeats)
+    return {"images_per_s": 1.0 / forward_s, "train_steps_per_s": 1.0 / step["step_s"], "batch": step["crops"],
+            "size": list(config.model.roi_size)}
+
+
 def loss_curve(config: Config, batches: list[dict], device: torch.device, seed: int) -> list[float]:
     """Training losses over ``batches`` (the same crops for every path) from a model seeded with ``seed``."""
     step = step_function(config, device, seed)
@@ -382,6 +404,8 @@ def run(args: argparse.Namespace) -> dict:
     tiny_ref, tiny_fast = configs({**settings, "model": TINY["model"], "spacing": (6.0, 6.0, 6.0), "crops": 2},
                                   args.device, tiny_dir)
     batches = tiny_batches(tiny_fast, settings["loss_steps"])
+    picture_fast = picture_config(settings, args.device)
+    pictures = {"reference": reference_style(picture_fast), "fast": picture_fast}
 
     if args.dice_checkpoint:
         checkpoint, dice_data = args.dice_checkpoint.resolve(), args.dice_data.resolve()
@@ -413,6 +437,9 @@ def run(args: argparse.Namespace) -> dict:
         out["dice"] = segment_folder(predictor_class, dice_config)
         log(f"  mean organ Dice of the {'given' if args.dice_checkpoint else 'tiny'} model {out['dice']:.4f}")
         out["loss_curve"] = loss_curve(tiny, batches, device, seed=0)
+        out["picture"] = picture_figures(pictures[name], device, repeats)
+        log(f"  2D: {out['picture']['images_per_s']:.1f} pictures/s, {out['picture']['train_steps_per_s']:.2f} "
+            "training steps/s")
     results["reference"]["loss_curve_other_seed"] = loss_curve(tiny_ref, batches, device, seed=1)
     keep_freed_memory(True)
 
@@ -490,6 +517,8 @@ def summarise(r: dict) -> dict:
         "loss_gap_fast_vs_reference": tail_gap(fast["loss_curve"], ref["loss_curve"]),
         "loss_gap_seed_to_seed": tail_gap(ref["loss_curve_other_seed"], ref["loss_curve"]),
         "input_bound": r["data"]["random_s_per_case"] > fast["train_step"]["step_s"],
+        "picture_inference_speedup": fast["picture"]["images_per_s"] / ref["picture"]["images_per_s"],
+        "picture_train_step_speedup": fast["picture"]["train_steps_per_s"] / ref["picture"]["train_steps_per_s"],
     }
 
 
@@ -507,6 +536,10 @@ def table(r: dict) -> str:
          s["windows_speedup"]),
         ("inference peak memory, GB", ref["inference"]["peak_memory_gb"], fast["inference"]["peak_memory_gb"], None),
         ("mean organ Dice (Dice check model)", ref["dice"], fast["dice"], None),
+        (f"2D {'x'.join(map(str, fast['picture']['size']))} RGB pictures per s", ref["picture"]["images_per_s"],
+         fast["picture"]["images_per_s"], s["picture_inference_speedup"]),
+        (f"2D training steps ({fast['picture']['batch']} pictures) per s", ref["picture"]["train_steps_per_s"],
+         fast["picture"]["train_steps_per_s"], s["picture_train_step_speedup"]),
     ]
     lines = [f"{'':40s} {'reference':>10s} {'fast':>10s} {'ratio':>7s}"]
     for name, a, b, ratio in rows:

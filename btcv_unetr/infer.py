@@ -331,7 +331,7 @@ class Predictor:
         print(self.precision.describe())
         print(describe_model_size(self.config.model))
         self.model, self.memory_format = prepare_model(self.model, config.fast, self.device, self.precision.name,
-                                                       training=False, spatial_dims=self.config.model.spatial_dims)
+                                                       training=False)
         self.model = compile_if_asked(self.model, config.fast)
         self.transform = infer_transforms(self.config)
         model = self.config.model

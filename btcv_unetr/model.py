@@ -166,12 +166,13 @@ def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn
 
 
 def prepare_model(model: nn.Module, fast: FastConfig, device: torch.device, precision: str,
-                  training: bool, spatial_dims: int = 3) -> tuple[nn.Module, torch.memory_format]:
+                  training: bool) -> tuple[nn.Module, torch.memory_format]:
     """``model`` (changed in place) in its memory format with its attention kernel, and that format.
 
     Inputs must be given in the returned format. ``torch.compile`` is left to :func:`compile_if_asked`,
     which training applies after the DDP wrapper.
     """
+    spatial_dims = 3 if any(isinstance(m, nn.Conv3d) for m in model.modules()) else 2
     memory_format = memory_format_for(fast, device, precision, training, spatial_dims)
     model = to_memory_format(model, memory_format)
     use_sdpa(model, sdpa_for(fast, device, precision))

@@ -371,7 +371,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
 
     precision = run_precision(config, context)
     model, memory_format = prepare_model(build_trainable_model(config, context), config.fast, context.device,
-                                         precision.name, training=True, spatial_dims=config.model.spatial_dims)
+                                         precision.name, training=True)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     scheduler = build_scheduler(optimizer, config.train)
     start_epoch, global_step, best_acc = 0, 0, -1.0
