@@ -1,6 +1,7 @@
 """``btcv-unetr`` command: one sub-command per job.
 
     btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
+    btcv-unetr shapes2d --out DIR --cases N --seed S [--size 256] [--kind pet|face]
     btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
     btcv-unetr train [--config FILE.yaml] [reference flags]      (also: python main.py ...)
     btcv-unetr infer [--input PATH] [reference flags]            (also: python test.py ...)
@@ -16,12 +17,14 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, evaluate, export, infer, phantoms, train
+from . import __version__, checks, evaluate, export, infer, phantoms, shapes2d, train
 from .config import FlagParser, unrecognized_flags_message
 from .errors import UserError
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
+    "shapes2d": ("write synthetic 2D RGB scenes: pet trimaps or face parts", shapes2d.add_arguments,
+                 shapes2d.run),
     "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
     "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
     "infer": ("segment scans: NIfTI masks in each scan's geometry (reference flags)", infer.add_arguments, infer.run),

@@ -3,6 +3,7 @@
 import functools
 import json
 import math
+import os
 import socket
 
 import pytest
@@ -109,3 +110,23 @@ def test_an_error_in_one_rank_stops_every_rank(phantom_dir, capfd):
         launch(_failing_worker, config)
     assert stopped.value.code in (1, 2)  # 2 from rank 1's error, or 1 from rank 0 losing its peer first
     assert "error: [rank 1] rank 1 cannot read its data" in capfd.readouterr().err
+
+
+def test_training_under_torchrun_takes_its_ranks_from_the_environment(phantom_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 main.py ...``: two ranks from RANK/WORLD_SIZE/LOCAL_RANK, one run folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    logdir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), str(root / "main.py"), "--config", "tiny.yaml", "--data_dir",
+               str(phantom_dir), "--json_list", "dataset.json", "--logdir", str(logdir), "--max_epochs", "1",
+               "--noamp"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training on cpu x2" in result.stdout  # the world size came from torchrun's environment
+    assert result.stdout.count("training on cpu") == 1  # rank 0 alone reports and writes
+    state = torch.load(logdir / "model_final.pt", weights_only=True)
+    assert state["epoch"] == 1 and (logdir / "metrics.csv").is_file()

@@ -72,3 +72,32 @@ def test_inverting_the_validation_chain_restores_the_scan_geometry(phantom_dir, 
 def test_inference_chain_needs_no_label(phantom_dir, entry):
     out = infer_transforms(tiny_config(phantom_dir))({"image": entry["image"]})
     assert set(out) == {"image"} and out["image"].ndim == 4
+
+
+def _rare_class_volume() -> dict:
+    """A 64^3 label with a large organ (class 1) in the far half and a 3^3 rare one (class 13) in a corner."""
+    label = torch.zeros(1, 64, 64, 64)
+    label[:, 40:60, 8:56, 8:56] = 1
+    label[:, 4:7, 4:7, 4:7] = 13
+    return {"image": label.clone() / 13, "label": label}
+
+
+@pytest.mark.parametrize("sampler", ["classes", "posneg"])
+def test_class_balanced_crops_show_a_rare_class_as_often_as_the_others(sampler):
+    """'classes' centres a third of the crops on each present class (0, 1, 13): the 27-voxel organ is in
+    at least about a third of them; the reference's pos/neg sampler almost never shows it."""
+    from monai.transforms import Compose
+    from btcv_unetr.transforms import random_crop
+    config = tiny_config(data={"crop_sampler": sampler, "num_samples": 4})
+    crops = Compose(random_crop(config)).set_random_state(seed=0)
+    shown, total = 0, 0
+    for _ in range(40):
+        for crop in crops(_rare_class_volume()):
+            assert tuple(crop["label"].shape) == (1, 32, 32, 32)
+            shown += bool((crop["label"] == 13).any())
+            total += 1
+    share = shown / total
+    if sampler == "classes":
+        assert share > 0.28
+    else:
+        assert share < 0.1
