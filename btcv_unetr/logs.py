@@ -40,3 +40,11 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def with_progress(items, enabled: bool, desc: str):
+    """``items`` with a tqdm bar of ``desc`` when ``enabled`` (the dataset writers' case loops)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit="case")

@@ -27,6 +27,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from .config import FlagParser
 from .files import atomic_save_nifti, atomic_write_json
 from .labels import label_map
+from .logs import with_progress
 
 FULL_SIZE = 512
 STORAGE_ORIENTATIONS = ("LPS", "LPS", "LPS", "RAS", "LPI", "LAS")  # LPS is what most scanners give
@@ -330,14 +331,14 @@ def write_dataset(out: str | Path, cases: int, seed: int = 0, size: int = FULL_S
         raise ValueError("cases must be >= 2 (at least one training and one validation case)")
     out = Path(out)
     entries = []
-    for index in _progress(range(1, cases + 1), progress, "labelled cases"):
+    for index in with_progress(range(1, cases + 1), progress, "labelled cases"):
         case = generate_case(seed, index, size)
         entry = {"image": f"imagesTr/img{index:04d}.nii.gz", "label": f"labelsTr/label{index:04d}.nii.gz"}
         atomic_save_nifti(case.image, out / entry["image"])
         atomic_save_nifti(case.label, out / entry["label"])
         entries.append(entry)
     tests = []
-    for index in _progress(range(cases + 1, cases + test_cases + 1), progress, "test cases"):
+    for index in with_progress(range(cases + 1, cases + test_cases + 1), progress, "test cases"):
         tests.append(f"imagesTs/img{index:04d}.nii.gz")
         atomic_save_nifti(generate_case(seed, index, size).image, out / tests[-1])
     n_val = max(1, cases // 5)
@@ -350,13 +351,6 @@ def write_dataset(out: str | Path, cases: int, seed: int = 0, size: int = FULL_S
     path = out / "dataset.json"
     atomic_write_json(path, datalist)
     return path
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="case")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,7 +23,6 @@ how many others are generated. Only numpy is used; a 256 x 256 scene takes some 
     add_arguments, run   the ``btcv-unetr shapes2d`` command
 
     btcv-unetr shapes2d --out DIR --cases N --seed S [--size 256] [--kind pet|face]
-    python -m btcv_unetr.shapes2d --out DIR ...
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import FlagParser
 from .files import atomic_write, atomic_write_json
+from .logs import with_progress
 
 PATCH = 16          # UNETR's patch size in 2D: pictures must tile into whole patches
 DEFAULT_SIZE = 256
@@ -481,7 +480,7 @@ def write_dataset(out: str | Path, cases: int, seed: int, size: int = DEFAULT_SI
         raise ValueError(f"validation_fraction must be between 0 and 1, not {validation_fraction}")
     out = Path(out)
     entries = []
-    for index in _progress(range(cases), progress, f"{kind} scenes"):
+    for index in with_progress(range(cases), progress, f"{kind} scenes"):
         picture, mask = generate_scene(seed, index, size, kind)
         entry = {"image": f"images/case_{index:04d}.png", "label": f"masks/case_{index:04d}.png"}
         _write_png(picture, out / entry["image"])
@@ -500,13 +499,6 @@ def write_dataset(out: str | Path, cases: int, seed: int, size: int = DEFAULT_SI
     path = out / "dataset.json"
     atomic_write_json(path, datalist)
     return path
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, desc=desc, unit="case")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -531,14 +523,3 @@ def run(args: argparse.Namespace) -> int:
     path = write_dataset(args.out, args.cases, args.seed, args.size, args.kind)
     print(f"wrote {args.cases} {args.kind} scenes of {args.size} x {args.size}; datalist: {path}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-    parser = FlagParser(prog="python -m btcv_unetr.shapes2d", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run_command(run, parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
