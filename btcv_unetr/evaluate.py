@@ -82,7 +82,8 @@ def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: 
     return CaseMetrics(case, dice, hd95, nsd, iou=iou, accuracy=float(np.mean(prediction == label)))
 
 
-def _mean(values: Sequence[float]) -> float:
+def nan_mean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (absent classes), NaN if none is."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
 
@@ -92,18 +93,18 @@ def summarise(results: Sequence[CaseMetrics], num_classes: int, names: Sequence[
     organs = organ_names(num_classes, names)
     summary: dict = {"cases": len(results), "organs": {}}
     for index, organ in enumerate(organs):
-        entry = {"dice": _mean([r.dice[index] for r in results])}
+        entry = {"dice": nan_mean([r.dice[index] for r in results])}
         if all(r.iou for r in results) and results:
-            entry["iou"] = _mean([r.iou[index] for r in results])
+            entry["iou"] = nan_mean([r.iou[index] for r in results])
         if all(r.hd95 for r in results) and results:
-            entry["hd95_mm"] = _mean([r.hd95[index] for r in results])
-            entry["nsd"] = _mean([r.nsd[index] for r in results])
+            entry["hd95_mm"] = nan_mean([r.hd95[index] for r in results])
+            entry["nsd"] = nan_mean([r.nsd[index] for r in results])
         summary["organs"][organ] = entry
-    summary["mean_organ_dice"] = _mean([e["dice"] for e in summary["organs"].values()])
-    summary["mean_case_dice"] = _mean([_mean(r.dice) for r in results])
+    summary["mean_organ_dice"] = nan_mean([e["dice"] for e in summary["organs"].values()])
+    summary["mean_case_dice"] = nan_mean([nan_mean(r.dice) for r in results])
     if all(r.iou for r in results) and results:
-        summary["mean_iou"] = _mean([e["iou"] for e in summary["organs"].values()])
-        summary["accuracy"] = _mean([r.accuracy for r in results])
+        summary["mean_iou"] = nan_mean([e["iou"] for e in summary["organs"].values()])
+        summary["accuracy"] = nan_mean([r.accuracy for r in results])
     return summary
 
 

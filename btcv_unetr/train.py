@@ -40,7 +40,7 @@ from .distributed import Context, all_true, broadcast_object, gather_objects, la
 from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
 from .allocator import keep_freed_memory
-from .evaluate import format_summary
+from .evaluate import format_summary, nan_mean
 from .infer import auto_sw_batch_size, window_settings
 from .logs import RunLog
 from .loss import build_loss
@@ -152,22 +152,17 @@ class Validation:
 
     @property
     def mean_dice(self) -> float:
-        return _nanmean(self.organ_dice)
+        return nan_mean(self.organ_dice)
 
     @property
     def mean_iou(self) -> float:
-        return _nanmean(self.organ_iou)
+        return nan_mean(self.organ_iou)
 
     def summary(self, names: list[str]) -> dict:
         """In the layout of ``evaluate.summarise``, so the table printed is that of ``test.py`` and ``evaluate``."""
         organs = {name: {"dice": dice, "iou": iou} for name, dice, iou in zip(names, self.organ_dice, self.organ_iou)}
         return {"cases": self.cases, "organs": organs, "mean_organ_dice": self.mean_dice, "mean_iou": self.mean_iou,
                 "accuracy": self.accuracy}
-
-
-def _nanmean(values: list[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 @torch.no_grad()
