@@ -131,16 +131,25 @@ class TrainConfig:
     optim_lr: float = _opt(1e-4, "learning rate")
     reg_weight: float = _opt(1e-5, "weight decay")
     momentum: float = _opt(0.99, "SGD momentum")
-    lrschedule: str = _opt("warmup_cosine", "learning-rate schedule",
-                           choices=("warmup_cosine", "cosine_anneal", "none"))
+    lrschedule: str = _opt("warmup_cosine", "learning-rate schedule, stepped per epoch: warmup_cosine (the "
+                                            "reference), linear (the same warm-up, then linear decay to 0 at "
+                                            "max_epochs), cosine_anneal, none",
+                           choices=("warmup_cosine", "linear", "cosine_anneal", "none"))
     warmup_epochs: int = _opt(50, "linear warm-up epochs")
     max_epochs: int = _opt(5000, "training epochs")
     max_steps: int | None = _opt(None, "stop after this many optimiser steps (quick runs)")
     batch_size: int = _opt(1, "volumes per batch (each gives num_samples crops)")
     val_every: int = _opt(100, "validate every N epochs")
     save_every: int = _opt(1, "write the resumable state (model_final.pt) every N epochs, and after the last")
-    smooth_nr: float = _opt(0.0, "Dice loss numerator smoothing")
-    smooth_dr: float = _opt(1e-6, "Dice loss denominator smoothing")
+    keep_best: int = _opt(0, "also keep the K best checkpoints by validation mean Dice, "
+                             "model_epochEEEE_diceD.DDDD.pt (ranked by that 4-decimal score, ties to the earlier "
+                             "epoch; the files in logdir count on resume); 0 = off")
+    loss: str = _opt("dice_ce", "training loss: dice_ce (the reference's DiceCE) or ce_jaccard (cross entropy + "
+                                "soft Jaccard/IoU loss, probabilities not squared; smooth_nr/smooth_dr and "
+                                "class_weights apply to its Jaccard term as to Dice's)",
+                     choices=("dice_ce", "ce_jaccard"))
+    smooth_nr: float = _opt(0.0, "Dice (or Jaccard) loss numerator smoothing")
+    smooth_dr: float = _opt(1e-6, "Dice (or Jaccard) loss denominator smoothing")
     class_weights: str = _opt("none", "Dice class weights: none (the reference) or inverse_sqrt_volume "
                                       "(sqrt(median organ volume / organ volume) from the training labels, 1 to 5; "
                                       "the cross entropy stays unweighted)",
@@ -446,6 +455,10 @@ def validate(config: Config) -> None:
     for key, value in {"sw_batch_size": i.sw_batch_size, "micro_batch": config.fast.micro_batch}.items():
         if value < 0:
             raise ConfigError(f"config key '{key}': {value} must be >= 0 (0 = automatic)")
+    if t.keep_best < 0:
+        raise ConfigError(f"config key 'keep_best': {t.keep_best} must be >= 0 (0 = off)")
+    if t.keep_best and not t.save_checkpoint:
+        raise ConfigError("config key 'keep_best' needs checkpoints: drop --no-save_checkpoint or set keep_best 0")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"config key 'max_steps': {t.max_steps} must be >= 1")
     if d.workers < 0 or t.warmup_epochs < 0:

@@ -32,6 +32,8 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
 
     ``warmup_cosine``: linear warm-up to the base rate over ``warmup_epochs`` (epoch 0 already trains at
     base/warmup_epochs, unlike the reference which spends it at 0), then cosine decay to 0 at ``max_epochs``.
+    ``linear``: the same warm-up, then linear decay to 0 at ``max_epochs`` (the rate after the last epoch's
+    step; the last epoch trains at base/(max_epochs - warmup_epochs)).
     ``cosine_anneal``: cosine decay from the first epoch. ``none``: constant.
     """
     warmup, total = config.warmup_epochs, config.max_epochs
@@ -43,10 +45,18 @@ def lr_factor(config: TrainConfig) -> Callable[[int], float]:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (total - warmup)))
 
+    def warmup_linear(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / warmup
+        if total <= warmup:
+            return 1.0
+        return max(0.0, (total - epoch) / (total - warmup))
+
     def cosine(epoch: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(epoch, total) / total))
 
-    return {"warmup_cosine": warmup_cosine, "cosine_anneal": cosine, "none": lambda epoch: 1.0}[config.lrschedule]
+    return {"warmup_cosine": warmup_cosine, "linear": warmup_linear, "cosine_anneal": cosine,
+            "none": lambda epoch: 1.0}[config.lrschedule]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,

@@ -201,6 +201,37 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
                       float(accuracy.mean()), int(dice.shape[0]))
 
 
+# --keep_best K: the K best checkpoints, model_epoch0012_dice0.7345.pt (epoch, validation mean Dice to 4 decimals).
+BEST_CHECKPOINTS = "model_epoch*_dice*.pt"
+
+
+def keep_best_plan(logdir: Path, keep: int, epoch: int, score: float) -> tuple[Path | None, list[Path]]:
+    """After the validation of ``epoch`` scoring ``score``: the file to write for it (None: it does not rank
+    among the ``keep`` best, or the score is NaN) and the files of ``logdir`` to delete so ``keep`` remain.
+
+    Ranked by the score in the file name (4 decimals: a resumed run, which knows the earlier files only by
+    their names, ranks as an uninterrupted one), a tie to the earlier epoch. Files of this epoch or later
+    are from a continuation that this run, resumed from an earlier checkpoint, replaces: they are dropped.
+    """
+    ranked, stale = [], []
+    for path in logdir.glob(BEST_CHECKPOINTS):
+        epoch_text, _, score_text = path.name[len("model_epoch"):-len(".pt")].partition("_dice")
+        try:
+            found = (-float(score_text), int(epoch_text), path)
+        except ValueError:
+            continue  # not a name this function writes
+        if math.isfinite(found[0]):
+            (stale if found[1] >= epoch else ranked).append(found)
+    new = None
+    if math.isfinite(score):
+        new = logdir / f"model_epoch{epoch:04d}_dice{score:.4f}.pt"
+        ranked.append((-float(f"{score:.4f}"), epoch, new))
+    ranked.sort(key=lambda item: item[:2])
+    kept = [path for _, _, path in ranked[:keep]]
+    dropped = [path for _, _, path in stale + ranked[keep:] if path not in kept and path.exists()]
+    return (new if new in kept else None), dropped
+
+
 # What a training run writes into its folder; an earlier run's files are not silently mixed with a new one's.
 RUN_FILES = ("model.pt", "model_final.pt", "metrics.csv", "config.yaml")
 
@@ -212,7 +243,7 @@ def clear_earlier_run(logdir: Path, config: Config) -> None:
     if config.train.checkpoint:
         return
     previous = [logdir / name for name in RUN_FILES if (logdir / name).exists()]
-    previous += sorted(logdir.glob("events.out.tfevents.*"))
+    previous += sorted(logdir.glob("events.out.tfevents.*")) + sorted(logdir.glob(BEST_CHECKPOINTS))
     checkpoints = [path for path in previous if path.suffix == ".pt"]
     if checkpoints and not config.infer.overwrite:
         resumable = logdir / "model_final.pt" if (logdir / "model_final.pt").exists() else checkpoints[0]
@@ -434,6 +465,13 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
                 if t.save_checkpoint and improved:
                     save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
                                     best_acc, config)
+                if t.save_checkpoint and t.keep_best:
+                    new, dropped = keep_best_plan(logdir, t.keep_best, epoch, mean_dice)
+                    if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
+                        save_checkpoint(new, model, optimizer, scheduler, precision, epoch, global_step, best_acc,
+                                        config)
+                    for path in dropped:
+                        path.unlink(missing_ok=True)
         if plan_budget:
             # Rank 0's clock decides, so that every rank plans the same schedule.
             planned = broadcast_object(plan_epochs(60 * t.time_budget_min, time.time() - loop_started, epoch,

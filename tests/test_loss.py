@@ -70,3 +70,46 @@ def test_unknown_weighting_is_refused_with_the_choices():
     from btcv_unetr.config import ConfigError, build_config
     with pytest.raises(ConfigError, match="'class_weights': 'inverse' is not one of none, inverse_sqrt_volume"):
         build_config([{"train": {"class_weights": "inverse"}}])
+
+
+def _four_voxels(shape):
+    """Two classes, four voxels: class-1 probabilities 3/4, 3/4, 1/4, 1/4 (logits 0 and +-ln 3), target 1, 0, 0, 0."""
+    ln3 = float(np.log(3.0))
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [ln3, ln3, -ln3, -ln3]]).reshape(1, 2, *shape)
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, *shape)
+    return logits.requires_grad_(), target
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 1), (2, 2)], ids=["3d", "2d"])
+def test_ce_jaccard_is_cross_entropy_plus_soft_jaccard_by_hand(shape):
+    logits, target = _four_voxels(shape)
+    p = torch.softmax(logits.detach().reshape(2, 4), 0)
+    g = torch.stack([target.reshape(4) == 0, target.reshape(4) == 1]).float()
+    ce = -(torch.log(p) * g).sum(0).mean()
+    intersection = (p * g).sum(1)
+    jaccard = 1 - intersection / (p.sum(1) + g.sum(1) - intersection)
+    # By hand: CE = (3 ln 4/3 + ln 4) / 4; class 0: I 1.75, union 2 + 3 - 1.75 -> 6/13; class 1: I 0.75, union 2.25 -> 2/3
+    assert float(ce) == pytest.approx((3 * np.log(4 / 3) + np.log(4)) / 4, rel=1e-6)
+    torch.testing.assert_close(jaccard, torch.tensor([6 / 13, 2 / 3]))
+    config = TrainConfig(loss="ce_jaccard")
+    loss, weights = build_loss(config, 2, [], CPU)
+    assert weights is None
+    value = loss(logits, target)
+    assert type(loss).__name__ == "CEJaccardLoss"
+    assert float(value.detach()) == pytest.approx(float(ce + jaccard.mean()), rel=1e-5)
+    assert float(value.detach()) == pytest.approx((3 * np.log(4 / 3) + np.log(4)) / 4 + (6 / 13 + 2 / 3) / 2, rel=1e-5)
+    value.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_ce_jaccard_weights_its_jaccard_terms_only(tmp_path):
+    from btcv_unetr.loss import CEJaccardLoss
+    logits, target = _four_voxels((2, 2, 1))
+    weighted = CEJaccardLoss(torch.tensor([1.0, 3.0]), smooth_nr=0.0, smooth_dr=1e-6)(logits, target)
+    ce = (3 * np.log(4 / 3) + np.log(4)) / 4
+    assert float(weighted.detach()) == pytest.approx(ce + (1 * 6 / 13 + 3 * 2 / 3) / 2, rel=1e-5)
+    labels = [_label_file(tmp_path / "a.nii.gz", {1: 400, 2: 100, 3: 4})]
+    loss, weights = build_loss(TrainConfig(loss="ce_jaccard", class_weights="inverse_sqrt_volume"), 4, labels, CPU)
+    assert isinstance(loss, CEJaccardLoss) and loss.jaccard.jaccard
+    torch.testing.assert_close(loss.jaccard.class_weight, torch.tensor([1.0, 1.0, 1.0, 5.0]))
+    np.testing.assert_allclose(weights, [1.0, 1.0, 1.0, 5.0])

@@ -49,3 +49,28 @@ def test_optimisers(name, cls):
     assert type(optimizer) is cls and optimizer.param_groups[0]["weight_decay"] == 0.1
     if name == "sgd":
         assert optimizer.param_groups[0]["momentum"] == 0.99 and optimizer.param_groups[0]["nesterov"]
+
+
+def test_linear_warms_up_then_decays_linearly_to_zero_after_the_last_epoch():
+    factor = lr_factor(_train(lrschedule="linear", warmup_epochs=4, max_epochs=10))
+    assert [factor(e) for e in range(11)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6,
+                                                            1 / 6, 0.0], abs=1e-12)
+    assert factor(12) == 0.0
+    assert lr_factor(_train(lrschedule="linear", warmup_epochs=0, max_epochs=4))(0) == 1.0
+    # As run_training steps it, once after each epoch: the rate after the last epoch's step is exactly 0.
+    config = _train(lrschedule="linear", warmup_epochs=2, max_epochs=5, optim_lr=1.0)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
+    scheduler = build_scheduler(optimizer, config)
+    lrs = []
+    for _ in range(config.max_epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: no update; the order run_training keeps
+        scheduler.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 2 / 3, 1 / 3]) and optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_warmup_cosine_is_unchanged_by_the_linear_choice():
+    cosine = lr_factor(_train(warmup_epochs=4, max_epochs=10))
+    expected = [0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)]
+    assert [cosine(e) for e in range(11)] == pytest.approx(expected, abs=1e-12)
+    assert _train().lrschedule == "warmup_cosine"

@@ -208,3 +208,58 @@ def test_validation_dice_is_the_dice_of_the_inference_pipeline_on_the_same_grid(
     rows = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(
         prediction, one_hot(case["label"][None].long(), 14))
     assert validation_dice == pytest.approx(float(torch.nanmean(torch.nanmean(rows.double(), 0))), abs=1e-6)
+
+
+def _scripted_validation(monkeypatch, run, scores, seen):
+    """``train.validate`` returning ``scores`` in turn; ``seen`` gets the keep-best files present at each call."""
+    scores = iter(scores)
+
+    def fake(*args, **kwargs):
+        seen.append(sorted(path.name for path in run.glob("model_epoch*")))
+        score = next(scores)
+        return train.Validation([score] * 13, [score] * 13, 0.9, 1)
+
+    monkeypatch.setattr(train, "validate", fake)
+
+
+def test_keep_best_keeps_the_k_best_validations_named_by_epoch_and_score(phantom_dir, tmp_path, monkeypatch):
+    run, seen = tmp_path / "run", []
+    scores = [0.5, 0.70004, 0.6, 0.6, 0.3, 0.65]  # epoch 4 ties epoch 3: the earlier stays
+    e1, e2, e3, e6 = ("model_epoch0001_dice0.5000.pt", "model_epoch0002_dice0.7000.pt",
+                      "model_epoch0003_dice0.6000.pt", "model_epoch0006_dice0.6500.pt")
+    _scripted_validation(monkeypatch, run, scores[:3], seen)
+    flags = ["--max_epochs", "6", "--val_every", "1", "--keep_best", "2"]
+    _train(phantom_dir, run, *flags, "--max_steps", "9")  # 3 steps per epoch: stops after epoch 3
+    _scripted_validation(monkeypatch, run, scores[3:], seen)
+    _train(phantom_dir, run, *flags, "--checkpoint", str(run / "model_final.pt"))  # the files found count
+    assert seen == [[], [e1], [e1, e2], [e2, e3], [e2, e3], [e2, e3]]
+    assert sorted(path.name for path in run.glob("model_epoch*")) == [e2, e6]
+    for name, epoch in ((e2, 2), (e6, 6)):
+        state = torch.load(run / name, weights_only=True)
+        assert state["epoch"] == epoch and state["global_step"] == 3 * epoch and "optimizer" in state
+    assert torch.load(run / "model.pt", weights_only=True)["epoch"] == 2
+    assert torch.load(run / "model_final.pt", weights_only=True)["epoch"] == 6
+    assert not list(run.glob(".*tmp*"))
+
+
+def test_keep_best_files_count_as_an_earlier_runs_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_epoch0003_dice0.4000.pt").write_bytes(b"checkpoint")
+    with pytest.raises(UserError, match="holds an earlier run .model_epoch0003_dice0.4000.pt.: resume it"):
+        train.clear_earlier_run(run, tiny_config())
+    train.clear_earlier_run(run, tiny_config(infer={"overwrite": True}))
+    assert not list(run.iterdir())
+
+
+def test_keep_best_plan_ranks_by_the_score_in_the_name_and_drops_later_epochs(tmp_path):
+    for name in ("model_epoch0002_dice0.5000.pt", "model_epoch0004_dice0.8000.pt", "model_epoch0009_dice0.9000.pt",
+                 "model_epoch0005_dicenan.pt", "model_epochX_dice0.1.pt"):
+        (tmp_path / name).write_bytes(b"")
+    # Resumed at epoch 6: epoch 9's file is from the replaced continuation; 0.50004 ties epoch 2's 0.5000.
+    new, dropped = train.keep_best_plan(tmp_path, 2, 6, 0.50004)
+    assert new is None and sorted(p.name for p in dropped) == ["model_epoch0009_dice0.9000.pt"]
+    new, dropped = train.keep_best_plan(tmp_path, 2, 6, 0.61)
+    assert new == tmp_path / "model_epoch0006_dice0.6100.pt"
+    assert sorted(p.name for p in dropped) == ["model_epoch0002_dice0.5000.pt", "model_epoch0009_dice0.9000.pt"]
+    assert train.keep_best_plan(tmp_path, 2, 6, float("nan"))[0] is None
