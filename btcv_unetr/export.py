@@ -2,6 +2,9 @@
 
     btcv-unetr export --checkpoint runs/demo/model.pt --format torchscript --out unetr.pt
 
+``--checkpoint`` may also be a TorchScript file (a released ``.pt``): its weights go into the UNETR
+built from the flags, as for ``test.py --saved_checkpoint torchscript``, which turns it into ONNX.
+
 The model takes ``(B, in_channels, roi_x, roi_y, roi_z)`` windows, as sliding-window inference feeds it.
 Exported models are float32: a trace taken under bfloat16 autocast would keep its casts, and run
 10-300x slower on the CPUs that have no bfloat16 instructions. The runtime that loads the file
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import is_torchscript
 from .config import add_config_arguments, config_from_args
 from .errors import UserError
 from .files import atomic_write
@@ -48,14 +52,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not config.train.checkpoint:
-        raise UserError("export: --checkpoint FILE is required (a training checkpoint or a state dict)")
+        raise UserError("export: --checkpoint FILE is required (a training checkpoint, a state dict or a TorchScript file)")
     path, out = Path(config.train.checkpoint), Path(args.out)
     if out.resolve() == path.resolve():
         raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
     if out.exists() and not config.infer.overwrite:
         raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
-    config = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name))
+    # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags, as
+    # ``test.py --saved_checkpoint torchscript`` does: that is how it becomes an ONNX model.
+    saved = "torchscript" if path.is_file() and is_torchscript(path) else config.infer.saved_checkpoint
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
+        infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
     model, config = load_inference_model(config, torch.device("cpu"))
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
     export(model, example, args.format, out)

@@ -101,3 +101,49 @@ def test_class_balanced_crops_show_a_rare_class_as_often_as_the_others(sampler):
         assert share > 0.28
     else:
         assert share < 0.1
+
+
+def _scan_with_two_rare_organs(folder) -> dict:
+    """A 64^3 scan at the tiny config's 6 mm spacing, all body (preprocessing keeps the 64^3 grid): a 16^3
+    organ (class 1) in the middle and two 3^3 ones in opposite corners (class 13 low, class 7 high)."""
+    label = np.zeros((64, 64, 64), np.uint8)
+    label[24:40, 24:40, 24:40] = 1
+    label[4:7, 4:7, 4:7] = 13
+    label[57:60, 57:60, 57:60] = 7
+    image = np.where(label > 0, 120, 40).astype(np.int16)  # soft tissue HU, all above a_min
+    affine = np.diag([6.0, 6.0, 6.0, 1.0])
+    paths = {"image": folder / "img.nii.gz", "label": folder / "lab.nii.gz"}
+    nib.save(nib.Nifti1Image(image, affine), paths["image"])
+    nib.save(nib.Nifti1Image(label, affine), paths["label"])
+    return {key: str(path) for key, path in paths.items()}
+
+
+def _share_of_crops_showing(sampler: str, entry: dict, classes=(13, 7), draws: int = 50) -> dict[int, float]:
+    # 8 crops per load: 400 crops for the price of 50 loads, enough that a share is known to +-0.02.
+    config = tiny_config(data={"crop_sampler": sampler, "num_samples": 8})
+    assert config.data.crop_sampler == sampler
+    chain = train_transforms(config).set_random_state(seed=0)
+    shown, total = dict.fromkeys(classes, 0), 0
+    for _ in range(draws):
+        for crop in chain(entry):
+            assert tuple(crop["image"].shape) == tuple(crop["label"].shape) == (1, *config.model.roi_size)
+            for value in classes:
+                shown[value] += bool((crop["label"] == value).any())
+            total += 1
+    return {value: count / total for value, count in shown.items()}
+
+
+def test_the_whole_training_chain_with_classes_shows_each_present_class_in_its_equal_share(tmp_path):
+    """crop_sampler=classes: each of 4 present classes (0, 1, 7, 13) centres about 1/4 of the crops, so each
+    27-voxel organ is in 0.25 +- 0.08 of the 400 ROI-sized crops; posneg shows either in under 0.08."""
+    entry = _scan_with_two_rare_organs(tmp_path)
+    present = np.unique(np.asarray(nib.load(entry["label"]).dataobj))
+    assert present.tolist() == [0, 1, 7, 13]
+    balanced = _share_of_crops_showing("classes", entry)
+    # A crop centred on the middle organ or on background near the middle reaches neither corner, so the
+    # share is 1/4 plus the few background centres within 16 voxels of a corner (about 1% of crops).
+    for share in balanced.values():
+        assert abs(share - 1 / len(present)) < 0.08, balanced
+    assert abs(balanced[13] - balanced[7]) < 0.1, balanced  # equal ratios, not a favoured class
+    reference = _share_of_crops_showing("posneg", entry)
+    assert all(share < 0.08 for share in reference.values()), reference

@@ -1,0 +1,118 @@
+"""``btcv-unetr export`` from a training checkpoint: the file it writes, its logits, and inference from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from btcv_unetr import cli
+from btcv_unetr.checkpoint import load_checkpoint, save_checkpoint
+from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.model import build_model
+from btcv_unetr.precision import Precision
+
+from conftest import tiny_config
+
+TINY = str(CONFIG_DIR / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A training checkpoint of the tiny model with seeded random weights (agreement needs no accuracy)."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    path = tmp_path_factory.mktemp("run") / "model_final.pt"
+    save_checkpoint(path, model, optimizer, scheduler, Precision("fp32", "test"), 1, 1, 0.0, config)
+    return path
+
+
+def _checkpoint_model(path: Path) -> torch.nn.Module:
+    model = build_model(tiny_config().model)
+    model.load_state_dict(load_checkpoint(path)["state_dict"])
+    return model.eval()
+
+
+def _export(checkpoint: Path, out: Path, *flags: str) -> int:
+    return cli.main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out), *flags])
+
+
+def _segment(tmp: Path, weights: Path, scan: Path, name: str, *flags: str) -> np.ndarray:
+    out = tmp / name
+    # fp32 on both sides: the checkpoint path may otherwise take a stored precision the TorchScript path does not.
+    argv = ["infer", "--config", TINY, "--pretrained_dir", str(weights.parent), "--pretrained_model_name",
+            weights.name, "--input", str(scan), "--output_dir", str(out), "--precision", "fp32", "--no-overlay",
+            "--no_hd95", *flags]
+    assert cli.main(argv) == 0
+    return np.asarray(nib.load(out / scan.name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
+
+
+def test_torchscript_export_gives_the_checkpoint_logits_and_the_same_masks(checkpoint, phantom_dir, tmp_path, capsys):
+    """Exit 0, one file and no temporary beside it, the checkpoint model's float32 logits, and equal masks."""
+    out = tmp_path / "exported" / "unetr.pt"
+    assert _export(checkpoint, out) == 0
+    assert f"wrote torchscript model to {out}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["unetr.pt"]
+
+    scripted = torch.jit.load(str(out))
+    window = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exported, eager = scripted(window), _checkpoint_model(checkpoint)(window)
+    assert exported.shape == (1, 14, 32, 32, 32) and exported.dtype == torch.float32
+    assert torch.allclose(exported, eager, atol=1e-5)
+
+    scan = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
+    from_checkpoint = _segment(tmp_path, checkpoint, scan, "from_checkpoint")
+    from_torchscript = _segment(tmp_path, out, scan, "from_torchscript", "--saved_checkpoint", "torchscript")
+    assert from_torchscript.shape == nib.load(scan).shape
+    assert len(np.unique(from_checkpoint)) > 1  # a constant mask would agree with almost any model
+    assert np.array_equal(from_torchscript, from_checkpoint)
+
+
+def test_overwrite_replaces_an_earlier_export_with_a_working_one(checkpoint, tmp_path):
+    """--overwrite turns a stale --out into a loadable TorchScript model, with no temporary left."""
+    out = tmp_path / "unetr.pt"
+    out.write_bytes(b"an earlier export")
+    assert _export(checkpoint, out, "--overwrite") == 0
+    assert out.read_bytes() != b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unetr.pt"]
+    window = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(out))(window), _checkpoint_model(checkpoint)(window), atol=1e-5)
+
+
+def test_a_torchscript_file_is_exported_again_through_the_unetr_built_from_the_flags(checkpoint, tmp_path, capsys):
+    """A TorchScript --checkpoint (as the released .pt) is not refused: its weights go into the flags' UNETR."""
+    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
+    assert _export(checkpoint, first) == 0
+    assert _export(first, second, "--config", TINY) == 0
+    assert "--resume_jit" not in capsys.readouterr().out
+    window = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(str(second))(window), _checkpoint_model(checkpoint)(window), atol=1e-5)
+
+
+def test_onnx_export_is_a_valid_model_with_the_checkpoint_logits(checkpoint, tmp_path):
+    """--format onnx writes a checked ONNX graph whose logits (onnxruntime, batch 2) are the checkpoint's."""
+    onnx = pytest.importorskip("onnx")  # the optional 'onnx' extra
+    out = tmp_path / "unetr.onnx"
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unetr.onnx"]
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input] == ["image"] and [o.name for o in graph.graph.output] == ["logits"]
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    # Batch 2 although the trace saw batch 1: the batch axis is declared dynamic.
+    batch = torch.rand(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(3))
+    (logits,) = session.run(None, {"image": batch.numpy()})
+    with torch.no_grad():
+        assert logits.shape == (2, 14, 32, 32, 32)
+        assert np.allclose(logits, _checkpoint_model(checkpoint)(batch).numpy(), atol=1e-4)
