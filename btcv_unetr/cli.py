@@ -7,6 +7,7 @@
     btcv-unetr infer [--input PATH] [reference flags]            (also: python test.py ...)
     btcv-unetr evaluate --pred DIR --label DIR
     btcv-unetr export --checkpoint FILE --format torchscript|onnx --out FILE
+    btcv-unetr serve --checkpoint FILE [--host 127.0.0.1] [--port 8000] [--token T]
 
 A mistake by the user (:class:`UserError`) is printed as one line on stderr with exit status 2.
 """
@@ -17,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, evaluate, export, infer, phantoms, shapes2d, train
+from . import __version__, checks, evaluate, export, infer, phantoms, serve, shapes2d, train
 from .config import FlagParser, unrecognized_flags_message
 from .errors import UserError
 
@@ -31,6 +32,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "evaluate": ("score predicted masks against labels (Dice, HD95, surface Dice)", evaluate.add_arguments,
                  evaluate.run),
     "export": ("write a trained model as TorchScript or ONNX", export.add_arguments, export.run),
+    "serve": ("a REST service with a job queue and a web page (pip install 'btcv-unetr[serve]')",
+              serve.add_arguments, serve.run),
 }
 
 

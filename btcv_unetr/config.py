@@ -488,6 +488,9 @@ COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
               "dist": REFERENCE_TEST_EXTRAS[5:],
               "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
     "export": {"model": None, "train": ("checkpoint",), "infer": ("overwrite",)},
+    "serve": {"model": None, "train": ("checkpoint", "precision"),
+              "infer": ("infer_overlap", "sw_batch_size", "mode", "tta", "device"),
+              "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
 }
 
 

@@ -22,13 +22,16 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 from tqdm import tqdm
@@ -337,6 +340,18 @@ class Predictor:
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
                                                 model.feature_size, self.precision.name)
+        # Called with the number of windows each forward pass has run (the service's job progress).
+        self.on_windows: Callable[[int], None] | None = None
+
+    def window_count(self, image: torch.Tensor) -> int:
+        """Windows (all test-time flips included) the network runs on a preprocessed ``(1, *spatial)`` image."""
+        roi = self.config.model.roi_size
+        # As MONAI's sliding window: the image padded to at least one window, then its scan grid.
+        size = tuple(max(int(n), r) for n, r in zip(image.shape[1:], roi))
+        overlap = (self.config.infer.infer_overlap,) * len(roi)
+        slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, len(roi), overlap))
+        flips = 1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)
+        return len(slices) * flips
 
     def _stitch_device(self, image: torch.Tensor) -> torch.device:
         """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
@@ -348,6 +363,8 @@ class Predictor:
     def _window(self, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
             logits = self.model(window.contiguous(memory_format=self.memory_format))
+        if self.on_windows is not None:
+            self.on_windows(window.shape[0])
         # The blending buffers are float32 in the default layout: convert both in one pass, not in a
         # strided accumulation per window.
         return logits.to(torch.float32, memory_format=torch.contiguous_format)
