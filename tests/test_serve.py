@@ -1,0 +1,309 @@
+"""``btcv-unetr serve``: a real uvicorn process on a loopback port and a real HTTP client (httpx).
+
+Three servers: a default one (round trips, DICOM, bad inputs, concurrency), a strict one (token,
+small upload limits, a queue of one, retention of two jobs, slow windows) and a 2D one (pictures).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+
+from serving import running_server, tiny_checkpoint
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def scan(phantom_dir) -> Path:
+    return next((phantom_dir / "imagesTs").glob("*.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("served")
+    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs") as url:
+        yield url
+
+
+def _stale_jobs(jobs_dir: Path) -> dict[str, Path]:
+    """Folders a stopped server could leave: a job it never finished, an upload cut short, a job past the
+    retention age, and one recent finished job that must survive the restart."""
+    records = {"unfinished": {"state": "running", "finished": None},
+               "expired": {"state": "done", "finished": time.time() - 3 * 3600},
+               "recent": {"state": "done", "finished": time.time() - 60}}
+    folders = {}
+    for label, fields in records.items():
+        job_id = f"{label:0<32}"[:32]
+        folders[label] = jobs_dir / job_id
+        folders[label].mkdir(parents=True)
+        record = {"id": job_id, "name": label, "kind": "nifti", "input": "input.nii.gz", "shape": [4, 4, 4],
+                  "spacing": [1.0, 1.0, 1.0], "created": time.time() - 4 * 3600, **fields}
+        (folders[label] / "job.json").write_text(json.dumps(record))
+    folders["no_record"] = jobs_dir / ("f" * 32)
+    folders["no_record"].mkdir()
+    (folders["no_record"] / "upload.part").write_bytes(b"half an upload")
+    return folders
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory) -> tuple[str, dict[str, Path]]:
+    """A token, 0.2 MB uploads (0.1 MB for /segment), one waiting job at most, two finished jobs kept for
+    an hour, and overlap 0.9 (about a hundred windows a job, so a job lasts long enough to queue behind)."""
+    folder = tmp_path_factory.mktemp("strict")
+    stale = _stale_jobs(folder / "jobs")
+    flags = ("--token", TOKEN, "--max_upload_mb", "0.2", "--sync_max_mb", "0.1", "--workers_queue", "1",
+             "--keep_jobs", "2", "--keep_hours", "1", "--infer_overlap", "0.9")
+    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", *flags) as url:
+        yield url, stale
+
+
+def _submit(url: str, path: Path | None = None, content: bytes | None = None, name: str = "scan.nii.gz",
+            headers: dict | None = None, route: str = "/jobs") -> httpx.Response:
+    content = path.read_bytes() if content is None else content
+    return httpx.post(f"{url}{route}", files={"file": (name, content)}, headers=headers, timeout=120)
+
+
+def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", headers=headers).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
+    return gzip.compress(image.to_bytes())
+
+
+def test_health_and_info_describe_the_model(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    info = httpx.get(f"{server}/info").json()
+    assert info["spatial_dims"] == 3 and info["roi_size"] == [32, 32, 32] and info["precision"] == "fp32"
+    assert [c["index"] for c in info["classes"]] == list(range(14))
+    assert info["classes"][1]["name"] == "spleen" and info["classes"][1]["color"] == [220, 20, 60]
+    assert info["spacing"] == [6.0, 6.0, 6.0] and info["inputs"] == [".nii", ".nii.gz", ".zip"]
+
+
+def test_a_scan_round_trip_gives_a_mask_in_its_own_geometry(server, scan, tmp_path):
+    """202 at once, then done with every window counted; mask, volumes, overlay and preview agree."""
+    response = _submit(server, scan, name="../../etc/passwd Case 7.nii.gz")
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running") and job["name"] == "passwd_Case_7"
+    original = nib.load(scan)
+    assert job["shape"] == list(original.shape)
+    done = _wait(server, job["id"])
+    assert done["state"] == "done" and done["progress"] == 1.0, done
+    assert done["windows_total"] > 0 and done["windows_done"] == done["windows_total"]
+
+    download = httpx.get(f"{server}/jobs/{job['id']}/mask")
+    assert download.status_code == 200
+    assert 'filename="passwd_Case_7_seg.nii.gz"' in download.headers["content-disposition"]
+    (tmp_path / "mask.nii.gz").write_bytes(download.content)
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    labels = np.asarray(mask.dataobj)
+    assert mask.shape == original.shape and np.allclose(mask.affine, original.affine)
+    assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) <= set(range(14))
+
+    volumes = httpx.get(f"{server}/jobs/{job['id']}/volumes").json()
+    assert volumes["unit"] == "mL" and [o["index"] for o in volumes["organs"]] == list(range(1, 14))
+    voxel_ml = abs(np.linalg.det(original.affine[:3, :3])) / 1000
+    for organ in volumes["organs"]:
+        assert organ["voxels"] == int((labels == organ["index"]).sum())
+        assert organ["volume_ml"] == pytest.approx(organ["voxels"] * voxel_ml, rel=1e-4)
+
+    overlay = httpx.get(f"{server}/jobs/{job['id']}/overlay.png")
+    assert overlay.headers["content-type"] == "image/png" and overlay.content.startswith(b"\x89PNG")
+    preview = httpx.get(f"{server}/jobs/{job['id']}/preview")
+    shape = [int(n) for n in preview.headers["x-shape"].split(",")]
+    assert sorted(shape) == sorted(original.shape) and len(preview.content) == 2 * int(np.prod(shape))
+    preview_labels = np.frombuffer(preview.content[len(preview.content) // 2:], np.uint8)
+    assert np.bincount(preview_labels, minlength=14).tolist() == np.bincount(labels.ravel(), minlength=14).tolist()
+
+
+def _dicom_zip(nifti: Path) -> bytes:
+    """The scan as a zipped DICOM series (one CT slice per file, written by SimpleITK/GDCM)."""
+    import SimpleITK as sitk
+    image = sitk.Cast(sitk.ReadImage(str(nifti)), sitk.sitkInt16)
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                  direction[1], direction[4], direction[7]))
+    uid = "1.2.826.0.1.3680043.2.1125.1.42"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive, __import__("tempfile").TemporaryDirectory() as scratch:
+        for k in range(image.GetDepth()):
+            plane = image[:, :, k]
+            position = image.TransformIndexToPhysicalPoint((0, 0, k))
+            tags = {"0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{uid}.{k + 1}",
+                    "0020|000d": f"{uid}.0", "0020|000e": f"{uid}.9", "0020|0013": str(k + 1),
+                    "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0020|0037": orientation,
+                    "0018|0050": f"{image.GetSpacing()[2]:.6f}"}
+            for tag, value in tags.items():
+                plane.SetMetaData(tag, value)
+            path = Path(scratch) / f"slice{k:03d}.dcm"
+            writer.SetFileName(str(path))
+            writer.Execute(plane)
+            archive.write(path, f"series/../../{k:03d}.dcm")  # member names are never used as paths
+    return buffer.getvalue()
+
+
+def test_a_zipped_dicom_series_gets_a_nifti_mask_in_the_series_geometry(server, scan, tmp_path):
+    response = _submit(server, content=_dicom_zip(scan), name="series.zip")
+    assert response.status_code == 202, response.text
+    assert response.json()["kind"] == "dicom"
+    done = _wait(server, response.json()["id"])
+    assert done["state"] == "done", done
+    (tmp_path / "mask.nii.gz").write_bytes(httpx.get(f"{server}/jobs/{done['id']}/mask").content)
+    mask, original = nib.load(tmp_path / "mask.nii.gz"), nib.load(scan)
+    assert mask.shape == original.shape
+    assert np.allclose(mask.affine, original.affine, atol=1e-3)
+
+
+@pytest.mark.parametrize("content, name, expected", [
+    (b"hello, not an image", "notes.nii.gz", "not a NIfTI image"),
+    (b"", "empty.nii.gz", "an empty file"),
+    (None, "cut.nii.gz", "truncated or corrupt gzip"),
+    (gzip.compress(b"x" * 2000), "other.nii.gz", "gzip data that is not a NIfTI image"),
+    (_nifti_bytes(np.zeros((16, 16), np.int16)), "slice.nii.gz", "image is 2D"),
+    (_nifti_bytes(np.zeros((16, 16, 16, 2), np.int16)), "series4d.nii.gz", "image is 4D"),
+    (b"PK\x03\x04 broken", "series.zip", "unreadable zip"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "photo.png", "a PNG file; this model takes .nii"),
+])
+def test_bad_uploads_get_400_with_one_line(server, scan, content, name, expected):
+    if content is None:
+        whole = scan.read_bytes()
+        content = whole[: len(whole) // 2]
+    response = _submit(server, content=content, name=name)
+    assert response.status_code == 400, response.text
+    detail = response.json()["detail"]
+    assert expected in detail and "\n" not in detail and "Traceback" not in detail
+    assert "/tmp" not in detail  # the server's paths are not the client's business
+
+
+def test_a_zip_without_a_dicom_series_is_refused(server):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("readme.txt", "no images here")
+    response = _submit(server, content=buffer.getvalue(), name="nothing.zip")
+    assert response.status_code == 400 and "no DICOM series" in response.json()["detail"]
+
+
+def test_requests_without_a_file_or_for_unknown_jobs(server):
+    missing = httpx.post(f"{server}/jobs", data={"other": "field"})
+    assert missing.status_code == 400 and "multipart form field 'file'" in missing.json()["detail"]
+    for route in ("", "/mask", "/overlay.png", "/volumes", "/preview"):
+        unknown = httpx.get(f"{server}/jobs/{'0' * 32}{route}")
+        assert unknown.status_code == 404 and "no job" in unknown.json()["detail"]
+    assert httpx.delete(f"{server}/jobs/{'0' * 32}").status_code == 404
+
+
+def test_several_clients_at_once_are_all_answered_one_inference_at_a_time(server, scan):
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _submit(server, scan), range(6)))
+    assert [r.status_code for r in responses] == [202] * 6
+    jobs = [_wait(server, r.json()["id"]) for r in responses]
+    assert all(job["state"] == "done" for job in jobs)
+    spans = sorted((job["started"], job["finished"]) for job in jobs)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end  # the next job started after the previous one finished
+
+
+def test_delete_removes_the_job_and_its_files(server, scan):
+    job = _wait(server, _submit(server, scan).json()["id"])
+    assert httpx.delete(f"{server}/jobs/{job['id']}").status_code == 204
+    assert httpx.get(f"{server}/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in httpx.get(f"{server}/jobs").json()["jobs"]]
+
+
+def test_segment_answers_with_the_mask(server, scan, tmp_path):
+    response = _submit(server, scan, route="/segment")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
+    (tmp_path / "mask.nii.gz").write_bytes(response.content)
+    assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(scan).shape
+    assert httpx.get(f"{server}/jobs/{response.headers['x-job-id']}").json()["state"] == "done"
+
+
+def test_the_token_is_required_everywhere_but_health_and_the_page(strict):
+    url, _ = strict
+    assert httpx.get(f"{url}/health").status_code == 200
+    assert httpx.get(f"{url}/").status_code == 200
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        for method, route in (("GET", "/info"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", f"/jobs/{'0' * 32}")):
+            response = httpx.request(method, f"{url}{route}", headers=headers)
+            assert response.status_code == 401, (method, route, headers)
+            assert "Authorization: Bearer" in response.json()["detail"]
+    assert httpx.get(f"{url}/info", headers=AUTH).status_code == 200
+
+
+def test_uploads_over_the_limits_get_413(strict, scan):
+    url, _ = strict
+    big = _submit(url, content=b"\x1f\x8b" + b"\x00" * 300_000, name="big.nii.gz", headers=AUTH)
+    assert big.status_code == 413 and "--max_upload_mb 0.2" in big.json()["detail"]
+    assert scan.stat().st_size > 0.1 * 2**20  # over the /segment limit, under the /jobs one
+    synchronous = _submit(url, scan, route="/segment", headers=AUTH)
+    assert synchronous.status_code == 413 and "POST /jobs instead" in synchronous.json()["detail"]
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(strict, scan):
+    """One job runs, one waits, the third is refused; of the finished jobs the newest two are kept."""
+    url, _ = strict
+    answers = [_submit(url, scan, headers=AUTH) for _ in range(3)]
+    assert [a.status_code for a in answers] == [202, 202, 503], [a.text for a in answers]
+    assert "queue" in answers[2].json()["detail"] and int(answers[2].headers["retry-after"]) >= 1
+    assert answers[1].json()["queue_position"] == 1
+    accepted = [_wait(url, a.json()["id"], AUTH) for a in answers[:2]]
+    third = _wait(url, _submit(url, scan, headers=AUTH).json()["id"], AUTH)
+    assert all(job["state"] == "done" for job in accepted + [third])
+    kept = [job["id"] for job in httpx.get(f"{url}/jobs", headers=AUTH).json()["jobs"]]
+    assert kept == [third["id"], accepted[1]["id"]]  # newest first; the oldest and the stale ones are gone
+    assert httpx.get(f"{url}/jobs/{accepted[0]['id']}/mask", headers=AUTH).status_code == 404
+
+
+def test_on_start_unfinished_expired_and_half_uploaded_jobs_are_removed(strict):
+    _, stale = strict
+    assert not stale["unfinished"].exists() and not stale["expired"].exists() and not stale["no_record"].exists()
+
+
+@pytest.fixture(scope="module")
+def picture_server(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("served2d")
+    model = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
+    with running_server(tiny_checkpoint(folder / "run", model=model), folder / "jobs") as url:
+        yield url
+
+
+def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_server, tmp_path):
+    import SimpleITK as sitk
+    rgb = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)  # 48 rows, 80 columns
+    path = tmp_path / "photo.png"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
+    assert httpx.get(f"{picture_server}/info").json()["inputs"] == [".png", ".jpg", ".jpeg"]
+    job = _wait(picture_server, _submit(picture_server, path, name="photo.png").json()["id"])
+    assert job["state"] == "done" and job["kind"] == "picture" and job["shape"] == [80, 48], job
+    mask = httpx.get(f"{picture_server}/jobs/{job['id']}/mask")
+    assert mask.headers["content-type"] == "image/png"
+    (tmp_path / "mask.png").write_bytes(mask.content)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))
+    assert labels.shape == (48, 80) and set(np.unique(labels).tolist()) <= {0, 1, 2}
+    volumes = httpx.get(f"{picture_server}/jobs/{job['id']}/volumes").json()
+    assert volumes["unit"] == "pixels" and sum(o["voxels"] for o in volumes["organs"]) == int((labels > 0).sum())
+    assert httpx.get(f"{picture_server}/jobs/{job['id']}/preview").status_code == 404
+    scan = _submit(picture_server, content=_nifti_bytes(np.zeros((8, 8, 8), np.int16)), name="ct.nii.gz")
+    assert scan.status_code == 400 and "this model takes a PNG or JPEG picture" in scan.json()["detail"]
