@@ -107,6 +107,7 @@ class DataConfig:
                                   "different classes (faces)")
     rotate_degrees: float = _opt(10.0, "2D: random rotation range (+-), degrees")
     color_jitter: float = _opt(0.2, "2D: random brightness and contrast change (+- fraction)")
+    hue_jitter: float = _opt(0.05, "2D RGB: random hue rotation, +- this fraction of a full turn (at most 0.5)")
     min_crop_scale: float = _opt(0.6, "2D: random resized crop, smallest crop side as a fraction of the image's")
     label_map: str | None = _opt(None, "2D masks: stored value to class, e.g. '1:1,2:0,3:2' for the Oxford pets "
                                        "trimap (1 pet, 2 background, 3 border); unlisted values are refused")
@@ -433,6 +434,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}': spacing must be > 0 mm")
     if d.label_map is not None:
         parse_label_map(d.label_map)
+    if not 0.0 <= d.hue_jitter <= 0.5:
+        raise ConfigError(f"config key 'hue_jitter': {d.hue_jitter} must be between 0 and 0.5 (half a turn)")
     if not 0.0 < d.min_crop_scale <= 1.0:
         raise ConfigError(f"config key 'min_crop_scale': {d.min_crop_scale} must be in (0, 1]")
     probabilities = {"dropout_rate": m.dropout_rate, "cache_rate": d.cache_rate, "hflip_prob": d.hflip_prob,

@@ -13,7 +13,7 @@ Inference:  the same deterministic prefix on the image only.
 
 2D pictures (``spatial_dims: 2``), pixels in (x: columns, y: rows) order:
 Train:      load -> stored mask values to classes (--label_map) -> 0..1 -> random resized crop ->
-            rotation, left-right flip (--hflip_prob), brightness and contrast -> ImageNet mean/std.
+            rotation, left-right flip (--hflip_prob), brightness, contrast and hue -> ImageNet mean/std.
 Validation: load -> 0..1 -> resize to the ROI -> mean/std. Inference: the same on the image only;
             the prediction is resized back to the picture's own size (``infer``).
 """
@@ -89,6 +89,48 @@ def picture_normalisation(config: Config) -> mt.MapTransform:
     return mt.NormalizeIntensityd(keys="image", subtrahend=mean, divisor=std, channel_wise=True)
 
 
+def rotate_hue(image: torch.Tensor, turns: float) -> torch.Tensor:
+    """RGB ``(3, ...)`` in 0..1 with its hue turned by ``turns`` of a full circle: a rotation about the
+    grey axis of the colour cube, so greys stay grey and a third of a turn sends red to green."""
+    angle = 2.0 * math.pi * turns
+    axis = torch.full((3,), 1.0 / math.sqrt(3.0), dtype=torch.float64)
+    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]],
+                         dtype=torch.float64)
+    rotation = math.cos(angle) * torch.eye(3, dtype=torch.float64) + math.sin(angle) * cross + \
+        (1.0 - math.cos(angle)) * torch.outer(axis, axis)
+    turned = (rotation.to(image.dtype) @ image.reshape(3, -1)).reshape(image.shape)
+    return turned.clamp(0.0, 1.0)
+
+
+class RandHueRotated(mt.RandomizableTransform, mt.MapTransform):
+    """Turns the hue of RGB pictures (``(3, X, Y)``, 0..1) by a random fraction of a circle in
+    ``[-max_turn, max_turn]``; single-channel pictures pass unchanged. MONAI has brightness and
+    contrast jitter but no hue jitter."""
+
+    def __init__(self, keys: str | Sequence[str], max_turn: float, prob: float = 1.0):
+        mt.RandomizableTransform.__init__(self, prob)
+        mt.MapTransform.__init__(self, keys)
+        self.max_turn = max_turn
+        self.turns = 0.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.turns = float(self.R.uniform(-self.max_turn, self.max_turn))
+
+    def __call__(self, data: dict) -> dict:
+        self.randomize()
+        result = dict(data)
+        if not self._do_transform:
+            return result
+        for key in self.key_iterator(result):
+            image = result[key]
+            if image.shape[0] == 3:
+                turned = image.clone()
+                turned[:] = rotate_hue(torch.as_tensor(image), self.turns)
+                result[key] = turned
+        return result
+
+
 def picture_train_transforms(config: Config) -> mt.Compose:
     data, keys = config.data, list(IMAGE_LABEL)
     modes = ("bilinear", "nearest")
@@ -102,6 +144,7 @@ def picture_train_transforms(config: Config) -> mt.Compose:
         mt.RandFlipd(keys=keys, prob=data.hflip_prob, spatial_axis=0),  # axis 0 is x: a left-right flip
         mt.RandScaleIntensityd(keys="image", factors=jitter, prob=1.0 if jitter else 0.0),
         mt.RandAdjustContrastd(keys="image", gamma=(1.0 - jitter, 1.0 + jitter), prob=1.0 if jitter else 0.0),
+        RandHueRotated(keys="image", max_turn=data.hue_jitter, prob=1.0 if data.hue_jitter else 0.0),
         picture_normalisation(config),
     ])
 

@@ -126,7 +126,7 @@ def test_help_lists_every_flag(capsys):
 
 @pytest.mark.parametrize("argv, owners", [
     (["infer", "--warmup_epochs", "3"], "train"), (["infer", "--micro_batch", "2"], "train"),
-    (["train", "--input", "scan.nii.gz"], "infer"), (["train", "--no-tta"], "infer"),
+    (["train", "--input", "scan.nii.gz"], "infer"), (["train", "--no-tta"], "infer, serve"),
     (["export", "--out", "x.pt", "--optim_lr=0.1"], "train"), (["export", "--out", "x.pt", "--split", "test"], "infer"),
 ])
 def test_a_flag_of_another_command_is_refused_naming_its_commands(argv, owners, capsys):

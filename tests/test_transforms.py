@@ -147,3 +147,30 @@ def test_the_whole_training_chain_with_classes_shows_each_present_class_in_its_e
     assert abs(balanced[13] - balanced[7]) < 0.1, balanced  # equal ratios, not a favoured class
     reference = _share_of_crops_showing("posneg", entry)
     assert all(share < 0.08 for share in reference.values()), reference
+
+
+def test_a_third_of_a_hue_turn_sends_red_to_green_and_keeps_greys():
+    from btcv_unetr.transforms import rotate_hue
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.6, 0.9]]).T[:, :, None]
+    turned = rotate_hue(colours, 1 / 3)
+    assert torch.allclose(turned[:, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)  # red -> green
+    assert torch.allclose(turned[:, 1, 0], torch.tensor([0.0, 0.0, 1.0]), atol=1e-6)  # green -> blue
+    assert torch.allclose(turned[:, 2, 0], colours[:, 2, 0], atol=1e-6)  # grey stays grey
+    muted = torch.tensor([0.4, 0.5, 0.6])[:, None, None]  # stays inside the colour cube: no clipping
+    assert torch.allclose(rotate_hue(rotate_hue(muted, 0.07), -0.07), muted, atol=1e-6)
+    assert torch.allclose(turned.sum(0), colours.sum(0), atol=1e-6)  # a rotation about grey keeps R+G+B
+
+
+def test_random_hue_turns_stay_within_their_range_and_leave_grayscale_alone():
+    from btcv_unetr.transforms import RandHueRotated
+    transform = RandHueRotated(keys="image", max_turn=0.05).set_random_state(seed=3)
+    rgb = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    turns = []
+    for _ in range(50):
+        out = transform({"image": rgb})["image"]
+        turns.append(transform.turns)
+        assert out.shape == rgb.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert max(abs(t) for t in turns) <= 0.05 and len(set(turns)) == 50
+    assert not torch.equal(out, rgb)
+    gray = torch.rand(1, 8, 8)
+    assert torch.equal(transform({"image": gray})["image"], gray)
