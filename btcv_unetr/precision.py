@@ -106,30 +106,39 @@ def _median_seconds(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-@functools.cache
-def probe_bf16_speedup(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int) -> float:
-    """float32 time / bfloat16 autocast time of two of the model's own layers on this CPU (> 1: bf16 faster).
+# Voxels of the probe's convolution input: 48^3 (or a 333^2 picture) is large enough that float32
+# takes oneDNN's kernel too, as in the model, not PyTorch's small-input fallback.
+PROBE_VOXELS = 48 ** 3
 
-    The layers are the decoder's 3x3x3 convolution at ``feature_size`` channels on a 48^3 map (large
-    enough that float32 takes oneDNN's kernel too, as in the model, not PyTorch's small-input
-    fallback) and the ViT's MLP projection over ``tokens`` tokens: convolutions are about three
-    quarters of a UNETR forward, the ViT most of the rest. About 0.1-0.3 s where bfloat16 is
-    native; only called there.
-    """
+
+def probe_layers(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int,
+                 spatial_dims: int = 3) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Two of the model's own layers with inputs: the decoder's 3x3(x3) convolution at ``feature_size``
+    channels on a ``PROBE_VOXELS`` map of ``spatial_dims`` dimensions, and the ViT's MLP projection over
+    ``tokens`` tokens (convolutions are about three quarters of a UNETR forward, the ViT most of the rest)."""
     torch.manual_seed(0)
-    conv = nn.Conv3d(feature_size, feature_size, 3, padding=1)
-    linear = nn.Linear(hidden_size, mlp_dim)
-    volume = torch.randn(1, feature_size, 48, 48, 48)
-    sequence = torch.randn(tokens, hidden_size)
+    side = round(PROBE_VOXELS ** (1 / spatial_dims))
+    conv = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(feature_size, feature_size, 3, padding=1)
+    return [(conv, torch.randn(1, feature_size, *(side,) * spatial_dims)),
+            (nn.Linear(hidden_size, mlp_dim), torch.randn(tokens, hidden_size))]
 
-    def layers(dtype: torch.dtype | None):
+
+@functools.cache
+def probe_bf16_speedup(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int, spatial_dims: int = 3) -> float:
+    """float32 time / bfloat16 autocast time of :func:`probe_layers` on this CPU (> 1: bf16 faster).
+
+    About 0.1-0.3 s where bfloat16 is native; only called there.
+    """
+    layers = probe_layers(feature_size, hidden_size, mlp_dim, tokens, spatial_dims)
+
+    def timed(bf16: bool):
         def run():
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-                conv(volume)
-                linear(sequence)
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                for layer, example in layers:
+                    layer(example)
         return run
 
-    return _median_seconds(layers(None)) / _median_seconds(layers(torch.bfloat16))
+    return _median_seconds(timed(False)) / _median_seconds(timed(True))
 
 
 @dataclass
@@ -182,7 +191,8 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
     features = features or cpu_features()
     if not features.native_bf16:
         return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
-    speedup = probe_bf16_speedup(model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size))
+    speedup = probe_bf16_speedup(model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size),
+                                 model.spatial_dims)
     if speedup * PROBE_MARGIN < 1.0:
         return Precision("fp32", f"this CPU has {features.bf16_isa}, but bfloat16 was not faster on this model's "
                                  f"layers (probe: {speedup:.2f}x float32)")

@@ -55,7 +55,7 @@ def test_auto_on_the_cpu(machine, features, speedup, name, reason):
     assert (chosen.name, chosen.reason) == (name, reason)
     assert chosen.describe() == f"precision {name}: {reason}"
     # The probe runs only where bfloat16 is native, on the model's own layer shapes (8 features, 8 tokens).
-    assert calls == ([(8, 96, 192, 8)] if features.native_bf16 else [])
+    assert calls == ([(8, 96, 192, 8, 3)] if features.native_bf16 else [])
 
 
 @pytest.mark.parametrize("capability, name, scaled", [((9, 0), "bf16", False), ((8, 0), "bf16", False),
@@ -75,9 +75,20 @@ def test_only_float16_has_a_gradient_scaler():
         Precision("auto", "test")
 
 
-def test_the_probe_times_the_models_layers():
-    speedup = precision.probe_bf16_speedup(8, 32, 64, 8)
-    assert speedup > 0
+@pytest.mark.parametrize("spatial_dims, conv, shape", [(3, torch.nn.Conv3d, (1, 8, 48, 48, 48)),
+                                                       (2, torch.nn.Conv2d, (1, 8, 333, 333))])
+def test_the_probe_times_the_models_own_layers_in_its_dimensions(spatial_dims, conv, shape):
+    (convolution, volume), (linear, tokens) = precision.probe_layers(8, 32, 64, 27, spatial_dims)
+    assert type(convolution) is conv and convolution.kernel_size == (3,) * spatial_dims
+    assert tuple(volume.shape) == shape and convolution(volume).shape == volume.shape
+    assert (linear.in_features, linear.out_features) == (32, 64) and tuple(tokens.shape) == (27, 32)
+
+
+def test_auto_probes_a_2d_model_with_its_2d_layers(machine):
+    calls = machine(ZEN5)
+    model = tiny_config(model={"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}).model
+    assert resolve_precision("auto", CPU, model).name == "bf16"
+    assert calls == [(8, 96, 192, 16, 2)]  # 64 / 16 = 4 patches a side: 16 tokens
 
 
 def test_bf16_forced_on_an_avx2_cpu_warns_and_still_runs(machine, capsys):
