@@ -186,6 +186,25 @@ def test_2d_export_equals_the_eager_model(tmp_path):
         torch.testing.assert_close(scripted(pictures), model(pictures), atol=1e-5, rtol=1e-4)
 
 
+def test_2d_onnx_export_gives_the_eager_logits_for_any_batch(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    config = build_config([read_yaml(CONFIG_DIR / "tiny2d.yaml")])
+    torch.manual_seed(0)
+    model = build_model(config.model).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "unetr2d.onnx"
+    assert cli.main(["export", "--config", "tiny2d.yaml", "--checkpoint", str(tmp_path / "w.pth"), "--format", "onnx",
+                     "--out", str(out)]) == 0
+    onnx.checker.check_model(onnx.load(str(out)))
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pictures = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    (logits,) = session.run(None, {"image": pictures.numpy()})
+    with torch.no_grad():
+        expected = model(pictures).numpy()
+    assert logits.shape == (3, 3, 64, 64) and np.allclose(logits, expected, atol=1e-4)
+
+
 def test_iou_dice_and_pixel_accuracy_from_a_known_confusion():
     """4 x 4 pixels: class 1 has 4 true pixels, 2 found and 2 false alarms; class 2 has 2, both found."""
     from btcv_unetr.evaluate import case_metrics, summarise
