@@ -34,3 +34,12 @@ def tiny_config(data_dir: Path | str = "/nonexistent", **overrides) -> Config:
 @pytest.fixture
 def tiny(phantom_dir) -> Config:
     return tiny_config(phantom_dir)
+
+
+@pytest.fixture(scope="module")
+def picture_server(tmp_path_factory) -> str:
+    """``btcv-unetr serve`` with a tiny 2D RGB model of 3 classes (random weights), no token."""
+    from serving import PICTURE_MODEL, running_server, tiny_checkpoint
+    folder = tmp_path_factory.mktemp("served2d")
+    with running_server(tiny_checkpoint(folder / "run", model=PICTURE_MODEL), folder / "jobs") as url:
+        yield url

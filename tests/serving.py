@@ -22,6 +22,7 @@ from btcv_unetr.precision import Precision
 from conftest import tiny_config
 
 STARTUP_SECONDS = 60
+PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
 
 
 def tiny_checkpoint(folder: Path, **overrides) -> Path:

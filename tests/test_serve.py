@@ -281,14 +281,6 @@ def test_on_start_unfinished_expired_and_half_uploaded_jobs_are_removed(strict):
     assert not stale["unfinished"].exists() and not stale["expired"].exists() and not stale["no_record"].exists()
 
 
-@pytest.fixture(scope="module")
-def picture_server(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("served2d")
-    model = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
-    with running_server(tiny_checkpoint(folder / "run", model=model), folder / "jobs") as url:
-        yield url
-
-
 def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_server, tmp_path):
     import SimpleITK as sitk
     rgb = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)  # 48 rows, 80 columns
