@@ -15,9 +15,13 @@ jobs that one worker thread runs in order (one inference at a time on the device
     GET    /jobs/{id}/mask         the mask in the input's geometry (NIfTI uint8; PNG for pictures)
     GET    /jobs/{id}/overlay.png  slices (3D) or the picture (2D) with the mask in the class colours
     GET    /jobs/{id}/volumes      per-class volume in mL (pixel counts in 2D)
-    GET    /jobs/{id}/preview      3D: windowed CT and mask bytes (RAS order) for the page's slice viewer
+    GET    /jobs/{id}/preview      3D: windowed CT and mask bytes for the page's slice viewer (see preview_bytes)
     DELETE /jobs/{id}              removes a job and its files
     POST   /segment                the same upload for small inputs; answers with the mask itself
+
+A job's record gives its state, ``progress`` (windows run / windows to run, 0..1), ``queue_position``
+(1: next to run) while it waits, its input's ``shape`` and ``spacing`` (mm; 1 for pictures), the
+``seconds`` it ran and the ``error`` line of a failed job. ``/info`` gives ``spacing`` null for 2D models.
 
 Every client mistake is a 4xx with ``{"detail": "one line"}``: unreadable or truncated files, wrong
 dimensions, too large (413), queue full (503 with ``Retry-After``), unknown job (404), no token (401).
@@ -45,7 +49,7 @@ from .images import read_volume, write_mask
 from .jobs import Job, JobStore
 
 TOKEN_VARIABLE = "BTCV_UNETR_TOKEN"
-PREVIEW_SIDE = 256  # the page's slice viewer gets at most this many voxels along x and y
+PREVIEW_SIDE = 256  # the page's slice viewer gets at most this many voxels along each axis
 MB = 1 << 20
 
 
@@ -79,8 +83,10 @@ def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str
 
 def preview_bytes(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
                   window: tuple[float, float]) -> tuple[bytes, dict]:
-    """The page's viewer data: CT windowed to uint8 and the mask, both ``(nx, ny, nz)`` in RAS voxel order,
-    C order, strided so that ``nx, ny <= PREVIEW_SIDE``; and ``{"shape", "spacing"}`` (mm, after the stride)."""
+    """The page's viewer data: CT windowed to uint8 and the mask, both ``(nx, ny, nz)`` in RAS+ voxel order
+    (x grows toward the patient's right, y anterior, z superior), C order, one after the other; strided
+    so that ``nx, ny <= PREVIEW_SIDE`` and ``nz <= PREVIEW_SIDE``; and ``{"shape", "spacing"}`` (mm,
+    after the stride), sent as the ``X-Shape`` and ``X-Spacing`` headers."""
     from .plots import to_display_order
     image, labels, spacing = to_display_order(image, labels, affine)
     step_xy = max(1, math.ceil(max(image.shape[:2]) / PREVIEW_SIDE))
