@@ -2,6 +2,7 @@
 """Speed of the reference-style path and of the fast path, measured in one process and one run.
 
     python benchmarks/bench.py [--device cpu|cuda] [--quick] [--out FILE.json]
+    python benchmarks/bench.py --serve [--clients 4] [--serve_seconds 60] [--serve_checkpoint FILE]
 
 Each time is the median of several timed repetitions after a warm-up run. All reference-style
 figures are taken first, while glibc still has its default allocator, then the fast-path ones
@@ -10,6 +11,9 @@ forward+backward (FLOP/s and fraction of the peak), one training step as ``main.
 data-loading throughput, sliding-window inference of a BTCV-sized phantom end to end and for the
 windows alone, the Dice of both inference paths on one trained tiny model, and the loss curves of
 both training paths. ``--quick`` uses smaller shapes (demo-sized model, 128^2 phantoms).
+
+``--serve`` runs a load check of ``btcv-unetr serve`` instead: N clients submit phantoms to a real
+server process for a bounded time; figures are jobs per minute and submit-to-mask latency.
 """
 
 from __future__ import annotations
@@ -20,14 +24,20 @@ import copy
 import dataclasses
 import io
 import os
+import secrets
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nibabel
 import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
@@ -35,10 +45,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from btcv_unetr.allocator import keep_freed_memory  # noqa: E402
+from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint, stored_config  # noqa: E402
 from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
 from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
+from btcv_unetr.errors import UserError  # noqa: E402
 from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
 from btcv_unetr.infer import Case, Predictor, auto_sw_batch_size, run_inference, segment_case  # noqa: E402
 from btcv_unetr.loss import build_loss  # noqa: E402
@@ -565,6 +577,317 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
+# --- the service under load (--serve) ------------------------------------------------------------------
+
+SERVE_POLL_S = 0.15  # between two GETs of a job's state (the API contract asks clients for 0.1-0.2 s)
+SERVE_STARTUP_S = 180  # importing torch and MONAI and loading the model, on a busy small machine
+SERVE_STOP_S = 20  # after SIGINT the server lets its running job finish; then it is killed
+SERVE_JOB_LIMIT_S = 900  # a job with no result after this long counts as failed (a hung server)
+SERVE_SEED = 11  # the phantom set the clients upload
+
+
+class ServeCheckError(RuntimeError):
+    """The serve check cannot run: the server did not start, or its model does not take the phantoms."""
+
+
+def tiny_checkpoint(folder: Path) -> Path:
+    """A training checkpoint of the benchmark's tiny model with seeded random weights (the service's speed
+    does not depend on them); it carries its config, so the server builds the same tiny UNETR."""
+    return save_initial_checkpoint(folder / "model.pt", build_config([TINY]))
+
+
+def checkpoint_precision(checkpoint: Path, device: torch.device) -> Precision:
+    """What ``auto`` resolves to here for the checkpoint's model. The server is given this precision, so the
+    figures recorded with it are those the jobs ran in. Files without a config (a bare state dict, TorchScript)
+    are taken to hold the default model."""
+    try:
+        config = stored_config(load_checkpoint(checkpoint), str(checkpoint))
+    except UserError:
+        config = None
+    with contextlib.redirect_stderr(io.StringIO()):
+        return resolve_precision("auto", device, (config or build_config([])).model)
+
+
+def serve_scans(folder: Path, size: int) -> list[Path]:
+    """Two distinct phantom scans, ``size`` voxels square in-plane, that the clients take turns uploading."""
+    write_dataset(folder, cases=2, seed=SERVE_SEED, size=size, test_cases=2, progress=False)
+    return sorted((folder / "imagesTs").glob("*.nii.gz"))
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (the OS picks it; the server binds it moments later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path) -> None:
+    """Return once ``GET /health`` answers 200; a server that exits or stays silent raises with its log's end."""
+    import httpx
+    deadline = time.monotonic() + SERVE_STARTUP_S
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise ServeCheckError(f"btcv-unetr serve did not start (exit status {process.poll()}); end of "
+                                  f"{log_path}:\n{log_path.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGINT (uvicorn's graceful shutdown: the job worker stops), then kill after ``SERVE_STOP_S`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=SERVE_STOP_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: Path, jobs_dir: Path, flags: list[str], log_path: Path,
+                  threads: int | None = None) -> Iterator[str]:
+    """``btcv-unetr serve`` in its own process on a free loopback port; yields its base URL once it answers
+    and stops it afterwards. Its output goes to ``log_path``; ``threads`` caps its OpenMP threads."""
+    port = free_port()
+    argv = [sys.executable, "-m", "btcv_unetr", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
+            "--port", str(port), "--jobs_dir", str(jobs_dir), *flags]
+    root = str(Path(__file__).resolve().parent.parent)
+    # The server imports the btcv_unetr this bench imports, whatever the working folder.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(process, url, log_path)
+        yield url
+    finally:
+        stop_process(process)
+
+
+@dataclasses.dataclass
+class ClientTally:
+    """What one client saw. Latencies are submit-to-mask seconds of its completed jobs, ``server_s`` the
+    seconds the server's job records give for the same jobs."""
+
+    latencies_s: list[float] = dataclasses.field(default_factory=list)
+    server_s: list[float] = dataclasses.field(default_factory=list)
+    refused: int = 0  # 503 answers (queue full), each retried after its Retry-After
+    failed: int = 0
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def fail(self, why: str) -> None:
+        self.failed += 1
+        self.errors.append(why)
+
+
+def answer_detail(response) -> str:
+    """``STATUS detail`` of an error answer (the service's errors are JSON ``{"detail": ...}``)."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text[:200]
+    return f"{response.status_code} {detail}"
+
+
+def submit_job(client, scan: Path, deadline: float, tally: ClientTally) -> str | None:
+    """POST /jobs until it is accepted; returns the job id. A 503 (queue full) is counted and retried after its
+    Retry-After seconds, unless that wait ends past ``deadline`` (None: not submitted, not a failure)."""
+    while True:
+        with open(scan, "rb") as data:
+            response = client.post("/jobs", files={"file": (scan.name, data, "application/gzip")})
+        if response.status_code == 202:
+            return response.json()["id"]
+        if response.status_code != 503:
+            tally.fail(f"POST /jobs: {answer_detail(response)}")
+            return None
+        tally.refused += 1
+        wait_s = float(response.headers.get("Retry-After", "1"))
+        if time.perf_counter() + wait_s > deadline:
+            return None
+        time.sleep(wait_s)
+
+
+def await_job(client, job_id: str) -> dict:
+    """The job's record once it is done or failed, polled every ``SERVE_POLL_S`` seconds."""
+    started = time.perf_counter()
+    while True:
+        response = client.get(f"/jobs/{job_id}")
+        if response.status_code != 200:
+            return {"state": "failed", "error": f"GET /jobs/{job_id}: {answer_detail(response)}"}
+        job = response.json()
+        if job["state"] in ("done", "failed"):
+            return job
+        if time.perf_counter() - started > SERVE_JOB_LIMIT_S:
+            return {**job, "state": "failed", "error": f"no result after {SERVE_JOB_LIMIT_S} s"}
+        time.sleep(SERVE_POLL_S)
+
+
+def one_job(client, scan: Path, deadline: float, tally: ClientTally) -> None:
+    """Submit ``scan``, wait for its job and download the mask. The latency counts from the first POST,
+    refusals and their waits included: it is what a user of the service waits."""
+    submitted = time.perf_counter()
+    job_id = submit_job(client, scan, deadline, tally)
+    if job_id is None:
+        return
+    job = await_job(client, job_id)
+    if job["state"] == "failed":
+        tally.fail(f"job {job_id}: {job['error']}")
+        return
+    mask = client.get(f"/jobs/{job_id}/mask")
+    if mask.status_code != 200 or not mask.content:
+        tally.fail(f"GET /jobs/{job_id}/mask: {answer_detail(mask)}")
+        return
+    tally.latencies_s.append(time.perf_counter() - submitted)
+    tally.server_s.append(float(job["seconds"]))
+
+
+def serve_client(url: str, token: str, scans: list[Path], deadline: float, tally: ClientTally, first: int) -> None:
+    """One client (its own connection pool): jobs one after another until ``deadline`` (``time.perf_counter()``
+    seconds), then its last job to the end. A transport error (the server gone) stops the client."""
+    import httpx
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=120) as client:
+        index = first
+        while time.perf_counter() < deadline:
+            try:
+                one_job(client, scans[index % len(scans)], deadline, tally)
+            except httpx.HTTPError as exc:
+                tally.fail(f"{exc.__class__.__name__}: {exc}")
+                return
+            index += 1
+
+
+def warm_up(url: str, token: str, scan: Path) -> float:
+    """Seconds of one job through POST /segment before the clock starts: the first inference's one-time costs
+    (kernel selection, first allocations) are not part of the steady-state figures."""
+    import httpx
+    started = time.perf_counter()
+    with open(scan, "rb") as data:
+        response = httpx.post(f"{url}/segment", files={"file": (scan.name, data, "application/gzip")},
+                              headers={"Authorization": f"Bearer {token}"}, timeout=SERVE_JOB_LIMIT_S)
+    if response.status_code != 200:
+        raise ServeCheckError(f"the warm-up job failed: POST /segment: {answer_detail(response)}")
+    return time.perf_counter() - started
+
+
+def run_clients(url: str, token: str, scans: list[Path], clients: int,
+                seconds: float) -> tuple[list[ClientTally], float]:
+    """``clients`` threads submitting for ``seconds``; returns their tallies and the seconds until the last
+    of them finished its last job."""
+    tallies = [ClientTally() for _ in range(clients)]
+    started = time.perf_counter()
+    threads = [threading.Thread(target=serve_client, args=(url, token, scans, started + seconds, tally, index),
+                                name=f"client {index}", daemon=True) for index, tally in enumerate(tallies)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tallies, time.perf_counter() - started
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Linear interpolation between the closest ranks (numpy's default); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, size: int = 64, device: str = "cpu",
+               checkpoint: Path | None = None, server_threads: int | None = None,
+               log: Callable[..., None] = print) -> dict:
+    """The load check: ``clients`` clients submit phantoms (``size`` voxels square in-plane) to a real
+    ``btcv-unetr serve`` for ``seconds`` seconds, then wait for their last jobs.
+
+    ``checkpoint`` defaults to the tiny model (written under ``work``). The server gets a queue with room
+    for every client, a token of its own (so a ``BTCV_UNETR_TOKEN`` in the environment does not lock the
+    clients out) and the precision ``auto`` resolves to here. Times are seconds.
+    """
+    import httpx  # the test extra's HTTP client: only the serve check needs it
+    torch_device = torch.device(device)
+    named = checkpoint is not None
+    checkpoint = checkpoint or tiny_checkpoint(work / "model")
+    precision = checkpoint_precision(checkpoint, torch_device)
+    scans = serve_scans(work / "phantoms", size)
+    token = secrets.token_hex(16)
+    flags = ["--device", device, "--precision", precision.name, "--workers_queue", str(clients), "--token", token]
+    log(f"btcv-unetr serve on {device} ({precision.name}), {clients} clients for {seconds:g} s; "
+        f"server log {work / 'server.log'}")
+    with serve_process(checkpoint, work / "jobs", flags, work / "server.log", server_threads) as url:
+        info = httpx.get(f"{url}/info", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+        if info["spatial_dims"] != 3:
+            raise ServeCheckError(f"{checkpoint} is a {info['spatial_dims']}D model: the serve check uploads CT "
+                                  "volumes")
+        warmup_s = warm_up(url, token, scans[0])
+        log(f"  warm-up job {warmup_s:.2f} s")
+        tallies, elapsed_s = run_clients(url, token, scans, clients, seconds)
+    latencies = [value for tally in tallies for value in tally.latencies_s]
+    server_s = [value for tally in tallies for value in tally.server_s]
+    machine = machine_facts(torch_device, precision)
+    if server_threads is not None:
+        machine["threads"] = server_threads
+    return {
+        "clients": clients, "serve_seconds": seconds, "elapsed_s": elapsed_s, "phantom_size": size,
+        "scan_shapes": [list(nibabel.load(str(scan)).shape) for scan in scans],
+        "checkpoint": str(checkpoint) if named else "tiny model (random weights)",
+        "completed": len(latencies), "failed": sum(tally.failed for tally in tallies),
+        "refused_503": sum(tally.refused for tally in tallies),
+        "jobs_per_minute": 60.0 * len(latencies) / elapsed_s,
+        "latency_s": {"p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95),
+                      "max": max(latencies, default=None),
+                      "mean": statistics.mean(latencies) if latencies else None},
+        "server_seconds_mean": statistics.mean(server_s) if server_s else None,
+        "warmup_s": warmup_s, "errors": [error for tally in tallies for error in tally.errors][:10],
+        "server": {"precision": info.get("precision"), "device": info.get("device")},
+        "machine": machine,
+    }
+
+
+def run_serve(args: argparse.Namespace) -> dict:
+    """The serve load check with the command line's settings, in a fresh temporary folder (removed after a
+    check that ran; kept, with the server's log, after one that could not)."""
+    work = Path(tempfile.mkdtemp(prefix="btcv_bench_serve_"))
+    log = print if not args.silent else (lambda *a, **k: None)
+    checkpoint = args.serve_checkpoint.resolve() if args.serve_checkpoint else None
+    results = serve_load(work, args.clients, args.serve_seconds, args.serve_size, args.device, checkpoint, log=log)
+    shutil.rmtree(work, ignore_errors=True)  # phantoms and job folders: the figures are all that is kept
+    return results
+
+
+def serve_table(r: dict) -> str:
+    m, latency = r["machine"], r["latency_s"]
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    shapes = ", ".join("x".join(map(str, shape)) for shape in r["scan_shapes"])
+    rows = [("jobs completed", str(r["completed"])), ("jobs failed", str(r["failed"])),
+            ("queue full (503), retried", str(r["refused_503"])), ("jobs per minute", f"{r['jobs_per_minute']:.1f}"),
+            ("latency p50, s", seconds(latency["p50"])), ("latency p95, s", seconds(latency["p95"])),
+            ("latency max, s", seconds(latency["max"])),
+            ("server seconds per job (mean)", seconds(r["server_seconds_mean"]))]
+    lines = [f"serve load check: {r['clients']} clients submitting for {r['serve_seconds']:g} s "
+             f"({r['elapsed_s']:.0f} s until their last jobs were done); {r['checkpoint']}; scans {shapes}"]
+    lines += [f"{name:32s} {value:>8s}" for name, value in rows]
+    lines += [
+        "latency: from POST /jobs to the mask downloaded, polling the job every "
+        f"{SERVE_POLL_S:g} s (warm-up job before the clock: {r['warmup_s']:.2f} s)",
+        f"machine: {m['gpu'] or m['model']}, {m['threads']} threads, torch {m['torch']} ({m['capability']} kernels), "
+        f"server on {r['server']['device']}",
+        f"precision {m['precision']['name']}: {m['precision']['reason']}",
+    ]
+    lines += [f"error: {error}" for error in r["errors"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -580,6 +903,14 @@ def main(argv: list[str] | None = None) -> int:
                              "trained here; needs --dice_data")
     parser.add_argument("--dice_data", type=Path, default=None,
                         help="dataset folder with dataset.json whose validation cases the Dice check segments")
+    parser.add_argument("--serve", action="store_true",
+                        help="only the load check of btcv-unetr serve: clients submitting phantoms for a bounded time")
+    parser.add_argument("--clients", type=int, default=4, help="--serve: clients submitting jobs at once")
+    parser.add_argument("--serve_seconds", type=float, default=60.0,
+                        help="--serve: seconds the clients submit for (then their last jobs are awaited)")
+    parser.add_argument("--serve_checkpoint", type=Path, default=None,
+                        help="--serve: the model the server loads (default: a tiny model with random weights)")
+    parser.add_argument("--serve_size", type=int, default=64, help="--serve: phantom size in-plane, voxels")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device is visible; use --device cpu", file=sys.stderr)
@@ -587,18 +918,30 @@ def main(argv: list[str] | None = None) -> int:
     if (args.dice_checkpoint is None) != (args.dice_data is None):
         print("error: --dice_checkpoint and --dice_data go together", file=sys.stderr)
         return 2
-    for path in (args.dice_checkpoint, args.dice_data and args.dice_data / "dataset.json"):
+    if args.serve and args.switches:
+        print("error: --serve and --switches are separate runs: choose one", file=sys.stderr)
+        return 2
+    if args.clients < 1 or args.serve_seconds <= 0 or args.serve_size < 1:
+        print("error: --clients must be >= 1, --serve_seconds and --serve_size > 0", file=sys.stderr)
+        return 2
+    for path in (args.dice_checkpoint, args.dice_data and args.dice_data / "dataset.json", args.serve_checkpoint):
         if path is not None and not path.is_file():
             print(f"error: {path} not found", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    results = run_switches(args) if args.switches else run(args)
+    kind = "serve" if args.serve else "switches" if args.switches else "paths"
+    try:
+        results = {"serve": run_serve, "switches": run_switches, "paths": run}[kind](args)
+    except ServeCheckError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     results["duration_s"] = time.perf_counter() - started
-    name = f"bench_{'switches_' if args.switches else ''}{args.device}{'_quick' if args.quick else ''}.json"
-    out = args.out or Path("runs") / name
+    prefix = "" if kind == "paths" else f"{kind}_"
+    suffix = "_quick" if args.quick and not args.serve else ""  # --quick does not change the serve check
+    out = args.out or Path("runs") / f"bench_{prefix}{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
-    print(switch_table(results) if args.switches else table(results))
+    print({"serve": serve_table, "switches": switch_table, "paths": table}[kind](results))
     print(f"{results['duration_s']:.0f} s in all; results in {out}")
     return 0
 

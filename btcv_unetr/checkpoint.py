@@ -71,6 +71,20 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, pr
                         "is unchanged: free some disk space or choose another --logdir") from None
 
 
+def save_initial_checkpoint(path: Path, config: Config, seed: int = 0) -> Path:
+    """A checkpoint of ``config``'s model with seeded random weights, as training would write it (its
+    config included): for tests, benchmarks and trying the service, where accuracy does not matter."""
+    from .model import build_model
+    from .precision import Precision
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(Path(path), model, optimizer, scheduler, Precision("fp32", "random weights"), 1, 1, 0.0, config)
+    return Path(path)
+
+
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{exc.__class__.__name__}: {lines[0] if lines else ''}"

@@ -179,6 +179,9 @@ class JobQueue:
             return
         self._thread.join(timeout)
 
+    def full(self) -> bool:
+        return self._waiting.full()
+
     def submit(self, job: Job) -> None:
         try:
             self._waiting.put_nowait(job)

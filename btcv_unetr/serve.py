@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +108,7 @@ class Segmenter:
         model = predictor.config.model
         self.names = class_names(predictor.config.data, model.out_channels)
         self.pictures = model.spatial_dims == 2
+        self._drawing = threading.Lock()
 
     def __call__(self, job: Job) -> None:
         folder = self.store.folder(job.id)
@@ -133,22 +135,32 @@ class Segmenter:
         volume = read_volume(path)
         affine = None if self.pictures else np.asarray(volume.affine)
         atomic_write_text(folder / "volumes.json", json.dumps(organ_volumes(labels, affine, self.names)))
-        outputs = {"mask": mask.name, "volumes": "volumes.json"}
-        if self.pictures:
-            from .plots import save_picture_overlay
-            save_picture_overlay(np.asarray(volume.data), labels, folder / "overlay.png")
-            outputs["overlay"] = "overlay.png"
-        else:
-            from .plots import save_overlay, to_display_order
+        job.outputs = {"mask": mask.name, "volumes": "volumes.json"}
+        if not self.pictures:
             image = np.asarray(volume.data).reshape(volume.shape[:3])
             data = self.predictor.config.data
             content, job.preview = preview_bytes(image, labels, affine, (data.a_min, data.a_max))
             atomic_write(folder / "preview.bin", lambda tmp: tmp.write_bytes(content))
-            outputs["preview"] = "preview.bin"
-            shown, mask_shown, spacing = to_display_order(image, labels, affine)
-            if save_overlay(shown, mask_shown, spacing, folder / "overlay.png", title=job.name):
-                outputs["overlay"] = "overlay.png"
-        job.outputs = outputs
+            job.outputs["preview"] = "preview.bin"
+
+    def draw_overlay(self, job: Job) -> Path | None:
+        """``overlay.png`` of a done job, drawn on first request (outside the inference worker: matplotlib
+        takes longer than a small scan's windows); None without matplotlib."""
+        folder = self.store.folder(job.id)
+        out = folder / "overlay.png"
+        with self._drawing:  # one picture at a time: pyplot's state is global
+            if out.is_file():
+                return out
+            path, mask = folder / job.input, folder / job.outputs["mask"]
+            volume, labels = read_volume(path), np.asarray(read_volume(mask).data)
+            if self.pictures:
+                from .plots import save_picture_overlay
+                save_picture_overlay(np.asarray(volume.data), labels, out)
+                return out
+            from .plots import save_overlay, to_display_order
+            image, labels, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]), labels,
+                                                      np.asarray(volume.affine))
+            return out if save_overlay(image, labels, spacing, out, title=job.name) else None
 
 
 # --- the command ------------------------------------------------------------------------------------

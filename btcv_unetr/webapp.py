@@ -1,7 +1,7 @@
 """The FastAPI application of ``btcv-unetr serve`` (routes listed in :mod:`btcv_unetr.serve`).
 
     Service      what the routes share: the loaded predictor, the job store and queue, the settings
-    UploadLimit  ASGI middleware: 413 for a body over its route's limit, before or while it is read
+    UploadGate   ASGI middleware: 503 (queue full) and 413 (over the limit) before an upload is read
     create_app   the application around a loaded :class:`~btcv_unetr.infer.Predictor`
 
 Imported only by ``serve`` (FastAPI is the optional ``serve`` extra).
@@ -9,6 +9,7 @@ Imported only by ``serve`` (FastAPI is the optional ``serve`` extra).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import shutil
 from contextlib import asynccontextmanager
@@ -30,6 +31,9 @@ from .plots import class_colours
 from .serve import MB, Segmenter, ServeSettings
 from .uploads import BadUpload, safe_name, store_upload
 
+UPLOAD_ROUTES = ("/jobs", "/segment")
+SEGMENT_POLL_S = 0.05
+
 
 class Service:
     """The loaded model and the jobs; one per application."""
@@ -40,7 +44,8 @@ class Service:
         removed = self.store.open()
         if removed:
             print(f"removed {len(removed)} unfinished or expired job(s) from {settings.jobs_dir}")
-        self.queue = JobQueue(self.store, Segmenter(predictor, self.store), settings.workers_queue)
+        self.segmenter = Segmenter(predictor, self.store)
+        self.queue = JobQueue(self.store, self.segmenter, settings.workers_queue)
         model = predictor.config.model
         self.expected = Expected(model.spatial_dims, model.in_channels)
 
@@ -79,15 +84,25 @@ class Service:
             raise
         return Job(job_id, display, kind, path.name, [int(n) for n in shape], [round(float(s), 4) for s in spacing])
 
+    def queue_full(self) -> HTTPException:
+        return HTTPException(503, f"the queue holds its limit of {self.settings.workers_queue} waiting jobs: try again "
+                                  "later", headers={"Retry-After": str(self.queue.retry_after())})
+
     def enqueue(self, job: Job) -> None:
         self.store.add(job)
         try:
             self.queue.submit(job)
-        except QueueFull:
+        except QueueFull:  # filled while this upload was read (the gate refuses uploads to a full queue)
             self.store.delete(job.id)
-            raise HTTPException(503, f"the queue holds its limit of {self.settings.workers_queue} waiting jobs: "
-                                     "try again later", headers={"Retry-After": str(self.queue.retry_after())}) \
-                from None
+            raise self.queue_full() from None
+
+    def delete(self, job: Job) -> None:
+        if job.state == "running":
+            raise HTTPException(409, f"job {job.id} is running: delete it once it is done")
+        if job.state == "queued":  # the worker skips it; a /segment call waiting for it is answered
+            job.state, job.error = "failed", "deleted before it ran"
+            job.finished_event.set()
+        self.store.delete(job.id)
 
     def job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -105,8 +120,7 @@ class Service:
     def output(self, job: Job, key: str, media_type: str, download: str | None = None) -> FileResponse:
         name = job.outputs.get(key)
         if name is None:
-            reason = {"overlay": "matplotlib is not installed on the server",
-                      "preview": "2D jobs have none, see their overlay"}.get(key, "not written")
+            reason = "2D jobs have none, see their overlay" if key == "preview" else "not written"
             raise HTTPException(404, f"job {job.id} has no {key}: {reason}")
         headers = {"Content-Disposition": f'attachment; filename="{download}"'} if download else None
         return FileResponse(self.store.folder(job.id) / name, media_type=media_type, headers=headers)
@@ -131,9 +145,13 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
+def token_accepted(svc: Service, authorization: str | None) -> bool:
+    token = svc.settings.token
+    return not token or secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+
+
 def authorised(request: Request, authorization: str | None = Header(default=None)) -> None:
-    token = service(request).settings.token
-    if token and not secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode()):
+    if not token_accepted(service(request), authorization):
         raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
 
@@ -169,9 +187,10 @@ async def submit(file: UploadFile = File(...), svc: Service = Depends(service)) 
 async def segment(file: UploadFile = File(...), svc: Service = Depends(service)) -> FileResponse:
     job = await run_in_threadpool(svc.receive, file)
     svc.enqueue(job)
-    await run_in_threadpool(job.finished_event.wait)
+    while not job.finished_event.is_set():  # polled: a thread per waiting caller would drain the thread pool
+        await asyncio.sleep(SEGMENT_POLL_S)
     if job.state == "failed":
-        raise HTTPException(422, job.error)
+        raise HTTPException(410 if job.error == "deleted before it ran" else 422, job.error)
     response = svc.mask(job)
     response.headers["X-Job-Id"] = job.id  # its overlay and volumes stay available under /jobs/{id}
     return response
@@ -194,7 +213,11 @@ def mask(job_id: str, svc: Service = Depends(service)) -> FileResponse:
 
 @api.get("/jobs/{job_id}/overlay.png", response_model=None)
 def overlay(job_id: str, svc: Service = Depends(service)) -> FileResponse:
-    return svc.output(svc.finished(job_id), "overlay", "image/png")
+    job = svc.finished(job_id)
+    path = svc.segmenter.draw_overlay(job)
+    if path is None:
+        raise HTTPException(404, f"job {job.id} has no overlay: matplotlib is not installed on the server")
+    return FileResponse(path, media_type="image/png")
 
 
 @api.get("/jobs/{job_id}/volumes", response_model=None)
@@ -213,10 +236,7 @@ def preview(job_id: str, svc: Service = Depends(service)) -> FileResponse:
 
 @api.delete("/jobs/{job_id}", status_code=204, response_class=Response, response_model=None)
 def delete(job_id: str, svc: Service = Depends(service)) -> Response:
-    job = svc.job(job_id)
-    if job.state == "running":
-        raise HTTPException(409, f"job {job_id} is running: delete it once it is done")
-    svc.store.delete(job_id)
+    svc.delete(svc.job(job_id))
     return Response(status_code=204)
 
 
@@ -225,17 +245,24 @@ async def one_line_validation_error(request: Request, exc: RequestValidationErro
                                    "field 'file' (curl -F file=@scan.nii.gz)"}, status_code=400)
 
 
-class UploadLimit:
-    """A POST body over its route's limit gets 413, by its Content-Length before it is read, or by
-    counting while it is read (chunked uploads), so no handler ever stores more than the limit."""
+class UploadGate:
+    """Refuses an upload before its body is read when the queue is full (503) or its Content-Length is
+    over its route's limit (413); a body without a length is counted as it is read (413 at the limit)."""
 
-    def __init__(self, app, limits: dict[str, int], default: int):
-        self.app, self.limits, self.default = app, limits, default
+    def __init__(self, app, svc: Service, limits: dict[str, int], default: int):
+        self.app, self.svc, self.limits, self.default = app, svc, limits, default
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_ROUTES:
             return await self.app(scope, receive, send)
         path = scope["path"]
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
+        if not token_accepted(self.svc, authorization):
+            return await self.app(scope, receive, send)  # the route answers 401 before reading the body
+        if self.svc.queue.full():
+            refusal = self.svc.queue_full()
+            response = JSONResponse({"detail": refusal.detail}, status_code=503, headers=refusal.headers)
+            return await response(scope, receive, send)
         limit = self.limits.get(path, self.default)
         flag = "--sync_max_mb" if path == "/segment" else "--max_upload_mb"
         detail = f"upload larger than this server's {flag} {limit / MB:g} MB" + \
@@ -272,6 +299,6 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     app.include_router(public)
     app.include_router(api)
     app.add_exception_handler(RequestValidationError, one_line_validation_error)
-    app.add_middleware(UploadLimit, limits={"/segment": int(settings.sync_max_mb * MB)},
+    app.add_middleware(UploadGate, svc=svc, limits={"/segment": int(settings.sync_max_mb * MB)},
                        default=int(settings.max_upload_mb * MB))
     return app

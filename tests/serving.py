@@ -13,11 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import torch
 
-from btcv_unetr.checkpoint import save_checkpoint
-from btcv_unetr.model import build_model
-from btcv_unetr.precision import Precision
+from btcv_unetr.checkpoint import save_initial_checkpoint
 
 from conftest import tiny_config
 
@@ -26,17 +23,9 @@ PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x"
 
 
 def tiny_checkpoint(folder: Path, **overrides) -> Path:
-    """A training checkpoint of the tiny model (seeded random weights: serving needs no accuracy);
+    """``folder/model.pt``: the tiny model with seeded random weights (serving needs no accuracy);
     ``overrides`` are config sections, e.g. ``model={"spatial_dims": 2}``."""
-    config = tiny_config(**overrides)
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "model.pt"
-    save_checkpoint(path, model, optimizer, scheduler, Precision("fp32", "test"), 1, 1, 0.0, config)
-    return path
+    return save_initial_checkpoint(folder / "model.pt", tiny_config(**overrides))
 
 
 def free_port() -> int:

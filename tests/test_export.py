@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from btcv_unetr import cli
-from btcv_unetr.checkpoint import load_checkpoint, save_checkpoint
+from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint
 from btcv_unetr.config import CONFIG_DIR
 from btcv_unetr.model import build_model
-from btcv_unetr.precision import Precision
 
 from conftest import tiny_config
 
@@ -23,14 +22,7 @@ TINY = str(CONFIG_DIR / "tiny.yaml")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A training checkpoint of the tiny model with seeded random weights (agreement needs no accuracy)."""
-    config = tiny_config()
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    path = tmp_path_factory.mktemp("run") / "model_final.pt"
-    save_checkpoint(path, model, optimizer, scheduler, Precision("fp32", "test"), 1, 1, 0.0, config)
-    return path
+    return save_initial_checkpoint(tmp_path_factory.mktemp("run") / "model_final.pt", tiny_config())
 
 
 def _checkpoint_model(path: Path) -> torch.nn.Module:

@@ -276,6 +276,25 @@ def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(
     assert httpx.get(f"{url}/jobs/{accepted[0]['id']}/mask", headers=AUTH).status_code == 404
 
 
+def test_deleting_a_waiting_job_answers_the_segment_call_that_waits_for_it(strict, scan):
+    url, _ = strict
+    running = _submit(url, scan, headers=AUTH).json()
+    noise = np.random.default_rng(0).integers(-500, 500, (24, 24, 24)).astype(np.int16)
+    small = _nifti_bytes(noise, np.diag([6.0, 6.0, 6.0, 1.0]))
+    assert len(small) < 0.1 * 2**20  # under the /segment limit
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_submit, url, None, small, "small.nii.gz", AUTH, "/segment")
+        deadline = time.time() + 30
+        while not (queued := [j for j in httpx.get(f"{url}/jobs", headers=AUTH).json()["jobs"]
+                              if j["state"] == "queued"]):
+            assert time.time() < deadline, "the /segment job never waited in the queue"
+            time.sleep(0.05)
+        assert httpx.delete(f"{url}/jobs/{queued[0]['id']}", headers=AUTH).status_code == 204
+        answer = waiting.result(timeout=60)
+    assert answer.status_code == 410 and answer.json()["detail"] == "deleted before it ran"
+    assert _wait(url, running["id"], AUTH)["state"] == "done"
+
+
 def test_on_start_unfinished_expired_and_half_uploaded_jobs_are_removed(strict):
     _, stale = strict
     assert not stale["unfinished"].exists() and not stale["expired"].exists() and not stale["no_record"].exists()
