@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 import threading
@@ -191,6 +192,16 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
                          token=args.token or os.environ.get(TOKEN_VARIABLE) or None)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A one-line error now, rather than uvicorn's log lines after the model has loaded."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise UserError(f"serve: cannot listen on {host}:{port} ({exc.strerror}): choose another --port or --host") \
+            from None
+
+
 def predictor_config(config: Config) -> Config:
     """Inference settings for the service: the checkpoint as the pretrained model, no files or reports of its own."""
     if not config.train.checkpoint:
@@ -215,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("serve needs the serve extra: pip install 'btcv-unetr[serve]' (FastAPI, uvicorn, "
                         "python-multipart, matplotlib)") from None
     settings = settings_from_args(args)
+    check_port_free(args.host, args.port)  # before the model loads: that takes seconds
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
         print(f"warning: serving on {args.host} without a token: anyone who reaches this port can use the service "
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)

@@ -10,6 +10,7 @@ import concurrent.futures
 import gzip
 import io
 import json
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -88,6 +89,19 @@ def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 1
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
     image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
     return gzip.compress(image.to_bytes())
+
+
+def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
+    from btcv_unetr import cli
+    from serving import free_port
+    assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.strip() == f"error: serve: checkpoint not found: {tmp_path / 'missing.pt'}"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: serve: cannot listen on 127.0.0.1:{port}") and "choose another --port" in err
+    assert err.count("\n") == 1
 
 
 def test_health_and_info_describe_the_model(server):
