@@ -141,8 +141,10 @@ def _check_dimensions(path: Path, display: str, expected: Expected) -> Volume:
     return volume
 
 
-def store_upload(upload: Path, folder: Path, display: str, expected: Expected, limit_bytes: int) -> tuple[str, Path]:
-    """Identify ``upload`` by its bytes, check it and move it to ``folder/input.*``; returns (kind, path).
+def store_upload(upload: Path, folder: Path, display: str, expected: Expected,
+                 limit_bytes: int) -> tuple[str, Path, Volume]:
+    """Identify ``upload`` by its bytes, check it and move it to ``folder/input.*``; returns the kind, the path
+    and its :class:`Volume` (shape and affine; voxels read for pictures only).
 
     ``kind``: ``nifti`` (``.nii``/``.nii.gz``), ``dicom`` (a zipped series, converted to NIfTI) or
     ``picture`` (PNG/JPEG, 2D models). ``display`` names the file in messages.
@@ -170,5 +172,5 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected, l
         path = folder / {"nifti-gz": "input.nii.gz", "nifti": "input.nii", "png": "input.png",
                          "jpeg": "input.jpg"}[kind]
         upload.replace(path)
-    _check_dimensions(path, display, expected)
-    return ("dicom" if kind == "zip" else "picture" if kind in ("png", "jpeg") else "nifti"), path
+    volume = _check_dimensions(path, display, expected)
+    return ("dicom" if kind == "zip" else "picture" if kind in ("png", "jpeg") else "nifti"), path, volume

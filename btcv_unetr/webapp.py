@@ -15,7 +15,6 @@ import shutil
 from contextlib import asynccontextmanager
 from importlib import resources
 
-import nibabel as nib
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from . import __version__
 from .checks import Expected
 from .data import class_names
-from .images import read_volume
 from .jobs import Job, JobQueue, JobStore, QueueFull
 from .plots import class_colours
 from .serve import MB, Segmenter, ServeSettings
@@ -70,12 +68,10 @@ class Service:
             part = folder / "upload.part"
             with open(part, "wb") as out:
                 shutil.copyfileobj(upload.file, out, MB)
-            kind, path = store_upload(part, folder, display, self.expected, int(self.settings.max_upload_mb * MB))
-            if kind == "picture":
-                shape, spacing = list(read_volume(path).spatial_shape[:2]), [1.0, 1.0]
-            else:
-                header = nib.load(str(path))
-                shape, spacing = list(header.shape[:3]), np.linalg.norm(header.affine[:3, :3], axis=0).tolist()
+            kind, path, volume = store_upload(part, folder, display, self.expected,
+                                              int(self.settings.max_upload_mb * MB))
+            shape = volume.spatial_shape[:2] if kind == "picture" else volume.shape[:3]
+            spacing = [1.0, 1.0] if kind == "picture" else np.linalg.norm(volume.affine[:3, :3], axis=0).tolist()
         except BadUpload as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(exc.status, exc.detail) from None
