@@ -85,6 +85,7 @@ class Service:
                                   "later", headers={"Retry-After": str(self.queue.retry_after())})
 
     def enqueue(self, job: Job) -> None:
+        self.store.prune()  # expired jobs go at each new one too, not only when a job finishes
         self.store.add(job)
         try:
             self.queue.submit(job)
