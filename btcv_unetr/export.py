@@ -14,16 +14,14 @@ chooses its own precision (``test.py --saved_checkpoint torchscript`` runs it as
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from .checkpoint import is_torchscript
 from .config import add_config_arguments, config_from_args
 from .errors import UserError
 from .files import atomic_write
-from .infer import load_inference_model
+from .infer import load_inference_model, with_weights_file
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path) -> None:
@@ -58,13 +56,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
     if out.exists() and not config.infer.overwrite:
         raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
-    # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags, as
-    # ``test.py --saved_checkpoint torchscript`` does: that is how it becomes an ONNX model.
-    saved = "torchscript" if path.is_file() and is_torchscript(path) else config.infer.saved_checkpoint
-    config = dataclasses.replace(
-        config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
-        infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
-    model, config = load_inference_model(config, torch.device("cpu"))
+    # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags: that is
+    # how it becomes an ONNX model.
+    model, config = load_inference_model(with_weights_file(config, path), torch.device("cpu"))
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
     export(model, example, args.format, out)
     print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")

@@ -4,6 +4,7 @@ pictures (PNG, JPEG, BMP) by SimpleITK.
     image_shape       the voxel shape from the header only
     read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
     SimpleITKReader   the same for MONAI's ``LoadImage`` (MONAI reads the ITK formats only with ``itk``)
+    dicom_series      the DICOM series of a folder; write_dicom_series_as_nifti converts one
     mask_path         where a case's mask goes: ``CASE_seg`` with the input's own format
     write_mask        labels on the input's voxel grid, written with the input's geometry, atomically
 
@@ -136,6 +137,21 @@ class SimpleITKReader(ImageReader):
                 "spatial_shape": np.asarray(image.GetSize()), "space": "RAS",
                 "original_channel_dim": float("nan") if image.GetNumberOfComponentsPerPixel() == 1 else -1}
         return _itk_array(image), meta
+
+
+def dicom_series(folder: Path) -> list[str]:
+    """The DICOM series UIDs of the files in ``folder`` (GDCM through SimpleITK)."""
+    import SimpleITK as sitk
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+
+
+def write_dicom_series_as_nifti(folder: Path, series: str, path: Path) -> None:
+    """Series ``series`` of ``folder`` written to ``path`` as NIfTI with its geometry; SimpleITK's RuntimeError
+    for a series it cannot read."""
+    import SimpleITK as sitk
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series))
+    sitk.WriteImage(reader.Execute(), str(path))
 
 
 def mask_path(out_dir: Path, case: str, image: Path) -> Path:

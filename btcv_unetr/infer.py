@@ -43,9 +43,9 @@ from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, write_reports
 from .allocator import keep_freed_memory
 from .files import atomic_write, folder_lock, remove_stale_temporaries
-from .images import (IMAGE_SUFFIXES, Volume, image_shape, is_image_file, is_picture, mask_path, read_volume,
-                     write_mask)
-from .checkpoint import load_checkpoint, stored_config
+from .images import (IMAGE_SUFFIXES, Volume, dicom_series, image_shape, is_image_file, is_picture, mask_path,
+                     read_volume, write_dicom_series_as_nifti, write_mask)
+from .checkpoint import is_torchscript, load_checkpoint, stored_config
 from .model import (build_model, compile_if_asked, describe_model_size, extract_state_dict, load_torchscript_weights, load_weights,
                     prepare_model)
 from .precision import cpu_features, resolve_precision, runs_natively
@@ -64,21 +64,6 @@ class Case:
     label: Path | None = None
 
 
-def _dicom_series(folder: Path) -> list[str]:
-    import SimpleITK as sitk
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
-
-
-def _dicom_to_nifti(folder: Path, series: str, out: Path) -> Path:
-    """Write one DICOM series as NIfTI (SimpleITK keeps its geometry) so the rest of the pipeline sees a file."""
-    import SimpleITK as sitk
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series))
-    path = out / f"{folder.name}{'_' + series[-8:] if len(_dicom_series(folder)) > 1 else ''}.nii.gz"
-    sitk.WriteImage(reader.Execute(), str(path))
-    return path
-
-
 def find_cases(config: Config, scratch: Path) -> list[Case]:
     """The scans to segment: ``--input`` (an image file, a folder of them or a DICOM folder), else the datalist split."""
     given = config.infer.input
@@ -94,10 +79,15 @@ def find_cases(config: Config, scratch: Path) -> list[Case]:
     files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
     if files:
         return [Case(case_name(p), p) for p in files]
-    series = _dicom_series(path)
-    if series:
-        return [Case(case_name(nifti), nifti) for nifti in (_dicom_to_nifti(path, s, scratch) for s in series)]
-    raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
+    series = dicom_series(path)
+    if not series:
+        raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
+    cases = []
+    for uid in series:  # each series as NIfTI (SimpleITK keeps its geometry): the rest of the pipeline sees files
+        nifti = scratch / f"{path.name}{'_' + uid[-8:] if len(series) > 1 else ''}.nii.gz"
+        write_dicom_series_as_nifti(path, uid, nifti)
+        cases.append(Case(case_name(nifti), nifti))
+    return cases
 
 
 def check_image(path: Path, expected: Expected) -> None:
@@ -124,6 +114,15 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def with_weights_file(config: Config, path: Path) -> Config:
+    """``config`` with its model's weights read from ``path``: a training checkpoint or a state dict, or a
+    TorchScript file (told by its content), whose weights go into the UNETR the config builds."""
+    saved = "torchscript" if path.is_file() and is_torchscript(path) else config.infer.saved_checkpoint
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
+        infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
 
 
 def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:

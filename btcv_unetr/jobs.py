@@ -55,7 +55,7 @@ class Job:
     def progress(self) -> float:
         if self.state == "done":
             return 1.0
-        return self.windows_done / self.windows_total if self.windows_total else 0.0
+        return min(1.0, self.windows_done / self.windows_total) if self.windows_total else 0.0
 
     @property
     def seconds(self) -> float | None:
@@ -137,9 +137,9 @@ class JobStore:
             self._jobs.pop(job_id, None)
         shutil.rmtree(self.root / job_id, ignore_errors=True)
 
-    def prune(self, now: float | None = None) -> list[str]:
+    def prune(self) -> list[str]:
         """Remove finished jobs older than ``keep_hours`` and all but the newest ``keep_jobs``; returns their ids."""
-        now = time.time() if now is None else now
+        now = time.time()
         finished = [job for job in self.jobs() if job.state in FINISHED]
         expired = [job for job in finished if now - (job.finished or job.created) > 3600 * self.keep_hours]
         surplus = [job for job in finished if job not in expired][self.keep_jobs:]

@@ -119,7 +119,7 @@ class Segmenter:
         job.windows_total = predictor.window_count(image)
 
         def count(windows: int) -> None:
-            job.windows_done = min(job.windows_total, job.windows_done + windows)
+            job.windows_done += windows
 
         predictor.on_windows = count
         try:
@@ -133,11 +133,12 @@ class Segmenter:
     def _write_outputs(self, job: Job, folder: Path, path: Path, labels: np.ndarray) -> None:
         mask = folder / ("mask.png" if self.pictures else "mask.nii.gz")
         write_mask(labels, path, mask)
-        volume = read_volume(path)
-        affine = None if self.pictures else np.asarray(volume.affine)
+        # The scan is read again for its own voxels (the predictor saw them preprocessed); a picture needs none.
+        volume = None if self.pictures else read_volume(path)
+        affine = None if volume is None else np.asarray(volume.affine)
         atomic_write_text(folder / "volumes.json", json.dumps(organ_volumes(labels, affine, self.names)))
         job.outputs = {"mask": mask.name, "volumes": "volumes.json"}
-        if not self.pictures:
+        if volume is not None:
             image = np.asarray(volume.data).reshape(volume.shape[:3])
             data = self.predictor.config.data
             content, job.preview = preview_bytes(image, labels, affine, (data.a_min, data.a_max))
@@ -210,11 +211,9 @@ def predictor_config(config: Config) -> Config:
     path = Path(config.train.checkpoint)
     if not path.is_file():
         raise UserError(f"serve: checkpoint not found: {path}")
-    from .checkpoint import is_torchscript
-    saved = "torchscript" if is_torchscript(path) else "ckpt"
-    return dataclasses.replace(
-        config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
-        infer=dataclasses.replace(config.infer, saved_checkpoint=saved, sw_progress=False))
+    from .infer import with_weights_file
+    config = with_weights_file(config, path)
+    return dataclasses.replace(config, infer=dataclasses.replace(config.infer, sw_progress=False))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 
 from .checks import Expected, dimension_problems
-from .images import Volume, read_volume
+from .images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
 
 CHUNK = 1 << 20
 # A zip whose members unpack to more than this many times the upload limit is refused (a zip bomb
@@ -103,20 +103,16 @@ def _unzip_series(path: Path, folder: Path, display: str, limit_bytes: int) -> P
 
 
 def _series_to_nifti(dicom: Path, out: Path, display: str) -> None:
-    """The one DICOM series in ``dicom`` as NIfTI with its geometry (SimpleITK, GDCM)."""
-    import SimpleITK as sitk
-    series = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(dicom)) or [])
+    """The one DICOM series in ``dicom`` as NIfTI with its geometry."""
+    series = dicom_series(dicom)
     if len(series) != 1:
         found = "no DICOM series" if not series else f"{len(series)} DICOM series"
         raise BadUpload(400, f"{display}: the zip holds {found}; send exactly one series (its .dcm files) per job")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dicom), series[0]))
     try:
-        image = reader.Execute()
+        write_dicom_series_as_nifti(dicom, series[0], out)
     except RuntimeError as exc:
         raise BadUpload(400, f"{display}: the DICOM series cannot be read ({(str(exc).splitlines() or [''])[0]})") \
             from None
-    sitk.WriteImage(image, str(out))
 
 
 def _check_dimensions(path: Path, display: str, expected: Expected) -> Volume:
