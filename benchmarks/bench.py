@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nibabel
+import numpy as np
 import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
@@ -791,14 +792,8 @@ def run_clients(url: str, token: str, scans: list[Path], clients: int,
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
-    """Linear interpolation between the closest ranks (numpy's default); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = fraction * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """numpy's percentile (linear between the closest ranks) at ``fraction``; None for no values."""
+    return float(np.percentile(values, 100 * fraction)) if values else None
 
 
 def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, size: int = 64, device: str = "cpu",
