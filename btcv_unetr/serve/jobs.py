@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .files import atomic_write_text
+from ..errors import UserError
+from ..files import atomic_write_text
 
 RECORD = "job.json"
 FINISHED = ("done", "failed")

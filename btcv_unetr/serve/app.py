@@ -4,7 +4,7 @@
     UploadGate   ASGI middleware: 503 (queue full) and 413 (over the limit) before an upload is read
     create_app   the application around a loaded :class:`~btcv_unetr.infer.Predictor`
 
-Imported only by ``serve`` (FastAPI is the optional ``serve`` extra).
+Imported only by ``serve.command`` (FastAPI is the optional ``serve`` extra).
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from . import __version__
-from .checks import Expected
-from .data import class_names
+from .. import __version__
+from ..checks import Expected
+from ..data import class_names
+from ..plots import class_colours
 from .jobs import Job, JobQueue, JobStore, QueueFull
-from .plots import class_colours
-from .serve import MB, Segmenter, ServeSettings
+from .settings import MB, ServeSettings
 from .uploads import BadUpload, safe_name, store_upload
+from .worker import Segmenter
 
 UPLOAD_ROUTES = ("/jobs", "/segment")
 SEGMENT_POLL_S = 0.05
@@ -160,7 +161,7 @@ api = APIRouter(dependencies=[Depends(authorised)])
 @public.get("/", response_class=HTMLResponse, include_in_schema=False)
 def web_page() -> str:
     # The page holds no data (every call it makes carries the token), so it needs none itself.
-    return resources.files("btcv_unetr").joinpath("web/index.html").read_text(encoding="utf-8")
+    return resources.files("btcv_unetr.serve").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
 @public.get("/health")

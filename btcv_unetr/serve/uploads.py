@@ -18,8 +18,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .checks import Expected, dimension_problems
-from .images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
+from ..checks import Expected, dimension_problems
+from ..images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
 
 CHUNK = 1 << 20
 # A zip whose members unpack to more than this many times the upload limit is refused (a zip bomb

@@ -1,0 +1,22 @@
+"""The service's own settings (the model's come from its checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+TOKEN_VARIABLE = "BTCV_UNETR_TOKEN"
+MB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """Flags of ``btcv-unetr serve`` that are not the model's."""
+
+    jobs_dir: Path
+    max_upload_mb: float = 1024.0
+    sync_max_mb: float = 64.0
+    workers_queue: int = 16
+    keep_jobs: int = 100
+    keep_hours: float = 24.0
+    token: str | None = None

@@ -1,0 +1,116 @@
+"""The work of one job: the predictor on the job's input, then mask, volumes, overlay and preview in its folder.
+
+    organ_volumes  per-class voxel counts and volumes in mL
+    preview_bytes  the page's viewer data (windowed CT and mask, RAS+ voxel order)
+    Segmenter      runs a job (called by the queue's worker thread)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..data import class_names
+from ..files import atomic_write, atomic_write_text
+from ..images import read_volume, write_mask
+from .jobs import Job, JobStore
+
+PREVIEW_SIDE = 256  # the page's slice viewer gets at most this many voxels along each axis
+
+
+def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str]) -> dict:
+    """Voxel counts and volumes in mL of classes ``1..len(names)``; pictures (no ``affine``): pixel counts."""
+    counts = np.bincount(labels.ravel(), minlength=len(names) + 1)
+    from ..plots import class_colours
+    colours = class_colours(len(names) + 1).tolist()
+    millilitres = None if affine is None else abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return {"unit": "pixels" if affine is None else "mL",
+            "organs": [{"index": index, "name": name, "color": colours[index], "voxels": int(counts[index]),
+                        "volume_ml": None if millilitres is None else round(float(counts[index]) * millilitres, 3)}
+                       for index, name in enumerate(names, start=1)]}
+
+
+def preview_bytes(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
+                  window: tuple[float, float]) -> tuple[bytes, dict]:
+    """The page's viewer data: CT windowed to uint8 and the mask, both ``(nx, ny, nz)`` in RAS+ voxel order
+    (x grows toward the patient's right, y anterior, z superior), C order, one after the other; strided
+    so that ``nx, ny <= PREVIEW_SIDE`` and ``nz <= PREVIEW_SIDE``; and ``{"shape", "spacing"}`` (mm,
+    after the stride), sent as the ``X-Shape`` and ``X-Spacing`` headers."""
+    from ..plots import to_display_order
+    image, labels, spacing = to_display_order(image, labels, affine)
+    step_xy = max(1, math.ceil(max(image.shape[:2]) / PREVIEW_SIDE))
+    step_z = max(1, math.ceil(image.shape[2] / PREVIEW_SIDE))
+    image, labels = image[::step_xy, ::step_xy, ::step_z], labels[::step_xy, ::step_xy, ::step_z]
+    low, high = window
+    grey = np.clip((image.astype(np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+    facts = {"shape": list(grey.shape),
+             "spacing": [round(float(s) * k, 4) for s, k in zip(spacing, (step_xy, step_xy, step_z))]}
+    return np.ascontiguousarray(grey).tobytes() + np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), facts
+
+
+class Segmenter:
+    """Runs one job: the predictor on the job's input, then mask, volumes, overlay and preview in its folder."""
+
+    def __init__(self, predictor, store: JobStore):
+        self.predictor, self.store = predictor, store
+        model = predictor.config.model
+        self.names = class_names(predictor.config.data, model.out_channels)
+        self.pictures = model.spatial_dims == 2
+        self._drawing = threading.Lock()
+
+    def __call__(self, job: Job) -> None:
+        folder = self.store.folder(job.id)
+        path = folder / job.input
+        predictor = self.predictor
+        image = predictor.prepare(path)
+        job.windows_total = predictor.window_count(image)
+
+        def count(windows: int) -> None:
+            job.windows_done += windows
+
+        predictor.on_windows = count
+        try:
+            labels, _ = predictor.to_scan(predictor.probabilities(image), image, keep_probabilities=False)
+        finally:
+            predictor.on_windows = None
+        if not folder.is_dir():  # deleted while it ran
+            return
+        self._write_outputs(job, folder, path, labels)
+
+    def _write_outputs(self, job: Job, folder: Path, path: Path, labels: np.ndarray) -> None:
+        mask = folder / ("mask.png" if self.pictures else "mask.nii.gz")
+        write_mask(labels, path, mask)
+        # The scan is read again for its own voxels (the predictor saw them preprocessed); a picture needs none.
+        volume = None if self.pictures else read_volume(path)
+        affine = None if volume is None else np.asarray(volume.affine)
+        atomic_write_text(folder / "volumes.json", json.dumps(organ_volumes(labels, affine, self.names)))
+        job.outputs = {"mask": mask.name, "volumes": "volumes.json"}
+        if volume is not None:
+            image = np.asarray(volume.data).reshape(volume.shape[:3])
+            data = self.predictor.config.data
+            content, job.preview = preview_bytes(image, labels, affine, (data.a_min, data.a_max))
+            atomic_write(folder / "preview.bin", lambda tmp: tmp.write_bytes(content))
+            job.outputs["preview"] = "preview.bin"
+
+    def draw_overlay(self, job: Job) -> Path | None:
+        """``overlay.png`` of a done job, drawn on first request (outside the inference worker: matplotlib
+        takes longer than a small scan's windows); None without matplotlib."""
+        folder = self.store.folder(job.id)
+        out = folder / "overlay.png"
+        with self._drawing:  # one picture at a time: pyplot's state is global
+            if out.is_file():
+                return out
+            path, mask = folder / job.input, folder / job.outputs["mask"]
+            volume, labels = read_volume(path), np.asarray(read_volume(mask).data)
+            if self.pictures:
+                from ..plots import save_picture_overlay
+                save_picture_overlay(np.asarray(volume.data), labels, out)
+                return out
+            from ..plots import save_overlay, to_display_order
+            image, labels, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]), labels,
+                                                      np.asarray(volume.affine))
+            return out if save_overlay(image, labels, spacing, out, title=job.name) else None
