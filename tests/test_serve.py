@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from btcv_unetr.serve.jobs import MARKER
 from serving import running_server, tiny_checkpoint
 
 TOKEN = "s3cret-token"
@@ -38,32 +39,37 @@ def server(tmp_path_factory) -> str:
         yield url
 
 
-def _stale_jobs(jobs_dir: Path) -> dict[str, Path]:
-    """Folders a stopped server could leave: a job it never finished, an upload cut short, a job past the
-    retention age, and one recent finished job that must survive the restart."""
+def _stale_jobs(jobs_dir: Path, scan: Path) -> dict[str, Path]:
+    """Folders a stopped server could leave: a job that ran when it died, a job a clean stop kept queued,
+    an upload cut short, a job past the retention age, and one recent finished job that must survive."""
     records = {"unfinished": {"state": "running", "finished": None},
+               "queued": {"state": "queued", "finished": None},
                "expired": {"state": "done", "finished": time.time() - 3 * 3600},
                "recent": {"state": "done", "finished": time.time() - 60}}
     folders = {}
     for label, fields in records.items():
         job_id = f"{label:0<32}"[:32]
         folders[label] = jobs_dir / job_id
-        folders[label].mkdir(parents=True)
+        folders[label].mkdir(parents=True, mode=0o700)
+        (folders[label] / MARKER).touch()
+        (folders[label] / "input.nii.gz").write_bytes(scan.read_bytes())
         record = {"id": job_id, "name": label, "kind": "nifti", "input": "input.nii.gz", "shape": [4, 4, 4],
                   "spacing": [1.0, 1.0, 1.0], "created": time.time() - 4 * 3600, **fields}
         (folders[label] / "job.json").write_text(json.dumps(record))
     folders["no_record"] = jobs_dir / ("f" * 32)
     folders["no_record"].mkdir()
+    (folders["no_record"] / MARKER).touch()
     (folders["no_record"] / "upload.part").write_bytes(b"half an upload")
+    jobs_dir.chmod(0o700)
     return folders
 
 
 @pytest.fixture(scope="module")
-def strict(tmp_path_factory) -> tuple[str, dict[str, Path]]:
+def strict(tmp_path_factory, scan) -> tuple[str, dict[str, Path]]:
     """A token, 0.2 MB uploads (0.1 MB for /segment), one waiting job at most, two finished jobs kept for
     an hour, and overlap 0.9 (about a hundred windows a job, so a job lasts long enough to queue behind)."""
     folder = tmp_path_factory.mktemp("strict")
-    stale = _stale_jobs(folder / "jobs")
+    stale = _stale_jobs(folder / "jobs", scan)
     flags = ("--token", TOKEN, "--max_upload_mb", "0.2", "--sync_max_mb", "0.1", "--workers_queue", "1",
              "--keep_jobs", "2", "--keep_hours", "1", "--infer_overlap", "0.9")
     with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", *flags) as url:
@@ -254,16 +260,43 @@ def test_segment_answers_with_the_mask(server, scan, tmp_path):
     assert httpx.get(f"{server}/jobs/{response.headers['x-job-id']}").json()["state"] == "done"
 
 
+# First of the strict server's tests: the retention limit of two jobs would soon remove these.
+def test_on_start_expired_and_half_uploaded_jobs_are_removed_and_kept_jobs_run(strict):
+    url, stale = strict
+    assert not stale["expired"].exists() and not stale["no_record"].exists()
+    died = httpx.get(f"{url}/jobs/{stale['unfinished'].name}", headers=AUTH).json()
+    assert died["state"] == "failed" and "the server stopped while this job ran" in died["error"]
+    kept = _wait(url, stale["queued"].name, AUTH)
+    assert kept["state"] == "done", kept  # a clean stop kept it queued: this start ran it
+
+
 def test_the_token_is_required_everywhere_but_health_and_the_page(strict):
     url, _ = strict
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/").status_code == 200
-    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        for method, route in (("GET", "/info"), ("GET", "/jobs"), ("POST", "/jobs"), ("GET", f"/jobs/{'0' * 32}")):
+    routes = (("GET", "/info"), ("GET", "/jobs"), ("POST", "/jobs"), ("POST", "/segment"), ("GET", f"/jobs/{'0' * 32}"),
+              ("DELETE", f"/jobs/{'0' * 32}"), ("GET", "/docs"), ("GET", "/openapi.json"))
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}):
+        for method, route in routes:
             response = httpx.request(method, f"{url}{route}", headers=headers)
             assert response.status_code == 401, (method, route, headers)
             assert "Authorization: Bearer" in response.json()["detail"]
-    assert httpx.get(f"{url}/info", headers=AUTH).status_code == 200
+            assert response.headers["www-authenticate"] == "Bearer"
+    for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme's name is case-insensitive (RFC 7235)
+        assert httpx.get(f"{url}/info", headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
+    assert httpx.get(f"{url}/openapi.json", headers=AUTH).json()["info"]["title"] == "btcv-unetr"
+
+
+def test_a_wrong_token_is_refused_before_the_body_is_read(strict):
+    """A 200 MB upload with a wrong token: the 401 comes after the headers, while the body is still unsent."""
+    url, _ = strict
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                           b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000000\r\n\r\n"
+                           + b"x" * 1000)
+        answer = connection.recv(4096).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401"), answer
 
 
 def test_uploads_over_the_limits_get_413(strict, scan):
@@ -277,7 +310,8 @@ def test_uploads_over_the_limits_get_413(strict, scan):
 
 def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(strict, scan):
     """One job runs, one waits, the third is refused; of the finished jobs the newest two are kept."""
-    url, _ = strict
+    url, stale = strict
+    _wait(url, stale["queued"].name, AUTH)  # the job kept from the last stop runs first
     answers = [_submit(url, scan, headers=AUTH) for _ in range(3)]
     assert [a.status_code for a in answers] == [202, 202, 503], [a.text for a in answers]
     assert "queue" in answers[2].json()["detail"] and int(answers[2].headers["retry-after"]) >= 1
@@ -307,11 +341,6 @@ def test_deleting_a_waiting_job_answers_the_segment_call_that_waits_for_it(stric
         answer = waiting.result(timeout=60)
     assert answer.status_code == 410 and answer.json()["detail"] == "deleted before it ran"
     assert _wait(url, running["id"], AUTH)["state"] == "done"
-
-
-def test_on_start_unfinished_expired_and_half_uploaded_jobs_are_removed(strict):
-    _, stale = strict
-    assert not stale["unfinished"].exists() and not stale["expired"].exists() and not stale["no_record"].exists()
 
 
 def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_server, tmp_path):

@@ -1,7 +1,7 @@
 """The FastAPI application of ``btcv-unetr serve`` (routes listed in :mod:`btcv_unetr.serve`).
 
     Service      what the routes share: the loaded predictor, the job store and queue, the settings
-    UploadGate   ASGI middleware: 503 (queue full) and 413 (over the limit) before an upload is read
+    RequestGate  ASGI middleware: 401 (token), 503 (queue full) and 413 (over the limit) before a body is read
     create_app   the application around a loaded :class:`~btcv_unetr.infer.Predictor`
 
 Imported only by ``serve.command`` (FastAPI is the optional ``serve`` extra).
@@ -15,7 +15,6 @@ import shutil
 from contextlib import asynccontextmanager
 from importlib import resources
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -26,12 +25,16 @@ from ..checks import Expected
 from ..data import class_names
 from ..plots import class_colours
 from .jobs import Job, JobQueue, JobStore, QueueFull
+from .limits import Declared, job_memory_bytes
 from .settings import MB, ServeSettings
 from .uploads import BadUpload, safe_name, store_upload
 from .worker import Segmenter
 
 UPLOAD_ROUTES = ("/jobs", "/segment")
+PUBLIC_ROUTES = ("/", "/health")  # the page holds no data: every call it makes carries the token
+SMALL_BODY_LIMIT = 64 * 1024  # any other request: JSON at most
 SEGMENT_POLL_S = 0.05
+DELETE_WAIT_S = 10.0  # a DELETE of a running job waits this long for it to stop at its next window
 
 
 class Service:
@@ -40,13 +43,33 @@ class Service:
     def __init__(self, predictor, settings: ServeSettings):
         self.predictor, self.settings = predictor, settings
         self.store = JobStore(settings.jobs_dir, settings.keep_jobs, settings.keep_hours)
-        removed = self.store.open()
+        removed, waiting = self.store.open()
         if removed:
-            print(f"removed {len(removed)} unfinished or expired job(s) from {settings.jobs_dir}")
+            print(f"removed {len(removed)} incomplete or expired job(s) from {settings.jobs_dir}")
         self.segmenter = Segmenter(predictor, self.store)
-        self.queue = JobQueue(self.store, self.segmenter, settings.workers_queue)
+        self.queue = JobQueue(self.store, self.segmenter, settings.workers_queue, settings.job_timeout_s)
+        self._requeue(waiting)
         model = predictor.config.model
         self.expected = Expected(model.spatial_dims, model.in_channels)
+
+    def _requeue(self, waiting: list[Job]) -> None:
+        """The jobs a clean stop kept, in their order; beyond a lowered --workers_queue they fail."""
+        for job in waiting:
+            try:
+                self.queue.submit(job)
+            except QueueFull:
+                job.state, job.error = "failed", "not run: the queue limit (--workers_queue) was lowered"
+                job.finished_event.set()
+                self.store.save(job)
+        if waiting:
+            print(f"{len(waiting)} job(s) kept from the last stop are queued again")
+
+    def job_memory(self, declared: Declared) -> int:
+        """Peak memory estimate of a job on ``declared`` with this model (bytes)."""
+        config = self.predictor.config
+        spacing = None if config.model.spatial_dims == 2 else (config.data.space_x, config.data.space_y,
+                                                                config.data.space_z)
+        return job_memory_bytes(declared, config.model, spacing, self.predictor.sw_batch_size)
 
     def info(self) -> dict:
         config = self.predictor.config
@@ -69,17 +92,17 @@ class Service:
             part = folder / "upload.part"
             with open(part, "wb") as out:
                 shutil.copyfileobj(upload.file, out, MB)
-            kind, path, volume = store_upload(part, folder, display, self.expected,
-                                              int(self.settings.max_upload_mb * MB))
-            shape = volume.spatial_shape[:2] if kind == "picture" else volume.shape[:3]
-            spacing = [1.0, 1.0] if kind == "picture" else np.linalg.norm(volume.affine[:3, :3], axis=0).tolist()
+            kind, path, declared = store_upload(part, folder, display, self.expected,
+                                                int(self.settings.max_upload_mb * MB), self.settings.limits,
+                                                self.job_memory)
         except BadUpload as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(exc.status, exc.detail) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Job(job_id, display, kind, path.name, [int(n) for n in shape], [round(float(s), 4) for s in spacing])
+        return Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
+                   [round(float(s), 4) for s in declared.spacing])
 
     def queue_full(self) -> HTTPException:
         return HTTPException(503, f"the queue holds its limit of {self.settings.workers_queue} waiting jobs: try again "
@@ -94,13 +117,21 @@ class Service:
             self.store.delete(job.id)
             raise self.queue_full() from None
 
-    def delete(self, job: Job) -> None:
+    async def delete(self, job: Job) -> Response:
+        """204 once the job and its files are gone; 202 for a running job that has not yet reached its next
+        window (it stops there and is removed)."""
         if job.state == "running":
-            raise HTTPException(409, f"job {job.id} is running: delete it once it is done")
+            self.queue.delete_running(job)
+            waited = 0.0
+            while not job.finished_event.is_set() and waited < DELETE_WAIT_S:
+                await asyncio.sleep(SEGMENT_POLL_S)
+                waited += SEGMENT_POLL_S
+            return Response(status_code=204 if job.finished_event.is_set() else 202)
         if job.state == "queued":  # the worker skips it; a /segment call waiting for it is answered
             job.state, job.error = "failed", "deleted before it ran"
             job.finished_event.set()
         self.store.delete(job.id)
+        return Response(status_code=204)
 
     def job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -143,15 +174,22 @@ def service(request: Request) -> Service:
     return request.app.state.service
 
 
-def token_accepted(svc: Service, authorization: str | None) -> bool:
-    token = svc.settings.token
-    return not token or secrets.compare_digest((authorization or "").encode(), f"Bearer {token}".encode())
+def token_accepted(token: str | None, authorization: str | None) -> bool:
+    """Whether ``authorization`` carries ``token`` (any token when none is set); the scheme's name is
+    case-insensitive (RFC 7235)."""
+    if not token:
+        return True
+    scheme, _, credentials = (authorization or "").strip().partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(credentials.strip().encode(), token.encode())
+
+
+TOKEN_REFUSAL = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
 
 
 def authorised(request: Request, authorization: str | None = Header(default=None)) -> None:
-    if not token_accepted(service(request), authorization):
-        raise HTTPException(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+    """The routes' own check (the gate has already refused a wrong token before reading the body)."""
+    if not token_accepted(service(request).settings.token, authorization):
+        raise HTTPException(401, TOKEN_REFUSAL, headers={"WWW-Authenticate": "Bearer"})
 
 
 public = APIRouter()
@@ -233,9 +271,8 @@ def preview(job_id: str, svc: Service = Depends(service)) -> FileResponse:
 
 
 @api.delete("/jobs/{job_id}", status_code=204, response_class=Response, response_model=None)
-def delete(job_id: str, svc: Service = Depends(service)) -> Response:
-    svc.delete(svc.job(job_id))
-    return Response(status_code=204)
+async def delete(job_id: str, svc: Service = Depends(service)) -> Response:
+    return await svc.delete(svc.job(job_id))
 
 
 async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -243,32 +280,35 @@ async def one_line_validation_error(request: Request, exc: RequestValidationErro
                                    "field 'file' (curl -F file=@scan.nii.gz)"}, status_code=400)
 
 
-class UploadGate:
-    """Refuses an upload before its body is read when the queue is full (503) or its Content-Length is
-    over its route's limit (413); a body without a length is counted as it is read (413 at the limit)."""
+def _refusal(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+    # Connection: close, as the body this answers was not read: the connection cannot carry another request.
+    return JSONResponse({"detail": detail}, status_code=status, headers={"Connection": "close", **(headers or {})})
 
-    def __init__(self, app, svc: Service, limits: dict[str, int], default: int):
-        self.app, self.svc, self.limits, self.default = app, svc, limits, default
+
+class RequestGate:
+    """Answers before a request's body is read: 401 without the token (every route but the page and
+    /health, the API docs included), 503 for an upload to a full queue, 413 for a Content-Length over the
+    route's limit. A body without a length is counted as it is read (413 at the limit)."""
+
+    def __init__(self, app, svc: Service, limits: dict[str, int]):
+        self.app, self.svc, self.limits = app, svc, limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in UPLOAD_ROUTES:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1") or None
-        if not token_accepted(self.svc, authorization):
-            return await self.app(scope, receive, send)  # the route answers 401 before reading the body
-        if self.svc.queue.full():
+        path, headers = scope["path"], dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode("latin-1") or None
+        if path not in PUBLIC_ROUTES and not token_accepted(self.svc.settings.token, authorization):
+            return await _refusal(401, TOKEN_REFUSAL, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        upload = scope["method"] == "POST" and path in UPLOAD_ROUTES
+        if upload and self.svc.queue.full():
             refusal = self.svc.queue_full()
-            response = JSONResponse({"detail": refusal.detail}, status_code=503, headers=refusal.headers)
-            return await response(scope, receive, send)
-        limit = self.limits.get(path, self.default)
-        flag = "--sync_max_mb" if path == "/segment" else "--max_upload_mb"
-        detail = f"upload larger than this server's {flag} {limit / MB:g} MB" + \
-            (": send it to POST /jobs instead" if path == "/segment" else "")
-        length = dict(scope["headers"]).get(b"content-length", b"")
+            return await _refusal(503, refusal.detail, refusal.headers)(scope, receive, send)
+        limit = self.limits.get(path, SMALL_BODY_LIMIT) if upload else SMALL_BODY_LIMIT
+        detail = self._too_large(path, limit, upload)
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            response = JSONResponse({"detail": detail}, status_code=413, headers={"Connection": "close"})
-            return await response(scope, receive, send)
+            return await _refusal(413, detail)(scope, receive, send)
         received = 0
 
         async def counted():
@@ -281,6 +321,14 @@ class UploadGate:
 
         return await self.app(scope, counted, send)
 
+    @staticmethod
+    def _too_large(path: str, limit: int, upload: bool) -> str:
+        if not upload:
+            return f"request body larger than {limit // 1024} KB: only uploads to POST /jobs and /segment are large"
+        flag = "--sync_max_mb" if path == "/segment" else "--max_upload_mb"
+        return f"upload larger than this server's {flag} {limit / MB:g} MB" + \
+            (": send it to POST /jobs instead" if path == "/segment" else "")
+
 
 def create_app(predictor, settings: ServeSettings) -> FastAPI:
     """The application: the job worker starts and stops with it."""
@@ -290,13 +338,14 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     async def lifespan(app: FastAPI):
         svc.queue.start()
         yield
-        svc.queue.stop()
+        kept = await run_in_threadpool(svc.queue.stop)
+        print(f"stopped; {kept} queued job(s) kept: they run at the next start" if kept else "stopped")
 
     app = FastAPI(title="btcv-unetr", version=__version__, lifespan=lifespan)
     app.state.service = svc
     app.include_router(public)
     app.include_router(api)
     app.add_exception_handler(RequestValidationError, one_line_validation_error)
-    app.add_middleware(UploadGate, svc=svc, limits={"/segment": int(settings.sync_max_mb * MB)},
-                       default=int(settings.max_upload_mb * MB))
+    app.add_middleware(RequestGate, svc=svc, limits={"/jobs": int(settings.max_upload_mb * MB),
+                                                      "/segment": int(settings.sync_max_mb * MB)})
     return app

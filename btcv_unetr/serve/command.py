@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from ..config import Config, add_config_arguments, config_from_args
 from ..errors import UserError
-from .settings import TOKEN_VARIABLE, ServeSettings
+from .jobs import SPOOL, open_jobs_folder
+from .limits import JOB_MEMORY_FRACTION, MAX_DICOM_FILES, MAX_EXTENT_MM, MAX_PIXELS, MAX_VOXELS, JobLimits
+from .settings import TOKEN_VARIABLE, ServeSettings, default_jobs_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,24 +27,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on (default: loopback only; 0.0.0.0 exposes the service)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--jobs_dir", default=None,
-                        help="job folders (inputs and results); default: btcv-unetr-jobs in the system's temp folder")
+                        help="job folders (inputs and results: patient data, kept private); default: "
+                             "$XDG_DATA_HOME/btcv-unetr/jobs (~/.local/share/btcv-unetr/jobs)")
     parser.add_argument("--max_upload_mb", type=float, default=1024.0, help="largest upload to POST /jobs")
     parser.add_argument("--sync_max_mb", type=float, default=64.0, help="largest upload to POST /segment")
     parser.add_argument("--workers_queue", type=int, default=16, help="waiting jobs before 503 (queue full)")
     parser.add_argument("--keep_jobs", type=int, default=100, help="finished jobs kept (oldest removed first)")
     parser.add_argument("--keep_hours", type=float, default=24.0, help="finished jobs are removed after this age")
+    parser.add_argument("--max_voxels", type=float, default=MAX_VOXELS,
+                        help="largest 3D scan in voxels, from its header (default 1e9: a whole-body CT at 0.8 mm "
+                             "is about 6e8)")
+    parser.add_argument("--max_extent_mm", default=",".join(f"{v:g}" for v in MAX_EXTENT_MM),
+                        help="largest field of view in mm, three numbers compared with the scan's extents sorted "
+                             "(default 800,800,2200: wider than a CT gantry or longer than a body is refused)")
+    parser.add_argument("--max_pixels", type=float, default=MAX_PIXELS,
+                        help="largest picture for a 2D model, from its header (default 6.4e7: 8000 x 8000)")
+    parser.add_argument("--max_dicom_files", type=int, default=MAX_DICOM_FILES, help="most files in a DICOM zip")
+    parser.add_argument("--max_job_memory_gb", type=float, default=0.0,
+                        help=f"refuse a scan whose job would need more memory than this, estimated from its header "
+                             f"(default 0: {JOB_MEMORY_FRACTION:.0%} of this machine's memory)")
+    parser.add_argument("--job_timeout_s", type=float, default=3600.0,
+                        help="a running job is stopped (failed) after this many seconds (0: no limit)")
     parser.add_argument("--token", default=None,
                         help=f"bearer token every route but / and /health requires (or set {TOKEN_VARIABLE})")
     add_config_arguments(parser, "serve")
 
 
+def limits_from_args(args: argparse.Namespace) -> JobLimits:
+    try:
+        extent = tuple(float(v) for v in args.max_extent_mm.split(","))
+    except ValueError:
+        extent = ()
+    if len(extent) != 3 or min(extent) <= 0:
+        raise UserError(f"--max_extent_mm {args.max_extent_mm!r}: give three positive numbers, e.g. 800,800,2200")
+    if min(args.max_voxels, args.max_pixels, args.max_dicom_files) <= 0 or args.max_job_memory_gb < 0:
+        raise UserError("--max_voxels, --max_pixels and --max_dicom_files must be > 0, --max_job_memory_gb >= 0")
+    return JobLimits(max_voxels=int(args.max_voxels), max_extent_mm=extent, max_pixels=int(args.max_pixels),
+                     max_dicom_files=args.max_dicom_files, max_job_memory_gb=args.max_job_memory_gb)
+
+
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     if args.max_upload_mb <= 0 or args.sync_max_mb <= 0:
         raise UserError("--max_upload_mb and --sync_max_mb must be > 0")
-    jobs_dir = Path(args.jobs_dir) if args.jobs_dir else Path(tempfile.gettempdir()) / "btcv-unetr-jobs"
+    jobs_dir = Path(args.jobs_dir).expanduser() if args.jobs_dir else default_jobs_dir()
     return ServeSettings(jobs_dir=jobs_dir, max_upload_mb=args.max_upload_mb, sync_max_mb=args.sync_max_mb,
                          workers_queue=args.workers_queue, keep_jobs=args.keep_jobs, keep_hours=args.keep_hours,
-                         token=args.token or os.environ.get(TOKEN_VARIABLE) or None)
+                         token=args.token or os.environ.get(TOKEN_VARIABLE) or None, limits=limits_from_args(args),
+                         job_timeout_s=args.job_timeout_s)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -82,10 +114,30 @@ def run(args: argparse.Namespace) -> int:
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
     from ..infer import Predictor
     from .app import create_app
+    os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only
+    open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
     predictor = Predictor(predictor_config(config_from_args(args)))
     app = create_app(predictor, settings)
+    # The web framework spools large uploads to the temporary folder: the private jobs folder's, not /tmp.
+    tempfile.tempdir = str(settings.jobs_dir / SPOOL)
     print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
     started = time.time()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve_until_signal(uvicorn, app, args.host, args.port)
     print(f"stopped after {time.time() - started:.0f} s")
     return 0
+
+
+def serve_until_signal(uvicorn, app, host: str, port: int) -> None:
+    """Run uvicorn until Ctrl-C or SIGTERM, then stop cleanly: the application's shutdown keeps the queued jobs.
+
+    uvicorn re-raises the signal it caught once it has stopped, which would end the process by the signal
+    (SIGTERM: killed; SIGINT: a KeyboardInterrupt). The handlers in place while it runs swallow that
+    repeat, so a requested stop exits 0.
+    """
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,18 +1,24 @@
 """The service's jobs: one folder each, kept within a retention limit, run one at a time from a bounded queue.
 
-    Job        one segmentation request: state, window progress, timings, facts about its input
-    JobStore   the job folders under ``--jobs_dir``: create, find, delete, retention by count and age
-    JobQueue   a bounded first-in first-out queue and the one worker thread that empties it
+    Job           one segmentation request: state, window progress, timings, facts about its input
+    JobCancelled  raised inside a running job (at its next window) when it is cancelled or out of time
+    JobStore      the job folders under ``--jobs_dir``: private, create, find, delete, retention by count and age
+    JobQueue      a bounded first-in first-out queue and the one worker thread that empties it
 
 A job's record is ``job.json`` in its folder, written atomically at every change of state, so a
-restarted server still serves the results it finished before (within the retention limit).
+restarted server still serves the results it finished before (within the retention limit) and runs
+the jobs that were waiting when it stopped. Scans are patient data: the jobs folder is the user's own
+(0700, files 0600 by the server's umask), and the service only ever removes folders it marked as its
+own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue
+import stat
 import shutil
 import sys
 import threading
@@ -27,7 +33,13 @@ from ..errors import UserError
 from ..files import atomic_write_text
 
 RECORD = "job.json"
+MARKER = ".btcv-unetr-job"  # in every folder the service created: nothing else is ever removed
+SPOOL = ".uploads"  # the web framework's temporary copies of uploads, inside the private jobs folder
 FINISHED = ("done", "failed")
+
+
+class JobCancelled(Exception):
+    """Stops a running job at its next window; the message is the reason."""
 
 
 @dataclass
@@ -49,7 +61,19 @@ class Job:
     finished: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # mask, overlay, volumes, preview -> file name
     preview: dict | None = None  # {"shape": [nx, ny, nz], "spacing": [sx, sy, sz]} of the 3D preview
+    provenance: dict | None = None  # version, weights checksum, precision, device, overlap, TTA of the result
     finished_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    # Set by a client's DELETE, the time limit or the server's shutdown; the worker checks it at each window.
+    cancel_reason: str | None = field(default=None, repr=False, compare=False)
+    deadline: float | None = field(default=None, repr=False, compare=False)
+    delete_when_stopped: bool = field(default=False, repr=False, compare=False)
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`JobCancelled` when the job was cancelled or its time is up."""
+        if self.cancel_reason is not None:
+            raise JobCancelled(self.cancel_reason)
+        if self.deadline is not None and time.time() > self.deadline:
+            raise JobCancelled(f"stopped at its time limit of {self.deadline - self.started:g} s (--job_timeout_s)")
 
     @property
     def progress(self) -> float:
@@ -63,15 +87,50 @@ class Job:
 
     def record(self) -> dict:
         """The fields saved in ``job.json``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "finished_event"}
+        return {name: getattr(self, name) for name in _record_fields()}
 
     @classmethod
     def from_record(cls, record: dict) -> Job:
-        names = {f.name for f in dataclasses.fields(cls)} - {"finished_event"}
+        names = _record_fields()
         job = cls(**{key: value for key, value in record.items() if key in names})
         if job.state in FINISHED:
             job.finished_event.set()
         return job
+
+
+def _record_fields() -> list[str]:
+    runtime = {"finished_event", "cancel_reason", "deadline", "delete_when_stopped"}
+    return [f.name for f in dataclasses.fields(Job) if f.name not in runtime]
+
+
+def check_private_folder(folder: Path) -> None:
+    """Refuse a jobs folder another user owns or can write (they could read or replace patient scans);
+    one of ours that others can read is made private (0700)."""
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UserError(f"--jobs_dir {folder} can be written by other users (mode {stat.filemode(info.st_mode)}, "
+                        f"owner uid {info.st_uid}): scans are patient data; use a folder of your own (chmod 700)")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+        print(f"made {folder} private (0700): it holds patient scans")
+
+
+def open_jobs_folder(root: Path) -> None:
+    """Create ``root`` (0700) or check it: private (:func:`check_private_folder`) and holding nothing but the
+    service's job folders, so that cleaning it can never remove another's files."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (root / SPOOL).mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--jobs_dir {root} cannot be created ({exc.strerror}): choose another folder") from None
+    check_private_folder(root)
+    for leftover in (root / SPOOL).iterdir():  # uploads a killed server was receiving
+        leftover.unlink(missing_ok=True)
+    foreign = [p.name for p in root.iterdir() if p.name != SPOOL and not (p / MARKER).is_file()]
+    if foreign:
+        shown = ", ".join(repr(name) for name in sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise UserError(f"--jobs_dir {root} holds files that are not this service's jobs ({shown}): choose an "
+                        "empty or new folder; the service never removes what it did not create")
 
 
 class JobStore:
@@ -84,32 +143,40 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
-    def open(self) -> list[str]:
-        """Read the folders a previous server left; returns the ids removed: unfinished jobs (their
-        server stopped), folders without a readable record (an upload cut short) and jobs past retention."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"--jobs_dir {self.root} cannot be created ({exc.strerror}): choose another folder") \
-                from None
-        removed = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+    def open(self) -> tuple[list[str], list[Job]]:
+        """Read the folders a previous server left. Returns the ids removed (folders without a readable
+        record: an upload cut short; jobs past retention) and the jobs still waiting, oldest first (a clean
+        stop keeps them). A job that was running when its server died fails: it may be what killed it.
+
+        The folder must be private and hold nothing but the service's own (:func:`open_jobs_folder`).
+        """
+        open_jobs_folder(self.root)
+        removed, waiting = [], []
+        for folder in sorted(p for p in self.root.iterdir() if p.name != SPOOL):
             try:
                 job = Job.from_record(json.loads((folder / RECORD).read_text()))
             except (OSError, ValueError, TypeError):
                 job = None
-            if job is None or job.state not in FINISHED or job.id != folder.name:
+            if job is None or job.id != folder.name:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
-            else:
-                self._jobs[job.id] = job
-        return removed + self.prune()
+                continue
+            if job.state == "running":
+                job.state, job.error, job.finished = "failed", "the server stopped while this job ran: send it again", \
+                    time.time()
+                job.finished_event.set()
+                self.save(job)
+            self._jobs[job.id] = job
+            if job.state == "queued":
+                waiting.append(job)
+        return removed + self.prune(), sorted(waiting, key=lambda job: job.created)
 
     def new_folder(self) -> tuple[str, Path]:
         """A fresh job id and its (empty) folder."""
         job_id = uuid.uuid4().hex
         folder = self.root / job_id
-        folder.mkdir()
+        folder.mkdir(mode=0o700)
+        (folder / MARKER).touch(mode=0o600)
         return job_id, folder
 
     def folder(self, job_id: str) -> Path:
@@ -135,7 +202,9 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         with self._lock:
             self._jobs.pop(job_id, None)
-        shutil.rmtree(self.root / job_id, ignore_errors=True)
+        folder = self.root / job_id
+        if (folder / MARKER).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
 
     def prune(self) -> list[str]:
         """Remove finished jobs older than ``keep_hours`` and all but the newest ``keep_jobs``; returns their ids."""
@@ -155,29 +224,40 @@ class QueueFull(Exception):
 class JobQueue:
     """At most ``capacity`` waiting jobs; one worker thread runs ``work(job)`` on them in order.
 
-    ``work`` raises :class:`UserError` for a problem with the input (the job fails with that line);
-    any other exception fails the job with its first line and prints the traceback to the server log.
+    ``work`` raises :class:`UserError` for a problem with the input (the job fails with that line) and
+    :class:`JobCancelled` when the job was stopped; any other exception fails the job with its first line
+    and prints the traceback to the server log. ``timeout_s`` (0: none) bounds a job's running time.
     """
 
-    def __init__(self, store: JobStore, work: Callable[[Job], None], capacity: int):
+    def __init__(self, store: JobStore, work: Callable[[Job], None], capacity: int, timeout_s: float = 0.0):
         if capacity < 1:
             raise UserError("--workers_queue must be >= 1")
-        self.store, self.work = store, work
+        if timeout_s < 0:
+            raise UserError("--job_timeout_s must be >= 0 (0: no limit)")
+        self.store, self.work, self.timeout_s = store, work, timeout_s
         self._waiting: queue.Queue[Job | None] = queue.Queue(maxsize=capacity)
         self._recent_seconds: list[float] = []
+        self._running: Job | None = None
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Let the running job finish (up to ``timeout``); waiting jobs stay unfinished and are removed on
-        the next start."""
+    def stop(self) -> int:
+        """Stop the running job at its next window and keep it and the waiting ones queued (their records
+        say so; the next start runs them); wait for the worker to end. Returns the number of jobs kept."""
+        self._stopping = True
+        running = self._running
+        if running is not None:
+            running.cancel_reason = "the server is stopping"
         try:
-            self._waiting.put(None, timeout=timeout)
+            self._waiting.put_nowait(None)  # wakes an idle worker; a busy one sees _stopping
         except queue.Full:
-            return
-        self._thread.join(timeout)
+            pass
+        if self._thread.is_alive():
+            self._thread.join()
+        return sum(1 for job in self.store.jobs() if job.state == "queued")
 
     def full(self) -> bool:
         return self._waiting.full()
@@ -187,6 +267,11 @@ class JobQueue:
             self._waiting.put_nowait(job)
         except queue.Full:
             raise QueueFull from None
+
+    def delete_running(self, job: Job) -> None:
+        """Stop a running job at its next window and remove it once stopped."""
+        job.delete_when_stopped = True
+        job.cancel_reason = "deleted by its client"
 
     def position(self, job_id: str) -> int | None:
         """1 for the next job to run, None when the job is not waiting."""
@@ -200,22 +285,37 @@ class JobQueue:
         return max(1, round(typical * max(1, self._waiting.qsize())))
 
     def _run(self) -> None:
-        while (job := self._waiting.get()) is not None:
+        while (job := self._waiting.get()) is not None and not self._stopping:
             if self.store.get(job.id) is not job:  # deleted while it waited
                 continue
-            job.state, job.started = "running", time.time()
-            self.store.save(job)
-            try:
-                self.work(job)
-                job.state = "done"
-            except UserError as exc:
-                job.state, job.error = "failed", str(exc)
-            except Exception as exc:  # noqa: BLE001 - a failed job must not stop the worker
-                traceback.print_exc(file=sys.stderr)
-                job.state = "failed"
-                job.error = f"internal error ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]})"
-            job.finished = time.time()
-            self._recent_seconds = (self._recent_seconds + [job.finished - job.started])[-8:]
-            self.store.save(job)
-            job.finished_event.set()
+            self._run_one(job)
             self.store.prune()
+
+    def _run_one(self, job: Job) -> None:
+        job.state, job.started, job.windows_done = "running", time.time(), 0
+        job.deadline = job.started + self.timeout_s if self.timeout_s else None
+        self._running = job
+        self.store.save(job)
+        try:
+            self.work(job)
+            job.state = "done"
+        except JobCancelled as exc:
+            if self._stopping:  # kept for the next start, as if it had never run
+                job.state, job.started, job.windows_done, job.cancel_reason = "queued", None, 0, None
+                self._running = None
+                self.store.save(job)
+                return
+            job.state, job.error = "failed", str(exc)
+        except UserError as exc:
+            job.state, job.error = "failed", str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed job must not stop the worker
+            traceback.print_exc(file=sys.stderr)
+            job.state = "failed"
+            job.error = f"internal error ({exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]})"
+        self._running = None
+        job.finished = time.time()
+        self._recent_seconds = (self._recent_seconds + [job.finished - job.started])[-8:]
+        self.store.save(job)
+        job.finished_event.set()
+        if job.delete_when_stopped:
+            self.store.delete(job.id)

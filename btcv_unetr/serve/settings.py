@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
+
+from .limits import JobLimits
 
 TOKEN_VARIABLE = "BTCV_UNETR_TOKEN"
 MB = 1 << 20
@@ -20,3 +23,11 @@ class ServeSettings:
     keep_jobs: int = 100
     keep_hours: float = 24.0
     token: str | None = None
+    limits: JobLimits = JobLimits()
+    job_timeout_s: float = 3600.0  # 0: no limit
+
+
+def default_jobs_dir() -> Path:
+    """``$XDG_DATA_HOME/btcv-unetr/jobs`` (``~/.local/share/...``): the user's own, never a shared temp folder."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "btcv-unetr" / "jobs"

@@ -9,10 +9,13 @@ Every problem is a :class:`BadUpload` with the HTTP status and one line for the 
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import re
 import shutil
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -20,12 +23,13 @@ import numpy as np
 
 from ..checks import Expected, dimension_problems
 from ..images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
+from .limits import Declared, JobLimits, limit_problem
+from .settings import MB
 
-CHUNK = 1 << 20
+CHUNK = MB
 # A zip whose members unpack to more than this many times the upload limit is refused (a zip bomb
 # of DICOM files gains little from compression: real series compress 2-3x).
 MAX_ZIP_EXPANSION = 8
-MAX_ZIP_MEMBERS = 20000
 KIND_NAMES = {"nifti-gz": "NIfTI", "nifti": "NIfTI", "zip": "zip", "png": "PNG", "jpeg": "JPEG"}
 
 
@@ -70,30 +74,79 @@ def _is_nifti_header(head: bytes) -> bool:
     return 540 in (size, swapped) and head[4:7] in (b"n+2", b"ni2")
 
 
-def _check_gzip(path: Path, display: str) -> bytes:
-    """Decompress the whole file (streaming) to find truncation; returns its first bytes."""
-    head = b""
+def _nifti_header(head: bytes, display: str):
+    """The NIfTI-1 or NIfTI-2 header at the start of ``head`` (nibabel reads either byte order)."""
+    header_class = nib.Nifti2Header if int.from_bytes(head[:4], "little") == 540 or \
+        int.from_bytes(head[:4], "big") == 540 else nib.Nifti1Header
     try:
-        with gzip.open(path, "rb") as stream:
-            while chunk := stream.read(CHUNK):
-                head = head or chunk[:1024]
+        return header_class.from_fileobj(io.BytesIO(head), check=False)
+    except Exception as exc:  # nibabel raises several types for inconsistent headers
+        raise BadUpload(400, f"{display}: unreadable NIfTI header ({exc.__class__.__name__}: {_first_line(exc)})") \
+            from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _declared_nifti(header, display: str, expected: Expected) -> tuple[Declared, np.ndarray]:
+    """What the header declares, after the model's dimension check; and its affine (RAS, mm)."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    affine = header.get_best_affine()
+    problems = dimension_problems(Path(display), Volume(shape, affine, np.empty(0)), expected, is_label=False)
+    if problems:
+        raise BadUpload(400, str(problems[0]))
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise BadUpload(400, f"{display}: the header's voxel spacing {spacing} is not positive: fix the header")
+    return Declared(shape[:3], spacing, 1, header.get_data_dtype().itemsize), affine
+
+
+def _check_voxel_bytes(stream, header, display: str) -> None:
+    """Read the voxels once, in chunks, from ``stream`` placed at the header's data offset: refuse fewer
+    bytes than the header declares (a short or truncated file) and NaN or infinite values (the model
+    cannot use them), without holding the volume in memory."""
+    dtype = header.get_data_dtype()
+    needed = math.prod(header.get_data_shape()) * dtype.itemsize
+    seen, bad, remainder = 0, 0, b""
+    try:
+        while seen < needed and (chunk := stream.read(min(CHUNK, needed - seen))):
+            seen += len(chunk)
+            if dtype.kind in "fc":
+                data = remainder + chunk
+                usable = len(data) - len(data) % dtype.itemsize
+                bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype))))
+                remainder = data[usable:]
     except (EOFError, OSError, zlib.error) as exc:
         raise BadUpload(400, f"{display}: truncated or corrupt gzip data ({exc.__class__.__name__}): send the "
                              "whole file again") from None
-    return head
+    if seen < needed:
+        shape = " x ".join(map(str, header.get_data_shape()))
+        raise BadUpload(400, f"{display}: holds {seen} bytes of voxels where its header declares {needed} ({shape} "
+                             f"{dtype.name}): the file is cut short; send the whole file")
+    if bad:
+        raise BadUpload(400, f"{display}: {bad} NaN or infinite voxels: replace them (e.g. by the lowest "
+                             "intensity) and send it again")
 
 
-def _unzip_series(path: Path, folder: Path, display: str, limit_bytes: int) -> Path:
-    """The zip's files under numbered names in ``folder/dicom`` (member names are never used as paths)."""
+def _unzip_series(path: Path, folder: Path, display: str, limit_bytes: int, max_files: int) -> Path:
+    """The zip's files under numbered names in ``folder/dicom`` (member names are never used as paths);
+    the number of files and their unpacked size are checked from the zip's directory first."""
     try:
         with zipfile.ZipFile(path) as archive:
             members = [info for info in archive.infolist() if not info.is_dir()]
-            if len(members) > MAX_ZIP_MEMBERS or sum(i.file_size for i in members) > MAX_ZIP_EXPANSION * limit_bytes:
-                raise BadUpload(413, f"{display}: the zip unpacks to more than {MAX_ZIP_EXPANSION} times the upload "
-                                     "limit or holds too many files: send one DICOM series per job")
+            if len(members) > max_files:
+                raise BadUpload(413, f"{display}: the zip holds {len(members)} files, over this server's "
+                                     f"--max_dicom_files {max_files}: send one DICOM series per job")
+            unpacked = sum(i.file_size for i in members)
+            if unpacked > MAX_ZIP_EXPANSION * limit_bytes:
+                raise BadUpload(413, f"{display}: the zip unpacks to {unpacked / MB:.0f} MB, over "
+                                     f"{MAX_ZIP_EXPANSION} times the upload limit ({MAX_ZIP_EXPANSION * limit_bytes / MB:.0f}"
+                                     " MB): send one DICOM series per job")
             target = folder / "dicom"
             target.mkdir()
             for number, info in enumerate(members):
+                # zipfile stops each member at its declared size and checks its CRC: the sizes above hold.
                 with archive.open(info) as source, open(target / f"{number:05d}.dcm", "wb") as out:
                     shutil.copyfileobj(source, out, CHUNK)
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
@@ -102,48 +155,89 @@ def _unzip_series(path: Path, folder: Path, display: str, limit_bytes: int) -> P
     return target
 
 
-def _series_to_nifti(dicom: Path, out: Path, display: str) -> None:
-    """The one DICOM series in ``dicom`` as NIfTI with its geometry."""
+def _header_information(path: Path):
+    """SimpleITK's reader of ``path`` after reading its header only (sizes, spacing, origin; no pixels)."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _declared_series(dicom: Path, display: str) -> tuple[str, Declared]:
+    """The one series in ``dicom``: its UID and its size from every file's header (rows, columns, the
+    number of slices, the slice spacing from their positions)."""
     series = dicom_series(dicom)
     if len(series) != 1:
         found = "no DICOM series" if not series else f"{len(series)} DICOM series"
         raise BadUpload(400, f"{display}: the zip holds {found}; send exactly one series (its .dcm files) per job")
+    import SimpleITK as sitk
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom), series[0])
+    columns = rows = 0
+    positions = []
     try:
-        write_dicom_series_as_nifti(dicom, series[0], out)
+        for name in files:
+            reader = _header_information(Path(name))
+            size = reader.GetSize()
+            columns, rows = max(columns, size[0]), max(rows, size[1])
+            positions.append(reader.GetOrigin())
+        spacing, direction = reader.GetSpacing(), np.reshape(reader.GetDirection(), (3, 3))
     except RuntimeError as exc:
-        raise BadUpload(400, f"{display}: the DICOM series cannot be read ({(str(exc).splitlines() or [''])[0]})") \
+        raise BadUpload(400, f"{display}: a DICOM header cannot be read ({_first_line(exc)})") from None
+    along = np.asarray(positions) @ direction[:, 2]
+    step = (along.max() - along.min()) / (len(files) - 1) if len(files) > 1 else spacing[2]
+    return series[0], Declared((columns, rows, len(files)), (spacing[0], spacing[1], float(step) or spacing[2]))
+
+
+def _series_to_nifti(dicom: Path, series: str, out: Path, display: str) -> None:
+    """Series ``series`` of ``dicom`` as NIfTI with its geometry."""
+    try:
+        write_dicom_series_as_nifti(dicom, series, out)
+    except RuntimeError as exc:
+        raise BadUpload(400, f"{display}: the DICOM series cannot be read ({_first_line(exc)})") from None
+
+
+def _declared_picture(path: Path, display: str, expected: Expected) -> Declared:
+    """A PNG's or JPEG's size and colour channels from its header (the pixels are not decoded)."""
+    try:
+        reader = _header_information(path)
+    except RuntimeError as exc:
+        raise BadUpload(400, f"{display}: unreadable picture ({_first_line(exc)})") from None
+    size, channels = tuple(reader.GetSize())[:2], reader.GetNumberOfComponents()
+    shape = size + ((channels,) if channels > 1 else ())
+    problems = dimension_problems(Path(display), Volume(shape, np.eye(4), np.empty(0), channels), expected,
+                                  is_label=False)
+    if problems:
+        raise BadUpload(400, str(problems[0]))
+    return Declared(size, (1.0, 1.0), channels, 1)
+
+
+def _checked_picture(path: Path, display: str) -> None:
+    """Decode the picture once (after its size was accepted): a truncated or corrupt file is refused now."""
+    try:
+        read_volume(path)
+    except Exception as exc:  # SimpleITK raises RuntimeError, PIL-backed readers others
+        raise BadUpload(400, f"{display}: unreadable picture ({exc.__class__.__name__}: {_first_line(exc)})") \
             from None
 
 
-def _check_dimensions(path: Path, display: str, expected: Expected) -> Volume:
-    """The header's shape against the model's (NIfTI: header only; pictures: read whole, they are small)."""
-    try:
-        if path.name.endswith((".nii", ".nii.gz")):
-            image = nib.load(str(path))
-            volume = Volume(tuple(image.shape), image.affine, np.empty(0))
-            if path.name.endswith(".nii") and path.stat().st_size < image.dataobj.offset + \
-                    int(np.prod(image.shape)) * image.get_data_dtype().itemsize:
-                raise BadUpload(400, f"{display}: the file ends before its voxels do (truncated): send the whole file")
-        else:
-            volume = read_volume(path)
-    except BadUpload:
-        raise
-    except Exception as exc:  # nibabel and SimpleITK raise many types for bad headers
-        raise BadUpload(400, f"{display}: unreadable image ({exc.__class__.__name__}: "
-                             f"{(str(exc).splitlines() or [''])[0]})") from None
-    problems = dimension_problems(Path(display), volume, expected, is_label=False)
-    if problems:
-        raise BadUpload(400, str(problems[0]))
-    return volume
+def _refuse_over_limits(declared: Declared, display: str, limits: JobLimits,
+                       memory_of: Callable[[Declared], int]) -> None:
+    problem = limit_problem(declared, limits, memory_of(declared))
+    if problem:
+        raise BadUpload(413, f"{display}: {problem}")
 
 
-def store_upload(upload: Path, folder: Path, display: str, expected: Expected,
-                 limit_bytes: int) -> tuple[str, Path, Volume]:
+def store_upload(upload: Path, folder: Path, display: str, expected: Expected, limit_bytes: int,
+                 limits: JobLimits, memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
     """Identify ``upload`` by its bytes, check it and move it to ``folder/input.*``; returns the kind, the path
-    and its :class:`Volume` (shape and affine; voxels read for pictures only).
+    and what its header declares.
 
-    ``kind``: ``nifti`` (``.nii``/``.nii.gz``), ``dicom`` (a zipped series, converted to NIfTI) or
-    ``picture`` (PNG/JPEG, 2D models). ``display`` names the file in messages.
+    ``kind``: ``nifti`` (``.nii``/``.nii.gz``), ``dicom`` (a zipped series, kept in ``folder/dicom`` and
+    converted to NIfTI) or ``picture`` (PNG/JPEG, 2D models). ``display`` names the file in messages;
+    ``memory_of`` estimates a job's peak memory for :func:`limit_problem`. Sizes are checked from the
+    header before the voxels are read (413); the voxels are then read once, in chunks, for short data
+    and non-finite values (400).
     """
     with open(upload, "rb") as stream:
         head = stream.read(1024)
@@ -151,7 +245,12 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected,
     volumes = expected.spatial_dims == 3
     accepted = ".nii, .nii.gz or a .zip of one DICOM series" if volumes else "a PNG or JPEG picture"
     if kind == "nifti-gz":
-        head = _check_gzip(upload, display)
+        try:
+            with gzip.open(upload, "rb") as stream:
+                head = stream.read(540)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise BadUpload(400, f"{display}: truncated or corrupt gzip data ({exc.__class__.__name__}): send the "
+                                 "whole file again") from None
         if not _is_nifti_header(head):
             raise BadUpload(400, f"{display}: gzip data that is not a NIfTI image; send {accepted}")
     if kind is None or volumes != (kind in ("nifti-gz", "nifti", "zip")):
@@ -159,14 +258,26 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected,
             f"a {KIND_NAMES[kind]} file"
         raise BadUpload(400, f"{display}: {found}; this model takes {accepted}")
     if kind == "zip":
-        dicom = _unzip_series(upload, folder, display, limit_bytes)
-        path = folder / "input.nii.gz"
-        _series_to_nifti(dicom, path, display)
-        shutil.rmtree(dicom)
+        dicom = _unzip_series(upload, folder, display, limit_bytes, limits.max_dicom_files)
         upload.unlink()
-    else:
-        path = folder / {"nifti-gz": "input.nii.gz", "nifti": "input.nii", "png": "input.png",
-                         "jpeg": "input.jpg"}[kind]
+        series, declared = _declared_series(dicom, display)
+        _refuse_over_limits(declared, display, limits, memory_of)
+        path = folder / "input.nii.gz"
+        _series_to_nifti(dicom, series, path, display)
+        return "dicom", path, declared
+    if kind in ("png", "jpeg"):
+        path = folder / ("input.png" if kind == "png" else "input.jpg")
         upload.replace(path)
-    volume = _check_dimensions(path, display, expected)
-    return ("dicom" if kind == "zip" else "picture" if kind in ("png", "jpeg") else "nifti"), path, volume
+        declared = _declared_picture(path, display, expected)
+        _refuse_over_limits(declared, display, limits, memory_of)
+        _checked_picture(path, display)
+        return "picture", path, declared
+    header = _nifti_header(head, display)
+    declared, _ = _declared_nifti(header, display, expected)
+    _refuse_over_limits(declared, display, limits, memory_of)
+    with (gzip.open(upload, "rb") if kind == "nifti-gz" else open(upload, "rb")) as stream:
+        stream.seek(int(header.get_data_offset()))  # gzip: decompresses up to there
+        _check_voxel_bytes(stream, header, display)
+    path = folder / ("input.nii.gz" if kind == "nifti-gz" else "input.nii")
+    upload.replace(path)
+    return "nifti", path, declared

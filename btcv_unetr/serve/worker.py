@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import class_names
+from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
 from ..images import read_volume, write_mask
 from .jobs import Job, JobStore
@@ -66,19 +67,23 @@ class Segmenter:
         folder = self.store.folder(job.id)
         path = folder / job.input
         predictor = self.predictor
-        image = predictor.prepare(path)
+        try:
+            image = predictor.prepare(path)
+        except UserError as exc:  # the client knows its file by its own name, never by the server's path
+            raise UserError(str(exc).replace(str(path), job.name)) from None
         job.windows_total = predictor.window_count(image)
 
         def count(windows: int) -> None:
             job.windows_done += windows
+            job.check_cancelled()  # a DELETE, the time limit or the server's stop ends the job here
 
+        job.check_cancelled()
         predictor.on_windows = count
         try:
             labels, _ = predictor.to_scan(predictor.probabilities(image), image, keep_probabilities=False)
         finally:
             predictor.on_windows = None
-        if not folder.is_dir():  # deleted while it ran
-            return
+        job.check_cancelled()
         self._write_outputs(job, folder, path, labels)
 
     def _write_outputs(self, job: Job, folder: Path, path: Path, labels: np.ndarray) -> None:
