@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from ..config import Config, add_config_arguments, config_from_args
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a running job is stopped (failed) after this many seconds (0: no limit)")
     parser.add_argument("--token", default=None,
                         help=f"bearer token every route but / and /health requires (or set {TOKEN_VARIABLE})")
+    parser.add_argument("--dicomweb", default=None, metavar="URL",
+                        help="a PACS's DICOMweb root (Orthanc: http://host:8042/dicom-web): POST /jobs then takes "
+                             '{"study_uid", "series_uid"} of a series there, and stores its DICOM SEG back (STOW-RS)')
     add_config_arguments(parser, "serve")
 
 
@@ -73,7 +77,20 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
     return ServeSettings(jobs_dir=jobs_dir, max_upload_mb=args.max_upload_mb, sync_max_mb=args.sync_max_mb,
                          workers_queue=args.workers_queue, keep_jobs=args.keep_jobs, keep_hours=args.keep_hours,
                          token=args.token or os.environ.get(TOKEN_VARIABLE) or None, limits=limits_from_args(args),
-                         job_timeout_s=args.job_timeout_s)
+                         job_timeout_s=args.job_timeout_s, dicomweb=dicomweb_from_args(args.dicomweb))
+
+
+def dicomweb_from_args(url: str | None) -> str | None:
+    """``--dicomweb``: an http(s) URL without credentials, and the dicom extra that writes the SEGs it stores."""
+    if url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
+        raise UserError(f"--dicomweb {url!r}: give the PACS's DICOMweb root as http(s)://host:port/path, without "
+                        "credentials or query (Orthanc: http://host:8042/dicom-web)")
+    from ..dicom_seg import require_highdicom
+    require_highdicom()
+    return url.rstrip("/")
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -114,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
     from ..infer import Predictor
     from .app import create_app
-    os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only
     open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
+    os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only
     predictor = Predictor(predictor_config(config_from_args(args)))
     app = create_app(predictor, settings)
     # The web framework spools large uploads to the temporary folder: the private jobs folder's, not /tmp.

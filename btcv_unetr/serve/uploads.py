@@ -228,6 +228,17 @@ def _refuse_over_limits(declared: Declared, display: str, limits: JobLimits,
         raise BadUpload(413, f"{display}: {problem}")
 
 
+def store_series(dicom: Path, folder: Path, display: str, limits: JobLimits,
+                 memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
+    """The one series in ``dicom`` (an unzipped upload, or a series fetched from the PACS), checked against the
+    limits from its headers, then converted to ``folder/input.nii.gz``; returns ``("dicom", path, declared)``."""
+    series, declared = _declared_series(dicom, display)
+    _refuse_over_limits(declared, display, limits, memory_of)
+    path = folder / "input.nii.gz"
+    _series_to_nifti(dicom, series, path, display)
+    return "dicom", path, declared
+
+
 def store_upload(upload: Path, folder: Path, display: str, expected: Expected, limit_bytes: int,
                  limits: JobLimits, memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
     """Identify ``upload`` by its bytes, check it and move it to ``folder/input.*``; returns the kind, the path
@@ -260,11 +271,7 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected, l
     if kind == "zip":
         dicom = _unzip_series(upload, folder, display, limit_bytes, limits.max_dicom_files)
         upload.unlink()
-        series, declared = _declared_series(dicom, display)
-        _refuse_over_limits(declared, display, limits, memory_of)
-        path = folder / "input.nii.gz"
-        _series_to_nifti(dicom, series, path, display)
-        return "dicom", path, declared
+        return store_series(dicom, folder, display, limits, memory_of)
     if kind in ("png", "jpeg"):
         path = folder / ("input.png" if kind == "png" else "input.jpg")
         upload.replace(path)
@@ -276,7 +283,9 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected, l
     declared, _ = _declared_nifti(header, display, expected)
     _refuse_over_limits(declared, display, limits, memory_of)
     with (gzip.open(upload, "rb") if kind == "nifti-gz" else open(upload, "rb")) as stream:
-        stream.seek(int(header.get_data_offset()))  # gzip: decompresses up to there
+        # A single-file NIfTI's voxels start after the header at the least, whatever vox_offset says (as nibabel
+        # reads it); gzip decompresses up to there.
+        stream.seek(max(int(header.get_data_offset()), header.single_vox_offset))
         _check_voxel_bytes(stream, header, display)
     path = folder / ("input.nii.gz" if kind == "nifti-gz" else "input.nii")
     upload.replace(path)
