@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gzip
 import dataclasses
 import io
 import os
@@ -609,10 +610,14 @@ def checkpoint_precision(checkpoint: Path, device: torch.device) -> Precision:
         return resolve_precision("auto", device, (config or build_config([])).model)
 
 
-def serve_scans(folder: Path, size: int) -> list[Path]:
-    """Two distinct phantom scans, ``size`` voxels square in-plane, that the clients take turns uploading."""
-    write_dataset(folder, cases=2, seed=SERVE_SEED, size=size, test_cases=2, progress=False)
-    return sorted((folder / "imagesTs").glob("*.nii.gz"))
+def serve_scans(folder: Path, sizes: tuple[int, ...]) -> list[Path]:
+    """Two distinct phantom scans of each size (voxels square in-plane; 512 is BTCV's 512 x 512 x ~100-200),
+    interleaved, that the clients take turns uploading."""
+    per_size = []
+    for size in sizes:
+        write_dataset(folder / str(size), cases=2, seed=SERVE_SEED, size=size, test_cases=2, progress=False)
+        per_size.append(sorted((folder / str(size) / "imagesTs").glob("*.nii.gz")))
+    return [scan for pair in zip(*per_size) for scan in pair]
 
 
 def free_port() -> int:
@@ -648,11 +653,28 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerProcess:
+    url: str
+    process: subprocess.Popen
+
+    def peak_memory_bytes(self) -> int | None:
+        """The server process's peak resident memory so far (Linux ``VmHWM``), None where it cannot be read."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+
 @contextlib.contextmanager
 def serve_process(checkpoint: Path, jobs_dir: Path, flags: list[str], log_path: Path,
-                  threads: int | None = None) -> Iterator[str]:
-    """``btcv-unetr serve`` in its own process on a free loopback port; yields its base URL once it answers
-    and stops it afterwards. Its output goes to ``log_path``; ``threads`` caps its OpenMP threads."""
+                  threads: int | None = None) -> Iterator[ServerProcess]:
+    """``btcv-unetr serve`` in its own process on a free loopback port; yields it once it answers and stops
+    it afterwards. Its output goes to ``log_path``; ``threads`` caps its OpenMP threads."""
     port = free_port()
     argv = [sys.executable, "-m", "btcv_unetr", "serve", "--checkpoint", str(checkpoint), "--host", "127.0.0.1",
             "--port", str(port), "--jobs_dir", str(jobs_dir), *flags]
@@ -666,9 +688,46 @@ def serve_process(checkpoint: Path, jobs_dir: Path, flags: list[str], log_path: 
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(process, url, log_path)
-        yield url
+        yield ServerProcess(url, process)
     finally:
         stop_process(process)
+
+
+def declared_nifti_gz(shape: tuple[int, ...], zooms: tuple[float, ...], dtype=np.int16, data_bytes: int | None = None,
+                      fill: float = 0) -> bytes:
+    """A ``.nii.gz`` whose header declares ``shape``, with ``data_bytes`` bytes of voxels (default: all of them)
+    of value ``fill``, compressed as it is generated: a gigavoxel of zeros is a megabyte (a decompression bomb)."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_zooms(zooms)
+    header.set_data_offset(352)
+    header.set_qform(np.diag([*zooms, 1.0]), code=1)
+    header.set_sform(np.diag([*zooms, 1.0]), code=1)
+    total = int(np.prod(shape)) * np.dtype(dtype).itemsize if data_bytes is None else data_bytes
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as stream:
+        stream.write(header.binaryblock + b"\x00" * 4)  # 348-byte header, empty extension flag: voxels at 352
+        chunk = np.full(1 << 19, fill, dtype).tobytes()
+        while total > 0:
+            stream.write(chunk[:min(total, len(chunk))])
+            total -= len(chunk)
+    return out.getvalue()
+
+
+BOMB_SHAPE = (1024, 1024, 512)  # the issue's 1 MB upload that once held the worker for 2 minutes and 7 GB
+
+
+def post_bomb(url: str, token: str, bomb: bytes, delay_s: float) -> dict:
+    """After ``delay_s``, upload ``bomb`` once: its status and the seconds until the answer (it must be refused
+    from its header, without slowing the other clients' jobs)."""
+    import httpx
+    time.sleep(delay_s)
+    started = time.perf_counter()
+    response = httpx.post(f"{url}/jobs", files={"file": ("bomb.nii.gz", bomb, "application/gzip")},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=SERVE_JOB_LIMIT_S)
+    return {"status": response.status_code, "answer_s": time.perf_counter() - started,
+            "detail": answer_detail(response), "bytes": len(bomb)}
 
 
 @dataclasses.dataclass
@@ -776,19 +835,20 @@ def warm_up(url: str, token: str, scan: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_clients(url: str, token: str, scans: list[Path], clients: int,
-                seconds: float) -> tuple[list[ClientTally], float]:
-    """``clients`` threads submitting for ``seconds``; returns their tallies and the seconds until the last
-    of them finished its last job."""
+def run_clients(url: str, token: str, scans: list[Path], clients: int, seconds: float,
+                bomb: bytes | None = None) -> tuple[list[ClientTally], float, dict | None]:
+    """``clients`` threads submitting for ``seconds``, and ``bomb`` uploaded once halfway; returns their tallies,
+    the seconds until the last of them finished its last job, and the bomb's answer."""
     tallies = [ClientTally() for _ in range(clients)]
     started = time.perf_counter()
     threads = [threading.Thread(target=serve_client, args=(url, token, scans, started + seconds, tally, index),
                                 name=f"client {index}", daemon=True) for index, tally in enumerate(tallies)]
     for thread in threads:
         thread.start()
+    answer = post_bomb(url, token, bomb, seconds / 2) if bomb is not None else None
     for thread in threads:
         thread.join()
-    return tallies, time.perf_counter() - started
+    return tallies, time.perf_counter() - started, answer
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -796,11 +856,12 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return float(np.percentile(values, 100 * fraction)) if values else None
 
 
-def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, size: int = 64, device: str = "cpu",
-               checkpoint: Path | None = None, server_threads: int | None = None,
-               log: Callable[..., None] = print) -> dict:
-    """The load check: ``clients`` clients submit phantoms (``size`` voxels square in-plane) to a real
-    ``btcv-unetr serve`` for ``seconds`` seconds, then wait for their last jobs.
+def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, sizes: tuple[int, ...] = (64,),
+               device: str = "cpu", checkpoint: Path | None = None, server_threads: int | None = None,
+               bomb: bool = True, log: Callable[..., None] = print) -> dict:
+    """The load check: ``clients`` clients submit phantoms (``sizes``: voxels square in-plane, taken in turn)
+    to a real ``btcv-unetr serve`` for ``seconds`` seconds, then wait for their last jobs; with ``bomb``, one
+    1 MB upload declaring a gigavoxel comes halfway. The server's peak memory is read at the end.
 
     ``checkpoint`` defaults to the tiny model (written under ``work``). The server gets a queue with room
     for every client, a token of its own (so a ``BTCV_UNETR_TOKEN`` in the environment does not lock the
@@ -811,26 +872,29 @@ def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, size: int = 
     named = checkpoint is not None
     checkpoint = checkpoint or tiny_checkpoint(work / "model")
     precision = checkpoint_precision(checkpoint, torch_device)
-    scans = serve_scans(work / "phantoms", size)
+    scans = serve_scans(work / "phantoms", sizes)
+    bomb_bytes = declared_nifti_gz(BOMB_SHAPE, (1.0, 1.0, 1.0)) if bomb else None
     token = secrets.token_hex(16)
     flags = ["--device", device, "--precision", precision.name, "--workers_queue", str(clients), "--token", token]
     log(f"btcv-unetr serve on {device} ({precision.name}), {clients} clients for {seconds:g} s; "
         f"server log {work / 'server.log'}")
-    with serve_process(checkpoint, work / "jobs", flags, work / "server.log", server_threads) as url:
+    with serve_process(checkpoint, work / "jobs", flags, work / "server.log", server_threads) as server:
+        url = server.url
         info = httpx.get(f"{url}/info", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
         if info["spatial_dims"] != 3:
             raise ServeCheckError(f"{checkpoint} is a {info['spatial_dims']}D model: the serve check uploads CT "
                                   "volumes")
         warmup_s = warm_up(url, token, scans[0])
         log(f"  warm-up job {warmup_s:.2f} s")
-        tallies, elapsed_s = run_clients(url, token, scans, clients, seconds)
+        tallies, elapsed_s, bomb_answer = run_clients(url, token, scans, clients, seconds, bomb_bytes)
+        peak_memory = server.peak_memory_bytes()
     latencies = [value for tally in tallies for value in tally.latencies_s]
     server_s = [value for tally in tallies for value in tally.server_s]
     machine = machine_facts(torch_device, precision)
     if server_threads is not None:
         machine["threads"] = server_threads
     return {
-        "clients": clients, "serve_seconds": seconds, "elapsed_s": elapsed_s, "phantom_size": size,
+        "clients": clients, "serve_seconds": seconds, "elapsed_s": elapsed_s, "phantom_sizes": list(sizes),
         "scan_shapes": [list(nibabel.load(str(scan)).shape) for scan in scans],
         "checkpoint": str(checkpoint) if named else "tiny model (random weights)",
         "completed": len(latencies), "failed": sum(tally.failed for tally in tallies),
@@ -841,6 +905,7 @@ def serve_load(work: Path, clients: int = 4, seconds: float = 60.0, size: int = 
                       "mean": statistics.mean(latencies) if latencies else None},
         "server_seconds_mean": statistics.mean(server_s) if server_s else None,
         "warmup_s": warmup_s, "errors": [error for tally in tallies for error in tally.errors][:10],
+        "bomb": bomb_answer, "server_peak_memory_gb": None if peak_memory is None else peak_memory / 2**30,
         "server": {"precision": info.get("precision"), "device": info.get("device")},
         "machine": machine,
     }
@@ -852,7 +917,7 @@ def run_serve(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="btcv_bench_serve_"))
     log = print if not args.silent else (lambda *a, **k: None)
     checkpoint = args.serve_checkpoint.resolve() if args.serve_checkpoint else None
-    results = serve_load(work, args.clients, args.serve_seconds, args.serve_size, args.device, checkpoint, log=log)
+    results = serve_load(work, args.clients, args.serve_seconds, args.serve_sizes, args.device, checkpoint, log=log)
     shutil.rmtree(work, ignore_errors=True)  # phantoms and job folders: the figures are all that is kept
     return results
 
@@ -868,7 +933,8 @@ def serve_table(r: dict) -> str:
             ("queue full (503), retried", str(r["refused_503"])), ("jobs per minute", f"{r['jobs_per_minute']:.1f}"),
             ("latency p50, s", seconds(latency["p50"])), ("latency p95, s", seconds(latency["p95"])),
             ("latency max, s", seconds(latency["max"])),
-            ("server seconds per job (mean)", seconds(r["server_seconds_mean"]))]
+            ("server seconds per job (mean)", seconds(r["server_seconds_mean"])),
+            ("server peak memory, GB", "-" if r["server_peak_memory_gb"] is None else f"{r['server_peak_memory_gb']:.2f}")]
     lines = [f"serve load check: {r['clients']} clients submitting for {r['serve_seconds']:g} s "
              f"({r['elapsed_s']:.0f} s until their last jobs were done); {r['checkpoint']}; scans {shapes}"]
     lines += [f"{name:32s} {value:>8s}" for name, value in rows]
@@ -879,6 +945,10 @@ def serve_table(r: dict) -> str:
         f"server on {r['server']['device']}",
         f"precision {m['precision']['name']}: {m['precision']['reason']}",
     ]
+    if r["bomb"]:
+        b = r["bomb"]
+        lines.append(f"bomb: {b['bytes'] / 2**20:.1f} MB declaring {' x '.join(map(str, BOMB_SHAPE))} voxels, sent "
+                     f"halfway: answered in {b['answer_s']:.2f} s: {b['detail']}")
     lines += [f"error: {error}" for error in r["errors"]]
     return "\n".join(lines)
 
@@ -905,7 +975,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--serve: seconds the clients submit for (then their last jobs are awaited)")
     parser.add_argument("--serve_checkpoint", type=Path, default=None,
                         help="--serve: the model the server loads (default: a tiny model with random weights)")
-    parser.add_argument("--serve_size", type=int, default=64, help="--serve: phantom size in-plane, voxels")
+    parser.add_argument("--serve_size", default="64",
+                        help="--serve: phantom sizes in-plane, voxels, comma-separated and taken in turn (512: BTCV's "
+                             "512 x 512 x ~100-200)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device is visible; use --device cpu", file=sys.stderr)
@@ -916,8 +988,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve and args.switches:
         print("error: --serve and --switches are separate runs: choose one", file=sys.stderr)
         return 2
-    if args.clients < 1 or args.serve_seconds <= 0 or args.serve_size < 1:
-        print("error: --clients must be >= 1, --serve_seconds and --serve_size > 0", file=sys.stderr)
+    try:
+        args.serve_sizes = tuple(int(size) for size in args.serve_size.split(","))
+    except ValueError:
+        args.serve_sizes = ()
+    if args.clients < 1 or args.serve_seconds <= 0 or not args.serve_sizes or min(args.serve_sizes) < 16:
+        print("error: --clients must be >= 1, --serve_seconds > 0, --serve_size sizes >= 16 (e.g. 64,512)",
+              file=sys.stderr)
         return 2
     for path in (args.dice_checkpoint, args.dice_data and args.dice_data / "dataset.json", args.serve_checkpoint):
         if path is not None and not path.is_file():

@@ -26,5 +26,5 @@ def running_server(checkpoint: Path, jobs_dir: Path, *flags: str) -> Iterator[st
     """The server in float32 on one thread, its log in ``jobs_dir.parent / "server.log"``; yields its base URL
     once ``/health`` answers and stops it afterwards."""
     with serve_process(checkpoint, jobs_dir, ["--precision", "fp32", *flags], jobs_dir.parent / "server.log",
-                       threads=1) as url:
-        yield url
+                       threads=1) as server:
+        yield server.url

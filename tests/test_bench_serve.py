@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_serve_load_check_figures_are_consistent(tmp_path):
     # Two clients for 5 s on 32^2 phantoms with the tiny model: about 20 s on a busy 2-core machine,
     # most of it the server's start. One OpenMP thread: the clients and the server share the cores.
-    result = bench.serve_load(tmp_path, clients=2, seconds=5, size=32, device="cpu", server_threads=1,
+    result = bench.serve_load(tmp_path, clients=2, seconds=5, sizes=(32,), device="cpu", server_threads=1,
                               log=lambda *args, **kwargs: None)
     assert result["failed"] == 0, result["errors"]
     assert result["completed"] >= 2
@@ -31,6 +31,8 @@ def test_serve_load_check_figures_are_consistent(tmp_path):
     assert result["server"] == {"precision": result["machine"]["precision"]["name"], "device": "cpu"}
     assert result["machine"]["model"] and result["machine"]["capability"]
     assert [shape[:2] for shape in result["scan_shapes"]] == [[32, 32], [32, 32]]
+    assert result["bomb"]["status"] == 413 and "larger than any body" in result["bomb"]["detail"]
+    assert result["server_peak_memory_gb"] > 0
     assert "jobs per minute" in bench.serve_table(result)
     json.dumps(result, allow_nan=False)  # the figures are plain JSON
 

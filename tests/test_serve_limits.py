@@ -6,11 +6,9 @@ Each test talks to a real uvicorn process on loopback (tests/serving.py) with ht
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,37 +22,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bench import free_port, wait_until_healthy
-from serving import PICTURE_MODEL, running_server, tiny_checkpoint
+from bench import declared_nifti_gz, free_port, wait_until_healthy
+from serving import running_server, tiny_checkpoint
 from test_serve import _dicom_zip, _submit, _wait
 
 # A job of about ten thousand windows of the tiny model (minutes): it is certainly still running when a
 # test cancels it or stops its server, however fast the machine. 150 voxels at 4 mm is 600 mm: a body's size.
 LONG_SCAN_SHAPE, LONG_SCAN_MM = (150, 150, 150), 4.0
 LONG_JOB_FLAGS = ("--infer_overlap", "0.9")
-
-
-def declared_nifti_gz(shape: tuple[int, ...], zooms: tuple[float, ...], dtype=np.int16, data_bytes: int | None = None,
-                      fill: float = 0) -> bytes:
-    """A ``.nii.gz`` whose header declares ``shape``, with ``data_bytes`` bytes of voxels (default: all of them)
-    of value ``fill``, compressed as it is generated (a gigavoxel of zeros is a megabyte)."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(dtype)
-    header.set_zooms(zooms)
-    header.set_data_offset(352)
-    header.set_qform(np.diag([*zooms, 1.0]), code=1)
-    header.set_sform(np.diag([*zooms, 1.0]), code=1)
-    itemsize = np.dtype(dtype).itemsize
-    total = int(np.prod(shape)) * itemsize if data_bytes is None else data_bytes
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as stream:
-        stream.write(header.binaryblock + b"\x00" * 4)  # 348-byte header, empty extension flag: voxels at 352
-        chunk = np.full(1 << 19, fill, dtype).tobytes()
-        while total > 0:
-            stream.write(chunk[:min(total, len(chunk))])
-            total -= len(chunk)
-    return out.getvalue()
 
 
 def declared_png(width: int, height: int) -> bytes:
