@@ -1,9 +1,11 @@
 """Checkpoint files: one versioned dict that resumes a run, verified by a checksum of its weights.
 
-    save_checkpoint   {"version", "checksum", "state_dict", "optimizer", ..., "config", "precision"}, atomically
+    save_checkpoint   {"version", "checksum", "state_dict", "optimizer", ..., "config", "precision", "model_card"},
+                      atomically
     load_file         ``torch.load(weights_only=True)``: data only, never code (TorchScript files are refused)
     load_checkpoint   load_file + migration of older versions + checksum verification
     stored_config     the run's config from a checkpoint, tolerating keys this version no longer has
+    stored_card       the model card of a checkpoint (provenance.model_card), None for files without one
 
 Used by training, inference and export alike. Files are only ever read with ``weights_only=True``; the
 few numpy globals the reference trainer's checkpoints carry (its ``best_acc`` is a numpy float) are
@@ -51,11 +53,12 @@ def weights_checksum(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, precision, epoch: int,
-                    global_step: int, best_acc: float, config: Config) -> None:
+                    global_step: int, best_acc: float, config: Config, card: Mapping[str, Any] | None = None) -> None:
     """One dict that resumes everything; plain values only, so ``weights_only=True`` loads it.
 
     ``config`` holds the settings as asked (``precision: auto``, ``time_budget_min``, and the
-    ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason.
+    ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason;
+    ``card`` the model card (:func:`btcv_unetr.provenance.model_card`: the data, the validation ...).
     Written to a temporary name and renamed: a failed write (a full disk) leaves the previous file.
     """
     weights = model.state_dict()
@@ -63,7 +66,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, pr
              "epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
              "state_dict": weights, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-             "config": config.to_dict(), "precision": precision.as_dict()}
+             "config": config.to_dict(), "precision": precision.as_dict(),
+             "model_card": dict(card) if card is not None else None}
     try:
         atomic_write(path, lambda tmp: torch.save(state, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
@@ -76,12 +80,14 @@ def save_initial_checkpoint(path: Path, config: Config, seed: int = 0) -> Path:
     config included): for tests, benchmarks and trying the service, where accuracy does not matter."""
     from .model import build_model
     from .precision import Precision
+    from .provenance import untrained_card
     torch.manual_seed(seed)
     model = build_model(config.model)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(Path(path), model, optimizer, scheduler, Precision("fp32", "random weights"), 1, 1, 0.0, config)
+    save_checkpoint(Path(path), model, optimizer, scheduler, Precision("fp32", "random weights"), 1, 1, 0.0, config,
+                    untrained_card(config))
     return Path(path)
 
 
@@ -128,6 +134,7 @@ def migrate_checkpoint(content: dict[str, Any]) -> dict[str, Any]:
     if version == 0:
         # Version 0 had no checksum; its AMP setting lives in config.train.amp (renamed to precision).
         content.setdefault("precision", None)
+    content.setdefault("model_card", None)  # files written before model cards existed have none
     content["version"] = CHECKPOINT_VERSION
     return content
 
@@ -162,3 +169,9 @@ def stored_config(content: Mapping[str, Any], source: str) -> Config | None:
         print(f"warning: {source}: ignoring config keys this version does not use: {', '.join(dropped)}",
               file=sys.stderr)
     return config
+
+
+def stored_card(content: Any) -> dict[str, Any] | None:
+    """The model card of a loaded checkpoint, or None (a bare state dict, a file written before cards)."""
+    card = content.get("model_card") if isinstance(content, Mapping) else None
+    return dict(card) if isinstance(card, Mapping) else None

@@ -6,7 +6,8 @@ pictures (PNG, JPEG, BMP) by SimpleITK.
     SimpleITKReader   the same for MONAI's ``LoadImage`` (MONAI reads the ITK formats only with ``itk``)
     dicom_series      the DICOM series of a folder; write_dicom_series_as_nifti converts one
     mask_path         where a case's mask goes: ``CASE_seg`` with the input's own format
-    write_mask        labels on the input's voxel grid, written with the input's geometry, atomically
+    write_mask        labels on the input's voxel grid, written with the input's geometry and provenance, atomically
+    mask_provenance   the provenance a mask's header carries (NIfTI extension, NRRD/MHA metadata), or None
 
 Voxel order is the file's (i, j, k) in every array here; SimpleITK's ``GetArrayFromImage`` is
 (k, j, i), hence the transposes. ITK's world is LPS and NIfTI's RAS: the affines returned are RAS,
@@ -15,7 +16,8 @@ as nibabel's and MONAI's are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
 from .files import atomic_path, atomic_save_nifti
+from .provenance import descrip
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -167,11 +170,27 @@ def mask_path(out_dir: Path, case: str, image: Path) -> Path:
     return out_dir / f"{case}_seg{suffix}"
 
 
-def write_mask(labels: np.ndarray, like: Path, path: Path) -> None:
+# The key of a mask's provenance: the NIfTI extension's JSON object and the NRRD/MHA metadata field.
+PROVENANCE_KEY = "btcv_unetr_provenance"
+# NIfTI has no registered extension code for JSON; "comment" (6) is the one meant for free text.
+NIFTI_COMMENT_CODE = 6
+
+
+def _nifti_provenance(mask: nib.Nifti1Image, provenance: Mapping) -> None:
+    """The short form in ``descrip`` (shown by most viewers), the full one as a JSON extension."""
+    mask.header["descrip"] = descrip(provenance).encode("ascii")
+    content = json.dumps({PROVENANCE_KEY: dict(provenance)}, sort_keys=True).encode()
+    mask.header.extensions.append(nib.nifti1.Nifti1Extension(NIFTI_COMMENT_CODE, content))
+
+
+def write_mask(labels: np.ndarray, like: Path, path: Path, provenance: Mapping | None = None) -> None:
     """Write uint8 ``labels`` (the voxel grid of image ``like``) to ``path`` with ``like``'s geometry.
 
     NIfTI masks carry the image's affine as both qform and sform; ITK-format masks the image's
-    origin, spacing and direction (read from its header only).
+    origin, spacing and direction (read from its header only). ``provenance`` (see
+    :func:`btcv_unetr.provenance.provenance`) goes into the header: NIfTI ``descrip`` (short) and an
+    extension (JSON), an NRRD/MHA metadata field (JSON). PNG masks carry none: SimpleITK writes no
+    PNG text chunks.
     """
     labels = np.asarray(labels, dtype=np.uint8)
     if is_nifti(path):
@@ -179,6 +198,8 @@ def write_mask(labels: np.ndarray, like: Path, path: Path) -> None:
         mask = nib.Nifti1Image(labels, affine)
         mask.set_qform(affine, code=1)
         mask.set_sform(affine, code=1)
+        if provenance is not None:
+            _nifti_provenance(mask, provenance)
         atomic_save_nifti(mask, path)
         return
     import SimpleITK as sitk
@@ -193,5 +214,29 @@ def write_mask(labels: np.ndarray, like: Path, path: Path) -> None:
     mask.SetOrigin(header.GetOrigin())
     mask.SetSpacing(header.GetSpacing())
     mask.SetDirection(header.GetDirection())
+    if provenance is not None:
+        mask.SetMetaData(PROVENANCE_KEY, json.dumps(dict(provenance), sort_keys=True))
     with atomic_path(path) as tmp:
         sitk.WriteImage(mask, str(tmp), True)
+
+
+def mask_provenance(path: str | Path) -> dict | None:
+    """The provenance :func:`write_mask` stored in the mask at ``path``, or None where there is none."""
+    if is_nifti(path):
+        for extension in nib.load(str(path)).header.extensions:
+            if extension.get_code() != NIFTI_COMMENT_CODE:
+                continue
+            try:
+                content = json.loads(extension.get_content().rstrip(b"\0"))
+            except ValueError:
+                continue  # another tool's comment
+            if isinstance(content, dict) and isinstance(content.get(PROVENANCE_KEY), dict):
+                return content[PROVENANCE_KEY]
+        return None
+    if is_picture(path):
+        return None
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return json.loads(reader.GetMetaData(PROVENANCE_KEY)) if reader.HasMetaDataKey(PROVENANCE_KEY) else None

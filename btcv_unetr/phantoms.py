@@ -344,6 +344,8 @@ def write_dataset(out: str | Path, cases: int, seed: int = 0, size: int = FULL_S
     n_val = max(1, cases // 5)
     datalist = {
         "name": "btcv-phantom", "description": f"synthetic abdominal CT, seed {seed}, size {size}",
+        # Read by the model card of every checkpoint trained on it: a phantom-trained model is not for real scans.
+        "synthetic": True, "generator": "btcv-unetr phantoms",
         "tensorImageSize": "3D", "modality": {"0": "CT"}, "labels": label_map(),
         "numTraining": cases, "numTest": test_cases,
         "training": entries[:-n_val], "validation": entries[-n_val:], "test": tests,

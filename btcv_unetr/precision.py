@@ -3,6 +3,7 @@
     cpu_features       what this CPU computes natively (model name, torch's kernel level, bf16/AMX flags)
     resolve_precision  the setting ``auto|fp32|bf16|fp16`` -> :class:`Precision` for a device
     Precision          autocast context, gradient scaler, and the one line that explains the choice
+    DecisionCache      the probe's decisions kept per machine and model shape (``precision.json`` in the user's cache)
 
 ``auto`` on a CPU takes bfloat16 only where the processor computes it natively (x86 AVX512-BF16 or
 AMX, ARM BF16) *and* a probe on the model's own layer shapes finds it faster than float32: on an
@@ -10,19 +11,34 @@ AVX2-only CPU bfloat16 autocast runs 10-300x slower than float32 (no kernels for
 has no fast CPU kernels anywhere. On CUDA, ``auto`` takes bfloat16 without a gradient scaler where
 the GPU computes it natively (compute capability 8.0, Ampere, and newer), else float16 with the
 scaler as the reference recipe does.
+
+The probe's timing is noisy on a shared CPU, and bfloat16 and float32 masks differ in a few voxels:
+its decision is taken once per machine (CPU model, torch's kernel level, torch version) and model
+shape and kept in ``$XDG_CACHE_HOME/btcv-unetr/precision.json`` (``~/.cache`` without it), so the
+same model and input give the same mask bytes at every start. Deleting the file, or an explicit
+``--precision``, decides afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import functools
+import json
+import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_write_json
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,17 +202,155 @@ def _probe_tokens(roi_size: tuple[int, ...]) -> int:
     return tokens
 
 
+def probe_shape(model) -> tuple[int, int, int, int, int]:
+    """The arguments of :func:`probe_bf16_speedup` for ``model`` (a ModelConfig): feature size, hidden size,
+    MLP size, tokens per window, spatial dimensions."""
+    return (model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size), model.spatial_dims)
+
+
+CACHE_FOLDER = "btcv-unetr"
+CACHE_FILE = "precision.json"
+CACHE_FORMAT = 1
+
+
+def cache_folder() -> Path:
+    """``$XDG_CACHE_HOME/btcv-unetr``, else ``~/.cache/btcv-unetr``; a relative XDG_CACHE_HOME is ignored, as the
+    XDG specification says. Raises RuntimeError where there is no home folder to fall back on."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".cache"
+    return root / CACHE_FOLDER
+
+
+def decision_key(features: CpuFeatures, shape: tuple[int, ...]) -> str:
+    """What a probe's result depends on: the CPU, torch's kernels for it, and the model's layer shapes."""
+    feature_size, hidden_size, mlp_dim, tokens, spatial_dims = shape
+    return (f"{features.model} | {features.capability} | torch {torch.__version__} | {spatial_dims}D feature "
+            f"{feature_size} hidden {hidden_size} mlp {mlp_dim} tokens {tokens}")
+
+
+def _valid_record(record) -> bool:
+    return (isinstance(record, dict) and record.get("precision") in ("fp32", "bf16")
+            and isinstance(record.get("speedup"), (int, float)) and isinstance(record.get("decided"), str))
+
+
+class DecisionCache:
+    """The probe's decisions of this machine, one per :func:`decision_key`, in one small JSON file.
+
+    Readers and writers hold an exclusive lock on ``precision.lock`` beside it, so two processes
+    starting together take one decision, and neither loses the other's entry. Any problem with the
+    folder or the file costs only the cache: one warning line, and the probe decides as before.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.problem: str | None = None
+        self._decisions: dict[str, dict] = {}
+
+    @classmethod
+    def default(cls) -> DecisionCache:
+        try:
+            return cls(cache_folder() / CACHE_FILE)
+        except RuntimeError as exc:  # Path.home() with neither HOME nor a password entry
+            cache = cls(None)
+            cache.problem = str(exc)
+            return cache
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[DecisionCache]:
+        """The file's decisions read under the lock, held until the block ends."""
+        if self.path is None:
+            yield self
+            return
+        handle = None
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor = os.open(self.path.parent / "precision.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            handle = os.fdopen(descriptor, "r+")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._decisions = self._read()
+        except OSError as exc:
+            self.problem = exc.strerror or str(exc)
+        try:
+            yield self
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            content = json.loads(self.path.read_text())
+            decisions = content["decisions"]
+            if content.get("format") != CACHE_FORMAT or not isinstance(decisions, dict) or \
+                    not all(_valid_record(record) for record in decisions.values()):
+                raise ValueError("not the layout this version writes")
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors are ValueErrors
+            print(f"warning: {self.path}: unreadable precision cache ({exc.__class__.__name__}); "
+                  "ignoring it, deciding afresh and rewriting it", file=sys.stderr)
+            return {}
+        return decisions
+
+    def get(self, key: str) -> dict | None:
+        return self._decisions.get(key)
+
+    def put(self, key: str, record: dict) -> bool:
+        """Store ``record`` under ``key`` (call inside :meth:`locked`); False, with one warning, where it cannot."""
+        if self.path is not None and self.problem is None:
+            self._decisions[key] = record
+            try:
+                with contextlib.suppress(OSError):  # a folder made by another user keeps its mode
+                    self.path.parent.chmod(0o700)
+                atomic_write_json(self.path, {"format": CACHE_FORMAT, "decisions": self._decisions})
+                return True
+            except OSError as exc:
+                self.problem = exc.strerror or str(exc)
+        where = self.path or "the user's cache folder"
+        print(f"warning: cannot keep the precision decision in {where} ({self.problem}): it is taken afresh at "
+              "every start; set XDG_CACHE_HOME to a writable folder, or pass --precision", file=sys.stderr)
+        return False
+
+
+def _probe_choice(speedup: float) -> str:
+    """bfloat16 where the probe found it faster than float32 by the margin."""
+    return "fp32" if speedup * PROBE_MARGIN < 1.0 else "bf16"
+
+
+def _probe_decision(features: CpuFeatures, name: str, speedup: float, decided: str = "",
+                    kept_in: Path | None = None) -> Precision:
+    """The probe's decision ``name`` with its reason; ``decided`` and ``kept_in`` say when one read from the
+    cache was taken, and where it is kept."""
+    probe = f"probe on {decided[:10]}" if decided else "probe"
+    kept = f", kept in {kept_in}" if kept_in is not None else ""
+    if name == "fp32":
+        return Precision("fp32", f"this CPU has {features.bf16_isa}, but bfloat16 was not faster on this model's "
+                                 f"layers ({probe}: {speedup:.2f}x float32{kept})")
+    return Precision("bf16", f"this CPU computes bfloat16 natively ({features.bf16_isa}; {probe}: {speedup:.1f}x "
+                             f"float32{kept})")
+
+
 def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
-    """``auto`` on the CPU: bfloat16 where it is native and the probe on ``model`` (a ModelConfig) finds it faster."""
+    """``auto`` on the CPU: bfloat16 where it is native and the probe on ``model`` (a ModelConfig) finds it faster.
+
+    The probe runs once per machine and model shape: its decision is read back from the
+    :class:`DecisionCache` at later starts, so that restarts do not flip between precisions.
+    """
     features = features or cpu_features()
     if not features.native_bf16:
         return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
-    speedup = probe_bf16_speedup(model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size),
-                                 model.spatial_dims)
-    if speedup * PROBE_MARGIN < 1.0:
-        return Precision("fp32", f"this CPU has {features.bf16_isa}, but bfloat16 was not faster on this model's "
-                                 f"layers (probe: {speedup:.2f}x float32)")
-    return Precision("bf16", f"this CPU computes bfloat16 natively ({features.bf16_isa}; probe: {speedup:.1f}x float32)")
+    shape = probe_shape(model)
+    key = decision_key(features, shape)
+    cache = DecisionCache.default()
+    with cache.locked():
+        record = cache.get(key)
+        if record is not None:
+            return _probe_decision(features, record["precision"], float(record["speedup"]), record["decided"],
+                                   cache.path)
+        speedup = probe_bf16_speedup(*shape)
+        chosen = _probe_decision(features, _probe_choice(speedup), speedup)
+        cache.put(key, {"precision": chosen.name, "speedup": round(float(speedup), 3),
+                        "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+    return chosen
 
 
 def auto_cuda_precision(device: torch.device) -> Precision:

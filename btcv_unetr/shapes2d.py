@@ -490,6 +490,8 @@ def write_dataset(out: str | Path, cases: int, seed: int, size: int = DEFAULT_SI
     names = class_names(kind)
     datalist = {
         "name": f"shapes2d-{kind}",
+        # Read by the model card of every checkpoint trained on it: such a model is not for real pictures.
+        "synthetic": True, "generator": "btcv-unetr shapes2d",
         "description": f"synthetic {kind} scenes ({len(names)} classes), seed {seed}, {size} x {size} RGB",
         "tensorImageSize": "2D", "modality": {"0": "R", "1": "G", "2": "B"},
         "labels": {str(index): name for index, name in enumerate(names)},

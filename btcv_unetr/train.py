@@ -49,6 +49,7 @@ from .model import (build_model, compile_if_asked, describe_model_size, load_pre
                     prepare_model)
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_precision
+from .provenance import data_facts, model_card
 from .transforms import train_transforms, val_transforms
 
 
@@ -377,6 +378,13 @@ def restore(state: dict[str, Any], path: str, model: nn.Module, optimizer, sched
     return int(state["epoch"]), int(state.get("global_step", 0)), float(state.get("best_acc", -1.0))
 
 
+def checkpoint_card(facts: dict[str, Any], precision: Precision, validation: Validation | None, names: list[str],
+                    which: str, validation_epoch: int | None, epoch: int, steps: int) -> dict[str, Any]:
+    """The model card of a checkpoint written now: ``which`` validation it reports (best, last, top-k)."""
+    dice = dict(zip(names, validation.organ_dice)) if validation is not None else None
+    return model_card(facts, precision.name, dice, which, validation_epoch, epoch, steps)
+
+
 def train_worker(context: Context, config: Config) -> None:
     logdir = resolve_logdir(config.train.logdir)
     if config.train.seed is not None:
@@ -415,6 +423,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
     labels = [item["label"] for item in load_config_split(config.data, "training")]
     loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
     log = RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels))
+    facts = data_facts(config) if context.is_main else {}
     if context.is_main:
         print(config.to_yaml(), end="")
         config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")
@@ -430,7 +439,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
     t = config.train
     plan_budget = t.time_budget_min is not None and fixed_epochs is None
     loop_started = time.time()
-    last_validation = None
+    last_validation, validated_epoch = None, None
     epoch = start_epoch
     while epoch < t.max_epochs:
         if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
@@ -453,7 +462,7 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         # A budget is planned after the first epoch, from its time and that of one validation.
         if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or plan_budget:
             started = time.time()
-            last_validation = validate(model, val_loader, config, precision, context)
+            last_validation, validated_epoch = validate(model, val_loader, config, precision, context), epoch
             validation_s = time.time() - started
             mean_dice = last_validation.mean_dice
             improved = mean_dice > best_acc
@@ -464,12 +473,14 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
                 log.validation(epoch, global_step, last_validation.organ_dice, mean_dice)
                 if t.save_checkpoint and improved:
                     save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
-                                    best_acc, config)
+                                    best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs,
+                                                                      "best", epoch, epoch, global_step))
                 if t.save_checkpoint and t.keep_best:
                     new, dropped = keep_best_plan(logdir, t.keep_best, epoch, mean_dice)
                     if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
                         save_checkpoint(new, model, optimizer, scheduler, precision, epoch, global_step, best_acc,
-                                        config)
+                                        config, checkpoint_card(facts, precision, last_validation, log.organs,
+                                                                "top-k", epoch, epoch, global_step))
                     for path in dropped:
                         path.unlink(missing_ok=True)
         if plan_budget:
@@ -485,7 +496,8 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
             plan_budget = False
         if context.is_main and t.save_checkpoint and (epoch % t.save_every == 0 or epoch >= t.max_epochs or stop):
             save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
-                            best_acc, config)
+                            best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs, "last",
+                                                              validated_epoch, epoch, global_step))
         if stop:
             break
     log.close()

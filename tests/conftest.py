@@ -1,19 +1,36 @@
-"""Shared fixtures: a tiny phantom dataset (written once per session) and the tiny test config."""
+"""Shared fixtures: a tiny phantom dataset (written once per session) and the tiny test config.
+
+The user's cache (the precision decisions, ``~/.cache/btcv-unetr``) is a temporary folder for the
+whole session, set in the environment before anything runs, so the processes the tests start
+inherit it and nothing is written to the real one.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from btcv_unetr.config import CONFIG_DIR, Config, build_config
-from btcv_unetr.config import _read_yaml as read_yaml
-from btcv_unetr.phantoms import write_dataset
+TEST_CACHE_HOME = tempfile.mkdtemp(prefix="btcv-unetr-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
+
+from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402  (after the cache is set)
+from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.phantoms import write_dataset  # noqa: E402
 
 PHANTOM_SIZE = 64
 # benchmarks/reference.py (the reference-style path, MONAI's inverse transforms) is the oracle of some tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache_home():
+    yield
+    shutil.rmtree(TEST_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

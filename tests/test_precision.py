@@ -1,7 +1,9 @@
 """The precision rule per machine (capabilities mocked both ways), its reason, where it is stored and reused."""
 
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +27,13 @@ GRAVITON = CpuFeatures("Neoverse-V1", "SVE256", avx512_bf16=False, amx_bf16=Fals
 
 
 @pytest.fixture
-def machine(monkeypatch):
-    """``machine(features, probe_speedup)`` makes this process see that CPU; the probe is counted."""
+def machine(monkeypatch, tmp_path_factory):
+    """``machine(features, probe_speedup)`` makes this process see that CPU; the probe is counted. Each call
+    starts with an empty precision cache of its own (a new machine has decided nothing yet)."""
     calls = []
 
     def set_machine(features: CpuFeatures, speedup: float = 3.0):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         monkeypatch.setattr(precision, "cpu_features", lambda: features)
 
         def probe(*shapes):
@@ -161,3 +165,84 @@ def test_unknown_precision_is_one_line(tmp_path):
                             capture_output=True, encoding="utf-8", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --precision: invalid choice: 'fp8'" in result.stderr.strip().splitlines()[-1]
+
+
+def _cache_file():
+    return precision.cache_folder() / "precision.json"
+
+
+def test_the_probe_decides_once_per_machine_and_later_starts_read_the_decision(machine, monkeypatch):
+    calls = machine(ZEN5, 3.0)
+    model = tiny_config().model
+    first = resolve_precision("auto", CPU, model)
+    path = _cache_file()
+    assert first.name == "bf16" and len(calls) == 1
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    stored = json.loads(path.read_text())["decisions"]
+    assert list(stored) == [precision.decision_key(ZEN5, (8, 96, 192, 8, 3))]
+    assert stored[list(stored)[0]]["precision"] == "bf16" and stored[list(stored)[0]]["speedup"] == 3.0
+
+    def no_probe(*shape):
+        raise AssertionError("the probe ran although the decision is kept")
+    monkeypatch.setattr(precision, "probe_bf16_speedup", no_probe)
+    again = resolve_precision("auto", CPU, model)
+    day = stored[list(stored)[0]]["decided"][:10]
+    assert (again.name, again.reason) == ("bf16", f"this CPU computes bfloat16 natively (AVX512-BF16; probe on {day}: "
+                                                  f"3.0x float32, kept in {path})")
+    # An explicit setting is not the cache's business: it neither reads nor changes it.
+    assert resolve_precision("fp32", CPU, model).reason == "asked for (--precision fp32)"
+    assert json.loads(path.read_text())["decisions"] == stored
+
+
+def test_a_probe_that_chose_fp32_is_kept_too(machine, monkeypatch):
+    machine(ZEN5, 1.05)
+    assert resolve_precision("auto", CPU, tiny_config().model).name == "fp32"
+    monkeypatch.setattr(precision, "probe_bf16_speedup", lambda *shape: 4.0)  # a faster moment of a noisy machine
+    again = resolve_precision("auto", CPU, tiny_config().model)
+    assert again.name == "fp32" and again.reason.endswith(f"1.05x float32, kept in {_cache_file()})")
+
+
+def test_each_model_shape_and_cpu_has_its_own_decision(machine, monkeypatch):
+    calls = machine(ZEN5, 3.0)
+    resolve_precision("auto", CPU, tiny_config().model)
+    resolve_precision("auto", CPU, tiny_config(model={"feature_size": 16}).model)
+    resolve_precision("auto", CPU, tiny_config(model={"feature_size": 16}).model)
+    assert calls == [(8, 96, 192, 8, 3), (16, 96, 192, 8, 3)]
+    zen4 = dataclasses.replace(ZEN5, model="AMD EPYC (Zen 4)")
+    monkeypatch.setattr(precision, "cpu_features", lambda: zen4)
+    resolve_precision("auto", CPU, tiny_config().model)
+    assert len(calls) == 3 and len(json.loads(_cache_file().read_text())["decisions"]) == 3
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 1, "decisions": {"x": {"precision": "fp8"}}}',
+                                     "\udcff"])
+def test_a_corrupt_cache_is_ignored_with_one_warning_and_rewritten(machine, capsys, content):
+    calls = machine(ZEN5, 3.0)
+    path = _cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert resolve_precision("auto", CPU, tiny_config().model).name == "bf16" and len(calls) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {path}: unreadable precision cache")
+    assert list(json.loads(path.read_text())["decisions"]) == [precision.decision_key(ZEN5, calls[0])]
+    resolve_precision("auto", CPU, tiny_config().model)
+    assert len(calls) == 1 and capsys.readouterr().err == ""
+
+
+def test_a_cache_that_cannot_be_written_costs_one_warning_not_the_run(machine, monkeypatch, tmp_path, capsys):
+    machine(ZEN5, 3.0)
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # the cache folder cannot be made inside a file
+    assert resolve_precision("auto", CPU, tiny_config().model).name == "bf16"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: cannot keep the precision decision in {blocker}")
+    assert "XDG_CACHE_HOME" in err[0] and "--precision" in err[0]
+
+
+def test_the_tests_and_their_processes_use_a_temporary_cache_not_the_users():
+    import subprocess
+    from conftest import TEST_CACHE_HOME
+    script = "from btcv_unetr.precision import cache_folder; print(cache_folder())"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(Path(TEST_CACHE_HOME) / "btcv-unetr")
