@@ -1,0 +1,423 @@
+"""DICOM Segmentation output (btcv_unetr/dicom_seg.py): ``test.py --output_format dicom_seg``, the service's
+``seg.dcm``, and a PACS round trip through a real Orthanc with its DICOMweb plugin (tests/orthanc.py).
+
+The oracle places every SEG frame on the series' grid by its ImagePositionPatient with SimpleITK's
+own physical-to-index transform (not this package's affine arithmetic), and compares with the
+NIfTI mask voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
+pytest.importorskip("highdicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
+
+from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
+from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.dicom_seg import EXTRA_LINE, require_highdicom, series_files, write_dicom_seg  # noqa: E402
+from btcv_unetr.errors import UserError  # noqa: E402
+from btcv_unetr.images import dicom_series, write_dicom_series_as_nifti  # noqa: E402
+from btcv_unetr.infer import run_inference  # noqa: E402
+from btcv_unetr.labels import ORGANS  # noqa: E402
+from btcv_unetr.model import build_model  # noqa: E402
+from btcv_unetr.phantoms import generate_case  # noqa: E402
+from btcv_unetr.serve import pacs  # noqa: E402
+from orthanc import free_port, orthanc_or_skip, running_orthanc  # noqa: E402
+from serving import running_server, tiny_checkpoint  # noqa: E402
+
+UID_ROOT = "1.2.826.0.1.3680043.2.1125.7"
+STUDY_UID, SERIES_UID, FRAME_UID = f"{UID_ROOT}.1", f"{UID_ROOT}.2", f"{UID_ROOT}.3"
+
+
+def write_series(image: sitk.Image, folder: Path, shuffle: bool = True) -> list[Path]:
+    """``image`` as a CT series, one slice per file (SOP instance ``UID_ROOT.4.<k+1>`` for slice k), file
+    names in random order so that nothing can lean on them."""
+    image = sitk.Cast(image, sitk.sitkInt16)
+    direction = image.GetDirection()
+    orientation = "\\".join(f"{v:.8f}" for v in (direction[0], direction[3], direction[6],
+                                                  direction[1], direction[4], direction[7]))
+    names = list(range(image.GetDepth()))
+    if shuffle:
+        random.Random(5).shuffle(names)
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    paths = []
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {"0008|0060": "CT", "0008|0016": "1.2.840.10008.5.1.4.1.1.2", "0008|0018": f"{UID_ROOT}.4.{k + 1}",
+                "0020|000d": STUDY_UID, "0020|000e": SERIES_UID, "0020|0052": FRAME_UID, "0020|0013": str(k + 1),
+                "0020|0011": "3", "0010|0010": "Phantom^Seven", "0010|0020": "PH7", "0008|0020": "20240101",
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position), "0020|0037": orientation,
+                "0018|0050": f"{image.GetSpacing()[2]:.6f}", "0028|1052": "0", "0028|1053": "1"}
+        for tag, value in tags.items():
+            plane.SetMetaData(tag, value)
+        paths.append(folder / f"{names[k]:04d}.dcm")
+        writer.SetFileName(str(paths[-1]))
+        writer.Execute(plane)
+    return paths
+
+
+def read_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    return reader.Execute()
+
+
+def read_seg_on_grid(path: Path, grid: sitk.Image) -> np.ndarray:
+    """The SEG's frames as labels ``(X, Y, Z)`` on ``grid``: each frame placed by its ImagePositionPatient
+    (SimpleITK's physical-to-index transform), its pixels (rows, columns) along the grid's (Y, X)."""
+    seg = pydicom.dcmread(str(path))
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    assert np.allclose(np.array(orientation, float).reshape(2, 3).T, direction[:, :2], atol=1e-4)
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    labels = np.zeros(grid.GetSize(), np.uint8)
+    for frame, group in zip(pixels, seg.PerFrameFunctionalGroupsSequence):
+        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        index = np.array(grid.TransformPhysicalPointToContinuousIndex(position))
+        k = int(round(index[2]))
+        assert np.allclose(index, (0, 0, k), atol=1e-3), index
+        plane = labels[:, :, k]
+        assert not plane[frame.T > 0].any(), "segments overlap"
+        plane[frame.T > 0] = segment
+    return labels
+
+
+def phantom_on_lefthanded_grid(folder: Path, index: int = 3, size: int = 48) -> tuple[Path, Path]:
+    """A phantom image and label stored with RAS affine diag(-0.9, 0.8, 2.5): the slice normal of its DICOM
+    slices (row x column cosines) points inferior, so SimpleITK reads the series in reverse slice order."""
+    case = generate_case(seed=11, index=index, size=size)
+    affine = np.diag([-0.9, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (40.0, -30.0, -60.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    image, label = folder / "image.nii.gz", folder / "label.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(case.image.dataobj), affine), image)
+    nib.save(nib.Nifti1Image(np.asarray(case.label.dataobj).astype(np.uint8), affine), label)
+    return image, label
+
+
+@pytest.fixture(scope="module")
+def dicom_case(tmp_path_factory) -> dict:
+    """The phantom as a shuffled DICOM series, SimpleITK's NIfTI of it (the pipeline's path), and the
+    phantom's organs resampled onto that grid."""
+    folder = tmp_path_factory.mktemp("dicom_case")
+    image, label = phantom_on_lefthanded_grid(folder / "nifti")
+    files = write_series(sitk.ReadImage(str(image)), folder / "series")
+    grid = read_series(folder / "series")
+    (series,) = dicom_series(folder / "series")
+    converted = folder / "converted.nii.gz"
+    write_dicom_series_as_nifti(folder / "series", series, converted)
+    organs = sitk.Resample(sitk.ReadImage(str(label)), grid, sitk.Transform(), sitk.sitkNearestNeighbor)
+    labels = sitk.GetArrayFromImage(organs).transpose(2, 1, 0).astype(np.uint8)
+    return {"folder": folder / "series", "files": files, "grid": grid, "nifti": converted, "labels": labels,
+            "series": series}
+
+
+def test_the_series_is_read_in_reverse_slice_order(dicom_case):
+    """The left-handed storage is what makes the slice matching matter: file k is not slice k."""
+    grid = dicom_case["grid"]
+    assert grid.GetDirection()[8] < 0
+    assert series_files(dicom_case["folder"], dicom_case["series"])[0].name == \
+        dicom_case["files"][grid.GetDepth() - 1].name
+
+
+def test_a_seg_of_the_phantom_organs_has_them_voxel_for_voxel_with_codes_and_references(dicom_case, tmp_path):
+    labels = dicom_case["labels"]
+    assert len(np.unique(labels)) >= 10  # most organs are in the 48-voxel phantom
+    path = tmp_path / "organs_seg.dcm"
+    write_dicom_seg(labels, nib.load(dicom_case["nifti"]).affine, dicom_case["files"], list(ORGANS), path)
+    assert np.array_equal(read_seg_on_grid(path, dicom_case["grid"]), labels)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+    seg = pydicom.dcmread(str(path))
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == STUDY_UID and seg.FrameOfReferenceUID == FRAME_UID
+    assert seg.PatientID == "PH7" and seg.SeriesInstanceUID not in (SERIES_UID, STUDY_UID)
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == SERIES_UID
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence} == \
+        {f"{UID_ROOT}.4.{k + 1}" for k in range(labels.shape[2])}
+    # Each frame's source instance is the slice its position says (instance UID .4.<k+1> is slice k
+    # of the stored image, slice Z-1-k of the grid read in reverse).
+    depth = labels.shape[2]
+    for group in seg.PerFrameFunctionalGroupsSequence:
+        source = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient]
+        k = int(round(dicom_case["grid"].TransformPhysicalPointToContinuousIndex(position)[2]))
+        assert source == f"{UID_ROOT}.4.{depth - k}"
+
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert sorted(segments) == list(range(1, 14))
+    assert [segments[n].SegmentLabel for n in range(1, 14)] == list(ORGANS)
+    expected = {1: ("78961009", None), 2: ("64033007", "24028007"), 3: ("64033007", "7771000"),
+                4: ("28231008", None), 5: ("32849002", None), 6: ("10200004", None), 7: ("69695003", None),
+                8: ("15825003", None), 9: ("64131007", None), 10: ("91723000", None), 11: ("15776009", None),
+                12: ("23451007", "24028007"), 13: ("23451007", "7771000")}
+    for number, (code, side) in expected.items():
+        segment = segments[number]
+        kind = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert (kind.CodeValue, kind.CodingSchemeDesignator) == (code, "SCT"), segment.SegmentLabel
+        modifiers = [m.CodeValue for m in getattr(kind, "SegmentedPropertyTypeModifierCodeSequence", [])]
+        assert modifiers == ([side] if side else []), segment.SegmentLabel
+        assert segment.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "91723000"
+        assert segment.SegmentAlgorithmType == "AUTOMATIC" and len(segment.RecommendedDisplayCIELabValue) == 3
+    assert segments[1].RecommendedDisplayCIELabValue != segments[6].RecommendedDisplayCIELabValue
+
+
+def test_a_series_that_is_not_the_grid_is_refused_in_one_line(dicom_case, tmp_path):
+    wrong = nib.load(dicom_case["nifti"]).affine.copy()
+    wrong[2, 3] += 0.5 * wrong[2, 2]  # half a slice off
+    with pytest.raises(UserError, match="is not a slice of the series' grid"):
+        write_dicom_seg(dicom_case["labels"], wrong, dicom_case["files"], list(ORGANS), tmp_path / "x.dcm")
+    with pytest.raises(UserError, match="instances for"):
+        write_dicom_seg(dicom_case["labels"], nib.load(dicom_case["nifti"]).affine, dicom_case["files"][1:],
+                        list(ORGANS), tmp_path / "x.dcm")
+    unplaced = []
+    for path in dicom_case["files"]:  # a series without a frame of reference (GDCM writes none by default)
+        dataset = pydicom.dcmread(str(path))
+        del dataset.FrameOfReferenceUID
+        unplaced.append(tmp_path / "unplaced" / path.name)
+        unplaced[-1].parent.mkdir(exist_ok=True)
+        dataset.save_as(str(unplaced[-1]))
+    with pytest.raises(UserError) as caught:
+        write_dicom_seg(dicom_case["labels"], nib.load(dicom_case["nifti"]).affine, unplaced, list(ORGANS),
+                        tmp_path / "x.dcm")
+    assert str(caught.value) == (f"{tmp_path / 'unplaced'}: the series has no FrameOfReferenceUID, which a SEG needs "
+                                 "to be placed on it; the mask is written as NIfTI only")
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_without_highdicom_the_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    with pytest.raises(UserError) as caught:
+        require_highdicom()
+    assert str(caught.value) == EXTRA_LINE == \
+        "--output_format dicom_seg needs the dicom extra: pip install 'btcv-unetr[dicom]'"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(build_model(_config(folder).model).state_dict(), folder / "w.pth")
+    return folder
+
+
+def _config(weights_dir: Path, **infer):
+    layers = [read_yaml(CONFIG_DIR / "tiny.yaml"),
+              {"train": {"pretrained_dir": str(weights_dir), "pretrained_model_name": "w.pth"},
+               "infer": {"overlay": False, "hd95": False, **infer}}]
+    return build_config(layers)
+
+
+def test_infer_writes_a_seg_equal_to_its_nifti_mask(weights, dicom_case, tmp_path):
+    out = tmp_path / "out"
+    run_inference(_config(weights, input=str(dicom_case["folder"]), output_dir=str(out), output_format="dicom_seg"))
+    mask = nib.load(out / "series_seg.nii.gz")
+    assert np.allclose(mask.affine, nib.load(dicom_case["nifti"]).affine, atol=1e-4)
+    expected = np.asarray(mask.dataobj)
+    assert expected.any()
+    assert np.array_equal(read_seg_on_grid(out / "series_seg.dcm", dicom_case["grid"]), expected)
+    assert pydicom.dcmread(str(out / "series_seg.dcm")).ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+
+
+def test_infer_skips_a_case_only_when_its_seg_exists_too(weights, dicom_case, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_inference(_config(weights, input=str(dicom_case["folder"]), output_dir=str(out)))
+    assert (out / "series_seg.nii.gz").is_file() and not (out / "series_seg.dcm").exists()
+    run_inference(_config(weights, input=str(dicom_case["folder"]), output_dir=str(out), output_format="dicom_seg"))
+    assert (out / "series_seg.dcm").is_file()
+    run_inference(_config(weights, input=str(dicom_case["folder"]), output_dir=str(out), output_format="dicom_seg"))
+    assert "exists, skipped" in capsys.readouterr().out
+
+
+def test_a_seg_for_a_nifti_input_is_refused_in_one_line(weights, dicom_case, tmp_path):
+    scan = dicom_case["nifti"]
+    with pytest.raises(UserError) as caught:
+        run_inference(_config(weights, input=str(scan), output_dir=str(tmp_path / "o"), output_format="dicom_seg"))
+    assert str(caught.value) == (f"{scan}: --output_format dicom_seg needs a DICOM series input (its folder of "
+                                 "files); for this file use --output_format nifti")
+
+
+# --- A real PACS: Orthanc with its DICOMweb plugin -------------------------------------------------------
+
+ORTHANC = orthanc_or_skip()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory, dicom_case) -> str:
+    """A started Orthanc holding the phantom series (stored through Orthanc's own REST API, not the client
+    under test); yields its DICOMweb root."""
+    if isinstance(ORTHANC, str):
+        pytest.skip(ORTHANC)
+    with running_orthanc(tmp_path_factory.mktemp("orthanc")) as url:
+        for path in dicom_case["files"]:
+            response = httpx.post(f"{url}/instances", content=path.read_bytes(), timeout=30)
+            assert response.status_code == 200, response.text
+        yield f"{url}/dicom-web"
+
+
+def test_a_series_is_retrieved_from_the_pacs_whole_and_within_limits(orthanc, dicom_case, tmp_path):
+    count = len(dicom_case["files"])
+    assert pacs.retrieve_series(orthanc, STUDY_UID, SERIES_UID, tmp_path / "got", 1 << 30, count) == count
+    got = {pydicom.dcmread(str(p)).SOPInstanceUID: pydicom.dcmread(str(p)) for p in (tmp_path / "got").iterdir()}
+    sent = {pydicom.dcmread(str(p)).SOPInstanceUID: pydicom.dcmread(str(p)) for p in dicom_case["files"]}
+    assert sorted(got) == sorted(sent)
+    for uid, dataset in sent.items():
+        assert np.array_equal(got[uid].pixel_array, dataset.pixel_array)
+        assert got[uid].ImagePositionPatient == dataset.ImagePositionPatient
+
+    refusals = [
+        (lambda: pacs.retrieve_series(orthanc, STUDY_UID, SERIES_UID, tmp_path / "a", 1 << 30, count - 1),
+         413, f"series {SERIES_UID} has more than {count - 1} instances (this server's limit)"),
+        (lambda: pacs.retrieve_series(orthanc, STUDY_UID, SERIES_UID, tmp_path / "b", 10 * 5000, count),
+         413, f"series {SERIES_UID} is larger than this server's limit for a series"),
+        (lambda: pacs.retrieve_series(orthanc, STUDY_UID, f"{UID_ROOT}.99", tmp_path / "c", 1 << 30, count),
+         404, f"series {UID_ROOT}.99 of study {STUDY_UID} is not on the PACS"),
+        (lambda: pacs.retrieve_series(orthanc, STUDY_UID, "1.2/../x", tmp_path / "d", 1 << 30, count),
+         400, "series_uid must be a DICOM UID (digits and dots, at most 64 characters), got '1.2/../x'"),
+        (lambda: pacs.retrieve_series(f"http://127.0.0.1:{free_port()}/dicom-web", STUDY_UID, SERIES_UID,
+                                      tmp_path / "e", 1 << 30, count),
+         502, f"the PACS cannot be reached for the instances of series {SERIES_UID} (Connection refused)")]
+    for call, status, detail in refusals:
+        with pytest.raises(pacs.PacsError) as caught:
+            call()
+        assert (caught.value.status, caught.value.detail) == (status, detail)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+# --- The service: a SEG for every DICOM job; jobs taken from the PACS and stored back --------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """``btcv-unetr serve`` without a PACS."""
+    folder = tmp_path_factory.mktemp("served")
+    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def pacs_server(tmp_path_factory, orthanc) -> str:
+    """``btcv-unetr serve --dicomweb`` pointed at the test's Orthanc."""
+    folder = tmp_path_factory.mktemp("served_pacs")
+    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", "--dicomweb", orthanc) as url:
+        yield url
+
+
+def _wait(url: str, job_id: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        if job["state"] in ("done", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not finished after {timeout} s")
+
+
+def _mask_and_seg(url: str, job_id: str, folder: Path) -> tuple[np.ndarray, Path]:
+    (folder / "mask.nii.gz").write_bytes(httpx.get(f"{url}/jobs/{job_id}/mask", timeout=30).content)
+    response = httpx.get(f"{url}/jobs/{job_id}/seg", timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/dicom"
+    (folder / "seg.dcm").write_bytes(response.content)
+    return np.asarray(nib.load(folder / "mask.nii.gz").dataobj), folder / "seg.dcm"
+
+
+def test_an_uploaded_dicom_zip_gets_a_seg_equal_to_its_mask(server, dicom_case, tmp_path):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in dicom_case["files"]:
+            archive.write(path, f"series/{path.name}")
+    response = httpx.post(f"{server}/jobs", files={"file": ("series.zip", buffer.getvalue())}, timeout=120)
+    assert response.status_code == 202, response.text
+    job = _wait(server, response.json()["id"])
+    assert job["state"] == "done" and job["kind"] == "dicom", job
+    assert job["links"]["seg"] == f"/jobs/{job['id']}/seg"
+    mask, seg = _mask_and_seg(server, job["id"], tmp_path)
+    assert mask.any() and np.array_equal(read_seg_on_grid(seg, dicom_case["grid"]), mask)
+    assert pydicom.dcmread(str(seg)).ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+
+
+def test_a_nifti_job_has_no_seg_and_a_server_without_pacs_refuses_uids(server, dicom_case):
+    scan = dicom_case["nifti"]
+    response = httpx.post(f"{server}/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())}, timeout=120)
+    job = _wait(server, response.json()["id"])
+    answer = httpx.get(f"{server}/jobs/{job['id']}/seg", timeout=30)
+    assert answer.status_code == 404
+    assert answer.json()["detail"] == f"job {job['id']} has no seg: only DICOM inputs get one"
+    answer = httpx.post(f"{server}/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID}, timeout=30)
+    assert answer.status_code == 400
+    assert answer.json()["detail"] == ("this server has no PACS (start it with --dicomweb URL): send the image as "
+                                       "the multipart form field 'file'")
+
+
+def test_a_pacs_job_takes_its_series_and_stores_its_seg_back(pacs_server, orthanc, dicom_case, tmp_path):
+    response = httpx.post(f"{pacs_server}/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID},
+                          timeout=120)
+    assert response.status_code == 202, response.text
+    assert response.json()["kind"] == "dicom"
+    assert response.json()["pacs"] == {"study_uid": STUDY_UID, "series_uid": SERIES_UID}
+    job = _wait(pacs_server, response.json()["id"])
+    assert job["state"] == "done" and job["stored_to_pacs"] is True, job
+    mask, seg = _mask_and_seg(pacs_server, job["id"], tmp_path)
+    # The SEG as the PACS now holds it, found and fetched with Orthanc's own REST API.
+    base = orthanc.removesuffix("/dicom-web")
+    found = httpx.post(f"{base}/tools/find", json={"Level": "Instance", "Query": {"StudyInstanceUID": STUDY_UID,
+                                                                                "Modality": "SEG"}}, timeout=30)
+    (stored_id,) = found.json()
+    (tmp_path / "stored.dcm").write_bytes(httpx.get(f"{base}/instances/{stored_id}/file", timeout=30).content)
+    stored = pydicom.dcmread(str(tmp_path / "stored.dcm"))
+    assert stored.SOPInstanceUID == pydicom.dcmread(str(seg)).SOPInstanceUID
+    assert stored.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+    assert mask.any() and np.array_equal(read_seg_on_grid(tmp_path / "stored.dcm", dicom_case["grid"]), mask)
+    assert [s.SegmentLabel for s in stored.SegmentSequence] == list(ORGANS)
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"study_uid": STUDY_UID, "series_uid": f"{UID_ROOT}.99"}, 404,
+     f"series {UID_ROOT}.99 of study {STUDY_UID} is not on the PACS"),
+    ({"study_uid": STUDY_UID, "series_uid": "1.2.x"}, 400,
+     "series_uid must be a DICOM UID (digits and dots, at most 64 characters), got '1.2.x'"),
+    ({"study_uid": STUDY_UID}, 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)'),
+    ([1, 2], 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)')])
+def test_pacs_job_mistakes_get_one_line(pacs_server, body, status, detail):
+    response = httpx.post(f"{pacs_server}/jobs", json=body, timeout=60)
+    assert (response.status_code, response.json()) == (status, {"detail": detail})
+
+
+def test_a_wrong_dicomweb_url_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from btcv_unetr import cli
+    for url in ("ftp://pacs/dicom-web", "http://user:secret@pacs/dicom-web", "pacs:8042"):
+        assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port()),
+                         "--dicomweb", url]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: --dicomweb {url!r}: give the PACS's DICOMweb root as http(s)://host:port/path, without "
+            "credentials or query (Orthanc: http://host:8042/dicom-web)")
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port()),
+                     "--dicomweb", "http://127.0.0.1:8042/dicom-web"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --dicomweb needs the dicom extra: pip install 'btcv-unetr[dicom]'"
+
+
+def test_a_seg_the_pacs_refuses_is_one_line(orthanc, tmp_path):
+    (tmp_path / "bad.dcm").write_bytes(b"not a DICOM file")
+    with pytest.raises(pacs.PacsError) as caught:
+        pacs.store_instance(orthanc, tmp_path / "bad.dcm")
+    assert (caught.value.status, caught.value.detail) == (502, "the PACS answered 400 Bad Request to the "
+                                                               "segmentation's storage")
