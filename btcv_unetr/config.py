@@ -202,6 +202,9 @@ class InferConfig:
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
+    output_format: str = _opt("nifti", "nifti: CASE_seg.nii.gz (or the input's own format); dicom_seg: also "
+                                       "CASE_seg.dcm, a DICOM Segmentation referencing the input series (DICOM "
+                                       "inputs only; needs the dicom extra)", choices=("nifti", "dicom_seg"))
 
 
 @dataclass

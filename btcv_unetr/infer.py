@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -42,13 +43,15 @@ from .data import case_name, class_names, load_config_split
 from .errors import UserError
 from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, write_reports
 from .allocator import keep_freed_memory
+from .dicom_seg import SEG_SUFFIX, require_highdicom, series_files, write_dicom_seg
 from .files import atomic_write, folder_lock, remove_stale_temporaries
 from .images import (IMAGE_SUFFIXES, Volume, dicom_series, image_shape, is_image_file, is_picture, mask_path,
                      read_volume, write_dicom_series_as_nifti, write_mask)
-from .checkpoint import is_torchscript, load_checkpoint, stored_config
+from .checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from .model import (build_model, compile_if_asked, describe_model_size, extract_state_dict, load_torchscript_weights, load_weights,
                     prepare_model)
 from .precision import cpu_features, resolve_precision, runs_natively
+from .provenance import model_card_lines, provenance as mask_provenance
 from .transforms import infer_transforms
 
 LARGE_SCAN_WINDOWS = 64
@@ -62,6 +65,7 @@ class Case:
     name: str
     image: Path
     label: Path | None = None
+    dicom: tuple[Path, ...] = ()  # a DICOM input's series files: a SEG references them
 
 
 def find_cases(config: Config, scratch: Path) -> list[Case]:
@@ -86,8 +90,17 @@ def find_cases(config: Config, scratch: Path) -> list[Case]:
     for uid in series:  # each series as NIfTI (SimpleITK keeps its geometry): the rest of the pipeline sees files
         nifti = scratch / f"{path.name}{'_' + uid[-8:] if len(series) > 1 else ''}.nii.gz"
         write_dicom_series_as_nifti(path, uid, nifti)
-        cases.append(Case(case_name(nifti), nifti))
+        cases.append(Case(case_name(nifti), nifti, dicom=tuple(series_files(path, uid))))
     return cases
+
+
+def check_seg_inputs(cases: list[Case]) -> None:
+    """``--output_format dicom_seg``: the dicom extra is installed and every case is a DICOM series, or one line."""
+    require_highdicom()
+    for case in cases:
+        if not case.dicom:
+            raise UserError(f"{case.image}: --output_format dicom_seg needs a DICOM series input (its folder of "
+                            "files); for this file use --output_format nifti")
 
 
 def check_image(path: Path, expected: Expected) -> None:
@@ -125,7 +138,23 @@ def with_weights_file(config: Config, path: Path) -> Config:
         infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
 
 
+@dataclass
+class LoadedModel:
+    """A model ready for inference, the config it implies, and what its file says about it."""
+
+    model: nn.Module
+    config: Config
+    card: dict | None  # the checkpoint's model card; None for files written without one
+    weights_checksum: str  # SHA-256 of the weights (checkpoint.weights_checksum): the one the file stores, if any
+
+
 def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:
+    """The model and the config it implies (:func:`load_model` without the card and checksum)."""
+    loaded = load_model(config, device)
+    return loaded.model, loaded.config
+
+
+def load_model(config: Config, device: torch.device) -> LoadedModel:
     """The model (and the config it implies) from our checkpoint, a bare state dict or a TorchScript file.
 
     A training checkpoint carries its config: its architecture and preprocessing are used, so
@@ -137,7 +166,7 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
     model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
     if model is not None:
         load_torchscript_weights(model, path)
-        return model.to(device).eval(), config
+        return LoadedModel(model.to(device).eval(), config, None, weights_checksum(model.state_dict()))
     content = load_checkpoint(path)
     trained = stored_config(content, str(path)) if isinstance(content, dict) else None
     if trained is not None:
@@ -150,7 +179,9 @@ def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Modul
         print(f"using the architecture and preprocessing stored in {path}")
     model = build_model(config.model)
     load_weights(model, extract_state_dict(content, str(path)), str(path))
-    return model.to(device).eval(), config
+    stored = content.get("checksum") if isinstance(content, dict) else None  # verified by load_checkpoint
+    checksum = stored if isinstance(stored, str) else weights_checksum(model.state_dict())
+    return LoadedModel(model.to(device).eval(), config, stored_card(content), checksum)
 
 
 # A rough upper bound of the GPU memory one window needs at inference: the decoder keeps a few
@@ -325,7 +356,10 @@ class Predictor:
 
     def __init__(self, config: Config):
         self.device = pick_device(config.infer.device)
-        self.model, self.config = load_inference_model(config, self.device)
+        loaded = load_model(config, self.device)
+        self.model, self.config = loaded.model, loaded.config
+        self.model_card, self.weights_checksum = loaded.card, loaded.weights_checksum
+        print("\n".join(model_card_lines(self.model_card)))
         requested = self.config.train.precision
         stored = requested != config.train.precision
         self.precision = resolve_precision(requested, self.device, self.config.model,
@@ -416,6 +450,14 @@ class Predictor:
         image = self.prepare(path)
         return self.to_scan(self.probabilities(image), image, keep_probabilities)
 
+    def provenance(self) -> dict:
+        """What this predictor's masks are made with (package version, weights checksum, precision, device,
+        overlap, TTA): stored in every mask's header, so that a mask can be traced and made again."""
+        infer = self.config.infer
+        name = cpu_features().model if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        return mask_provenance(self.weights_checksum, self.precision.name, str(self.device), infer.infer_overlap,
+                               infer.tta, infer.mode, self.model_card, name)
+
 
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """MONAI's largest-connected-component filter, per organ (needs scikit-image)."""
@@ -449,7 +491,11 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     if labels.shape != tuple(scan_shape):
         raise RuntimeError(f"inverted mask {labels.shape} does not match the input {tuple(scan_shape)}")
     mask_file = mask_path(out_dir, case.name, case.image)
-    write_mask(labels, case.image, mask_file)
+    write_mask(labels, case.image, mask_file, provenance=predictor.provenance())
+    if infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
+        names = class_names(config.data, predictor.config.model.out_channels)
+        write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
+                        out_dir / f"{case.name}{SEG_SUFFIX}")
     if probabilities is not None:
         atomic_write(out_dir / f"{case.name}_probabilities.npz",
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
@@ -500,9 +546,14 @@ def run_inference(config: Config, predictor: Predictor | None = None) -> dict | 
         remove_stale_temporaries(out_dir)
         cases = find_cases(config, Path(scratch))
         check_distinct_outputs(cases, out_dir)
+        seg = config.infer.output_format == "dicom_seg"
+        if seg:
+            check_seg_inputs(cases)
         todo = []
         for case in cases:
-            if mask_path(out_dir, case.name, case.image).exists() and not config.infer.overwrite:
+            written = mask_path(out_dir, case.name, case.image).exists() and \
+                (not seg or (out_dir / f"{case.name}{SEG_SUFFIX}").exists())
+            if written and not config.infer.overwrite:
                 print(f"{case.name}: {mask_path(out_dir, case.name, case.image)} exists, skipped "
                       "(--overwrite replaces it)")
             else:

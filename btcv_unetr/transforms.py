@@ -20,7 +20,9 @@ Validation: load -> 0..1 -> resize to the ROI -> mean/std. Inference: the same o
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,12 +51,30 @@ class Above:
         return above if bool(above.any()) else torch.ones_like(above)
 
 
+def _loader(keys: list[str]) -> mt.LoadImaged:
+    """MONAI's loader with our SimpleITK reader.
+
+    MONAI also builds a fallback reader for each installed library; with pydicom installed (the
+    ``dicom`` extra) its nvImageCodec DICOM reader warns and logs at every build that its GPU decoder
+    is missing, about files this loader never gives it.
+    """
+    plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            return mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True)
+    finally:
+        plugin_log.setLevel(level)
+
+
 def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.MapTransform]:
     """Deterministic steps shared by all chains; ``keys`` are ``("image",)`` or ``("image", "label")``."""
     data = config.data
     keys = list(keys)
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
-    load = [mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True),
+    load = [_loader(keys),
             mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
     window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
@@ -74,7 +94,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
 def picture_loading(config: Config, keys: Sequence[str]) -> list[mt.MapTransform]:
     """2D: read the picture (and mask), mask values to classes, colours to 0..1."""
     keys = list(keys)
-    steps = [mt.LoadImaged(keys=keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True)]
+    steps = [_loader(keys)]
     if config.data.label_map is not None and "label" in keys:
         mapping = parse_label_map(config.data.label_map)
         steps.append(mt.MapLabelValued(keys="label", orig_labels=list(mapping), target_labels=list(mapping.values())))

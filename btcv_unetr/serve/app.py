@@ -27,13 +27,15 @@ from ..plots import class_colours
 from .jobs import Job, JobQueue, JobStore, QueueFull
 from .limits import Declared, job_memory_bytes
 from .settings import MB, ServeSettings
-from .uploads import BadUpload, safe_name, store_upload
+from .pacs import PacsError, check_uid, retrieve_series
+from .uploads import MAX_ZIP_EXPANSION, BadUpload, safe_name, store_series, store_upload
 from .worker import Segmenter
 
 UPLOAD_ROUTES = ("/jobs", "/segment")
 PUBLIC_ROUTES = ("/", "/health")  # the page holds no data: every call it makes carries the token
 SMALL_BODY_LIMIT = 64 * 1024  # any other request: JSON at most
 SEGMENT_POLL_S = 0.05
+PACS_REQUEST = 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)'
 DELETE_WAIT_S = 10.0  # a DELETE of a running job waits this long for it to stop at its next window
 
 
@@ -46,7 +48,7 @@ class Service:
         removed, waiting = self.store.open()
         if removed:
             print(f"removed {len(removed)} incomplete or expired job(s) from {settings.jobs_dir}")
-        self.segmenter = Segmenter(predictor, self.store)
+        self.segmenter = Segmenter(predictor, self.store, settings.dicomweb)
         self.queue = JobQueue(self.store, self.segmenter, settings.workers_queue, settings.job_timeout_s)
         self._requeue(waiting)
         model = predictor.config.model
@@ -103,6 +105,40 @@ class Service:
             raise
         return Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
                    [round(float(s), 4) for s in declared.spacing])
+
+    def receive_from_pacs(self, body: object) -> Job:
+        """Series ``{"study_uid", "series_uid"}`` of the ``--dicomweb`` PACS in a new job folder's ``dicom/``, checked
+        and converted as an uploaded DICOM zip is (blocking: call it in a worker thread)."""
+        if not self.settings.dicomweb:
+            raise HTTPException(400, "this server has no PACS (start it with --dicomweb URL): send the image as the "
+                                     "multipart form field 'file'")
+        if not isinstance(body, dict) or not {"study_uid", "series_uid"} <= set(body):
+            raise HTTPException(400, PACS_REQUEST)
+        if self.expected.spatial_dims != 3:
+            raise HTTPException(400, "this model takes pictures, not DICOM series: send a PNG or JPEG file")
+        try:
+            study, series = check_uid(body["study_uid"], "study_uid"), check_uid(body["series_uid"], "series_uid")
+        except PacsError as exc:
+            raise HTTPException(exc.status, exc.detail) from None
+        job_id, folder = self.store.new_folder()
+        display = safe_name(series)
+        try:
+            # The series unpacked, as a zip's is: at most MAX_ZIP_EXPANSION times the upload limit.
+            retrieve_series(self.settings.dicomweb, study, series, folder / "dicom",
+                            int(MAX_ZIP_EXPANSION * self.settings.max_upload_mb * MB),
+                            self.settings.limits.max_dicom_files)
+            kind, path, declared = store_series(folder / "dicom", folder, display, self.settings.limits,
+                                                self.job_memory)
+        except (BadUpload, PacsError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(exc.status, exc.detail) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
+                  [round(float(s), 4) for s in declared.spacing])
+        job.pacs = {"study_uid": study, "series_uid": series}
+        return job
 
     def queue_full(self) -> HTTPException:
         return HTTPException(503, f"the queue holds its limit of {self.settings.workers_queue} waiting jobs: try again "
@@ -162,12 +198,13 @@ class Service:
     def view(self, job: Job) -> dict:
         base = f"/jobs/{job.id}"
         links = {"mask": f"{base}/mask", "overlay": f"{base}/overlay.png", "volumes": f"{base}/volumes",
-                 "preview": f"{base}/preview"}
+                 "preview": f"{base}/preview", **({"seg": f"{base}/seg"} if job.kind == "dicom" else {})}
         return {"id": job.id, "state": job.state, "progress": round(job.progress, 4),
                 "windows_done": job.windows_done, "windows_total": job.windows_total, "error": job.error,
                 "name": job.name, "kind": job.kind, "shape": job.shape, "spacing": job.spacing,
                 "created": job.created, "started": job.started, "finished": job.finished, "seconds": job.seconds,
-                "queue_position": self.queue.position(job.id) if job.state == "queued" else None, "links": links}
+                "queue_position": self.queue.position(job.id) if job.state == "queued" else None, "links": links,
+                "pacs": job.pacs, "stored_to_pacs": job.stored_to_pacs}
 
 
 def service(request: Request) -> Service:
@@ -213,8 +250,17 @@ def info(svc: Service = Depends(service)) -> dict:
 
 
 @api.post("/jobs", status_code=202)
-async def submit(file: UploadFile = File(...), svc: Service = Depends(service)) -> dict:
-    job = await run_in_threadpool(svc.receive, file)
+async def submit(request: Request, file: UploadFile | None = File(None), svc: Service = Depends(service)) -> dict:
+    if file is not None:
+        job = await run_in_threadpool(svc.receive, file)
+    elif request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, PACS_REQUEST) from None
+        job = await run_in_threadpool(svc.receive_from_pacs, body)
+    else:
+        raise HTTPException(400, no_file_detail(request))
     svc.enqueue(job)
     return svc.view(job)
 
@@ -247,6 +293,15 @@ def mask(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     return svc.mask(svc.finished(job_id))
 
 
+@api.get("/jobs/{job_id}/seg", response_model=None)
+def seg(job_id: str, svc: Service = Depends(service)) -> FileResponse:
+    """A DICOM job's mask as a DICOM Segmentation referencing its series."""
+    job = svc.finished(job_id)
+    if job.kind != "dicom":
+        raise HTTPException(404, f"job {job.id} has no seg: only DICOM inputs get one")
+    return svc.output(job, "seg", "application/dicom", f"{job.name}_seg.dcm")
+
+
 @api.get("/jobs/{job_id}/overlay.png", response_model=None)
 def overlay(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     job = svc.finished(job_id)
@@ -275,9 +330,13 @@ async def delete(job_id: str, svc: Service = Depends(service)) -> Response:
     return await svc.delete(svc.job(job_id))
 
 
+def no_file_detail(request: Request) -> str:
+    return f"{request.method} {request.url.path}: send the image as the multipart form field 'file' (curl -F " \
+        "file=@scan.nii.gz)"
+
+
 async def one_line_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return JSONResponse({"detail": f"{request.method} {request.url.path}: send the image as the multipart form "
-                                   "field 'file' (curl -F file=@scan.nii.gz)"}, status_code=400)
+    return JSONResponse({"detail": no_file_detail(request)}, status_code=400)
 
 
 def _refusal(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
@@ -345,6 +404,8 @@ def create_app(predictor, settings: ServeSettings) -> FastAPI:
     app.state.service = svc
     app.include_router(public)
     app.include_router(api)
+    from .viewer import router as viewer  # not at the top: viewer imports authorised from here
+    app.include_router(viewer)
     app.add_exception_handler(RequestValidationError, one_line_validation_error)
     app.add_middleware(RequestGate, svc=svc, limits={"/jobs": int(settings.max_upload_mb * MB),
                                                       "/segment": int(settings.sync_max_mb * MB)})

@@ -89,7 +89,7 @@ def dicomweb_from_args(url: str | None) -> str | None:
         raise UserError(f"--dicomweb {url!r}: give the PACS's DICOMweb root as http(s)://host:port/path, without "
                         "credentials or query (Orthanc: http://host:8042/dicom-web)")
     from ..dicom_seg import require_highdicom
-    require_highdicom()
+    require_highdicom("--dicomweb")
     return url.rstrip("/")
 
 

@@ -24,14 +24,15 @@ MAX_PIXELS = 64_000_000  # pictures (2D models): 8000 x 8000
 MAX_DICOM_FILES = 5000
 JOB_MEMORY_FRACTION = 0.75  # default --max_job_memory_gb: this share of the machine's memory
 
-# Bytes of peak memory, an upper fit to whole jobs measured by benchmarks/job_memory.py (peak RSS over the
-# loaded model; README, "Limits"): per scan voxel beyond its stored bytes (its float32 copy, the mask,
-# the viewer's copies: 8.5 measured), per voxel of the model's grid and class (blended logits, softmax,
-# the inversion's padded copy: 24 measured), per grid voxel (the preprocessed image), and the windows in
-# flight (as infer's GPU batch sizing counts them).
+# Peak memory of a job, an upper fit to whole jobs measured by benchmarks/job_memory.py (peak RSS over the
+# loaded model; README, "Serving"): a fixed part (the transforms' and allocator's working memory), per
+# scan voxel beyond its stored bytes (its float32 copy, the mask, the viewer's copies), per voxel of the
+# model's grid (the preprocessed image) and per grid voxel and class (blended logits, softmax, the
+# inversion's padded copy), and the windows in flight (as infer's GPU batch sizing counts them).
+JOB_BASE_BYTES = 320 * (1 << 20)
 BYTES_PER_SCAN_VOXEL = 12
-BYTES_PER_GRID_VOXEL_CLASS = 24
 BYTES_PER_GRID_VOXEL = 16
+BYTES_PER_GRID_VOXEL_CLASS = 9
 BYTES_PER_WINDOW_VOXEL_FEATURE = 64
 BYTES_PER_PICTURE_PIXEL_CHANNEL = 16
 
@@ -95,7 +96,7 @@ def job_memory_bytes(declared: Declared, model, model_spacing: tuple[float, floa
     if model_spacing is None:
         return declared.voxels * declared.channels * BYTES_PER_PICTURE_PIXEL_CHANNEL + windows
     grid = grid_voxels(declared, model_spacing)
-    return (declared.voxels * (BYTES_PER_SCAN_VOXEL + declared.itemsize)
+    return (JOB_BASE_BYTES + declared.voxels * (BYTES_PER_SCAN_VOXEL + declared.itemsize)
             + grid * (BYTES_PER_GRID_VOXEL + BYTES_PER_GRID_VOXEL_CLASS * model.out_channels) + windows)
 
 

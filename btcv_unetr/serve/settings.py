@@ -25,6 +25,7 @@ class ServeSettings:
     token: str | None = None
     limits: JobLimits = JobLimits()
     job_timeout_s: float = 3600.0  # 0: no limit
+    dicomweb: str | None = None  # the PACS's DICOMweb root: POST /jobs takes its series by UID, SEGs go back
 
 
 def default_jobs_dir() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 from pathlib import Path
 
@@ -17,8 +18,10 @@ import numpy as np
 from ..data import class_names
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_text
-from ..images import read_volume, write_mask
+from ..dicom_seg import series_files, write_dicom_seg
+from ..images import dicom_series, read_volume, write_mask
 from .jobs import Job, JobStore
+from .pacs import PacsError, store_instance
 
 PREVIEW_SIDE = 256  # the page's slice viewer gets at most this many voxels along each axis
 
@@ -56,8 +59,8 @@ def preview_bytes(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
 class Segmenter:
     """Runs one job: the predictor on the job's input, then mask, volumes, overlay and preview in its folder."""
 
-    def __init__(self, predictor, store: JobStore):
-        self.predictor, self.store = predictor, store
+    def __init__(self, predictor, store: JobStore, dicomweb: str | None = None):
+        self.predictor, self.store, self.dicomweb = predictor, store, dicomweb
         model = predictor.config.model
         self.names = class_names(predictor.config.data, model.out_channels)
         self.pictures = model.spatial_dims == 2
@@ -100,6 +103,37 @@ class Segmenter:
             content, job.preview = preview_bytes(image, labels, affine, (data.a_min, data.a_max))
             atomic_write(folder / "preview.bin", lambda tmp: tmp.write_bytes(content))
             job.outputs["preview"] = "preview.bin"
+        if job.kind == "dicom":
+            self._write_seg(job, folder, affine, labels)
+
+    def _write_seg(self, job: Job, folder: Path, affine: np.ndarray, labels: np.ndarray) -> None:
+        """``seg.dcm``: ``labels`` ``(X, Y, Z)`` (on the grid of RAS ``affine``) as a DICOM Segmentation of the
+        job's series in ``folder/dicom``; stored back on the PACS for a job taken from it. A SEG that cannot be
+        written (no dicom extra, a series that is not one stack of parallel slices) leaves the job done
+        without it: the mask is the job's result."""
+        dicom = folder / "dicom"
+        series = dicom_series(dicom) if dicom.is_dir() else []
+        if len(series) != 1:  # exactly one was checked on arrival; a job kept from an older version has none
+            return
+        try:
+            write_dicom_seg(labels, affine, series_files(dicom, series[0]), self.names, folder / "seg.dcm")
+        except UserError as exc:
+            why = str(exc).replace(str(dicom), job.name)  # never the server's paths
+            print(f"job {job.id}: no SEG: {why}", file=sys.stderr)
+            if job.pacs is not None:
+                job.stored_to_pacs = f"no SEG was written: {why}"
+            return
+        job.outputs["seg"] = "seg.dcm"
+        if job.pacs is None:
+            return
+        if not self.dicomweb:  # a PACS job kept over a restart without --dicomweb
+            job.stored_to_pacs = "not stored: this server runs without --dicomweb now"
+            return
+        try:
+            store_instance(self.dicomweb, folder / "seg.dcm")
+            job.stored_to_pacs = True
+        except PacsError as exc:
+            job.stored_to_pacs = exc.detail
 
     def draw_overlay(self, job: Job) -> Path | None:
         """``overlay.png`` of a done job, drawn on first request (outside the inference worker: matplotlib
