@@ -4,7 +4,7 @@
 
 Writes a random scan of that shape and spacing, builds a small UNETR (ROI 32^3, feature 8) whose grid is
 BTCV's 1.5 x 1.5 x 2.0 mm with ``--classes`` classes, and runs a job's steps in this process as the
-service's worker does (preprocessing, sliding window, inversion to the scan, the viewer's copies). Prints
+service's worker does (preprocessing, sliding window, inversion to the scan, the mask written). Prints
 the peak resident memory over the loaded model (``ru_maxrss``) and ``serve.limits.job_memory_bytes`` for
 the same header, as JSON. One process per shape: a peak is only ever the process's largest so far.
 """
@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from btcv_unetr.checkpoint import save_initial_checkpoint  # noqa: E402
 from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
-from btcv_unetr.images import read_volume  # noqa: E402
+from btcv_unetr.images import write_mask  # noqa: E402
 from btcv_unetr.infer import Predictor, with_weights_file  # noqa: E402
 from btcv_unetr.serve.limits import Declared, job_memory_bytes  # noqa: E402
-from btcv_unetr.serve.worker import preview_bytes  # noqa: E402
 
 BTCV_SPACING = (1.5, 1.5, 2.0)
 
@@ -53,8 +52,7 @@ def measure(shape: tuple[int, int, int], spacing: tuple[float, float, float], cl
     loaded = max(resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     image = predictor.prepare(scan)
     labels, _ = predictor.to_scan(predictor.probabilities(image), image, keep_probabilities=False)
-    volume = read_volume(scan)
-    preview_bytes(np.asarray(volume.data).reshape(volume.shape[:3]), labels, np.asarray(volume.affine), (-175, 250))
+    write_mask(labels, scan, folder / "mask.nii.gz", provenance=predictor.provenance())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     declared = Declared(shape, spacing, 1, np.dtype(dtype).itemsize)
     estimate = job_memory_bytes(declared, predictor.config.model, BTCV_SPACING, predictor.sw_batch_size)

@@ -14,7 +14,8 @@ LPS), never by file order, so the frames land where the series' own slices are.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,13 +72,16 @@ def organ_codes(name: str) -> tuple[Code, Code | None]:
     return known.get(name.strip().lower(), (sct.AnatomicalStructure, None))
 
 
-def _segment_descriptions(names: Sequence[str], colours: np.ndarray) -> list:
+def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance: Mapping | None = None) -> list:
     """One highdicom ``SegmentDescription`` per class ``1..len(names)``; ``colours`` is ``(len(names) + 1, 3)``
-    uint8 RGB, row 0 the background's."""
+    uint8 RGB, row 0 the background's. ``provenance`` becomes the algorithm's parameters (weights checksum,
+    precision, device, overlap, TTA), the standard's place for how a segment was made."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
+    parameters = {key: str(value) for key, value in (provenance or {}).items() if key != "package_version"}
     algorithm = hd.AlgorithmIdentificationSequence(name="btcv-unetr UNETR", version=__version__,
-                                                   family=codes.cid7162.ArtificialIntelligence)
+                                                   family=codes.cid7162.ArtificialIntelligence,
+                                                   parameters=parameters or None)
     descriptions = []
     for number, name in enumerate(names, start=1):
         kind, side = organ_codes(name)
@@ -119,7 +123,7 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
 
 
 def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequence[Path], names: Sequence[str],
-                    path: Path, colours: np.ndarray | None = None) -> None:
+                    path: Path, colours: np.ndarray | None = None, provenance: Mapping | None = None) -> None:
     """Write ``labels`` as a DICOM Segmentation to ``path`` (temporary name, then rename).
 
     Args:
@@ -128,6 +132,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         source_files: the series' DICOM files, any order; the SEG references them and copies the patient and study.
         names: class names of ``1..len(names)``: segment labels, and the SNOMED CT codes of :func:`organ_codes`.
         colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
+        provenance: what the mask was made with (:func:`btcv_unetr.provenance.provenance`): the segments'
+            algorithm parameters, and as JSON in the SEG's Image Comments.
 
     One BINARY segment per class (described even when empty, so segment numbers are the class
     indices); frames without any voxel of a segment are left out.
@@ -154,7 +160,7 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
     try:
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=_segment_descriptions(names, colours), series_instance_uid=hd.UID(),
+            segment_descriptions=_segment_descriptions(names, colours, provenance), series_instance_uid=hd.UID(),
             series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
             software_versions=__version__, device_serial_number="none",
@@ -163,4 +169,6 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         why = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \
             from None
+    if provenance:
+        seg.ImageComments = json.dumps(dict(provenance), sort_keys=True)
     atomic_write(path, lambda tmp: seg.save_as(str(tmp)))

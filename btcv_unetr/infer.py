@@ -491,11 +491,12 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     if labels.shape != tuple(scan_shape):
         raise RuntimeError(f"inverted mask {labels.shape} does not match the input {tuple(scan_shape)}")
     mask_file = mask_path(out_dir, case.name, case.image)
-    write_mask(labels, case.image, mask_file, provenance=predictor.provenance())
+    provenance = predictor.provenance()
+    write_mask(labels, case.image, mask_file, provenance=provenance)
     if infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
         names = class_names(config.data, predictor.config.model.out_channels)
         write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
-                        out_dir / f"{case.name}{SEG_SUFFIX}")
+                        out_dir / f"{case.name}{SEG_SUFFIX}", provenance=provenance)
     if probabilities is not None:
         atomic_write(out_dir / f"{case.name}_probabilities.npz",
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))

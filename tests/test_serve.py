@@ -120,7 +120,7 @@ def test_health_and_info_describe_the_model(server):
 
 
 def test_a_scan_round_trip_gives_a_mask_in_its_own_geometry(server, scan, tmp_path):
-    """202 at once, then done with every window counted; mask, volumes, overlay and preview agree."""
+    """202 at once, then done with every window counted; mask, volumes and overlay agree."""
     response = _submit(server, scan, name="../../etc/passwd Case 7.nii.gz")
     assert response.status_code == 202, response.text
     job = response.json()
@@ -149,11 +149,56 @@ def test_a_scan_round_trip_gives_a_mask_in_its_own_geometry(server, scan, tmp_pa
 
     overlay = httpx.get(f"{server}/jobs/{job['id']}/overlay.png")
     assert overlay.headers["content-type"] == "image/png" and overlay.content.startswith(b"\x89PNG")
-    preview = httpx.get(f"{server}/jobs/{job['id']}/preview")
-    shape = [int(n) for n in preview.headers["x-shape"].split(",")]
-    assert sorted(shape) == sorted(original.shape) and len(preview.content) == 2 * int(np.prod(shape))
-    preview_labels = np.frombuffer(preview.content[len(preview.content) // 2:], np.uint8)
-    assert np.bincount(preview_labels, minlength=14).tolist() == np.bincount(labels.ravel(), minlength=14).tolist()
+
+
+def test_every_result_says_what_made_it(server, scan, tmp_path):
+    """The job record, /info and the mask's header carry the version, weights checksum, precision, device,
+    overlap and TTA; the same model, input and flags give the same mask bytes."""
+    info = httpx.get(f"{server}/info").json()
+    expected = {"precision": "fp32", "device": "cpu", "overlap": 0.5, "tta": False}
+    assert {key: info["provenance"][key] for key in expected} == expected
+    assert len(info["provenance"]["weights_sha256"]) == 64 and info["provenance"]["package_version"] == info["version"]
+    masks = []
+    for _ in range(2):
+        job = _wait(server, _submit(server, scan).json()["id"])
+        assert job["provenance"] == info["provenance"]
+        masks.append(httpx.get(f"{server}/jobs/{job['id']}/mask").content)
+    assert masks[0] == masks[1]
+    (tmp_path / "mask.nii.gz").write_bytes(masks[0])
+    from btcv_unetr.images import mask_provenance
+    assert mask_provenance(tmp_path / "mask.nii.gz") == info["provenance"]
+    descrip = nib.load(tmp_path / "mask.nii.gz").header["descrip"].tobytes().decode()
+    assert info["provenance"]["weights_sha256"][:12] in descrip and "fp32 cpu ov 0.5 tta off" in descrip
+
+
+def test_the_model_card_and_its_warning_are_in_info(server):
+    card = httpx.get(f"{server}/info").json()["model_card"]
+    # The tests' checkpoint has seeded random weights: the card says so, and the page shows the warning.
+    assert card["steps"] == 0 and card["warning"].startswith("WARNING: this model's weights are random")
+    assert card["summary"] == card["lines"][0] and card["lines"][-1] == card["warning"]
+    assert card["classes"][:2] == ["background", "spleen"] and len(card["classes"]) == 14
+
+
+def test_volumes_far_outside_the_plausible_range_are_flagged(server, tmp_path):
+    """A liver of 1 mL is far too small and a spleen of 648 mL too large (over 640); organs without a range (the
+    aorta) or without voxels are never flagged; pictures have no volumes to flag."""
+    from btcv_unetr.labels import BTCV_LABELS
+    from btcv_unetr.provenance import PLAUSIBLE_VOLUMES_ML
+    from btcv_unetr.serve.worker import organ_volumes
+    labels = np.zeros((100, 100, 100), np.uint8)  # 1 mm voxels
+    labels[:10, :10, :10] = 6  # liver: 1 mL
+    labels[20:, 20:, 10:] = 1  # spleen: 576 mL, within its range ...
+    labels[:, :, 80:] = 1  # ... and 72 mL more: 648 mL
+    labels[50:60, 50:60, :10] = 8  # aorta
+    names = list(BTCV_LABELS[1:])
+    volumes = organ_volumes(labels, np.eye(4), names)
+    organs = {organ["name"]: organ for organ in volumes["organs"]}
+    assert organs["liver"]["flag"] == "low" and organs["liver"]["plausible_ml"] == list(PLAUSIBLE_VOLUMES_ML["liver"])
+    assert organs["spleen"]["flag"] == "high" and organs["spleen"]["volume_ml"] == 648.0
+    assert organs["aorta"]["flag"] is None and organs["aorta"]["plausible_ml"] is None
+    assert organs["pancreas"]["flag"] is None and organs["pancreas"]["voxels"] == 0  # absent: not flagged
+    pictures = organ_volumes(labels[:, :, 0], None, names)
+    assert all(organ["flag"] is None and organ["plausible_ml"] is None for organ in pictures["organs"])
 
 
 def _dicom_zip(nifti: Path) -> bytes:
@@ -228,7 +273,7 @@ def test_a_zip_without_a_dicom_series_is_refused(server):
 def test_requests_without_a_file_or_for_unknown_jobs(server):
     missing = httpx.post(f"{server}/jobs", data={"other": "field"})
     assert missing.status_code == 400 and "multipart form field 'file'" in missing.json()["detail"]
-    for route in ("", "/mask", "/overlay.png", "/volumes", "/preview"):
+    for route in ("", "/mask", "/overlay.png", "/volumes", "/seg", "/geometry"):
         unknown = httpx.get(f"{server}/jobs/{'0' * 32}{route}")
         assert unknown.status_code == 404 and "no job" in unknown.json()["detail"]
     assert httpx.delete(f"{server}/jobs/{'0' * 32}").status_code == 404
@@ -358,6 +403,5 @@ def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_server, tmp_p
     assert labels.shape == (48, 80) and set(np.unique(labels).tolist()) <= {0, 1, 2}
     volumes = httpx.get(f"{picture_server}/jobs/{job['id']}/volumes").json()
     assert volumes["unit"] == "pixels" and sum(o["voxels"] for o in volumes["organs"]) == int((labels > 0).sum())
-    assert httpx.get(f"{picture_server}/jobs/{job['id']}/preview").status_code == 404
     scan = _submit(picture_server, content=_nifti_bytes(np.zeros((8, 8, 8), np.int16)), name="ct.nii.gz")
     assert scan.status_code == 400 and "this model takes a PNG or JPEG picture" in scan.json()["detail"]

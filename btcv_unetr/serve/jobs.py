@@ -59,8 +59,7 @@ class Job:
     error: str | None = None
     started: float | None = None
     finished: float | None = None
-    outputs: dict[str, str] = field(default_factory=dict)  # mask, overlay, volumes, preview -> file name
-    preview: dict | None = None  # {"shape": [nx, ny, nz], "spacing": [sx, sy, sz]} of the 3D preview
+    outputs: dict[str, str] = field(default_factory=dict)  # mask, overlay, volumes, seg -> file name
     provenance: dict | None = None  # version, weights checksum, precision, device, overlap, TTA of the result
     pacs: dict | None = None  # {"study_uid", "series_uid"}: a series taken from the --dicomweb PACS
     stored_to_pacs: bool | str | None = None  # such a job's SEG: True once stored back (STOW-RS), else why not

@@ -26,7 +26,7 @@ JOB_MEMORY_FRACTION = 0.75  # default --max_job_memory_gb: this share of the mac
 
 # Peak memory of a job, an upper fit to whole jobs measured by benchmarks/job_memory.py (peak RSS over the
 # loaded model; README, "Serving"): a fixed part (the transforms' and allocator's working memory), per
-# scan voxel beyond its stored bytes (its float32 copy, the mask, the viewer's copies), per voxel of the
+# scan voxel beyond its stored bytes (its float32 copy, the mask), per voxel of the
 # model's grid (the preprocessed image) and per grid voxel and class (blended logits, softmax, the
 # inversion's padded copy), and the windows in flight (as infer's GPU batch sizing counts them).
 JOB_BASE_BYTES = 320 * (1 << 20)

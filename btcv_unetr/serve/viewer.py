@@ -29,7 +29,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import Response
 
-from .app import Service, authorised, service
+from .service import Service, authorised, service
 
 # Two abdominal CTs of 512 x 512 x 300 (int16 HU and uint8 mask: 225 MB each). A volume larger than
 # this is still served: it is then the only one kept.

@@ -1,63 +1,50 @@
-"""The work of one job: the predictor on the job's input, then mask, volumes, overlay and preview in its folder.
+"""The work of one job: the predictor on the job's input, then mask, volumes and a DICOM job's SEG in its folder.
 
-    organ_volumes  per-class voxel counts and volumes in mL
-    preview_bytes  the page's viewer data (windowed CT and mask, RAS+ voxel order)
-    Segmenter      runs a job (called by the queue's worker thread)
+    organ_volumes  per-class voxel counts, volumes in mL and flags for volumes far outside the plausible range
+    Segmenter      runs a job (called by the queue's worker thread); draws a done job's overlay on request
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import threading
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from ..data import class_names
 from ..errors import UserError
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write_text
 from ..dicom_seg import series_files, write_dicom_seg
 from ..images import dicom_series, read_volume, write_mask
+from ..plots import class_colours
+from ..provenance import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
 
-PREVIEW_SIDE = 256  # the page's slice viewer gets at most this many voxels along each axis
-
-
 def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str]) -> dict:
-    """Voxel counts and volumes in mL of classes ``1..len(names)``; pictures (no ``affine``): pixel counts."""
+    """Voxel counts and volumes in mL of classes ``1..len(names)``; pictures (no ``affine``): pixel counts.
+
+    Each organ with a plausible adult range (:data:`~btcv_unetr.provenance.PLAUSIBLE_VOLUMES_ML`) carries it
+    as ``plausible_ml`` and ``flag`` "low"/"high" when its volume is far outside it (else None).
+    """
     counts = np.bincount(labels.ravel(), minlength=len(names) + 1)
-    from ..plots import class_colours
     colours = class_colours(len(names) + 1).tolist()
     millilitres = None if affine is None else abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-    return {"unit": "pixels" if affine is None else "mL",
-            "organs": [{"index": index, "name": name, "color": colours[index], "voxels": int(counts[index]),
-                        "volume_ml": None if millilitres is None else round(float(counts[index]) * millilitres, 3)}
-                       for index, name in enumerate(names, start=1)]}
-
-
-def preview_bytes(image: np.ndarray, labels: np.ndarray, affine: np.ndarray,
-                  window: tuple[float, float]) -> tuple[bytes, dict]:
-    """The page's viewer data: CT windowed to uint8 and the mask, both ``(nx, ny, nz)`` in RAS+ voxel order
-    (x grows toward the patient's right, y anterior, z superior), C order, one after the other; strided
-    so that ``nx, ny <= PREVIEW_SIDE`` and ``nz <= PREVIEW_SIDE``; and ``{"shape", "spacing"}`` (mm,
-    after the stride), sent as the ``X-Shape`` and ``X-Spacing`` headers."""
-    from ..plots import to_display_order
-    image, labels, spacing = to_display_order(image, labels, affine)
-    step_xy = max(1, math.ceil(max(image.shape[:2]) / PREVIEW_SIDE))
-    step_z = max(1, math.ceil(image.shape[2] / PREVIEW_SIDE))
-    image, labels = image[::step_xy, ::step_xy, ::step_z], labels[::step_xy, ::step_xy, ::step_z]
-    low, high = window
-    grey = np.clip((image.astype(np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
-    facts = {"shape": list(grey.shape),
-             "spacing": [round(float(s) * k, 4) for s, k in zip(spacing, (step_xy, step_xy, step_z))]}
-    return np.ascontiguousarray(grey).tobytes() + np.ascontiguousarray(labels, dtype=np.uint8).tobytes(), facts
+    organs = []
+    for index, name in enumerate(names, start=1):
+        volume = None if millilitres is None else round(float(counts[index]) * millilitres, 3)
+        plausible = PLAUSIBLE_VOLUMES_ML.get(name) if volume is not None else None
+        organs.append({"index": index, "name": name, "color": colours[index], "voxels": int(counts[index]),
+                       "volume_ml": volume, "plausible_ml": list(plausible) if plausible else None,
+                       "flag": volume_flag(name, volume) if volume is not None else None})
+    return {"unit": "pixels" if affine is None else "mL", "organs": organs}
 
 
 class Segmenter:
-    """Runs one job: the predictor on the job's input, then mask, volumes, overlay and preview in its folder."""
+    """Runs one job: the predictor on the job's input, then mask, volumes (and a DICOM job's SEG) in its folder."""
 
     def __init__(self, predictor, store: JobStore, dicomweb: str | None = None):
         self.predictor, self.store, self.dicomweb = predictor, store, dicomweb
@@ -75,6 +62,7 @@ class Segmenter:
         except UserError as exc:  # the client knows its file by its own name, never by the server's path
             raise UserError(str(exc).replace(str(path), job.name)) from None
         job.windows_total = predictor.window_count(image)
+        job.provenance = predictor.provenance()
 
         def count(windows: int) -> None:
             job.windows_done += windows
@@ -91,18 +79,11 @@ class Segmenter:
 
     def _write_outputs(self, job: Job, folder: Path, path: Path, labels: np.ndarray) -> None:
         mask = folder / ("mask.png" if self.pictures else "mask.nii.gz")
-        write_mask(labels, path, mask)
-        # The scan is read again for its own voxels (the predictor saw them preprocessed); a picture needs none.
-        volume = None if self.pictures else read_volume(path)
-        affine = None if volume is None else np.asarray(volume.affine)
+        write_mask(labels, path, mask, provenance=job.provenance)
+        # The scan's header for its voxel size (the predictor saw it resampled); a picture needs none.
+        affine = None if self.pictures else nib.load(str(path)).affine
         atomic_write_text(folder / "volumes.json", json.dumps(organ_volumes(labels, affine, self.names)))
         job.outputs = {"mask": mask.name, "volumes": "volumes.json"}
-        if volume is not None:
-            image = np.asarray(volume.data).reshape(volume.shape[:3])
-            data = self.predictor.config.data
-            content, job.preview = preview_bytes(image, labels, affine, (data.a_min, data.a_max))
-            atomic_write(folder / "preview.bin", lambda tmp: tmp.write_bytes(content))
-            job.outputs["preview"] = "preview.bin"
         if job.kind == "dicom":
             self._write_seg(job, folder, affine, labels)
 
@@ -116,7 +97,8 @@ class Segmenter:
         if len(series) != 1:  # exactly one was checked on arrival; a job kept from an older version has none
             return
         try:
-            write_dicom_seg(labels, affine, series_files(dicom, series[0]), self.names, folder / "seg.dcm")
+            write_dicom_seg(labels, affine, series_files(dicom, series[0]), self.names, folder / "seg.dcm",
+                            provenance=job.provenance)
         except UserError as exc:
             why = str(exc).replace(str(dicom), job.name)  # never the server's paths
             print(f"job {job.id}: no SEG: {why}", file=sys.stderr)
