@@ -113,3 +113,62 @@ def test_ce_jaccard_weights_its_jaccard_terms_only(tmp_path):
     assert isinstance(loss, CEJaccardLoss) and loss.jaccard.jaccard
     torch.testing.assert_close(loss.jaccard.class_weight, torch.tensor([1.0, 1.0, 1.0, 5.0]))
     np.testing.assert_allclose(weights, [1.0, 1.0, 1.0, 5.0])
+
+
+# Partial annotation: the marginal loss (unannotated classes' probabilities merged into background).
+
+@pytest.mark.parametrize("settings", [{}, {"class_weights": "inverse_sqrt_volume"}, {"loss": "ce_jaccard"}],
+                         ids=["dice_ce", "weighted", "ce_jaccard"])
+def test_marginal_loss_with_every_class_annotated_is_the_plain_loss(tmp_path, settings):
+    from btcv_unetr.loss import MarginalLoss
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 4, 6, 6, 6), torch.randint(0, 4, (2, 1, 6, 6, 6)).float()
+    labels = [_label_file(tmp_path / "a.nii.gz", {1: 400, 2: 100, 3: 4})]
+    plain, plain_weights = build_loss(TrainConfig(**settings), 4, labels, CPU)
+    marginal, weights = build_loss(TrainConfig(**settings), 4, labels, CPU, annotated=[np.ones(4, bool)])
+    assert isinstance(marginal, MarginalLoss)
+    np.testing.assert_array_equal(weights, plain_weights)
+    torch.testing.assert_close(marginal(logits, target, torch.ones(2, 4, dtype=torch.bool)), plain(logits, target))
+    torch.testing.assert_close(marginal(logits, target), plain(logits, target))
+
+
+def _three_class_case(predicted_at_background: int):
+    """Four voxels, classes 0 (background), 1, 2: the label is 1, 0, 0, 0; the logits are confident and right
+    (5 for the label's class) except that voxels 2 and 3 predict ``predicted_at_background``."""
+    logits = torch.zeros(1, 3, 4, 1, 1)
+    for voxel, klass in enumerate((1, 0, predicted_at_background, predicted_at_background)):
+        logits[0, klass, voxel] = 5.0
+    return logits.requires_grad_(), torch.tensor([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 4, 1, 1)
+
+
+def test_an_unannotated_organ_predicted_in_background_costs_nothing_an_annotated_one_does():
+    loss = build_loss(TrainConfig(), 3, [], CPU, annotated=[np.ones(3, bool)])[0]
+    only_organ_1 = torch.tensor([[True, True, False]])
+    right, target = _three_class_case(0)
+    unannotated, _ = _three_class_case(2)
+    annotated, _ = _three_class_case(1)
+    baseline = loss(right, target, only_organ_1).detach()
+    # organ 2 is not annotated in this case: where the label says background it may well be there
+    torch.testing.assert_close(loss(unannotated, target, only_organ_1).detach(), baseline)
+    assert float(loss(annotated, target, only_organ_1).detach()) > float(baseline) + 1.0
+    # annotated everywhere, predicting organ 2 in the background is an error like any other
+    assert float(loss(unannotated, target, torch.ones(1, 3, dtype=torch.bool)).detach()) > float(baseline) + 1.0
+    value = loss(annotated, target, only_organ_1)
+    value.backward()
+    assert torch.isfinite(annotated.grad).all() and annotated.grad[0, 1, 2:].sum() > 0  # pushes organ 1 down there
+
+
+def test_label_voxels_of_an_unannotated_class_count_as_background():
+    loss = build_loss(TrainConfig(), 3, [], CPU, annotated=[np.ones(3, bool)])[0]
+    logits, target = _three_class_case(2)
+    labelled = target.clone()
+    labelled[0, 0, 3] = 2
+    only_organ_1 = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(loss(logits, labelled, only_organ_1), loss(logits, target, only_organ_1))
+
+
+def test_class_volumes_average_each_class_over_the_files_that_annotate_it(tmp_path):
+    a = _label_file(tmp_path / "a.nii.gz", {1: 100, 2: 10})
+    b = _label_file(tmp_path / "b.nii.gz", {1: 300})  # annotates class 1 only: its class 2 is unknown, not 0
+    volumes = class_volumes([a, b], 3, annotated=[np.ones(3, bool), np.array([True, True, False])])
+    np.testing.assert_allclose(volumes[1:], [(2.0 + 6.0) / 2, 0.2])
