@@ -27,8 +27,10 @@ FOLD_FOLDER = re.compile(r"fold_(\d+)")
 FOLD_MODEL = "model.pt"  # each fold's best checkpoint by validation Dice, as training writes it
 # Model keys that do not change what a trained network computes at inference (dropout is off in eval mode).
 INFERENCE_NEUTRAL_MODEL_KEYS = ("dropout_rate",)
-# The single-model validation a card reports: an ensemble's card moves it to each member.
-VALIDATION_KEYS = ("validation", "validation_epoch", "validation_dice", "validation_mean_dice")
+# What a card says of one model only (its cross-validation fold, its validation): an ensemble's card moves it to
+# each member (the per-class Dice dropped: the mean stands for it there).
+MEMBER_KEYS = ("fold", "validation", "validation_epoch", "validation_mean_dice")
+SINGLE_MODEL_KEYS = (*MEMBER_KEYS, "validation_dice")
 
 
 def fold_models(run: Path) -> list[Path]:
@@ -91,17 +93,17 @@ def ensemble_checksum(checksums: Sequence[str]) -> str:
     order (the order of the sum, which a mask's last bits can depend on)."""
     if len(checksums) == 1:
         return checksums[0]
-    return hashlib.sha256("ensemble:".encode() + ",".join(checksums).encode()).hexdigest()
+    return hashlib.sha256(b"ensemble:" + ",".join(checksums).encode()).hexdigest()
 
 
 def ensemble_card(files: Sequence[Path], cards: Sequence[Mapping[str, Any] | None],
                   checksums: Sequence[str]) -> dict[str, Any] | None:
-    """The model card of an ensemble: the first member's card (its data, spacing, classes) without its own
-    validation, and ``ensemble``: per member its file, weights checksum and validation. One member: its card."""
+    """The model card of an ensemble: the first member's card (its data, spacing, classes) without what it says of
+    that model alone, and ``ensemble``: per member its file, weights checksum, fold and validation. One member: its
+    card."""
     if len(files) == 1:
         return dict(cards[0]) if cards[0] is not None else None
-    members = [{"file": str(path), "weights_sha256": checksum,
-                **{key: (card or {}).get(key) for key in ("validation", "validation_epoch", "validation_mean_dice")}}
+    members = [{"file": str(path), "weights_sha256": checksum, **{key: (card or {}).get(key) for key in MEMBER_KEYS}}
                for path, card, checksum in zip(files, cards, checksums)]
-    first = {key: value for key, value in (cards[0] or {}).items() if key not in VALIDATION_KEYS}
+    first = {key: value for key, value in (cards[0] or {}).items() if key not in SINGLE_MODEL_KEYS}
     return {**first, "ensemble": members}
