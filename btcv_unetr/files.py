@@ -9,8 +9,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,32 +44,44 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 TEMPORARY_GLOB = ".*.tmp*"  # the names atomic_path gives
 
 
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete temporary files that a killed process left in ``folder`` (call it while holding its lock)."""
+def remove_stale_temporaries(folder: str | Path, names: Collection[str] | None = None) -> list[Path]:
+    """Delete temporary files that a killed process left in ``folder`` (call it while holding its lock):
+    all of them, or only those of the files ``names`` (while other processes write the others)."""
     removed = []
     for path in Path(folder).glob(TEMPORARY_GLOB):
+        if names is not None and not any(_is_temporary_of(path.name, name) for name in names):
+            continue
         if path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
 
+def _is_temporary_of(temporary: str, name: str) -> bool:
+    """Whether ``temporary`` is a name :func:`atomic_path` gives for a file ``name``: "." + name + "." +
+    mkstemp's random letters, digits and underscores + ".tmp" + the suffix."""
+    rest = temporary.removeprefix(f".{name}.")
+    return rest != temporary and re.fullmatch(r"[a-z0-9_]+\.tmp.*", rest) is not None
+
+
 @contextmanager
-def folder_lock(folder: str | Path, purpose: str) -> Iterator[None]:
+def folder_lock(folder: str | Path, purpose: str, *, shared: bool = False, name: str = ".lock") -> Iterator[None]:
     """Hold an exclusive lock on ``folder`` (a ``.lock`` file in it) for the block, or refuse in one line.
 
+    ``shared``: a lock that other shared holders may hold too (the parts of one job array), but no
+    exclusive one; ``name``: another lock file in the folder (one part's own).
     The operating system drops the lock when the process ends, however it ends, so a crashed run
     never leaves a folder locked.
     """
     folder = Path(folder)
-    lock_file = folder / ".lock"
+    lock_file = folder / name
     try:
         handle = lock_file.open("a+")
     except OSError as exc:
         raise UserError(f"{folder}: cannot be written ({exc.strerror}): choose another folder") from None
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
