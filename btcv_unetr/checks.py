@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import Config, parse_label_map
-from .data import base_dir_for, read_datalist, resolve_datalist, split_entries
+from .data import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
 from .errors import UserError
 from .images import Volume, read_volume
 
@@ -104,9 +104,13 @@ def _label_problems(label_path: Path, label: Volume, image_path: Path, image: Vo
 
 
 def check_entry(entry: dict[str, str], num_classes: int, expected: Expected = Expected()) -> list[Problem]:
-    """Problems of one ``{"image", "label"?}`` entry (paths already absolute)."""
+    """Problems of one ``{"image", "label"?, "classes"?}`` entry (paths already absolute)."""
     image_path = Path(entry["image"])
     image, problems = _volume_problems(image_path, expected)
+    try:
+        annotated_classes(entry, num_classes)
+    except UserError as exc:
+        problems.append(Problem("", str(exc)))
     if "label" in entry:
         label_path = Path(entry["label"])
         label, label_problems = _volume_problems(label_path, expected, is_label=True)

@@ -2,8 +2,10 @@
 
     btcv-unetr phantoms --out DIR --cases N --seed S [--size 512]
     btcv-unetr shapes2d --out DIR --cases N --seed S [--size 256] [--kind pet|face]
+    btcv-unetr import totalsegmentator|amos|msd|nnunet SRC --out DIR [--download] [--val_fraction 0.2]
     btcv-unetr check-data --data_dir DIR [--json_list dataset.json]
     btcv-unetr train [--config FILE.yaml] [reference flags]      (also: python main.py ...)
+    btcv-unetr crossval --json_list btcv_folds_5fold.json --logdir NAME [--folds K,...] [--report_only] [train flags]
     btcv-unetr infer [--input PATH] [reference flags]            (also: python test.py ...)
     btcv-unetr evaluate --pred DIR --label DIR
     btcv-unetr export --checkpoint FILE --format torchscript|onnx --out FILE
@@ -18,7 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, evaluate, export, infer, phantoms, serve, shapes2d, train
+from . import __version__, checks, crossval, evaluate, export, importers, infer, phantoms, serve, shapes2d, train
 from .config import FlagParser, unrecognized_flags_message
 from .errors import UserError
 
@@ -26,8 +28,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),
     "shapes2d": ("write synthetic 2D RGB scenes: pet trimaps or face parts", shapes2d.add_arguments,
                  shapes2d.run),
+    "import": ("a public CT dataset (TotalSegmentator, AMOS, Decathlon, nnU-Net raw) as a datalist with labels in "
+               "BTCV's numbering", importers.add_arguments, importers.run),
     "check-data": ("check a datalist and every file it names", checks.add_arguments, checks.run),
     "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
+    "crossval": ("cross-validation: train every fold of a datalist with \"fold\" keys into runs/NAME/fold_K, score "
+                 "each, report per organ", crossval.add_arguments, crossval.run),
     "infer": ("segment scans: NIfTI masks in each scan's geometry (reference flags)", infer.add_arguments, infer.run),
     "evaluate": ("score predicted masks against labels (Dice, HD95, surface Dice)", evaluate.add_arguments,
                  evaluate.run),

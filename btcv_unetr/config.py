@@ -77,6 +77,9 @@ class DataConfig:
 
     data_dir: str = _opt("/dataset/dataset0/", "dataset folder; datalist paths resolve against it")
     json_list: str = _opt("dataset_0.json", "datalist file name in data_dir, or a path to one")
+    fold: int | None = _opt(None, "cross-validation: fold K of a datalist whose training entries carry \"fold\" "
+                                  "(btcv_folds_5fold.json) validates, the other folds train; unset or -1: the "
+                                  "datalist's own training/validation split")
     a_min: float = _opt(-175.0, "intensity window lower bound, HU")
     a_max: float = _opt(250.0, "intensity window upper bound, HU")
     b_min: float = _opt(0.0, "scaled intensity at a_min")
@@ -128,6 +131,10 @@ class TrainConfig:
     pretrained_model_name: str = _opt("UNETR_model_best_acc.pth", "pretrained weights file name")
     resume_ckpt: bool = _opt(False, "finetune from pretrained_dir/pretrained_model_name (state dict)")
     resume_jit: bool = _opt(False, "finetune from a TorchScript file (AMP off)")
+    pretrained: str | None = _opt(None, "start from released weights: a name (unetr_btcv: the UNETR/BTCV weights, "
+                                        "downloaded once into the user's cache), a URL#sha256=HEX, a weights file or "
+                                        "a MONAI bundle folder; their architecture and preprocessing are used; "
+                                        "training finetunes from them as --resume_ckpt does")
     optim_name: str = _opt("adamw", "optimiser", choices=("adam", "adamw", "sgd"))
     optim_lr: float = _opt(1e-4, "learning rate")
     reg_weight: float = _opt(1e-5, "weight decay")
@@ -159,9 +166,9 @@ class TrainConfig:
                                   "AMX, ARM BF16) when a short probe finds it faster, else fp32; on GPUs bf16 from "
                                   "compute capability 8.0, else fp16 with a gradient scaler",
                           choices=PRECISIONS, aliases=(("--noamp", "fp32"),))
-    time_budget_min: float | None = _opt(None, "wall-clock minutes for the epoch loop: the step time of the first "
-                                               "epoch fixes max_epochs so the learning-rate schedule spans the "
-                                               "budget (kept on resume)")
+    time_budget_min: float | None = _opt(None, "wall-clock minutes for the epoch loop: the measured epoch times "
+                                               "fix max_epochs (re-planned at validations) so the learning-rate "
+                                               "schedule spans the budget (kept on resume)")
     seed: int | None = _opt(None, "random seed for reproducible runs")
 
 
@@ -187,6 +194,9 @@ class InferConfig:
                                  "(fastest there); on GPU what fits in free memory (up to 8)")
     saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
                                  choices=("ckpt", "torchscript"))
+    checkpoints: list[str] | None = _opt(None, "an ensemble: checkpoint files, or cross-validation run folders (their "
+                                               "fold_K/model.pt), whose softmax probabilities are averaged before "
+                                               "the argmax; replaces pretrained_dir/pretrained_model_name")
     input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
                                    "(default: the datalist's --split)")
     split: str = _opt("validation", "datalist split to segment without --input",
@@ -195,9 +205,18 @@ class InferConfig:
     mode: str = _opt("gaussian", "blending of overlapping windows", choices=("gaussian", "constant"))
     tta: bool = _opt(False, "flip test-time augmentation (averages probabilities of 4 passes)")
     save_probabilities: bool = _opt(False, "also write CASE_probabilities.npz (float16, native geometry)")
-    device: str = _opt("auto", "where the network runs", choices=("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "where the network runs, training and inference (auto: a GPU when one is visible)",
+                       choices=("auto", "cpu", "cuda"))
     overwrite: bool = _opt(False, "replace existing outputs: masks (otherwise skipped), an export's --out, a "
                                   "training run folder that holds an earlier run (otherwise refused)")
+    continue_prediction: bool = _opt(False, "keep the cases whose outputs are complete (the mask read whole, on the "
+                                             "scan's grid; the SEG too with dicom_seg), segment the others, and "
+                                             "report over all: the kept masks are scored from their files",
+                                     flags=("--continue",))
+    num_parts: int = _opt(1, "split the cases into K parts, one per process without torch.distributed (a cluster "
+                             "job array): case i (a folder's files sorted by name, a datalist's in its order) "
+                             "goes to part i mod K")
+    part_id: int = _opt(0, "the part this process segments, 0 .. num_parts-1 (e.g. $SLURM_ARRAY_TASK_ID)")
     largest_component: bool = _opt(False, "keep the largest connected component per organ")
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
@@ -293,6 +312,9 @@ def _coerce(key: str, value: Any, hint: Any, choices: tuple | None) -> Any:
         value = float(value) if ok else value
         if ok and not math.isfinite(value):
             raise ConfigError(f"config key '{key}': {value} is not a finite number")
+    elif typing.get_origin(hint) is list:  # a list of strings (file names): YAML gives a list, flags nargs="+"
+        ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+        value = list(value) if ok else value
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -473,6 +495,14 @@ def validate(config: Config) -> None:
         raise ConfigError(f"config key 'optim_lr': {t.optim_lr} must be a positive number")
     if t.time_budget_min is not None and not (math.isfinite(t.time_budget_min) and t.time_budget_min > 0):
         raise ConfigError(f"config key 'time_budget_min': {t.time_budget_min} must be a positive number of minutes")
+    if d.fold is not None and d.fold < -1:
+        raise ConfigError(f"config key 'fold': {d.fold} must be a fold number >= 0, or -1 (no fold)")
+    if i.num_parts < 1 or not 0 <= i.part_id < i.num_parts:
+        raise ConfigError(f"config keys 'part_id' and 'num_parts': part {i.part_id} of {i.num_parts} does not "
+                          "exist; give --num_parts K >= 1 and --part_id 0 .. K-1")
+    if i.continue_prediction and i.overwrite:
+        raise ConfigError("config keys 'continue_prediction' (--continue) and 'overwrite' exclude each other: "
+                          "--continue keeps the complete masks, --overwrite makes every one again")
     if d.use_normal_dataset and d.cache_dir:
         raise ConfigError("config keys 'use_normal_dataset' and 'cache_dir' exclude each other: choose one")
 
@@ -487,17 +517,20 @@ REFERENCE_TEST_EXTRAS = ("RandFlipd_prob", "RandRotate90d_prob", "RandScaleInten
 # YAML file may set any key; a flag a command would ignore is refused.
 COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "train": {"model": None, "data": None, "train": None, "dist": None, "fast": None,
-              "infer": ("infer_overlap", "sw_batch_size", "mode", "overwrite")},
+              "infer": ("infer_overlap", "sw_batch_size", "mode", "overwrite", "device")},
     "infer": {"model": None, "infer": None,
-              "data": ("data_dir", "json_list", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
-              "train": ("pretrained_dir", "pretrained_model_name", "precision"),
+              "data": ("data_dir", "json_list", "fold", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
+              "train": ("pretrained_dir", "pretrained_model_name", "pretrained", "precision"),
               "dist": REFERENCE_TEST_EXTRAS[5:],
               "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
-    "export": {"model": None, "train": ("checkpoint",), "infer": ("overwrite",)},
+    "export": {"model": None, "train": ("checkpoint", "pretrained"), "infer": ("overwrite", "infer_overlap", "mode")},
     "serve": {"model": None, "train": ("checkpoint", "precision"),
-              "infer": ("infer_overlap", "sw_batch_size", "mode", "tta", "device"),
+              "infer": ("infer_overlap", "sw_batch_size", "mode", "tta", "device", "checkpoints"),
               "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
 }
+# crossval: training's flags for every fold, and inference's for scoring each fold's validation cases.
+COMMAND_FLAGS["crossval"] = {**COMMAND_FLAGS["train"], "infer": tuple(dict.fromkeys(
+    (*(COMMAND_FLAGS["train"]["infer"] or ()), "tta", "hd95", "overlay", "largest_component")))}
 
 
 def command_fields(command: str | None) -> dict[str, list[dataclasses.Field]]:
@@ -530,6 +563,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = 
             base = _flag_type(hints[f.name])
             if base is bool:
                 group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            elif typing.get_origin(base) is list:
+                group.add_argument(*flags, dest=f.name, nargs="+", type=typing.get_args(base)[0], metavar="PATH",
                                    default=argparse.SUPPRESS, help=help_text)
             else:
                 group.add_argument(*flags, dest=f.name, type=base, choices=f.metadata["choices"],

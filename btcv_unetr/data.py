@@ -3,6 +3,15 @@
 A datalist is a JSON file with ``training`` and ``validation`` lists of ``{"image", "label"}``
 entries and an optional ``test`` list whose entries may be plain image paths. Relative paths
 resolve against ``data_dir`` when that folder exists, else against the JSON file's folder.
+
+Cross-validation (``--fold K``): in a datalist whose ``training`` entries each carry an integer
+``"fold"`` (the shipped ``btcv_folds_5fold.json``), fold K's entries validate and the others train;
+its own ``validation`` list is then not used.
+
+An entry whose label annotates only some organs lists them: ``"classes": [1, 6]`` (class numbers;
+background always counts as annotated; without the key, every class is). Its other classes are
+unknown, not background: training merges them into background (``loss.MarginalLoss``) and
+validation does not score them.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from .config import DataConfig
@@ -78,7 +88,34 @@ def read_datalist(path: Path) -> dict[str, Any]:
             if not isinstance(entry, dict) or any(not isinstance(entry.get(key), str) for key in required):
                 raise UserError(f"{path}: {split}[{index}] must be an object with string "
                                 f"{' and '.join(repr(k) for k in required)} paths, got {entry!r}")
+            classes = entry.get("classes", [])
+            if not isinstance(classes, list) or any(type(c) is not int for c in classes):
+                raise UserError(f"{path}: {split}[{index}] 'classes' must be a list of class numbers (the organs "
+                                f"its label annotates), got {classes!r}")
     return content
+
+
+def annotated_classes(entry: dict[str, Any], num_classes: int) -> np.ndarray:
+    """``(num_classes,)`` booleans: the classes the entry's label annotates (its ``classes``, background
+    always; all without the key). A number outside ``0..num_classes-1`` is a :class:`UserError`."""
+    if "classes" not in entry:
+        return np.ones(num_classes, bool)
+    outside = [c for c in entry["classes"] if not 0 <= c < num_classes]
+    if outside:
+        raise UserError(f"{entry.get('label', entry['image'])}: its datalist entry's 'classes' "
+                        f"{', '.join(map(str, outside))} are not classes 1..{num_classes - 1} of this model: "
+                        "fix the datalist or --out_channels")
+    known = np.zeros(num_classes, bool)
+    known[[0, *entry["classes"]]] = True
+    return known
+
+
+def with_annotated_classes(entries: Sequence[dict], num_classes: int) -> list[dict]:
+    """The entries, each with its ``annotated`` booleans ``(num_classes,)`` (batched to ``(B, C)``) when any
+    entry names its ``classes`` (partly annotated data); unchanged otherwise."""
+    if not any("classes" in entry for entry in entries):
+        return list(entries)
+    return [{**entry, "annotated": annotated_classes(entry, num_classes)} for entry in entries]
 
 
 def split_entries(content: dict[str, Any], split: str, base_dir: Path) -> list[dict[str, str]]:
@@ -94,9 +131,38 @@ def split_entries(content: dict[str, Any], split: str, base_dir: Path) -> list[d
     return entries
 
 
-def load_split(datalist: Path, split: str, base_dir: Path) -> list[dict[str, str]]:
-    """The entries of one split with absolute paths; an absent or empty split is an error."""
-    content = read_datalist(datalist)
+def datalist_folds(content: dict[str, Any], datalist: Path) -> list[int]:
+    """The fold numbers of a checked datalist's ``training`` entries, sorted; every entry must carry an
+    integer ``"fold"``, else one line naming the file and entry."""
+    entries = content.get("training") or []
+    if not any("fold" in entry for entry in entries):
+        raise UserError(f"{datalist}: no 'training' entry carries a \"fold\": cross-validation (--fold, crossval) "
+                        "needs a datalist whose entries do, such as btcv_folds_5fold.json")
+    for index, entry in enumerate(entries):
+        fold = entry.get("fold")
+        if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+            raise UserError(f"{datalist}: training[{index}] needs a \"fold\" number >= 0 like the other entries, "
+                            f"got {fold!r}")
+    return sorted({entry["fold"] for entry in entries})
+
+
+def with_fold(content: dict[str, Any], datalist: Path, fold: int | None) -> dict[str, Any]:
+    """``content`` with fold ``fold``'s training entries as ``validation`` and the others as ``training``;
+    unchanged for ``None`` or -1 (the datalist's own split). A fold the datalist lacks is one line."""
+    if fold is None or fold == -1:
+        return content
+    folds = datalist_folds(content, datalist)
+    if fold not in folds:
+        raise UserError(f"--fold {fold}: {datalist} has folds {', '.join(map(str, folds))}: choose one of them")
+    entries = content["training"]
+    return {**content, "training": [entry for entry in entries if entry["fold"] != fold],
+            "validation": [entry for entry in entries if entry["fold"] == fold]}
+
+
+def load_split(datalist: Path, split: str, base_dir: Path, fold: int | None = None) -> list[dict[str, str]]:
+    """The entries of one split with absolute paths (of cross-validation fold ``fold``, see
+    :func:`with_fold`); an absent or empty split is an error."""
+    content = with_fold(read_datalist(datalist), datalist, fold)
     if not content.get(split):
         present = [key for key in (*LABELLED_SPLITS, "test") if content.get(key)]
         raise UserError(f"{datalist}: no '{split}' entries (it has: {', '.join(present) or 'none'})")
@@ -119,9 +185,9 @@ def class_names(data: DataConfig, num_classes: int) -> list[str]:
 
 
 def load_config_split(data: DataConfig, split: str) -> list[dict[str, str]]:
-    """Entries of ``split`` of the datalist named by the config."""
+    """Entries of ``split`` of the datalist named by the config (of its ``--fold``, if any)."""
     datalist = resolve_datalist(data.data_dir, data.json_list)
-    return load_split(datalist, split, base_dir_for(data.data_dir, datalist))
+    return load_split(datalist, split, base_dir_for(data.data_dir, datalist), data.fold)
 
 
 def make_dataset(items: Sequence[dict], transform: Callable, data: DataConfig) -> Dataset:

@@ -50,7 +50,8 @@ def launch(worker: Callable[[Context, Config], Any], config: Config) -> None:
     if under_torchrun():
         _run(int(os.environ["LOCAL_RANK"]), worker, config, None)
     elif config.dist.distributed:
-        nprocs = config.dist.nproc_per_node or torch.cuda.device_count() or 1
+        gpus = torch.cuda.device_count() if pick_device(config.infer.device).type == "cuda" else 0
+        nprocs = config.dist.nproc_per_node or gpus or 1
         try:
             mp.spawn(_run, args=(worker, config, nprocs), nprocs=nprocs, join=True)
         except mp.ProcessExitedException as exc:
@@ -85,9 +86,20 @@ def _run(local_rank: int, worker: Callable, config: Config, nprocs: int | None) 
             dist.destroy_process_group()
 
 
+def pick_device(name: str) -> torch.device:
+    """``--device`` (auto|cpu|cuda) as a device type: auto takes a GPU where one is visible; cuda without one
+    is a one-line error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def setup(local_rank: int, config: Config, nprocs: int | None) -> Context:
-    """Initialise the process group when distributed; pick this process's device."""
-    cuda = torch.cuda.is_available()
+    """Initialise the process group when distributed; pick this process's device (``--device``; with CUDA,
+    GPU ``local_rank``)."""
+    cuda = pick_device(config.infer.device).type == "cuda"
     backend = config.dist.dist_backend if cuda else "gloo"
     timeout = timedelta(minutes=30)
     if under_torchrun():
@@ -102,6 +114,32 @@ def setup(local_rank: int, config: Config, nprocs: int | None) -> Context:
     if dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), local_rank, device)
     return Context(0, 1, 0, device)
+
+
+def local_world_size(context: Context) -> int:
+    """The ranks on this machine: torchrun's ``LOCAL_WORLD_SIZE``, else (ranks given by hand) the world's."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or context.world_size)
+
+
+def share_cpu_threads(processes: int) -> int:
+    """Give this process its share of the cores it may run on: ``cores // processes`` threads (at least 1),
+    ``processes`` being the ranks on this machine, so that they do not oversubscribe it. torchrun sets
+    ``OMP_NUM_THREADS=1`` for every rank by default (a share, not a choice: it is replaced); any other value
+    is the user's and kept. Returns the threads this process uses.
+
+    Inference takes it (``test.py`` under torchrun). Training does not: tests/test_distributed.py compares the
+    spawned ranks' gradients with one process's, which agree to 1e-6 only at the same thread count."""
+    if os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, processes)))
+    return torch.get_num_threads()
+
+
+def barrier(context: Context) -> None:
+    """Every rank waits here for the others (nothing to do in one process)."""
+    if context.distributed:
+        dist.barrier()
 
 
 def broadcast_object(obj: Any, context: Context) -> Any:

@@ -3,9 +3,11 @@
     find_cases             --input (a NIfTI file, a folder of them, a DICOM series folder) or a datalist split
     auto_sw_batch_size     windows per forward pass, per device, CPU class and free memory
     window_settings        the sliding-window settings test.py and training validation share
-    Predictor              loads the model once; preprocess -> sliding window (+ flip TTA) -> softmax -> to the scan
+    Predictor              loads the model (or an ensemble's) once; preprocess -> sliding window (+ flip TTA) ->
+                           softmax (averaged over an ensemble's members) -> to the scan
     probabilities_to_scan  class map (and probabilities) on the scan's own grid
-    run_inference          writes masks (atomically), optional probabilities and overlays, and the metrics report
+    run_inference          writes masks (atomically), optional probabilities and overlays, and the metrics report;
+                           of this process's share of the cases under torchrun or --num_parts (infer_parts.py)
 
 The spatial preprocessing (orientation, spacing, foreground crop) is undone on the class
 probabilities by trilinear interpolation, then the argmax is taken on the scan's grid, in one pass:
@@ -17,7 +19,10 @@ the time and memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
+import io
 import math
 import sys
 import tempfile
@@ -40,17 +45,22 @@ from tqdm import tqdm
 from .config import Config, add_config_arguments, config_from_args, parse_label_map
 from .checks import Expected, dimension_problems
 from .data import case_name, class_names, load_config_split
+from .distributed import (Context, barrier, gather_objects, launch, local_world_size, pick_device,
+                          share_cpu_threads, under_torchrun)
 from .errors import UserError
-from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, write_reports
+from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, summarise, write_reports
 from .allocator import keep_freed_memory
 from .dicom_seg import SEG_SUFFIX, require_highdicom, series_files, write_dicom_seg
-from .files import atomic_write, folder_lock, remove_stale_temporaries
+from .ensemble import check_compatible, ensemble_card, ensemble_checksum, member_files
+from .files import atomic_write, remove_stale_temporaries
+from .infer_parts import Part, held_output_folder, mask_problem
 from .images import (IMAGE_SUFFIXES, Volume, dicom_series, image_shape, is_image_file, is_picture, mask_path,
                      read_volume, write_dicom_series_as_nifti, write_mask)
 from .checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from .model import (build_model, compile_if_asked, describe_model_size, extract_state_dict, load_torchscript_weights, load_weights,
                     prepare_model)
 from .precision import cpu_features, resolve_precision, runs_natively
+from .pretrained import resolve_pretrained
 from .provenance import model_card_lines, provenance as mask_provenance
 from .transforms import infer_transforms
 
@@ -121,14 +131,6 @@ def check_image(path: Path, expected: Expected) -> None:
         raise UserError(str(problems[0]))
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible; use --device cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def with_weights_file(config: Config, path: Path) -> Config:
     """``config`` with its model's weights read from ``path``: a training checkpoint or a state dict, or a
     TorchScript file (told by its content), whose weights go into the UNETR the config builds."""
@@ -182,6 +184,22 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     stored = content.get("checksum") if isinstance(content, dict) else None  # verified by load_checkpoint
     checksum = stored if isinstance(stored, str) else weights_checksum(model.state_dict())
     return LoadedModel(model.to(device).eval(), config, stored_card(content), checksum)
+
+
+def load_members(config: Config, device: torch.device) -> tuple[list[Path], list[LoadedModel]]:
+    """The weights files and models of ``config``: the ``--checkpoints`` ensemble's (each file as :func:`load_model`
+    reads it, TorchScript told by its content), else the one ``pretrained_dir/pretrained_model_name``. A member
+    whose architecture or preprocessing differs from the first's is refused in one line."""
+    if not config.infer.checkpoints:
+        return [Path(config.train.pretrained_dir) / config.train.pretrained_model_name], [load_model(config, device)]
+    files = member_files(config.infer.checkpoints)
+    members: list[LoadedModel] = []
+    for path in files:
+        member = load_model(with_weights_file(config, path), device)
+        if members:
+            check_compatible(files[0], members[0].config, path, member.config)
+        members.append(member)
+    return files, members
 
 
 # A rough upper bound of the GPU memory one window needs at inference: the decoder keeps a few
@@ -352,13 +370,17 @@ def probabilities_to_picture(probs: torch.Tensor, image: MetaTensor,
 
 
 class Predictor:
-    """Loads the model once and segments any number of scans."""
+    """Loads the model (or an ensemble's models: ``--checkpoints``) once and segments any number of scans."""
 
     def __init__(self, config: Config):
         self.device = pick_device(config.infer.device)
-        loaded = load_model(config, self.device)
-        self.model, self.config = loaded.model, loaded.config
-        self.model_card, self.weights_checksum = loaded.card, loaded.weights_checksum
+        self.weights_files, members = load_members(config, self.device)
+        # The first member's config (architecture, preprocessing, precision) serves all: the others build the
+        # same network on the same preprocessing (load_members checked), so one preprocessed image feeds them all.
+        self.config = members[0].config
+        self.member_checksums = [member.weights_checksum for member in members]
+        self.weights_checksum = ensemble_checksum(self.member_checksums)
+        self.model_card = ensemble_card(self.weights_files, [member.card for member in members], self.member_checksums)
         print("\n".join(model_card_lines(self.model_card)))
         requested = self.config.train.precision
         stored = requested != config.train.precision
@@ -366,9 +388,11 @@ class Predictor:
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
         print(describe_model_size(self.config.model))
-        self.model, self.memory_format = prepare_model(self.model, config.fast, self.device, self.precision.name,
-                                                       training=False)
-        self.model = compile_if_asked(self.model, config.fast)
+        self.models: list[nn.Module] = []
+        for member in members:
+            prepared, self.memory_format = prepare_model(member.model, config.fast, self.device, self.precision.name,
+                                                         training=False)
+            self.models.append(compile_if_asked(prepared, config.fast))
         self.transform = infer_transforms(self.config)
         model = self.config.model
         self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
@@ -377,14 +401,15 @@ class Predictor:
         self.on_windows: Callable[[int], None] | None = None
 
     def window_count(self, image: torch.Tensor) -> int:
-        """Windows (all test-time flips included) the network runs on a preprocessed ``(1, *spatial)`` image."""
+        """Windows (all test-time flips and ensemble members included) the networks run on a preprocessed
+        ``(1, *spatial)`` image."""
         roi = self.config.model.roi_size
         # As MONAI's sliding window: the image padded to at least one window, then its scan grid.
         size = tuple(max(int(n), r) for n, r in zip(image.shape[1:], roi))
         overlap = (self.config.infer.infer_overlap,) * len(roi)
         slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, len(roi), overlap))
         flips = 1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)
-        return len(slices) * flips
+        return len(slices) * flips * len(self.models)
 
     def _stitch_device(self, image: torch.Tensor) -> torch.device:
         """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
@@ -393,9 +418,9 @@ class Predictor:
         needed = 2 * 4 * self.config.model.out_channels * image.numel()
         return self.device if needed < torch.cuda.mem_get_info(self.device)[0] // 4 else torch.device("cpu")
 
-    def _window(self, window: torch.Tensor) -> torch.Tensor:
+    def _window(self, model: nn.Module, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
-            logits = self.model(window.contiguous(memory_format=self.memory_format))
+            logits = model(window.contiguous(memory_format=self.memory_format))
         if self.on_windows is not None:
             self.on_windows(window.shape[0])
         # The blending buffers are float32 in the default layout: convert both in one pass, not in a
@@ -404,7 +429,21 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image; TTA averages 3 flips too.
+        """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image: an ensemble's is the mean of its
+        members' (each with its TTA flips).
+
+        The mean is taken here, on the preprocessed grid, and the argmax once, on the scan's grid
+        (:meth:`to_scan`): the way back to the scan is an interpolation whose weights sum to 1, with fixed
+        background outside the crop, so the mean here is the mean of the members' probabilities in the scan's own
+        geometry.
+        """
+        total = self._model_probabilities(self.models[0], image)
+        for model in self.models[1:]:  # in place: one scan-sized buffer more than a single model needs
+            total += self._model_probabilities(model, image)
+        return total.div_(len(self.models))
+
+    def _model_probabilities(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """One model's softmax ``(C, X, Y, Z)`` on CPU; TTA averages 3 flips too.
 
         Windows run on the model's device; they are blended there too when the scan fits, else on the CPU.
         """
@@ -417,7 +456,8 @@ class Predictor:
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size, predictor=self._window,
+            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size,
+                                              predictor=functools.partial(self._window, model),
                                               sw_device=self.device, device=stitch, progress=progress,
                                               **window_settings(self.config))
             probs = torch.softmax(logits, dim=1).cpu()
@@ -455,8 +495,11 @@ class Predictor:
         overlap, TTA): stored in every mask's header, so that a mask can be traced and made again."""
         infer = self.config.infer
         name = cpu_features().model if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
-        return mask_provenance(self.weights_checksum, self.precision.name, str(self.device), infer.infer_overlap,
-                               infer.tta, infer.mode, self.model_card, name)
+        made_with = mask_provenance(self.weights_checksum, self.precision.name, str(self.device), infer.infer_overlap,
+                                    infer.tta, infer.mode, self.model_card, name)
+        if len(self.models) > 1:  # weights_sha256 is then the ensemble's (ensemble.ensemble_checksum)
+            made_with["ensemble_weights_sha256"] = list(self.member_checksums)
+        return made_with
 
 
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -467,16 +510,6 @@ def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
         raise UserError("--largest_component needs scikit-image: pip install 'btcv-unetr[post]'") from None
     keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), independent=True)
     return np.asarray(keep(torch.from_numpy(labels)[None])[0]).astype(np.uint8)
-
-
-def prepare_output_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UserError(f"output folder {path} cannot be written ({exc.strerror}): choose another --output_dir") \
-            from None
 
 
 def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
@@ -512,14 +545,27 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}")
     if case.label is None:
         return None
-    label = read_volume(case.label)
-    truth = np.asarray(label.data).reshape(label.spatial_shape).astype(np.int16)
-    if picture and predictor.config.data.label_map:
-        truth = map_values(truth, parse_label_map(predictor.config.data.label_map))
-    spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
-    result = case_metrics(case.name, labels, truth, spacing, predictor.config.model.out_channels, infer.hd95)
+    result = score_case(case, labels, predictor.config, infer.hd95)
     result.seconds = seconds
     return result
+
+
+def score_case(case: Case, labels: np.ndarray, model_config: Config, distances: bool) -> CaseMetrics:
+    """Metrics of ``labels`` (the case's mask on its scan's grid) against the case's label file; ``model_config``
+    is the model's own (2D or 3D, classes, label map)."""
+    picture = model_config.model.spatial_dims == 2
+    label = read_volume(case.label)
+    truth = np.asarray(label.data).reshape(label.spatial_shape).astype(np.int16)
+    if picture and model_config.data.label_map:
+        truth = map_values(truth, parse_label_map(model_config.data.label_map))
+    spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
+    return case_metrics(case.name, labels, truth, spacing, model_config.model.out_channels, distances)
+
+
+def case_output_names(case: Case, out_dir: Path) -> list[str]:
+    """The names of the files :func:`segment_case` may write for ``case``."""
+    return [mask_path(out_dir, case.name, case.image).name, f"{case.name}{SEG_SUFFIX}",
+            f"{case.name}_probabilities.npz", f"{case.name}_overlay.png"]
 
 
 def check_distinct_outputs(cases: list[Case], out_dir: Path) -> None:
@@ -533,60 +579,150 @@ def check_distinct_outputs(cases: list[Case], out_dir: Path) -> None:
         seen[target] = case
 
 
-def run_inference(config: Config, predictor: Predictor | None = None) -> dict | None:
-    """Segment every case; finished masks are skipped unless ``--overwrite``, failed cases listed at the end.
+def remove_part_temporaries(out_dir: Path, part: Part, cases: list[Case], context: Context) -> None:
+    """Rank 0 removes the temporaries a killed run left: all of them in a whole run, only its part's cases' in a
+    part of a job array (the other parts are writing theirs); the other ranks wait, so that none of theirs goes."""
+    if context.is_main:
+        names = None if part.whole else {name for case in part.cases(cases)
+                                         for name in case_output_names(case, out_dir)}
+        remove_stale_temporaries(out_dir, names)
+    barrier(context)
 
-    ``predictor`` is one already loaded (from ``config``); by default it is loaded when a case needs it.
 
-    Every output is written to a temporary name and renamed, so an interrupted run leaves complete
-    masks only, and running the same command again segments the rest.
-    """
-    out_dir = Path(config.infer.output_dir)
-    prepare_output_dir(out_dir)
-    with folder_lock(out_dir, "inference"), tempfile.TemporaryDirectory() as scratch:
-        remove_stale_temporaries(out_dir)
-        cases = find_cases(config, Path(scratch))
-        check_distinct_outputs(cases, out_dir)
-        seg = config.infer.output_format == "dicom_seg"
-        if seg:
-            check_seg_inputs(cases)
-        todo = []
-        for case in cases:
-            written = mask_path(out_dir, case.name, case.image).exists() and \
-                (not seg or (out_dir / f"{case.name}{SEG_SUFFIX}").exists())
-            if written and not config.infer.overwrite:
-                print(f"{case.name}: {mask_path(out_dir, case.name, case.image)} exists, skipped "
-                      "(--overwrite replaces it)")
-            else:
-                todo.append(case)
-        if todo and predictor is None:
-            predictor = Predictor(config)
-        # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels.
-        expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels) if todo else None
-        results, failures = [], []
-        for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2):
-            try:
-                check_image(case.image, expected)
-                result = segment_case(predictor, case, out_dir, config)
-            except UserError as exc:
-                if len(cases) == 1:
-                    raise
-                print(f"{case.name}: failed: {exc}", file=sys.stderr)
-                failures.append(str(exc))
-                continue
-            if result is not None:
-                results.append(result)
+def cases_to_segment(cases: list[Case], out_dir: Path, config: Config) -> tuple[list[Case], list[Case]]:
+    """``(to segment, kept)``: a case whose outputs exist (mask, and SEG with dicom_seg) is kept unless
+    ``--overwrite``; with ``--continue`` only when its mask is complete too (:func:`mask_problem`)."""
+    infer = config.infer
+    seg = infer.output_format == "dicom_seg"
+    todo, kept = [], []
+    for case in cases:
+        mask = mask_path(out_dir, case.name, case.image)
+        written = mask.exists() and (not seg or (out_dir / f"{case.name}{SEG_SUFFIX}").exists())
+        problem = mask_problem(mask, case.image) if written and infer.continue_prediction else None
+        if written and problem is None and not infer.overwrite:
+            print(f"{case.name}: {mask} is complete, kept (--continue)" if infer.continue_prediction else
+                  f"{case.name}: {mask} exists, skipped (--overwrite replaces it)")
+            kept.append(case)
+        else:
+            if problem is not None:
+                print(f"{case.name}: {mask} is incomplete ({problem}): segmenting it again")
+            todo.append(case)
+    return todo, kept
+
+
+def load_predictor_if_needed(predictor: Predictor | None, todo: list[Case], kept: list[Case], config: Config,
+                             context: Context) -> Predictor | None:
+    """``predictor``, else one loaded when a case is to be segmented, or (``--continue``) a kept mask scored."""
+    scoring = config.infer.continue_prediction and any(case.label is not None for case in kept)
+    if predictor is not None or not (todo or scoring):
+        return predictor
+    # Every rank loads the same model: rank 0 alone prints its card.
+    with contextlib.nullcontext() if context.is_main else contextlib.redirect_stdout(io.StringIO()):
+        return Predictor(config)
+
+
+def segment_cases(predictor: Predictor | None, todo: list[Case], out_dir: Path, config: Config,
+                  stop_on_error: bool, progress: bool) -> tuple[list[CaseMetrics], list[str]]:
+    """Segment ``todo``; returns the metrics of the labelled cases and the one-line errors of the failed ones
+    (``stop_on_error``: the first error is raised)."""
+    # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels.
+    expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels) if todo else None
+    results, failures = [], []
+    for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2 or not progress):
+        try:
+            check_image(case.image, expected)
+            result = segment_case(predictor, case, out_dir, config)
+        except UserError as exc:
+            if stop_on_error:
+                raise
+            print(f"{case.name}: failed: {exc}", file=sys.stderr)
+            failures.append(str(exc))
+            continue
+        if result is not None:
+            results.append(result)
+    return results, failures
+
+
+def score_kept(predictor: Predictor | None, kept: list[Case], out_dir: Path, config: Config) -> list[CaseMetrics]:
+    """``--continue``: the metrics of the kept masks of labelled cases, read from their files (no seconds)."""
+    results = []
+    for case in kept:
+        if case.label is not None:
+            mask = read_volume(mask_path(out_dir, case.name, case.image))
+            labels = np.asarray(mask.data).reshape(mask.spatial_shape)
+            results.append(score_case(case, labels, predictor.config, config.infer.hd95))
+    return results
+
+
+Gathered = tuple[list[CaseMetrics], list[str], int | None]  # a process's metrics, failures, and classes
+
+
+def report(gathered: list[Gathered], cases: list[Case], out_dir: Path, config: Config, part: Part) -> dict | None:
+    """Rank 0: every process's metrics in the order of ``cases`` (as one process lists them), written to
+    ``metrics.csv`` and ``summary.json`` by a whole run, printed by a part; then the failed cases, if any,
+    as a one-line error. Returns the summary (None without labelled cases)."""
+    order = {case.name: index for index, case in enumerate(cases)}
+    results = sorted((result for metrics, _, _ in gathered for result in metrics), key=lambda r: order[r.case])
+    failures = [failure for _, failed, _ in gathered for failure in failed]
     summary = None
     if results:
-        classes = predictor.config.model.out_channels
-        summary = write_reports(out_dir, results, classes, class_names(config.data, classes))
+        classes = next(count for _, _, count in gathered if count is not None)
+        names = class_names(config.data, classes)
+        if part.whole:
+            summary = write_reports(out_dir, results, classes, names)
+        else:  # the other parts' cases are not known here
+            summary = summarise(results, classes, names)
+            print(f"{part}: the table covers this part's cases; once every part is done, the same command with "
+                  "--continue instead of --num_parts/--part_id writes the report over all cases")
         print(format_summary(summary))
         if not math.isnan(summary["mean_organ_dice"]):
             print(f"Overall Mean Dice: {summary['mean_organ_dice']:.4f}")
     if failures:
         print("\n".join(["failed cases:"] + failures), file=sys.stderr)
-        raise UserError(f"{len(failures)} of {len(cases)} case(s) failed (listed above); the others were written")
+        raise UserError(f"{len(failures)} of {len(part.cases(cases))} case(s) failed (listed above); the others "
+                        "were written")
     return summary
+
+
+def run_inference(config: Config, predictor: Predictor | None = None, context: Context | None = None) -> dict | None:
+    """Segment every case, or this process's share of them (``--num_parts``/``--part_id``, torchrun's ranks:
+    :class:`~btcv_unetr.infer_parts.Part`); finished masks are kept unless ``--overwrite`` (``--continue``: checked,
+    and scored), failed cases listed at the end. Returns the summary on rank 0 (None elsewhere, or unlabelled).
+
+    ``predictor`` is one already loaded (from ``config``); by default it is loaded when a case needs it.
+    ``context`` is this process's torchrun world (default: this process alone).
+
+    Every output is written to a temporary name and renamed, so an interrupted run leaves complete
+    masks only, and running the same command again segments the rest.
+    """
+    context = context or Context(0, 1, 0, torch.device("cpu"))
+    out_dir = Path(config.infer.output_dir)
+    part = Part.of(config.infer, context)
+    with held_output_folder(out_dir, part, context), tempfile.TemporaryDirectory() as scratch:
+        cases = find_cases(config, Path(scratch))
+        check_distinct_outputs(cases, out_dir)
+        if config.infer.output_format == "dicom_seg":
+            check_seg_inputs(cases)
+        remove_part_temporaries(out_dir, part, cases, context)
+        todo, kept = cases_to_segment(part.mine(cases), out_dir, config)
+        predictor = load_predictor_if_needed(predictor, todo, kept, config, context)
+        # One process stops at a lone case's error; ranks collect theirs, so that rank 0 reports them all.
+        results, failures = segment_cases(predictor, todo, out_dir, config,
+                                          stop_on_error=len(cases) == 1 and not context.distributed,
+                                          progress=context.is_main)
+        if config.infer.continue_prediction:
+            results += score_kept(predictor, kept, out_dir, config)
+        classes = predictor.config.model.out_channels if predictor is not None else None
+        gathered = gather_objects((results, failures, classes), context)
+        return report(gathered, cases, out_dir, config, part) if context.is_main else None
+
+
+def infer_worker(context: Context, config: Config) -> None:
+    """One torchrun rank: its share of the cases (and on the CPU of the machine's cores), into the output
+    folder all ranks share."""
+    if context.device.type == "cpu":
+        share_cpu_threads(local_world_size(context))
+    run_inference(config, context=context)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -594,11 +730,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = resolve_pretrained(config_from_args(args), "infer")
     if config.fast.malloc_tuning and pick_device(config.infer.device).type == "cpu":
         keep_freed_memory()
     try:
-        run_inference(config)
+        if under_torchrun():  # torchrun --nproc_per_node N test.py ...: each rank segments its share
+            launch(infer_worker, config)
+        else:
+            run_inference(config)
     except KeyboardInterrupt:
         print("interrupted: the masks written so far are complete; run the same command again to segment the rest",
               file=sys.stderr)

@@ -131,12 +131,16 @@ def probe_layers(feature_size: int, hidden_size: int, mlp_dim: int, tokens: int,
                  spatial_dims: int = 3) -> list[tuple[nn.Module, torch.Tensor]]:
     """Two of the model's own layers with inputs: the decoder's 3x3(x3) convolution at ``feature_size``
     channels on a ``PROBE_VOXELS`` map of ``spatial_dims`` dimensions, and the ViT's MLP projection over
-    ``tokens`` tokens (convolutions are about three quarters of a UNETR forward, the ViT most of the rest)."""
-    torch.manual_seed(0)
+    ``tokens`` tokens (convolutions are about three quarters of a UNETR forward, the ViT most of the rest).
+
+    The global random state is left as it was: a probe that runs (or, its decision cached, does not) must
+    not change the weights a seeded training run initialises next."""
     side = round(PROBE_VOXELS ** (1 / spatial_dims))
-    conv = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(feature_size, feature_size, 3, padding=1)
-    return [(conv, torch.randn(1, feature_size, *(side,) * spatial_dims)),
-            (nn.Linear(hidden_size, mlp_dim), torch.randn(tokens, hidden_size))]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        conv = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(feature_size, feature_size, 3, padding=1)
+        return [(conv, torch.randn(1, feature_size, *(side,) * spatial_dims)),
+                (nn.Linear(hidden_size, mlp_dim), torch.randn(tokens, hidden_size))]
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .data import class_names, read_datalist, resolve_datalist
+from .data import class_names, read_datalist, resolve_datalist, with_fold
 from .errors import UserError
 
 # The datalist keys the built-in generators write (phantoms.py, shapes2d.py); the card reads them, never guesses.
@@ -43,12 +43,14 @@ def data_facts(config: Config) -> dict[str, Any]:
     facts: dict[str, Any] = {"datalist": Path(config.data.json_list).name, "data_name": None,
                              "cases": {"training": 0, "validation": 0}, "synthetic": False, "generator": None}
     try:
-        content = read_datalist(resolve_datalist(config.data.data_dir, config.data.json_list))
+        datalist = resolve_datalist(config.data.data_dir, config.data.json_list)
+        content = with_fold(read_datalist(datalist), datalist, config.data.fold)  # --fold K: its split
     except UserError:
         content = {}
     if isinstance(content.get("name"), str):
         facts["data_name"] = content["name"]
     facts["cases"] = {split: len(content.get(split) or []) for split in ("training", "validation")}
+    facts["fold"] = config.data.fold if config.data.fold != -1 else None  # cross-validation fold, if any
     facts["synthetic"] = content.get(SYNTHETIC_KEY) is True
     if facts["synthetic"] and isinstance(content.get(GENERATOR_KEY), str):
         facts["generator"] = content[GENERATOR_KEY]
@@ -116,6 +118,9 @@ def model_card_lines(card: Mapping[str, Any] | None) -> list[str]:
     precision, then the warning of :func:`card_warning` where there is one."""
     if not card:
         return [NO_CARD]
+    members = card.get("ensemble") or []
+    if set(card) == {"ensemble"}:  # an ensemble of files written without cards
+        return [NO_CARD, *ensemble_lines(members)]
     cases = card.get("cases") or {}
     if card.get("datalist"):
         kind = f"synthetic, made by {card.get('generator') or 'a built-in generator'}" if card.get("synthetic") \
@@ -130,7 +135,9 @@ def model_card_lines(card: Mapping[str, Any] | None) -> list[str]:
     classes = card.get("classes") or []
     lines = [data, f"  {grid}; {len(classes)} classes: {', '.join(classes)}"]
     dice = card.get("validation_dice") or {}
-    if card.get("validation") and dice:
+    if members:  # an ensemble's card: the validation of each member
+        lines += ensemble_lines(members)
+    elif card.get("validation") and dice:
         per_class = ", ".join(f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in dice.items())
         mean = card.get("validation_mean_dice")
         lines.append(f"  validation ({card['validation']}, epoch {card.get('validation_epoch')}): mean Dice "
@@ -141,6 +148,17 @@ def model_card_lines(card: Mapping[str, Any] | None) -> list[str]:
                  f"precision {card.get('precision')}, btcv-unetr {card.get('package_version')}")
     warning = card_warning(card)
     return lines + ([warning] if warning else [])
+
+
+def ensemble_lines(members: list[Mapping[str, Any]]) -> list[str]:
+    """The lines of an ensemble card's ``ensemble``: per member its file, weights checksum and validation."""
+    lines = [f"  ensemble of {len(members)} models, softmax probabilities averaged:"]
+    for member in members:
+        mean = member.get("validation_mean_dice")
+        validation = (f"validation ({member['validation']}, epoch {member.get('validation_epoch')}): mean Dice "
+                      f"{mean:.4f}" if member.get("validation") and mean is not None else "validation: none")
+        lines.append(f"    {member.get('file')}: weights {str(member.get('weights_sha256'))[:12]}, {validation}")
+    return lines
 
 
 def provenance(weights_sha256: str, precision: str, device: str, overlap: float, tta: bool, mode: str,

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from dataclasses import dataclass
 import math
+import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from .checks import check_config_data
 from .config import Config, FastConfig, add_config_arguments, config_from_args
-from .data import class_names, load_config_split, make_dataset
+from .data import class_names, load_config_split, make_dataset, with_annotated_classes
 from .distributed import Context, all_true, broadcast_object, gather_objects, launch
 from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
@@ -43,12 +44,13 @@ from .allocator import keep_freed_memory
 from .evaluate import format_summary, nan_mean
 from .infer import auto_sw_batch_size, window_settings
 from .logs import RunLog
-from .loss import build_loss
+from .loss import build_loss, unannotated_as_background
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import (build_model, compile_if_asked, describe_model_size, load_pretrained, load_torchscript_weights, load_weights,
                     prepare_model)
 from .optim import build_optimizer, build_scheduler
 from .precision import Precision, resolve_precision
+from .pretrained import resolve_pretrained
 from .provenance import data_facts, model_card
 from .transforms import train_transforms, val_transforms
 
@@ -82,8 +84,11 @@ def plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
-               optimizer: torch.optim.Optimizer, precision: Precision, context: Context, micro_batch: int) -> float | None:
+               optimizer: torch.optim.Optimizer, precision: Precision, context: Context, micro_batch: int,
+               annotated: torch.Tensor | None = None) -> float | None:
     """One optimiser step over a batch of crops ``(B, C, X, Y, Z)``, ``micro_batch`` crops per forward/backward.
+
+    ``annotated``: ``(B, classes)`` booleans of partly annotated data, given to the loss (a ``MarginalLoss``).
 
     Each micro-batch's loss is weighted by its share of the batch, so the accumulated gradient is the
     gradient of the whole batch's loss (DiceCE averages over crops) and the step is the one a single
@@ -98,7 +103,8 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
         with model.no_sync() if accumulate else contextlib.nullcontext():
             with precision.autocast(context.device):
                 logits = model(image[start:stop])
-            loss = loss_fn(logits.float(), label[start:stop]) * ((stop - start) / crops)
+            targets = (label[start:stop],) if annotated is None else (label[start:stop], annotated[start:stop])
+            loss = loss_fn(logits.float(), *targets) * ((stop - start) / crops)
             if not all_true(bool(torch.isfinite(loss)), context):
                 optimizer.zero_grad(set_to_none=True)
                 return None
@@ -127,8 +133,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, op
             break
         image = plain(batch["image"], context.device).contiguous(memory_format=memory_format)
         label = plain(batch["label"], context.device)
+        annotated = batch["annotated"].to(context.device) if "annotated" in batch else None
         loss = train_step(model, image, label, loss_fn, optimizer, precision, context,
-                          micro_batch_size(fast, context.device, image.shape[0], precision.name))
+                          micro_batch_size(fast, context.device, image.shape[0], precision.name), annotated)
         global_step += 1
         if loss is None:
             if context.is_main:
@@ -166,6 +173,27 @@ class Validation:
                 "accuracy": self.accuracy}
 
 
+def case_scores(predicted: torch.Tensor, label: torch.Tensor, classes: int,
+                annotated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dice and IoU per case and class 1..classes-1, ``(B, classes - 1)`` (NaN where the label lacks the class),
+    and voxel accuracy ``(B,)``, of class maps ``predicted`` and ``label`` ``(B, 1, *spatial)``.
+
+    ``annotated`` ``(B, classes)`` booleans (partly annotated cases): a class a case does not annotate scores
+    NaN (left out of the means), and voxels of it, predicted or labelled, count as background.
+    """
+    predicted, label = predicted.long(), label.long()
+    if annotated is not None:
+        annotated = annotated.to(label.device)
+        predicted, label = unannotated_as_background(predicted, annotated), unannotated_as_background(label, annotated)
+    prediction, truth = one_hot(predicted, classes), one_hot(label, classes)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
+    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
+    if annotated is not None:
+        dice, iou = (torch.where(annotated[:, 1:], score, torch.nan) for score in (dice, iou))
+    accuracy = (predicted == label).flatten(1).float().mean(1)
+    return dice.cpu(), iou.cpu(), accuracy.cpu()
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Precision,
              context: Context) -> Validation:
@@ -176,8 +204,6 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
     """
     model.eval()
     classes = config.model.out_channels
-    dice_metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    iou_metric = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
 
     def predictor(window: torch.Tensor) -> torch.Tensor:
         with precision.autocast(context.device):
@@ -190,10 +216,7 @@ def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Pr
         image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
         logits = sliding_window_inference(image, sw_batch_size=sw_batch_size, predictor=predictor,
                                           **window_settings(config))
-        labels = logits.argmax(1, keepdim=True)
-        prediction, truth = one_hot(labels, classes), one_hot(label.long(), classes)
-        accuracy = (labels == label.long()).flatten(1).float().mean(1)
-        rows.append((dice_metric(prediction, truth).cpu(), iou_metric(prediction, truth).cpu(), accuracy.cpu()))
+        rows.append(case_scores(logits.argmax(1, keepdim=True), label, classes, batch.get("annotated")))
     rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
     if not rows:
         return Validation([math.nan] * (classes - 1), [math.nan] * (classes - 1), math.nan, 0)
@@ -295,8 +318,9 @@ def check_training_data(config: Config, context: Context) -> None:
 
 
 def build_loaders(config: Config, context: Context) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
-    train_items = load_config_split(config.data, "training")
-    val_items = load_config_split(config.data, "validation")
+    classes = config.model.out_channels
+    train_items = with_annotated_classes(load_config_split(config.data, "training"), classes)
+    val_items = with_annotated_classes(load_config_split(config.data, "validation"), classes)
     train_ds = make_dataset(train_items, train_transforms(config), config.data)
     # Each rank validates a disjoint share of the cases: no sampler padding, no double counting.
     val_ds = make_dataset(val_items[context.rank::context.world_size], val_transforms(config), config.data)
@@ -334,12 +358,47 @@ def run_precision(config: Config, context: Context) -> Precision:
 
 
 def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, epoch_s: float, validation_s: float,
-                val_every: int) -> int:
+                val_every: int, at_least: int = 1) -> int:
     """Total epochs that end within ``budget_s`` seconds: ``epochs_done`` took ``elapsed_s``; each further
-    epoch takes ``epoch_s`` plus its share of a validation every ``val_every`` epochs. At least one more.
+    epoch takes ``epoch_s`` plus its share of a validation every ``val_every`` epochs. At least ``at_least``
+    more.
     """
     per_epoch = epoch_s + validation_s / val_every
-    return epochs_done + max(1, int((budget_s - elapsed_s) // per_epoch))
+    return epochs_done + max(at_least, int((budget_s - elapsed_s) // per_epoch))
+
+
+@dataclass
+class BudgetPlanner:
+    """The epoch count that fills ``budget_s`` seconds, planned as the run learns its speed.
+
+    The first epoch pays the start-up (kernel selection, first allocations, the cache filling), so its
+    time would plan too few epochs: it gives a first plan, the second epoch's the steady-state one, and
+    each later validation re-plans from the median epoch time since, against the time left. The run
+    then ends within about one epoch of its budget, whatever drifted.
+    """
+
+    budget_s: float
+    val_every: int
+    epoch_times: list[float] = field(default_factory=list)
+    validation_s: float = 0.0
+
+    def plans_after(self, epoch: int, validated: bool) -> bool:
+        """Whether a plan is made after ``epoch`` (1-based): the first two, then each validated one."""
+        return epoch <= 2 or validated
+
+    def plan(self, epoch: int, epoch_s: float, validation_s: float | None, elapsed_s: float) -> int:
+        """Total epochs after ``epoch`` took ``epoch_s`` (and a validation ``validation_s``, None: none),
+        ``elapsed_s`` into the budget."""
+        self.epoch_times.append(epoch_s)
+        if validation_s is not None:
+            self.validation_s = validation_s
+        # None more once the budget is spent: a re-plan may end the run where it is.
+        return plan_epochs(self.budget_s, elapsed_s, epoch, self.steady_epoch_s(), self.validation_s, self.val_every,
+                           at_least=0)
+
+    def steady_epoch_s(self) -> float:
+        """The median epoch time, the first epoch left out once there is another."""
+        return statistics.median(self.epoch_times[1:] or self.epoch_times)
 
 
 def load_training_state(path: str, config: Config) -> dict[str, Any]:
@@ -420,8 +479,10 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         if context.distributed else model
     # The checkpoints keep saving `model`: no wrapper prefixes.
     net = compile_if_asked(net, config.fast)
-    labels = [item["label"] for item in load_config_split(config.data, "training")]
-    loss_fn, class_weights = build_loss(config.train, config.model.out_channels, labels, context.device)
+    train_items = with_annotated_classes(load_config_split(config.data, "training"), config.model.out_channels)
+    annotated = [item["annotated"] for item in train_items] if "annotated" in train_items[0] else None
+    loss_fn, class_weights = build_loss(config.train, config.model.out_channels,
+                                        [item["label"] for item in train_items], context.device, annotated)
     log = RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels))
     facts = data_facts(config) if context.is_main else {}
     if context.is_main:
@@ -437,7 +498,8 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
 
     t = config.train
-    plan_budget = t.time_budget_min is not None and fixed_epochs is None
+    planner = BudgetPlanner(60 * t.time_budget_min, t.val_every) \
+        if t.time_budget_min is not None and fixed_epochs is None else None
     loop_started = time.time()
     last_validation, validated_epoch = None, None
     epoch = start_epoch
@@ -458,9 +520,9 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
         if context.is_main:
             print(f"epoch {epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {global_step}  {epoch_s:.1f}s")
             log.scalars(epoch, {"train/loss": loss, "train/lr": lr})
-        validation_s = 0.0
-        # A budget is planned after the first epoch, from its time and that of one validation.
-        if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or plan_budget:
+        validation_s = None
+        # A budget's first plan needs the time of one validation: the first epoch is validated.
+        if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or (planner is not None and epoch == 1):
             started = time.time()
             last_validation, validated_epoch = validate(model, val_loader, config, precision, context), epoch
             validation_s = time.time() - started
@@ -483,17 +545,18 @@ def run_training(context: Context, config: Config, logdir: Path) -> None:
                                                                 "top-k", epoch, epoch, global_step))
                     for path in dropped:
                         path.unlink(missing_ok=True)
-        if plan_budget:
+        if planner is not None and planner.plans_after(epoch, validation_s is not None) and not stop:
             # Rank 0's clock decides, so that every rank plans the same schedule.
-            planned = broadcast_object(plan_epochs(60 * t.time_budget_min, time.time() - loop_started, epoch,
-                                                   epoch_s, validation_s, t.val_every), context)
-            if context.is_main:
-                print(f"time budget {t.time_budget_min:g} min: epoch {epoch} took {epoch_s:.1f} s and a validation "
-                      f"{validation_s:.1f} s, so {planned} epochs in all (the learning-rate schedule spans them)")
-            t = dataclasses.replace(t, max_epochs=planned)
-            config = dataclasses.replace(config, train=t)
-            scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
-            plan_budget = False
+            planned = broadcast_object(planner.plan(epoch, epoch_s, validation_s, time.time() - loop_started), context)
+            if planned != t.max_epochs:
+                if context.is_main:
+                    print(f"time budget {t.time_budget_min:g} min: {time.time() - loop_started:.0f} s used after "
+                          f"epoch {epoch}, epochs take {planner.steady_epoch_s():.1f} s "
+                          f"and a validation {planner.validation_s:.1f} s, so {planned} epochs in all (the "
+                          "learning-rate schedule spans them)")
+                t = dataclasses.replace(t, max_epochs=planned)
+                config = dataclasses.replace(config, train=t)
+                scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
         if context.is_main and t.save_checkpoint and (epoch % t.save_every == 0 or epoch >= t.max_epochs or stop):
             save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
                             best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs, "last",
@@ -512,5 +575,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    launch(train_worker, config_from_args(args))
+    launch(train_worker, resolve_pretrained(config_from_args(args), "train"))
     return 0

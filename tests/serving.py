@@ -23,8 +23,8 @@ def tiny_checkpoint(folder: Path, **overrides) -> Path:
 
 @contextlib.contextmanager
 def running_server(checkpoint: Path, jobs_dir: Path, *flags: str) -> Iterator[str]:
-    """The server in float32 on one thread, its log in ``jobs_dir.parent / "server.log"``; yields its base URL
-    once ``/health`` answers and stops it afterwards."""
-    with serve_process(checkpoint, jobs_dir, ["--precision", "fp32", *flags], jobs_dir.parent / "server.log",
-                       threads=1) as server:
+    """The server in float32 on the CPU (one thread), its log in ``jobs_dir.parent / "server.log"``; yields its base
+    URL once ``/health`` answers and stops it afterwards."""
+    flags = ["--precision", "fp32", "--device", "cpu", *flags]
+    with serve_process(checkpoint, jobs_dir, flags, jobs_dir.parent / "server.log", threads=1) as server:
         yield server.url

@@ -125,9 +125,10 @@ def test_help_lists_every_flag(capsys):
 
 
 @pytest.mark.parametrize("argv, owners", [
-    (["infer", "--warmup_epochs", "3"], "train"), (["infer", "--micro_batch", "2"], "train"),
-    (["train", "--input", "scan.nii.gz"], "infer"), (["train", "--no-tta"], "infer, serve"),
-    (["export", "--out", "x.pt", "--optim_lr=0.1"], "train"), (["export", "--out", "x.pt", "--split", "test"], "infer"),
+    (["infer", "--warmup_epochs", "3"], "train, crossval"), (["infer", "--micro_batch", "2"], "train, crossval"),
+    (["train", "--input", "scan.nii.gz"], "infer"), (["train", "--no-tta"], "infer, serve, crossval"),
+    (["export", "--out", "x.pt", "--optim_lr=0.1"], "train, crossval"),
+    (["export", "--out", "x.pt", "--split", "test"], "infer"),
 ])
 def test_a_flag_of_another_command_is_refused_naming_its_commands(argv, owners, capsys):
     """A config flag the command would ignore stops it, and the line says which commands take it."""
@@ -159,4 +160,5 @@ def test_each_command_lists_only_its_flags():
     assert not {"input", "tta", "output_dir", "split"} & names["train"]
     assert {"input", "tta", "pretrained_dir", "precision", "a_min", "space_z"} <= names["infer"]
     assert not {"warmup_epochs", "optim_lr", "max_epochs", "logdir", "micro_batch", "num_samples"} & names["infer"]
-    assert names["export"] == {"checkpoint", "overwrite"} | {f.name for f in dataclasses.fields(SECTIONS["model"])}
+    assert names["export"] == {"checkpoint", "pretrained", "overwrite", "infer_overlap", "mode"} | \
+        {f.name for f in dataclasses.fields(SECTIONS["model"])}

@@ -14,7 +14,7 @@ import torch
 from btcv_unetr import cli
 from btcv_unetr.config import ConfigError
 from btcv_unetr.crossval import crossval_report, format_report, read_case_metrics, write_report
-from btcv_unetr.data import BUILTIN_DATALISTS, case_name, load_config_split, load_split
+from btcv_unetr.data import case_name, load_config_split, load_split
 from btcv_unetr.errors import UserError
 from btcv_unetr.evaluate import CaseMetrics, write_reports
 

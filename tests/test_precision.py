@@ -246,3 +246,12 @@ def test_the_tests_and_their_processes_use_a_temporary_cache_not_the_users():
     script = "from btcv_unetr.precision import cache_folder; print(cache_folder())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(Path(TEST_CACHE_HOME) / "btcv-unetr")
+
+
+def test_the_probe_leaves_the_random_state_alone():
+    """A seeded run initialises the same weights whether its precision came from the probe or the cache."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    precision.probe_layers(8, 96, 192, 8)
+    assert torch.equal(torch.rand(3), expected)

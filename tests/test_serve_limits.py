@@ -156,7 +156,7 @@ def test_a_job_over_its_time_limit_fails_with_the_reason(tmp_path, long_scan, sc
 def _serve(checkpoint: Path, jobs_dir: Path, log: Path, env: dict | None = None, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [sys.executable, "-m", "btcv_unetr", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-            "--precision", "fp32", *flags] + (["--jobs_dir", str(jobs_dir)] if jobs_dir else [])
+            "--precision", "fp32", "--device", "cpu", *flags] + (["--jobs_dir", str(jobs_dir)] if jobs_dir else [])
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})

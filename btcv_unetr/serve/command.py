@@ -1,6 +1,7 @@
 """``btcv-unetr serve``: the command line (flags, checks before the model loads, uvicorn).
 
     btcv-unetr serve --checkpoint runs/demo/model.pt [--host 127.0.0.1] [--port 8000] [--token T]
+    btcv-unetr serve --checkpoint runs/cv   (an ensemble: the folds' fold_K/model.pt; or --checkpoints A.pt B.pt)
 """
 
 from __future__ import annotations
@@ -104,16 +105,28 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def predictor_config(config: Config) -> Config:
-    """Inference settings for the service: the checkpoint as the pretrained model, no files or reports of its own."""
-    if not config.train.checkpoint:
+    """Inference settings for the service: the checkpoint as the pretrained model, no files or reports of its own.
+
+    An ensemble: ``--checkpoints FILE ...`` (as ``test.py`` takes it), or ``--checkpoint`` a cross-validation run
+    folder (its ``fold_K/model.pt``).
+    """
+    given, ensemble = config.train.checkpoint, config.infer.checkpoints
+    if given and ensemble:
+        raise UserError("serve: give --checkpoint (one model, or a run folder's folds) or --checkpoints (an "
+                        "ensemble), not both")
+    if not given and not ensemble:
         raise UserError("serve: --checkpoint FILE is required (a training checkpoint, a state dict or a TorchScript "
-                        "file)")
-    path = Path(config.train.checkpoint)
-    if not path.is_file():
-        raise UserError(f"serve: checkpoint not found: {path}")
-    from ..infer import with_weights_file
-    config = with_weights_file(config, path)
-    return dataclasses.replace(config, infer=dataclasses.replace(config.infer, sw_progress=False))
+                        "file; a cross-validation run folder, or --checkpoints FILE ..., serves an ensemble)")
+    infer = dataclasses.replace(config.infer, sw_progress=False)
+    if given and Path(given).is_dir():
+        infer = dataclasses.replace(infer, checkpoints=[given])
+    elif given:
+        path = Path(given)
+        if not path.is_file():
+            raise UserError(f"serve: checkpoint not found: {path}")
+        from ..infer import with_weights_file
+        config = with_weights_file(config, path)
+    return dataclasses.replace(config, infer=infer)
 
 
 def run(args: argparse.Namespace) -> int:

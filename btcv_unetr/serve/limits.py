@@ -86,18 +86,21 @@ def grid_voxels(declared: Declared, model_spacing: tuple[float, float, float]) -
 
 
 def job_memory_bytes(declared: Declared, model, model_spacing: tuple[float, float, float] | None,
-                     sw_batch_size: int) -> int:
-    """Peak memory of one job beyond the loaded model, in bytes (an upper estimate).
+                     sw_batch_size: int, members: int = 1) -> int:
+    """Peak memory of one job beyond the loaded model(s), in bytes (an upper estimate).
 
     ``model`` is the ModelConfig (classes, ROI, feature size); ``model_spacing`` the grid's mm per voxel
-    (None for pictures, which are resized to the ROI).
+    (None for pictures, which are resized to the ROI); ``members`` the models of an ensemble, whose
+    running sum of probabilities is one more float32 map of the grid and classes.
     """
     windows = sw_batch_size * math.prod(model.roi_size) * model.feature_size * BYTES_PER_WINDOW_VOXEL_FEATURE
     if model_spacing is None:
         return declared.voxels * declared.channels * BYTES_PER_PICTURE_PIXEL_CHANNEL + windows
     grid = grid_voxels(declared, model_spacing)
+    ensemble_sum = 4 * grid * model.out_channels if members > 1 else 0
     return (JOB_BASE_BYTES + declared.voxels * (BYTES_PER_SCAN_VOXEL + declared.itemsize)
-            + grid * (BYTES_PER_GRID_VOXEL + BYTES_PER_GRID_VOXEL_CLASS * model.out_channels) + windows)
+            + grid * (BYTES_PER_GRID_VOXEL + BYTES_PER_GRID_VOXEL_CLASS * model.out_channels) + windows
+            + ensemble_sum)
 
 
 def _shape_text(declared: Declared) -> str:
