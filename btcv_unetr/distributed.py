@@ -136,6 +136,14 @@ def share_cpu_threads(processes: int) -> int:
     return torch.get_num_threads()
 
 
+def raise_on_every_rank(problem: str | None, context: Context) -> None:
+    """Rank 0's one-line ``problem`` (None: none) raised as a :class:`UserError` on every rank, so that all
+    ranks stop together instead of waiting for rank 0 at their next collective."""
+    problem = broadcast_object(problem, context)
+    if problem:
+        raise UserError(problem)
+
+
 def barrier(context: Context) -> None:
     """Every rank waits here for the others (nothing to do in one process)."""
     if context.distributed:

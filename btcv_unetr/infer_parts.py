@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .config import InferConfig
-from .distributed import Context, broadcast_object
+from .distributed import Context, raise_on_every_rank
 from .errors import UserError
 from .files import folder_lock
 from .images import image_shape, is_picture, read_volume
@@ -92,9 +92,7 @@ def held_output_folder(out_dir: Path, part: Part, context: Context) -> Iterator[
                     stack.enter_context(folder_lock(out_dir, purpose, name=f".lock.part-{part.index}-of-{part.count}"))
             except UserError as exc:
                 problem = str(exc)
-        problem = broadcast_object(problem, context)
-        if problem:
-            raise UserError(problem)
+        raise_on_every_rank(problem, context)
         yield
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .checks import check_config_data
 from .config import Config, FastConfig, add_config_arguments, config_from_args
 from .data import class_names, load_config_split, make_dataset, with_annotated_classes
-from .distributed import Context, all_true, broadcast_object, gather_objects, launch
+from .distributed import Context, all_true, broadcast_object, gather_objects, launch, raise_on_every_rank
 from .errors import UserError
 from .files import folder_lock, remove_stale_temporaries
 from .allocator import keep_freed_memory
@@ -298,9 +298,7 @@ def run_folder(logdir: Path, config: Config, context: Context) -> Iterator[None]
                 remove_stale_temporaries(logdir)
             except UserError as exc:
                 problem = str(exc)
-        problem = broadcast_object(problem, context)
-        if problem:
-            raise UserError(problem)
+        raise_on_every_rank(problem, context)
         yield
 
 
