@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.losses import DiceCELoss, DiceLoss
@@ -37,24 +36,26 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import TrainConfig
+from .images import read_volume
 
 MAX_CLASS_WEIGHT = 5.0
 
 
 def class_volumes(label_paths: Sequence[str], num_classes: int,
                   annotated: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """Mean volume (mL) of each class over the label files, ``(num_classes,)``.
+    """Mean volume (mL; pictures: pixels / 1000) of each class over the label files, ``(num_classes,)``.
 
     ``annotated``: per file, the ``(num_classes,)`` booleans of the classes it annotates (None: all); a class
     is averaged over the files that annotate it only, so a set that leaves an organ out does not shrink it.
     """
     total, files = np.zeros(num_classes), np.zeros(num_classes)
     for index, path in enumerate(label_paths):
-        image = nib.load(path)
-        labels = np.asarray(image.dataobj).astype(np.int64, copy=False).ravel()
+        volume = read_volume(path)  # every format the datalist may name (NIfTI, NRRD, MHA, PNG)
+        labels = np.asarray(volume.data).astype(np.int64, copy=False).ravel()
         counts = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
         known = np.ones(num_classes, bool) if annotated is None else np.asarray(annotated[index], bool)
-        total += np.where(known, counts * float(np.prod(image.header.get_zooms()[:3])) / 1000.0, 0.0)
+        voxel_ml = abs(float(np.linalg.det(np.asarray(volume.affine, dtype=np.float64)[:3, :3]))) / 1000.0
+        total += np.where(known, counts * voxel_ml, 0.0)
         files += known
     return total / np.maximum(files, 1)
 

@@ -172,3 +172,26 @@ def test_class_volumes_average_each_class_over_the_files_that_annotate_it(tmp_pa
     b = _label_file(tmp_path / "b.nii.gz", {1: 300})  # annotates class 1 only: its class 2 is unknown, not 0
     volumes = class_volumes([a, b], 3, annotated=[np.ones(3, bool), np.array([True, True, False])])
     np.testing.assert_allclose(volumes[1:], [(2.0 + 6.0) / 2, 0.2])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha", ".png"])
+def test_class_volumes_read_every_label_format(tmp_path, suffix):
+    """--class_weights inverse_sqrt_volume on NRRD, MHA and PNG masks: the one image reader, the file's own
+    voxel size (pictures: pixels / 1000)."""
+    import SimpleITK as sitk
+    picture = suffix == ".png"
+    labels = np.zeros((20, 10) if picture else (20, 10, 5), np.uint8)
+    labels[:4] = 1  # 40 pixels, or 200 voxels
+    labels[4:5] = 2
+    path = tmp_path / f"label{suffix}"
+    if suffix == ".nii.gz":
+        nib.save(nib.Nifti1Image(labels, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    else:
+        image = sitk.GetImageFromArray(labels.T)  # SimpleITK's arrays are (z, y, x)
+        if not picture:
+            image.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(image, str(path))
+    volumes = class_volumes([str(path)], 3)
+    voxel_ml = 0.001 if picture else 8.0 / 1000
+    per_class = np.bincount(labels.ravel(), minlength=3) * voxel_ml
+    assert volumes == pytest.approx(per_class)
