@@ -175,11 +175,3 @@ def all_true(flag: bool, context: Context) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=context.device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item() > 0)
-
-
-def all_mean(value: float, context: Context) -> float:
-    if not context.distributed:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=context.device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / context.world_size

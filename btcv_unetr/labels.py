@@ -16,7 +16,6 @@ BTCV_LABELS: tuple[str, ...] = (
     "right adrenal gland",
     "left adrenal gland",
 )
-NUM_CLASSES = len(BTCV_LABELS)
 ORGANS: tuple[str, ...] = BTCV_LABELS[1:]
 
 
