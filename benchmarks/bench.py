@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gzip
 import dataclasses
+import gzip
 import io
 import os
 import secrets
@@ -46,23 +46,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from reference import InverseTransformPredictor, reference_style  # noqa: E402  (benchmarks/reference.py)
+
 from btcv_unetr.allocator import keep_freed_memory  # noqa: E402
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint, stored_config  # noqa: E402
 from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
-from btcv_unetr.data import load_config_split, make_dataset  # noqa: E402
+from btcv_unetr.data.datalist import load_config_split, make_dataset  # noqa: E402
+from btcv_unetr.data.transforms import train_transforms  # noqa: E402
 from btcv_unetr.distributed import Context, launch  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
-from btcv_unetr.files import atomic_write_json, atomic_save_nifti  # noqa: E402
-from btcv_unetr.infer import Case, Predictor, auto_sw_batch_size, run_inference, segment_case  # noqa: E402
-from btcv_unetr.loss import build_loss  # noqa: E402
-from btcv_unetr.model import build_model, compile_if_asked, memory_format_for, prepare_model, sdpa_for  # noqa: E402
-from btcv_unetr.optim import build_optimizer  # noqa: E402
-from btcv_unetr.phantoms import generate_case, write_dataset  # noqa: E402
-from btcv_unetr.precision import Precision, cpu_features, resolve_precision  # noqa: E402
-from btcv_unetr.train import micro_batch_size, train_step, train_worker  # noqa: E402
-from btcv_unetr.transforms import train_transforms  # noqa: E402
-from reference import InverseTransformPredictor, reference_style  # noqa: E402  (benchmarks/reference.py)
+from btcv_unetr.files import atomic_save_nifti, atomic_write_json  # noqa: E402
+from btcv_unetr.inference.batch import run_inference, segment_case
+from btcv_unetr.inference.cases import Case  # noqa: E402
+from btcv_unetr.inference.predictor import Predictor
+from btcv_unetr.inference.sliding_window import auto_sw_batch_size
+from btcv_unetr.model.build import build_model  # noqa: E402
+from btcv_unetr.model.checkpoint import load_checkpoint, stored_config  # noqa: E402
+from btcv_unetr.model.precision import Precision, cpu_features, resolve_precision  # noqa: E402
+from btcv_unetr.model.speed import compile_if_asked, memory_format_for, prepare_model, sdpa_for
+from btcv_unetr.synthetic.phantoms import generate_case, write_dataset  # noqa: E402
+from btcv_unetr.testing.checkpoints import seeded_checkpoint  # noqa: E402
+from btcv_unetr.train.command import train_worker
+from btcv_unetr.train.loop import micro_batch_size, train_step  # noqa: E402
+from btcv_unetr.train.loss import build_loss  # noqa: E402
+from btcv_unetr.train.optim import build_optimizer  # noqa: E402
 
 UNETR_B = {"roi_x": 96, "roi_y": 96, "roi_z": 96, "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072,
            "num_heads": 12}
@@ -595,7 +602,7 @@ class ServeCheckError(RuntimeError):
 def tiny_checkpoint(folder: Path) -> Path:
     """A training checkpoint of the benchmark's tiny model with seeded random weights (the service's speed
     does not depend on them); it carries its config, so the server builds the same tiny UNETR."""
-    return save_initial_checkpoint(folder / "model.pt", build_config([TINY]))
+    return seeded_checkpoint(folder / "model.pt", build_config([TINY]))
 
 
 def checkpoint_precision(checkpoint: Path, device: torch.device) -> Precision:

@@ -34,11 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint, stored_config  # noqa: E402
 from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
-from btcv_unetr.phantoms import generate_case  # noqa: E402
-from btcv_unetr.precision import cpu_features, resolve_precision  # noqa: E402
+from btcv_unetr.model.checkpoint import load_checkpoint, stored_config  # noqa: E402
+from btcv_unetr.model.precision import cpu_features, resolve_precision  # noqa: E402
+from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402
+from btcv_unetr.testing.checkpoints import seeded_checkpoint  # noqa: E402
 
 SEED = 20
 
@@ -88,7 +89,7 @@ def same_masks(first: Path, second: Path) -> bool:
 def measure(args: argparse.Namespace, work: Path) -> dict:
     scans = work / "scans"
     write_scans(scans, args.cases, args.size)
-    checkpoint = args.checkpoint or save_initial_checkpoint(
+    checkpoint = args.checkpoint or seeded_checkpoint(
         work / "model.pt", build_config([read_yaml(CONFIG_DIR / args.config)]))
     precision = resolved_precision(checkpoint, args.device)
     one = timed_run([sys.executable], scans, checkpoint, work / "one", args.device, precision)

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from btcv_unetr.checkpoint import save_initial_checkpoint  # noqa: E402
 from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
-from btcv_unetr.images import write_mask  # noqa: E402
-from btcv_unetr.infer import Predictor, with_weights_file  # noqa: E402
+from btcv_unetr.data.images import write_mask  # noqa: E402
+from btcv_unetr.inference.loader import with_weights_file
+from btcv_unetr.inference.predictor import Predictor  # noqa: E402
 from btcv_unetr.serve.limits import Declared, job_memory_bytes  # noqa: E402
+from btcv_unetr.testing.checkpoints import seeded_checkpoint  # noqa: E402
 
 BTCV_SPACING = (1.5, 1.5, 2.0)
 
@@ -48,7 +49,7 @@ def measure(shape: tuple[int, int, int], spacing: tuple[float, float, float], cl
         "model": {"out_channels": classes}, "train": {"precision": "fp32"},
         "data": dict(zip(("space_x", "space_y", "space_z"), BTCV_SPACING)),
         "infer": {"infer_overlap": 0.0, "sw_batch_size": 1}}])
-    predictor = Predictor(with_weights_file(config, save_initial_checkpoint(folder / "model.pt", config)))
+    predictor = Predictor(with_weights_file(config, seeded_checkpoint(folder / "model.pt", config)))
     loaded = max(resident_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     image = predictor.prepare(scan)
     labels, _ = predictor.to_scan(predictor.probabilities(image), image, keep_probabilities=False)

@@ -1,7 +1,7 @@
 """The reference-style path: every speed switch off, and masks inverted by MONAI's inverse transforms.
 
 Used by ``bench.py`` as the baseline of each ratio and by the tests as the oracle of the one-pass
-inversion (``btcv_unetr.infer.probabilities_to_scan``).
+inversion (``btcv_unetr.inference.inversion.probabilities_to_scan``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from btcv_unetr.config import Config, FastConfig
-from btcv_unetr.infer import Predictor
+from btcv_unetr.inference.predictor import Predictor
 
 
 def reference_style(config: Config) -> Config:

@@ -20,9 +20,15 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import __version__, checks, crossval, evaluate, export, importers, infer, phantoms, serve, shapes2d, train
+from . import __version__, serve
 from .config import FlagParser, unrecognized_flags_message
+from .data import checks, importers
 from .errors import UserError
+from .inference import command as infer
+from .inference import evaluate, export
+from .synthetic import phantoms, shapes2d
+from .train import command as train
+from .train import crossval
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "phantoms": ("write a synthetic BTCV-like CT dataset", phantoms.add_arguments, phantoms.run),

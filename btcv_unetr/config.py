@@ -18,8 +18,8 @@ import argparse
 import dataclasses
 import math
 import typing
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ import yaml
 
 from .errors import UserError
 from .files import atomic_write_text
-from .precision import PRECISIONS
+
+# How the network's arithmetic is done (model/precision.py decides "auto" per machine).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(UserError):

@@ -6,7 +6,6 @@ import csv
 from pathlib import Path
 
 
-
 class RunLog:
     """Writes nothing when ``enabled`` is False (ranks other than 0)."""
 

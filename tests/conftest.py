@@ -20,7 +20,7 @@ os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
 
 from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402  (after the cache is set)
 from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
-from btcv_unetr.phantoms import write_dataset  # noqa: E402
+from btcv_unetr.synthetic.phantoms import write_dataset  # noqa: E402
 
 PHANTOM_SIZE = 64
 # benchmarks/reference.py (the reference-style path, MONAI's inverse transforms) is the oracle of some tests.

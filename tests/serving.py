@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import free_port, serve_process  # noqa: F401  (benchmarks/ is on the path: conftest)
-from btcv_unetr.checkpoint import save_initial_checkpoint
-
 from conftest import tiny_config
+
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
 
@@ -18,7 +18,7 @@ PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x"
 def tiny_checkpoint(folder: Path, **overrides) -> Path:
     """``folder/model.pt``: the tiny model with seeded random weights (serving needs no accuracy);
     ``overrides`` are config sections, e.g. ``model={"spatial_dims": 2}``."""
-    return save_initial_checkpoint(folder / "model.pt", tiny_config(**overrides))
+    return seeded_checkpoint(folder / "model.pt", tiny_config(**overrides))
 
 
 @contextlib.contextmanager

@@ -11,17 +11,18 @@ import torch
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
-from btcv_unetr import cli, train
-from btcv_unetr.checks import Expected, check_data
+from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR, ConfigError, build_config, parse_label_map
 from btcv_unetr.config import _read_yaml as read_yaml
-from btcv_unetr.data import load_config_split
+from btcv_unetr.data.checks import Expected, check_data
+from btcv_unetr.data.datalist import load_config_split
+from btcv_unetr.data.transforms import train_transforms, val_transforms
 from btcv_unetr.distributed import Context
-from btcv_unetr.evaluate import map_values
-from btcv_unetr.model import build_model
-from btcv_unetr.optim import build_optimizer
-from btcv_unetr.precision import Precision
-from btcv_unetr.transforms import train_transforms, val_transforms
+from btcv_unetr.inference.evaluate import map_values
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.precision import Precision
+from btcv_unetr.train import loop as train
+from btcv_unetr.train.optim import build_optimizer
 
 CLASSES = {"0": "background", "1": "animal", "2": "boundary"}
 
@@ -207,7 +208,7 @@ def test_2d_onnx_export_gives_the_eager_logits_for_any_batch(tmp_path):
 
 def test_iou_dice_and_pixel_accuracy_from_a_known_confusion():
     """4 x 4 pixels: class 1 has 4 true pixels, 2 found and 2 false alarms; class 2 has 2, both found."""
-    from btcv_unetr.evaluate import case_metrics, summarise
+    from btcv_unetr.inference.evaluate import case_metrics, summarise
     label = np.zeros((4, 4), np.int16)
     prediction = np.zeros((4, 4), np.int16)
     label[0, :4] = 1

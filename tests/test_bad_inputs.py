@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.config import CONFIG_DIR, build_config
 from btcv_unetr.config import _read_yaml as read_yaml
-from btcv_unetr.config import build_config
 from btcv_unetr.files import folder_lock
-from btcv_unetr.model import build_model
+from btcv_unetr.model.build import build_model
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])

@@ -14,14 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from monai.bundle.utils import DEFAULT_METADATA
 from monai.networks.nets import UNETR
 
 from btcv_unetr import cli
-from btcv_unetr.bundle import BUNDLE_FILES, MANDATORY_TENSOR_FORMAT, METADATA_SCHEMA, read_bundle
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint
-
-from conftest import tiny_config
+from btcv_unetr.model.bundle import BUNDLE_FILES, MANDATORY_TENSOR_FORMAT, METADATA_SCHEMA, read_bundle
+from btcv_unetr.model.checkpoint import load_checkpoint
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 # ``python -m monai.bundle ...`` in which importing btcv_unetr fails: a None entry in sys.modules makes every
 # ``import btcv_unetr`` raise ImportError, so a bundle that needed the package could not run.
@@ -41,7 +41,7 @@ def monai_bundle(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """The tiny model with seeded random weights: its masks hold many classes, so agreement means something."""
-    return save_initial_checkpoint(tmp_path_factory.mktemp("run") / "model.pt", tiny_config())
+    return seeded_checkpoint(tmp_path_factory.mktemp("run") / "model.pt", tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_export_refusals_are_one_line_and_write_nothing(case, checkpoint, tmp_pa
     else:
         model = {"num_layers": 24} if case == "deeper_vit" else {"spatial_dims": 2, "in_channels": 3, "roi_x": 64,
                                                                   "roi_y": 64}
-        source = save_initial_checkpoint(tmp_path / "run" / "model.pt", tiny_config(model=model))
+        source = seeded_checkpoint(tmp_path / "run" / "model.pt", tiny_config(model=model))
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert cli.main(["export", "--checkpoint", str(source), "--bundle", str(folder), *extra]) == 2
     err = capsys.readouterr().err

@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.checkpoint import CHECKPOINT_VERSION, load_checkpoint, weights_checksum
 from btcv_unetr.config import CONFIG_DIR
 from btcv_unetr.errors import UserError
-from btcv_unetr.model import build_model
-from btcv_unetr.optim import build_optimizer, build_scheduler
-
-from conftest import tiny_config
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.checkpoint import CHECKPOINT_VERSION, load_checkpoint, weights_checksum
+from btcv_unetr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,7 +104,7 @@ def test_anything_else_needing_code_is_still_refused(tmp_path):
 
 
 def test_save_every_writes_the_resumable_state_every_n_epochs_and_at_the_end(phantom_dir, tmp_path, monkeypatch):
-    from btcv_unetr import train
+    from btcv_unetr.train import loop as train
     saved = []
     real = train.save_checkpoint
 
@@ -197,10 +196,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_the_next_
     script = textwrap.dedent(f"""
         import os, signal, torch
         from pathlib import Path
-        from btcv_unetr.checkpoint import save_checkpoint
+        from btcv_unetr.model.checkpoint import save_checkpoint
         from btcv_unetr.config import build_config, _read_yaml
-        from btcv_unetr.model import build_model
-        from btcv_unetr.precision import Precision
+        from btcv_unetr.model.build import build_model
+        from btcv_unetr.model.precision import Precision
         config = build_config([_read_yaml(Path({config_dir!r}) / "tiny.yaml")])
         model = build_model(config.model)
         optimizer = torch.optim.AdamW(model.parameters())

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from btcv_unetr.checks import check_data
+from btcv_unetr.data.checks import check_data
 
 AFFINE = np.diag([-0.8, -0.8, 3.0, 1.0])
 

@@ -3,8 +3,16 @@ import dataclasses
 import pytest
 import yaml
 
-from btcv_unetr.config import (CONFIG_DIR, FIELD_SECTION, SECTIONS, Config, ConfigError, build_config,
-                               config_from_dict, parse_config)
+from btcv_unetr.config import (
+    CONFIG_DIR,
+    FIELD_SECTION,
+    SECTIONS,
+    Config,
+    ConfigError,
+    build_config,
+    config_from_dict,
+    parse_config,
+)
 
 
 def test_defaults_are_the_reference_recipe():

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from btcv_unetr import cli
 from btcv_unetr.config import ConfigError
-from btcv_unetr.crossval import crossval_report, format_report, read_case_metrics, write_report
-from btcv_unetr.data import case_name, load_config_split, load_split
+from btcv_unetr.data.datalist import case_name, load_config_split, load_split
 from btcv_unetr.errors import UserError
-from btcv_unetr.evaluate import CaseMetrics, write_reports
-
-from conftest import tiny_config
+from btcv_unetr.inference.evaluate import CaseMetrics, write_reports
+from btcv_unetr.train.crossval import crossval_report, format_report, read_case_metrics, write_report
 
 # The shipped folds (reference/README.md): fold 0 is dataset_0's validation set.
 FOLD_CASES = {0: [*range(35, 41)], 1: [*range(29, 35)], 2: [*range(23, 29)], 3: [*range(7, 11), 21, 22],

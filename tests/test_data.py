@@ -1,14 +1,20 @@
 import json
 
 import pytest
+from conftest import tiny_config
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from btcv_unetr.data import (BUILTIN_DATALISTS, base_dir_for, case_name, load_config_split, load_split,
-                             make_dataset, resolve_datalist)
+from btcv_unetr.data.datalist import (
+    BUILTIN_DATALISTS,
+    base_dir_for,
+    case_name,
+    load_config_split,
+    load_split,
+    make_dataset,
+    resolve_datalist,
+)
 from btcv_unetr.errors import UserError
 from btcv_unetr.labels import BTCV_LABELS
-
-from conftest import tiny_config
 
 
 def test_shipped_btcv_split_is_the_reference_one():

@@ -9,18 +9,17 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import tiny_config
 from monai.losses import DiceCELoss
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from btcv_unetr import train
 from btcv_unetr.distributed import Context, gather_objects, launch
 from btcv_unetr.errors import UserError
-from btcv_unetr.model import build_model
-from btcv_unetr.precision import Precision
-from btcv_unetr.optim import build_optimizer
-
-from conftest import tiny_config
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.precision import Precision
+from btcv_unetr.train import loop as train
+from btcv_unetr.train.optim import build_optimizer
 
 
 def _batch(rank: int) -> dict:

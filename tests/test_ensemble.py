@@ -15,19 +15,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
-from btcv_unetr import cli
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint
-from btcv_unetr.config import Config
-from btcv_unetr.ensemble import ensemble_card, ensemble_checksum, member_files
-from btcv_unetr.errors import UserError
-from btcv_unetr.images import mask_provenance
-from btcv_unetr.infer import Predictor
-from btcv_unetr.provenance import NO_CARD, model_card_lines
-from btcv_unetr.serve.command import predictor_config
-
 from conftest import tiny_config
 from serving import running_server
+
+from btcv_unetr import cli
+from btcv_unetr.config import Config
+from btcv_unetr.data.images import mask_provenance
+from btcv_unetr.errors import UserError
+from btcv_unetr.inference.ensemble import ensemble_card, ensemble_checksum, member_files
+from btcv_unetr.inference.predictor import Predictor
+from btcv_unetr.model.checkpoint import load_checkpoint
+from btcv_unetr.model.provenance import NO_CARD, model_card_lines
+from btcv_unetr.serve.command import predictor_config
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 # The members' preprocessing: at 10 mm a phantom is two 32^3 windows (18 at the tiny config's 6 mm), which keeps
 # the many passes of these tests short; inference takes the spacing from the checkpoints.
@@ -38,7 +38,7 @@ COARSE = {"space_x": 10.0, "space_y": 10.0, "space_z": 10.0}
 def members(tmp_path_factory) -> list[Path]:
     """Two checkpoints of the tiny model, seeds 1 and 2, as training writes them (config and card inside)."""
     folder = tmp_path_factory.mktemp("members")
-    return [save_initial_checkpoint(folder / f"seed{seed}" / "model.pt", tiny_config(data=COARSE), seed=seed)
+    return [seeded_checkpoint(folder / f"seed{seed}" / "model.pt", tiny_config(data=COARSE), seed=seed)
             for seed in (1, 2)]
 
 
@@ -141,7 +141,7 @@ def test_an_ensemble_card_gives_each_member_its_fold_and_validation():
 def test_members_of_another_architecture_or_preprocessing_are_refused_in_one_line(members, tmp_path):
     for section, key, value in (("model", "feature_size", 16), ("data", "space_x", 5.0)):
         overrides = {"data": COARSE, section: {**(COARSE if section == "data" else {}), key: value}}
-        other = save_initial_checkpoint(tmp_path / key / "model.pt", tiny_config(**overrides))
+        other = seeded_checkpoint(tmp_path / key / "model.pt", tiny_config(**overrides))
         with pytest.raises(UserError) as refused:
             Predictor(_config([members[0], other]))
         first = 8 if key == "feature_size" else 10.0

@@ -8,13 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint
 from btcv_unetr.config import CONFIG_DIR
-from btcv_unetr.model import build_model
-
-from conftest import tiny_config
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.checkpoint import load_checkpoint
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 
@@ -22,7 +22,7 @@ TINY = str(CONFIG_DIR / "tiny.yaml")
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A training checkpoint of the tiny model with seeded random weights (agreement needs no accuracy)."""
-    return save_initial_checkpoint(tmp_path_factory.mktemp("run") / "model_final.pt", tiny_config())
+    return seeded_checkpoint(tmp_path_factory.mktemp("run") / "model_final.pt", tiny_config())
 
 
 def _checkpoint_model(path: Path) -> torch.nn.Module:

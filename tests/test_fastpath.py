@@ -11,23 +11,32 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from monai.losses import DiceCELoss
+from reference import InverseTransformPredictor, reference_style  # benchmarks/reference.py
 
-from btcv_unetr import cli, infer
+from btcv_unetr import cli
 from btcv_unetr.allocator import keep_freed_memory
 from btcv_unetr.config import FastConfig, parse_config
+from btcv_unetr.data.transforms import infer_transforms
 from btcv_unetr.distributed import Context
-from btcv_unetr.infer import Predictor, auto_sw_batch_size, class_map, probabilities_to_scan
-from btcv_unetr.model import (ChannelsLastInstanceNorm3d, build_model, channels_last_norms, memory_format_for,
-                              sdpa_for, to_memory_format, use_sdpa)
-from btcv_unetr.optim import build_optimizer
-from btcv_unetr.phantoms import generate_case
-from btcv_unetr.precision import CpuFeatures, Precision
-from btcv_unetr.train import micro_batch_size, train_step
-from btcv_unetr.transforms import infer_transforms
-
-from conftest import tiny_config
-from reference import InverseTransformPredictor, reference_style  # benchmarks/reference.py
+from btcv_unetr.inference import sliding_window
+from btcv_unetr.inference.inversion import class_map, probabilities_to_scan
+from btcv_unetr.inference.predictor import Predictor
+from btcv_unetr.inference.sliding_window import auto_sw_batch_size
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.precision import CpuFeatures, Precision
+from btcv_unetr.model.speed import (
+    ChannelsLastInstanceNorm3d,
+    channels_last_norms,
+    memory_format_for,
+    sdpa_for,
+    to_memory_format,
+    use_sdpa,
+)
+from btcv_unetr.synthetic.phantoms import generate_case
+from btcv_unetr.train.loop import micro_batch_size, train_step
+from btcv_unetr.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -275,7 +284,7 @@ def test_automatic_sizes():
                                                      (False, "fp32", 2)])
 def test_automatic_windows_per_cpu_class(monkeypatch, amx, precision, windows):
     features = CpuFeatures("test CPU", "AVX512", avx512_bf16=True, amx_bf16=amx, arm_bf16=False)
-    monkeypatch.setattr(infer, "cpu_features", lambda: features)
+    monkeypatch.setattr(sliding_window, "cpu_features", lambda: features)
     assert auto_sw_batch_size(0, CPU, (96, 96, 96), 16, precision) == windows
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from btcv_unetr import cli, train
-from btcv_unetr.checks import check_data
+from btcv_unetr import cli
+from btcv_unetr.data.checks import check_data
 from btcv_unetr.labels import label_map
-from btcv_unetr.phantoms import generate_case
+from btcv_unetr.synthetic.phantoms import generate_case
+from btcv_unetr.train import loop as train
 
 # The sources' own names, spelt as they spell them (BTCV class -> name): the tables under test are not reused.
 TOTALSEGMENTATOR_FILES = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "esophagus",
@@ -224,9 +225,9 @@ def test_validation_scores_only_the_organs_a_case_annotates():
 
 def test_training_gives_each_crop_its_annotated_classes_to_the_loss():
     from btcv_unetr.distributed import Context
-    from btcv_unetr.model import build_model
-    from btcv_unetr.optim import build_optimizer
-    from btcv_unetr.precision import Precision
+    from btcv_unetr.model.build import build_model
+    from btcv_unetr.model.precision import Precision
+    from btcv_unetr.train.optim import build_optimizer
     seen = []
 
     def loss_fn(logits, target, annotated=None):
@@ -359,8 +360,8 @@ def test_a_mask_on_another_grid_is_one_line(scans, tmp_path, capsys):
 
 
 def test_nnunet_names_match_whatever_their_word_order_case_and_punctuation(tmp_path):
+    from btcv_unetr.data.importers import label_names, nnunet_mapping
     from btcv_unetr.errors import UserError
-    from btcv_unetr.importers import label_names, nnunet_mapping
     names = {0: "background", 1: "Kidney (R)", 2: "Adrenal_Gland_Left", 3: "IVC", 4: "portal_vein_and_splenic_vein",
              5: "Gall Bladder", 6: "colon"}
     values, mapping, _ = nnunet_mapping(names, tmp_path / "dataset.json")

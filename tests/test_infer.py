@@ -10,14 +10,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from btcv_unetr.config import build_config, _read_yaml as read_yaml, CONFIG_DIR
-from btcv_unetr.evaluate import case_metrics, evaluate_folders, summarise
+from btcv_unetr.config import CONFIG_DIR, build_config
+from btcv_unetr.config import _read_yaml as read_yaml
 from btcv_unetr.errors import UserError
-from btcv_unetr.export import export
 from btcv_unetr.files import folder_lock
-from btcv_unetr.infer import Predictor, keep_largest_components, probabilities_to_scan, run_inference
-from btcv_unetr.model import build_model
-from btcv_unetr.phantoms import generate_case
+from btcv_unetr.inference.batch import run_inference
+from btcv_unetr.inference.evaluate import case_metrics, evaluate_folders, summarise
+from btcv_unetr.inference.export import export
+from btcv_unetr.inference.inversion import probabilities_to_scan
+from btcv_unetr.inference.predictor import Predictor, keep_largest_components
+from btcv_unetr.model.build import build_model
+from btcv_unetr.synthetic.phantoms import generate_case
 
 ROOT = Path(__file__).resolve().parent.parent
 

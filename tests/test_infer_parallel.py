@@ -19,18 +19,17 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+from conftest import tiny_config
 
-from btcv_unetr.checkpoint import save_initial_checkpoint
 from btcv_unetr.config import ConfigError, build_config
 from btcv_unetr.distributed import share_cpu_threads
 from btcv_unetr.errors import UserError
-from btcv_unetr.evaluate import evaluate_folders, summarise
 from btcv_unetr.files import folder_lock, remove_stale_temporaries
-from btcv_unetr.infer import run_inference
-from btcv_unetr.infer_parts import Part, mask_problem
-from btcv_unetr.phantoms import generate_case
-
-from conftest import tiny_config
+from btcv_unetr.inference.batch import run_inference
+from btcv_unetr.inference.evaluate import evaluate_folders, summarise
+from btcv_unetr.inference.parts import Part, mask_problem
+from btcv_unetr.synthetic.phantoms import generate_case
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("scan_a", "scan_b", "scan_c", "scan_d")  # sorted: scan_a and scan_c are part 0/2, the others part 1/2
@@ -45,7 +44,7 @@ def world(tmp_path_factory) -> dict:
     """A tiny checkpoint, four labelled phantom scans of different sizes (a folder, and a datalist of them), and
     the folder one process makes of the scans."""
     root = tmp_path_factory.mktemp("parallel")
-    checkpoint = save_initial_checkpoint(root / "run" / "model.pt", tiny_config())
+    checkpoint = seeded_checkpoint(root / "run" / "model.pt", tiny_config())
     (root / "scans").mkdir()
     (root / "labels").mkdir()
     for index, (name, size) in enumerate(zip(CASES, (40, 48, 44, 36)), start=1):
@@ -153,7 +152,7 @@ def test_a_killed_run_continued_gives_the_folder_of_an_uninterrupted_run(world):
 def test_continue_reports_over_all_cases_and_redoes_what_plain_skipping_keeps(phantom_dir, tmp_path):
     """With labels: a continued run's summary.json equals an uninterrupted run's, its metrics.csv too but for
     the seconds; without --continue a truncated mask is skipped as it is (only its existence is looked at)."""
-    checkpoint = save_initial_checkpoint(tmp_path / "model.pt", tiny_config())
+    checkpoint = seeded_checkpoint(tmp_path / "model.pt", tiny_config())
     layer = {"data": {"data_dir": str(phantom_dir), "json_list": "dataset.json"},
              "train": {"pretrained_dir": str(tmp_path), "pretrained_model_name": checkpoint.name, "precision": "fp32"},
              "infer": {"split": "training", "overlay": False, "hd95": False, "device": "cpu", "infer_overlap": 0.0}}

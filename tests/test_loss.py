@@ -5,7 +5,7 @@ import torch
 from monai.losses import DiceCELoss, DiceLoss
 
 from btcv_unetr.config import TrainConfig
-from btcv_unetr.loss import ClassWeightedDiceCELoss, build_loss, class_volumes, inverse_sqrt_volume_weights
+from btcv_unetr.train.loss import ClassWeightedDiceCELoss, build_loss, class_volumes, inverse_sqrt_volume_weights
 
 CPU = torch.device("cpu")
 
@@ -103,7 +103,7 @@ def test_ce_jaccard_is_cross_entropy_plus_soft_jaccard_by_hand(shape):
 
 
 def test_ce_jaccard_weights_its_jaccard_terms_only(tmp_path):
-    from btcv_unetr.loss import CEJaccardLoss
+    from btcv_unetr.train.loss import CEJaccardLoss
     logits, target = _four_voxels((2, 2, 1))
     weighted = CEJaccardLoss(torch.tensor([1.0, 3.0]), smooth_nr=0.0, smooth_dr=1e-6)(logits, target)
     ce = (3 * np.log(4 / 3) + np.log(4)) / 4
@@ -120,7 +120,7 @@ def test_ce_jaccard_weights_its_jaccard_terms_only(tmp_path):
 @pytest.mark.parametrize("settings", [{}, {"class_weights": "inverse_sqrt_volume"}, {"loss": "ce_jaccard"}],
                          ids=["dice_ce", "weighted", "ce_jaccard"])
 def test_marginal_loss_with_every_class_annotated_is_the_plain_loss(tmp_path, settings):
-    from btcv_unetr.loss import MarginalLoss
+    from btcv_unetr.train.loss import MarginalLoss
     torch.manual_seed(0)
     logits, target = torch.randn(2, 4, 6, 6, 6), torch.randint(0, 4, (2, 1, 6, 6, 6)).float()
     labels = [_label_file(tmp_path / "a.nii.gz", {1: 400, 2: 100, 3: 4})]

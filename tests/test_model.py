@@ -1,10 +1,10 @@
 import pytest
 import torch
+from conftest import tiny_config
 
 from btcv_unetr.errors import UserError
-from btcv_unetr.model import build_model, load_pretrained, load_torchscript_weights
-
-from conftest import tiny_config
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.weights import load_pretrained, load_torchscript_weights
 
 LEGACY_EXTRA = ("vit.patch_embedding.cls_token", "encoder2.blocks.0.1.conv3.conv.weight",
                 "encoder2.blocks.1.1.conv3.conv.weight", "encoder3.blocks.0.1.conv3.conv.weight")
@@ -102,7 +102,7 @@ def test_torchscript_weights_load_into_the_eager_model(model, volume, tmp_path):
 def test_each_preset_builds_with_its_printed_parameter_count(preset, parameters):
     """lite, base (the paper's ViT-B: about 92.6 M parameters for BTCV) and large (ViT-L, 24 blocks)."""
     from btcv_unetr.config import parse_config
-    from btcv_unetr.model import describe_model_size, model_size
+    from btcv_unetr.model.build import describe_model_size, model_size
     config = parse_config(["--preset", preset]).model
     with torch.device("meta"):  # the count needs the modules, not their memory
         model = build_model(config)
@@ -115,7 +115,7 @@ def test_each_preset_builds_with_its_printed_parameter_count(preset, parameters)
 
 
 def test_a_deeper_vit_feeds_the_decoder_from_a_quarter_half_and_three_quarters_of_its_depth():
-    from btcv_unetr.model import DeeperUNETR
+    from btcv_unetr.model.build import DeeperUNETR
     model = build_model(tiny_config(model={"num_layers": 8}).model).eval()
     assert isinstance(model, DeeperUNETR) and len(model.vit.blocks) == 8
     blocks, skips = {}, {}

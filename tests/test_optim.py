@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from btcv_unetr.config import build_config
-from btcv_unetr.optim import build_optimizer, build_scheduler, lr_factor
+from btcv_unetr.train.optim import build_optimizer, build_scheduler, lr_factor
 
 
 def _train(**values):

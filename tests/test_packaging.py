@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import btcv_unetr
 from btcv_unetr.config import parse_config
-from btcv_unetr.data import resolve_datalist
+from btcv_unetr.data.datalist import resolve_datalist
 print(btcv_unetr.__file__)
 print(parse_config(["--config", "phantom_demo.yaml"]).model.feature_size)
 print(resolve_datalist("/nonexistent", "dataset_0.json"))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from btcv_unetr.plots import save_overlay, to_display_order
+from btcv_unetr.inference.plots import save_overlay, to_display_order
 
 matplotlib = pytest.importorskip("matplotlib")  # an install extra ('plot'); the test extra includes it
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from btcv_unetr import cli, precision
-from btcv_unetr.config import parse_config
-from btcv_unetr.infer import Predictor
-from btcv_unetr.model import build_model
-from btcv_unetr.precision import CpuFeatures, Precision, resolve_precision
-
 from conftest import tiny_config
+
+from btcv_unetr import cli
+from btcv_unetr.config import parse_config
+from btcv_unetr.inference.predictor import Predictor
+from btcv_unetr.model import precision
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.precision import CpuFeatures, Precision, resolve_precision
 
 CPU = torch.device("cpu")
 AVX2 = CpuFeatures("AMD EPYC (AVX2)", "AVX2", avx512_bf16=False, amx_bf16=False, arm_bf16=False)
@@ -242,8 +242,9 @@ def test_a_cache_that_cannot_be_written_costs_one_warning_not_the_run(machine, m
 
 def test_the_tests_and_their_processes_use_a_temporary_cache_not_the_users():
     import subprocess
+
     from conftest import TEST_CACHE_HOME
-    script = "from btcv_unetr.precision import cache_folder; print(cache_folder())"
+    script = "from btcv_unetr.model.precision import cache_folder; print(cache_folder())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(Path(TEST_CACHE_HOME) / "btcv-unetr")
 

@@ -14,14 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
-from btcv_unetr import cli, pretrained
+from btcv_unetr import cli
 from btcv_unetr.config import build_config
 from btcv_unetr.errors import UserError
-from btcv_unetr.model import build_model
-from btcv_unetr.pretrained import RELEASED, Released, resolve_pretrained
-
-from conftest import tiny_config
+from btcv_unetr.model import pretrained
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.pretrained import RELEASED, Released, resolve_pretrained
 
 TINY_MODEL = {key: getattr(tiny_config().model, key) for key in ("roi_x", "roi_y", "roi_z", "feature_size",
                                                                  "hidden_size", "mlp_dim", "num_heads")}

@@ -11,18 +11,25 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from btcv_unetr import __version__, cli
-from btcv_unetr.checkpoint import load_checkpoint, save_initial_checkpoint
-from btcv_unetr.images import mask_provenance, write_mask
-from btcv_unetr.infer import Predictor
+from btcv_unetr.data.images import descrip, mask_provenance, write_mask
+from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.labels import BTCV_LABELS, ORGANS
-from btcv_unetr.model import build_model
-from btcv_unetr.provenance import (NO_CARD, PLAUSIBLE_VOLUMES_ML, card_warning, data_facts, descrip, model_card_lines,
-                                   provenance, volume_flag)
-from btcv_unetr.shapes2d import write_dataset as write_pictures
-
-from conftest import tiny_config
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.checkpoint import load_checkpoint
+from btcv_unetr.model.provenance import (
+    NO_CARD,
+    PLAUSIBLE_VOLUMES_ML,
+    card_warning,
+    data_facts,
+    model_card_lines,
+    provenance,
+    volume_flag,
+)
+from btcv_unetr.synthetic.shapes2d import write_dataset as write_pictures
+from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 PHANTOM_WARNING = ("WARNING: this model was trained on synthetic phantoms (btcv-unetr phantoms): it is not for real "
                    "scans; its masks of real CT are mostly wrong")
@@ -88,7 +95,7 @@ def test_mask_headers_carry_version_checksum_precision_device_overlap_and_tta(ru
                                         infer_overlap=0.25, tta=True, precision="fp32"))
     stored = load_checkpoint(run / "model.pt")
     assert predictor.model_card == stored["model_card"] and predictor.weights_checksum == stored["checksum"]
-    from btcv_unetr.infer import run_inference
+    from btcv_unetr.inference.batch import run_inference
     run_inference(predictor.config, predictor)
     mask = next(tmp_path.glob("*_seg.nii.gz"))
     found = mask_provenance(mask)
@@ -136,7 +143,7 @@ def test_a_checkpoint_without_a_card_loads_as_before_and_says_so(tmp_path, capsy
 
 
 def test_random_weights_say_so(tmp_path):
-    content = load_checkpoint(save_initial_checkpoint(tmp_path / "model.pt", tiny_config()))
+    content = load_checkpoint(seeded_checkpoint(tmp_path / "model.pt", tiny_config()))
     card = content["model_card"]
     assert card["steps"] == 0 and card["datalist"] is None and card["validation_dice"] == {}
     assert card_warning(card) == ("WARNING: this model's weights are random (it was never trained): "

@@ -19,9 +19,9 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+from serving import running_server, tiny_checkpoint
 
 from btcv_unetr.serve.jobs import MARKER
-from serving import running_server, tiny_checkpoint
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -98,8 +98,9 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
 
 
 def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
-    from btcv_unetr import cli
     from serving import free_port
+
+    from btcv_unetr import cli
     assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port())]) == 2
     assert capsys.readouterr().err.strip() == f"error: serve: checkpoint not found: {tmp_path / 'missing.pt'}"
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -165,7 +166,7 @@ def test_every_result_says_what_made_it(server, scan, tmp_path):
         masks.append(httpx.get(f"{server}/jobs/{job['id']}/mask").content)
     assert masks[0] == masks[1]
     (tmp_path / "mask.nii.gz").write_bytes(masks[0])
-    from btcv_unetr.images import mask_provenance
+    from btcv_unetr.data.images import mask_provenance
     assert mask_provenance(tmp_path / "mask.nii.gz") == info["provenance"]
     descrip = nib.load(tmp_path / "mask.nii.gz").header["descrip"].tobytes().decode()
     assert info["provenance"]["weights_sha256"][:12] in descrip and "fp32 cpu ov 0.5 tta off" in descrip
@@ -183,7 +184,7 @@ def test_volumes_far_outside_the_plausible_range_are_flagged(server, tmp_path):
     """A liver of 1 mL is far too small and a spleen of 648 mL too large (over 640); organs without a range (the
     aorta) or without voxels are never flagged; pictures have no volumes to flag."""
     from btcv_unetr.labels import BTCV_LABELS
-    from btcv_unetr.provenance import PLAUSIBLE_VOLUMES_ML
+    from btcv_unetr.model.provenance import PLAUSIBLE_VOLUMES_ML
     from btcv_unetr.serve.worker import organ_volumes
     labels = np.zeros((100, 100, 100), np.uint8)  # 1 mm voxels
     labels[:10, :10, :10] = 6  # liver: 1 mL

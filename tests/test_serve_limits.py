@@ -21,7 +21,6 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-
 from bench import declared_nifti_gz, free_port, wait_until_healthy
 from serving import running_server, tiny_checkpoint
 from test_serve import _dicom_zip, _submit, _wait

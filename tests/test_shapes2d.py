@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from btcv_unetr import cli
-from btcv_unetr.checks import Expected, check_data
-from btcv_unetr.shapes2d import FACE_CLASSES, FACE_MIRROR_PAIRS, PET_CLASSES, generate_scene, write_dataset
+from btcv_unetr.data.checks import Expected, check_data
+from btcv_unetr.synthetic.shapes2d import FACE_CLASSES, FACE_MIRROR_PAIRS, PET_CLASSES, generate_scene, write_dataset
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -5,20 +5,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from btcv_unetr.errors import UserError
+from conftest import tiny_config
 from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
-from btcv_unetr import cli, train
-from btcv_unetr.data import load_config_split
+from btcv_unetr import cli
+from btcv_unetr.data.datalist import load_config_split
+from btcv_unetr.data.transforms import train_transforms
 from btcv_unetr.distributed import Context
-from btcv_unetr.model import build_model
-from btcv_unetr.precision import Precision
-from btcv_unetr.optim import build_optimizer
-from btcv_unetr.transforms import train_transforms
-
-from conftest import tiny_config
+from btcv_unetr.errors import UserError
+from btcv_unetr.model.build import build_model
+from btcv_unetr.model.precision import Precision
+from btcv_unetr.train import budget as training_budget
+from btcv_unetr.train import loop as train
+from btcv_unetr.train import run_folder
+from btcv_unetr.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,11 +155,11 @@ def test_bad_input_gives_one_clear_line(phantom_dir, tmp_path, flags, message):
 
 def test_plan_epochs_fits_the_budget():
     # 1 epoch took 10 s and a validation 5 s (15 s so far); each further epoch costs 10 s + 5 s / 2.
-    assert train.plan_epochs(budget_s=100, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 7
-    assert train.plan_epochs(budget_s=10, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 2
+    assert training_budget.plan_epochs(budget_s=100, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 7
+    assert training_budget.plan_epochs(budget_s=10, elapsed_s=15, epochs_done=1, epoch_s=10, validation_s=5, val_every=2) == 2
 
 
-def _simulated_run(planner: "train.BudgetPlanner", epoch_times: list[float], validation_s: float,
+def _simulated_run(planner: "training_budget.BudgetPlanner", epoch_times: list[float], validation_s: float,
                    first_plan: int) -> tuple[int, float]:
     """The epoch loop's budget arithmetic with given times: (epochs run, seconds used)."""
     max_epochs, elapsed, epoch = first_plan, 0.0, 0
@@ -179,18 +180,18 @@ def test_the_budget_planner_fills_the_budget_from_steady_state_epochs():
     within one epoch of the budget, never past it by more than one."""
     times = [10.6] + [8.0, 8.4, 8.7, 8.2] * 30
     budget = 750.0
-    epochs, used = _simulated_run(train.BudgetPlanner(budget, val_every=10), times, 3.0, first_plan=45)
+    epochs, used = _simulated_run(training_budget.BudgetPlanner(budget, val_every=10), times, 3.0, first_plan=45)
     assert budget - 8.7 <= used <= budget + 8.7, (epochs, used)
-    first_epoch_only = train.plan_epochs(budget, 10.6 + 3.0, 1, 10.6, 3.0, 10)
+    first_epoch_only = training_budget.plan_epochs(budget, 10.6 + 3.0, 1, 10.6, 3.0, 10)
     assert first_epoch_only < epochs - 10  # what the old plan gave: 12 epochs (1.7 minutes) short
     # Slower epochs later (another job on the machine): the re-plans shorten the run instead of overrunning.
     slowing = [10.6] + [8.0] * 30 + [12.0] * 100
-    epochs, used = _simulated_run(train.BudgetPlanner(budget, val_every=10), slowing, 3.0, first_plan=45)
+    epochs, used = _simulated_run(training_budget.BudgetPlanner(budget, val_every=10), slowing, 3.0, first_plan=45)
     assert budget - 12.0 <= used <= budget + 12.0 + 3.0, (epochs, used)
 
 
 def test_the_budget_planner_stops_when_the_budget_is_spent():
-    planner = train.BudgetPlanner(budget_s=20.0, val_every=1)
+    planner = training_budget.BudgetPlanner(budget_s=20.0, val_every=1)
     assert planner.plan(1, epoch_s=15.0, validation_s=2.0, elapsed_s=17.0) == 1  # no time for a second epoch
     assert planner.steady_epoch_s() == 15.0
     planner.plan(2, epoch_s=5.0, validation_s=None, elapsed_s=22.0)
@@ -200,7 +201,7 @@ def test_the_budget_planner_stops_when_the_budget_is_spent():
 
 
 def test_time_budget_fixes_the_epochs_and_resume_keeps_them(phantom_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "plan_epochs", lambda *args, **kwargs: 3)
+    monkeypatch.setattr(training_budget, "plan_epochs", lambda *args, **kwargs: 3)
     budget = ["--time_budget_min", "5", "--max_epochs", "50", "--val_every", "10"]
     _train(phantom_dir, tmp_path / "straight", *budget)
     out = capsys.readouterr().out
@@ -212,7 +213,7 @@ def test_time_budget_fixes_the_epochs_and_resume_keeps_them(phantom_dir, tmp_pat
 
     _train(phantom_dir, tmp_path / "part", *budget, "--max_steps", "6")  # 3 steps per epoch: stops after epoch 2
     assert torch.load(tmp_path / "part/model_final.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(train, "plan_epochs", lambda *args, **kwargs: pytest.fail("a resumed run must not plan again"))
+    monkeypatch.setattr(training_budget, "plan_epochs", lambda *args, **kwargs: pytest.fail("a resumed run must not plan again"))
     _train(phantom_dir, tmp_path / "part", *budget, "--checkpoint", str(tmp_path / "part/model_final.pt"))
     assert "3 epochs, as its time budget fixed them" in capsys.readouterr().out
     resumed = torch.load(tmp_path / "part/model_final.pt", weights_only=True)
@@ -229,8 +230,8 @@ def test_validation_dice_is_the_dice_of_the_inference_pipeline_on_the_same_grid(
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
-    from btcv_unetr.infer import Predictor
-    from btcv_unetr.transforms import val_transforms
+    from btcv_unetr.data.transforms import val_transforms
+    from btcv_unetr.inference.predictor import Predictor
 
     torch.manual_seed(1)
     config = tiny_config(phantom_dir, train={"pretrained_dir": str(tmp_path), "pretrained_model_name": "w.pth",
@@ -288,8 +289,8 @@ def test_keep_best_files_count_as_an_earlier_runs_checkpoints(tmp_path):
     run.mkdir()
     (run / "model_epoch0003_dice0.4000.pt").write_bytes(b"checkpoint")
     with pytest.raises(UserError, match="holds an earlier run .model_epoch0003_dice0.4000.pt.: resume it"):
-        train.clear_earlier_run(run, tiny_config())
-    train.clear_earlier_run(run, tiny_config(infer={"overwrite": True}))
+        run_folder.clear_earlier_run(run, tiny_config())
+    run_folder.clear_earlier_run(run, tiny_config(infer={"overwrite": True}))
     assert not list(run.iterdir())
 
 
@@ -298,9 +299,9 @@ def test_keep_best_plan_ranks_by_the_score_in_the_name_and_drops_later_epochs(tm
                  "model_epoch0005_dicenan.pt", "model_epochX_dice0.1.pt"):
         (tmp_path / name).write_bytes(b"")
     # Resumed at epoch 6: epoch 9's file is from the replaced continuation; 0.50004 ties epoch 2's 0.5000.
-    new, dropped = train.keep_best_plan(tmp_path, 2, 6, 0.50004)
+    new, dropped = run_folder.keep_best_plan(tmp_path, 2, 6, 0.50004)
     assert new is None and sorted(p.name for p in dropped) == ["model_epoch0009_dice0.9000.pt"]
-    new, dropped = train.keep_best_plan(tmp_path, 2, 6, 0.61)
+    new, dropped = run_folder.keep_best_plan(tmp_path, 2, 6, 0.61)
     assert new == tmp_path / "model_epoch0006_dice0.6100.pt"
     assert sorted(p.name for p in dropped) == ["model_epoch0002_dice0.5000.pt", "model_epoch0009_dice0.9000.pt"]
-    assert train.keep_best_plan(tmp_path, 2, 6, float("nan"))[0] is None
+    assert run_folder.keep_best_plan(tmp_path, 2, 6, float("nan"))[0] is None

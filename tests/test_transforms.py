@@ -2,12 +2,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from monai.data import MetaTensor
 
-from btcv_unetr.data import load_config_split
-from btcv_unetr.transforms import infer_transforms, train_transforms, val_transforms
-
-from conftest import tiny_config
+from btcv_unetr.data.datalist import load_config_split
+from btcv_unetr.data.transforms import infer_transforms, train_transforms, val_transforms
 
 NO_AUGMENTATION = {"RandFlipd_prob": 0.0, "RandRotate90d_prob": 0.0, "RandScaleIntensityd_prob": 0.0,
                    "RandShiftIntensityd_prob": 0.0}
@@ -87,7 +86,8 @@ def test_class_balanced_crops_show_a_rare_class_as_often_as_the_others(sampler):
     """'classes' centres a third of the crops on each present class (0, 1, 13): the 27-voxel organ is in
     at least about a third of them; the reference's pos/neg sampler almost never shows it."""
     from monai.transforms import Compose
-    from btcv_unetr.transforms import random_crop
+
+    from btcv_unetr.data.transforms import random_crop
     config = tiny_config(data={"crop_sampler": sampler, "num_samples": 4})
     crops = Compose(random_crop(config)).set_random_state(seed=0)
     shown, total = 0, 0
@@ -150,7 +150,7 @@ def test_the_whole_training_chain_with_classes_shows_each_present_class_in_its_e
 
 
 def test_a_third_of_a_hue_turn_sends_red_to_green_and_keeps_greys():
-    from btcv_unetr.transforms import rotate_hue
+    from btcv_unetr.data.transforms import rotate_hue
     colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.5], [0.2, 0.6, 0.9]]).T[:, :, None]
     turned = rotate_hue(colours, 1 / 3)
     assert torch.allclose(turned[:, 0, 0], torch.tensor([0.0, 1.0, 0.0]), atol=1e-6)  # red -> green
@@ -162,7 +162,7 @@ def test_a_third_of_a_hue_turn_sends_red_to_green_and_keeps_greys():
 
 
 def test_random_hue_turns_stay_within_their_range_and_leave_grayscale_alone():
-    from btcv_unetr.transforms import RandHueRotated
+    from btcv_unetr.data.transforms import RandHueRotated
     transform = RandHueRotated(keys="image", max_turn=0.05).set_random_state(seed=3)
     rgb = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     turns = []

@@ -29,8 +29,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the service is the optional serve extra")
-from btcv_unetr.serve.viewer import VolumeCache, read_viewer_volume  # noqa: E402
 from serving import running_server, tiny_checkpoint  # noqa: E402
+
+from btcv_unetr.serve.viewer import VolumeCache, read_viewer_volume  # noqa: E402
 
 try:  # selenium is in the project's test extra; without it only the browser tests are skipped
     from selenium import webdriver

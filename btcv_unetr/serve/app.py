@@ -2,7 +2,7 @@
 
     public, api  the routes (the viewer's slices are in :mod:`.viewer`, what they share in :mod:`.service`)
     RequestGate  ASGI middleware: 401 (token), 503 (queue full) and 413 (over the limit) before a body is read
-    create_app   the application around a loaded :class:`~btcv_unetr.infer.Predictor`
+    create_app   the application around a loaded :class:`~btcv_unetr.inference.batch.Predictor`
 
 Imported only by ``serve.command`` (FastAPI is the optional ``serve`` extra).
 """
@@ -19,8 +19,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from .service import (PACS_REQUEST, SEGMENT_POLL_S, TOKEN_REFUSAL, Service, authorised, service,
-                      token_accepted)
+from .service import PACS_REQUEST, SEGMENT_POLL_S, TOKEN_REFUSAL, Service, authorised, service, token_accepted
 from .settings import MB, ServeSettings
 from .viewer import router as viewer
 

@@ -89,7 +89,7 @@ def dicomweb_from_args(url: str | None) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query:
         raise UserError(f"--dicomweb {url!r}: give the PACS's DICOMweb root as http(s)://host:port/path, without "
                         "credentials or query (Orthanc: http://host:8042/dicom-web)")
-    from ..dicom_seg import require_highdicom
+    from ..inference.dicom_seg import require_highdicom
     require_highdicom("--dicomweb")
     return url.rstrip("/")
 
@@ -124,7 +124,7 @@ def predictor_config(config: Config) -> Config:
         path = Path(given)
         if not path.is_file():
             raise UserError(f"serve: checkpoint not found: {path}")
-        from ..infer import with_weights_file
+        from ..inference.loader import with_weights_file
         config = with_weights_file(config, path)
     return dataclasses.replace(config, infer=infer)
 
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
         print(f"warning: serving on {args.host} without a token: anyone who reaches this port can use the service "
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
-    from ..infer import Predictor
+    from ..inference.predictor import Predictor
     from .app import create_app
     open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
     os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only

@@ -18,8 +18,8 @@ import dataclasses
 import json
 import os
 import queue
-import stat
 import shutil
+import stat
 import sys
 import threading
 import time

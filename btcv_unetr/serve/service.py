@@ -17,10 +17,10 @@ from fastapi import Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 
 from .. import __version__
-from ..checks import Expected
-from ..data import class_names
-from ..plots import class_colours
-from ..provenance import card_warning, model_card_lines
+from ..data.checks import Expected
+from ..data.datalist import class_names
+from ..inference.plots import class_colours
+from ..model.provenance import card_warning, model_card_lines
 from .jobs import Job, JobQueue, JobStore, QueueFull
 from .limits import GB, Declared, job_memory_bytes
 from .pacs import PacsError, check_uid, retrieve_series

@@ -21,8 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..checks import Expected, dimension_problems
-from ..images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
+from ..data.checks import Expected, dimension_problems
+from ..data.images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
 from .limits import Declared, JobLimits, limit_problem
 from .settings import MB
 

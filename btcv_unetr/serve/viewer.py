@@ -3,7 +3,7 @@
     GET /jobs/{id}/geometry                               the volume's shape, spacing, affine, first slices
     GET /jobs/{id}/slice?axis=axial|coronal|sagittal&index=N   one slice's HU values and mask labels
 
-Both need the token, like every API route. Arrays are in RAS+ voxel order (:func:`~btcv_unetr.plots.to_display_order`:
+Both need the token, like every API route. Arrays are in RAS+ voxel order (:func:`~btcv_unetr.inference.plots.to_display_order`:
 index x grows toward the patient's right, y toward anterior, z toward superior), whatever the file's own
 order; turning them into the radiological picture is the page's job. A slice is its two remaining axes
 in RAS order (axial (x, y), coronal (x, z), sagittal (y, z)), C order, little-endian: the HU values
@@ -99,7 +99,7 @@ def read_viewer_volume(scan: Path, mask: Path) -> ViewerVolume:
     """The scan and its mask (same voxel grid) turned to RAS+ voxel order."""
     from nibabel.orientations import inv_ornt_aff, io_orientation
 
-    from ..plots import to_display_order
+    from ..inference.plots import to_display_order
     image = nib.load(str(scan))
     shape = image.shape[:3]
     hu = stored_hu(image).reshape(shape)  # a trailing axis of one (X, Y, Z, 1) is not a second volume

@@ -14,20 +14,21 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..data import class_names
+from ..data.datalist import class_names
+from ..data.images import dicom_series, read_volume, write_mask
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..dicom_seg import series_files, write_dicom_seg
-from ..images import dicom_series, read_volume, write_mask
-from ..plots import class_colours
-from ..provenance import PLAUSIBLE_VOLUMES_ML, volume_flag
+from ..inference.dicom_seg import series_files, write_dicom_seg
+from ..inference.plots import class_colours
+from ..model.provenance import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
+
 
 def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str]) -> dict:
     """Voxel counts and volumes in mL of classes ``1..len(names)``; pictures (no ``affine``): pixel counts.
 
-    Each organ with a plausible adult range (:data:`~btcv_unetr.provenance.PLAUSIBLE_VOLUMES_ML`) carries it
+    Each organ with a plausible adult range (:data:`~btcv_unetr.model.provenance.PLAUSIBLE_VOLUMES_ML`) carries it
     as ``plausible_ml`` and ``flag`` "low"/"high" when its volume is far outside it (else None).
     """
     counts = np.bincount(labels.ravel(), minlength=len(names) + 1)
@@ -128,10 +129,10 @@ class Segmenter:
             path, mask = folder / job.input, folder / job.outputs["mask"]
             volume, labels = read_volume(path), np.asarray(read_volume(mask).data)
             if self.pictures:
-                from ..plots import save_picture_overlay
+                from ..inference.plots import save_picture_overlay
                 save_picture_overlay(np.asarray(volume.data), labels, out)
                 return out
-            from ..plots import save_overlay, to_display_order
+            from ..inference.plots import save_overlay, to_display_order
             image, labels, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]), labels,
                                                       np.asarray(volume.affine))
             return out if save_overlay(image, labels, spacing, out, title=job.name) else None

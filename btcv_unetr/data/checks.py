@@ -1,0 +1,172 @@
+"""``btcv-unetr check-data``: read every datalist entry and report all problems at once.
+
+Each problem is one line ``PATH: what is wrong``. Training runs these checks first and refuses to
+start on any problem, so a broken file is found in seconds, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config, parse_label_map
+from ..errors import UserError
+from .datalist import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
+from .images import Volume, read_volume
+
+SPLITS = ("training", "validation", "test")
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+def is_3d(shape: tuple[int, ...]) -> bool:
+    """A 3D volume, possibly with trailing singleton axes (X, Y, Z, 1)."""
+    return len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:]))
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the model takes: volumes (3) or pictures (2), with ``channels`` colour channels in 2D."""
+    spatial_dims: int = 3
+    channels: int = 1
+    label_map: dict[int, int] | None = None
+
+
+def dimension_problems(path: Path, volume: Volume, expected: Expected, is_label: bool) -> list[Problem]:
+    """The image's dimensions and colour channels against the model's, as one-line problems."""
+    spatial = volume.spatial_shape
+    if expected.spatial_dims == 3:
+        if is_3d(spatial) and volume.components == 1:
+            return []
+        return [Problem(str(path), f"image is {len(spatial)}D with shape {volume.shape}, expected a 3D volume")]
+    if len(spatial) != 2 and not (len(spatial) == 3 and spatial[2] == 1):
+        return [Problem(str(path), f"image has {len(spatial)} spatial dimensions (shape {volume.shape}): a 2D model "
+                                   "(spatial_dims 2) takes pictures")]
+    channels = 1 if is_label else expected.channels
+    if volume.components != channels:
+        what = "a mask must be single-channel class indices" if is_label else \
+            f"the model takes {channels} (in_channels {channels}): convert the picture or set --in_channels"
+        return [Problem(str(path), f"{volume.components} colour channel(s); {what}")]
+    return []
+
+
+def _volume_problems(path: Path, expected: Expected = Expected(), is_label: bool = False) -> tuple[Volume | None,
+                                                                                                list[Problem]]:
+    if not path.exists():
+        return None, [Problem(str(path), "file not found")]
+    try:
+        volume = read_volume(path)
+    except Exception as exc:  # nibabel and SimpleITK raise many types for corrupt files
+        return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {exc})")]
+    problems = dimension_problems(path, volume, expected, is_label)
+    if np.issubdtype(volume.data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(volume.data)))
+        if bad:
+            problems.append(Problem(str(path), f"{bad} NaN or infinite voxels"))
+    return volume, problems
+
+
+def _label_problems(label_path: Path, label: Volume, image_path: Path, image: Volume | None,
+                    num_classes: int, label_map: dict[int, int] | None = None) -> list[Problem]:
+    problems = []
+    values = np.unique(label.data[np.isfinite(label.data)] if label.data.dtype.kind == "f" else label.data)
+    if label_map is not None:
+        unlisted = [v for v in values.tolist() if v not in label_map]
+        if unlisted:
+            problems.append(Problem(str(label_path), f"mask values {', '.join(f'{v:g}' for v in unlisted[:5])} are "
+                                                     "not in --label_map"))
+        values = np.asarray([label_map[v] for v in values.tolist() if v in label_map])
+    bad = [v for v in values.tolist() if v < 0 or v >= num_classes or v != int(v)]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        problems.append(Problem(str(label_path), f"label values {shown} outside 0..{num_classes - 1}"))
+    if image is not None:
+        if image.spatial_shape[:3] != label.spatial_shape[:3]:
+            problems.append(Problem(str(label_path), f"label shape {label.shape} differs from image shape "
+                                                     f"{image.shape} ({image_path})"))
+        elif not np.allclose(image.affine, label.affine, rtol=0, atol=AFFINE_TOLERANCE_MM):
+            difference = float(np.abs(image.affine - label.affine).max())
+            problems.append(Problem(str(label_path), f"affine differs from the image's by up to {difference:.3g} mm "
+                                                     f"({image_path})"))
+    return problems
+
+
+def check_entry(entry: dict[str, str], num_classes: int, expected: Expected = Expected()) -> list[Problem]:
+    """Problems of one ``{"image", "label"?, "classes"?}`` entry (paths already absolute)."""
+    image_path = Path(entry["image"])
+    image, problems = _volume_problems(image_path, expected)
+    try:
+        annotated_classes(entry, num_classes)
+    except UserError as exc:
+        problems.append(Problem("", str(exc)))
+    if "label" in entry:
+        label_path = Path(entry["label"])
+        label, label_problems = _volume_problems(label_path, expected, is_label=True)
+        problems += label_problems
+        if label is not None and not label_problems:  # a mask of the wrong kind: its values mean nothing
+            problems += _label_problems(label_path, label, image_path, image, num_classes, expected.label_map)
+    return problems
+
+
+def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4,
+               expected: Expected = Expected()) -> tuple[list[Problem], dict]:
+    """Check the datalist and every file it names.
+
+    Returns:
+        (problems, counts): every problem found, and the number of entries per split.
+    """
+    try:
+        datalist = resolve_datalist(data_dir, json_list)
+        content = read_datalist(datalist)
+        base_dir = base_dir_for(data_dir, datalist)
+    except UserError as exc:
+        return [Problem("", str(exc))], {}
+    entries = [(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)]
+    counts = {split: len(content.get(split, [])) for split in SPLITS}
+    problems = []
+    if counts["training"] == 0:
+        problems.append(Problem(str(datalist), "datalist has no 'training' entries"))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found in pool.map(lambda item: check_entry(item[1], num_classes, expected), entries):
+            problems.extend(found)
+    return problems, counts
+
+
+def check_config_data(config: Config) -> tuple[list[Problem], dict]:
+    label_map = parse_label_map(config.data.label_map) if config.data.label_map else None
+    expected = Expected(config.model.spatial_dims, config.model.in_channels, label_map)
+    return check_data(config.data.data_dir, config.data.json_list, config.model.out_channels,
+                      workers=min(4, max(1, config.data.workers)), expected=expected)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_dir", required=True, help="dataset folder")
+    parser.add_argument("--json_list", default="dataset_0.json", help="datalist name in data_dir, or a path")
+    parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
+    parser.add_argument("--spatial_dims", type=int, choices=(2, 3), default=3, help="3: volumes, 2: pictures")
+    parser.add_argument("--in_channels", type=int, default=1, help="2D: colour channels the model takes (3: RGB)")
+    parser.add_argument("--label_map", default=None, help="2D: stored mask value to class, e.g. '1:1,2:0,3:2'")
+
+
+def run(args: argparse.Namespace) -> int:
+    expected = Expected(args.spatial_dims, args.in_channels, parse_label_map(args.label_map) if args.label_map else None)
+    problems, counts = check_data(args.data_dir, args.json_list, args.out_channels, expected=expected)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"check-data: {len(problems)} problem(s) found; fix them and run again")
+        return 1
+    print("check-data: OK, " + ", ".join(f"{n} {split}" for split, n in counts.items()) + " entries")
+    return 0

@@ -1,0 +1,174 @@
+"""DICOM Segmentation objects (highdicom) for masks of DICOM series: what PACS viewers (OHIF, 3D Slicer) show.
+
+    require_highdicom  the ``dicom`` extra, or one line that says how to install it
+    series_files       the files of one series of a folder, in SimpleITK's slice order
+    organ_codes        SNOMED CT code (and laterality) of an organ name; generic where none exists
+    slice_indices      which slice of the mask's grid each SOP instance of the series is
+    write_dicom_seg    labels on the series' grid -> one SEG file referencing the series, atomically
+
+A mask here is ``(X, Y, Z)`` uint8 in the voxel order of the NIfTI that SimpleITK wrote from the
+series (X: the slices' columns, Y: their rows, Z: the slices), with that NIfTI's RAS affine.
+Each slice is matched to its SOP instance by the instance's ImagePositionPatient (DICOM's world is
+LPS), never by file order, so the frames land where the series' own slices are.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import __version__
+from ..data.images import LPS_TO_RAS
+from ..errors import UserError
+from ..files import atomic_write
+
+if TYPE_CHECKING:
+    from pydicom.sr.coding import Code
+
+SEG_SUFFIX = "_seg.dcm"
+EXTRA_LINE = "--output_format dicom_seg needs the dicom extra: pip install 'btcv-unetr[dicom]'"
+# A slice farther than this from a voxel plane of the grid (in voxels), or in-plane cosines farther
+# apart than COSINE_TOLERANCE, is not on the grid: NIfTI stores its affine in float32.
+POSITION_TOLERANCE = 0.05
+COSINE_TOLERANCE = 1e-3
+
+
+def require_highdicom(what: str = "--output_format dicom_seg") -> None:
+    """Raise a one-line :class:`UserError` naming ``what`` when highdicom (the ``dicom`` extra) is not installed."""
+    try:
+        import highdicom  # noqa: F401
+    except ImportError:
+        raise UserError(EXTRA_LINE.replace("--output_format dicom_seg", what, 1)) from None
+
+
+def series_files(folder: Path, series: str) -> list[Path]:
+    """The files of series UID ``series`` in ``folder``, in the slice order SimpleITK reads them (GDCM)."""
+    import SimpleITK as sitk
+    return [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)]
+
+
+def organ_codes(name: str) -> tuple[Code, Code | None]:
+    """``(property type, laterality modifier or None)`` as pydicom ``Code``s for a class name.
+
+    The 13 BTCV organs have SNOMED CT codes; the kidneys and adrenal glands take the organ's code
+    with a Right/Left modifier, the way DICOM's segmentation property types (CID 7151) code
+    laterality. Any other name gets the generic "anatomical structure".
+    """
+    from pydicom.sr.codedict import codes
+    sct = codes.SCT
+    known = {"spleen": (sct.Spleen, None), "right kidney": (sct.Kidney, sct.Right),
+             "left kidney": (sct.Kidney, sct.Left), "gallbladder": (sct.Gallbladder, None),
+             "esophagus": (sct.Esophagus, None), "liver": (sct.Liver, None), "stomach": (sct.Stomach, None),
+             "aorta": (sct.Aorta, None), "inferior vena cava": (sct.InferiorVenaCava, None),
+             # BTCV labels the portal and splenic veins as one class, and no SNOMED CT concept covers
+             # exactly those two veins: the generic code, with the name in the segment label.
+             "portal and splenic veins": (sct.AnatomicalStructure, None),
+             "pancreas": (sct.Pancreas, None), "right adrenal gland": (sct.AdrenalGland, sct.Right),
+             "left adrenal gland": (sct.AdrenalGland, sct.Left)}
+    return known.get(name.strip().lower(), (sct.AnatomicalStructure, None))
+
+
+def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance: Mapping | None = None) -> list:
+    """One highdicom ``SegmentDescription`` per class ``1..len(names)``; ``colours`` is ``(len(names) + 1, 3)``
+    uint8 RGB, row 0 the background's. ``provenance`` becomes the algorithm's parameters (weights checksum,
+    precision, device, overlap, TTA), the standard's place for how a segment was made."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+    parameters = {key: str(value) for key, value in (provenance or {}).items() if key != "package_version"}
+    algorithm = hd.AlgorithmIdentificationSequence(name="btcv-unetr UNETR", version=__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence,
+                                                   parameters=parameters or None)
+    descriptions = []
+    for number, name in enumerate(names, start=1):
+        kind, side = organ_codes(name)
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name[:64], segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*(int(c) for c in colours[number])))
+        if side is not None:  # highdicom has no argument for it: the attribute of the type's code item
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = \
+                [hd.sr.CodedConcept.from_code(side)]
+        descriptions.append(description)
+    return descriptions
+
+
+def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, int], display: str) -> list[int]:
+    """For each source dataset (pydicom, pixels not needed), the slice ``k`` of the ``shape`` = ``(X, Y, Z)``
+    grid with RAS ``affine`` that it is; a one-line :class:`UserError` naming ``display`` when the series
+    is not exactly that grid's slices (columns along X, rows along Y, one instance per slice)."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)  # the same flip takes RAS back to LPS
+    to_voxel = np.linalg.inv(lps)
+    axes = lps[:3, :2] / np.linalg.norm(lps[:3, :2], axis=0)
+    indices = []
+    for dataset in sources:
+        voxel = to_voxel @ np.append(np.asarray(dataset.ImagePositionPatient, dtype=np.float64), 1.0)
+        k = int(round(voxel[2]))
+        cosines = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64).reshape(2, 3).T
+        on_grid = np.abs(voxel[:3] - (0.0, 0.0, k)).max() < POSITION_TOLERANCE and \
+            np.abs(cosines - axes).max() < COSINE_TOLERANCE and 0 <= k < shape[2] and \
+            (int(dataset.Columns), int(dataset.Rows)) == shape[:2]
+        if not on_grid:
+            raise UserError(f"{display}: instance {dataset.SOPInstanceUID} is not a slice of the series' grid: a SEG "
+                            "needs one series of parallel slices of one size; the mask is written as NIfTI only")
+        indices.append(k)
+    if sorted(indices) != list(range(shape[2])):
+        raise UserError(f"{display}: the series has {len(indices)} instances for {shape[2]} slices (repeated or "
+                        "missing positions): a SEG cannot reference it; the mask is written as NIfTI only")
+    return indices
+
+
+def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequence[Path], names: Sequence[str],
+                    path: Path, colours: np.ndarray | None = None, provenance: Mapping | None = None) -> None:
+    """Write ``labels`` as a DICOM Segmentation to ``path`` (temporary name, then rename).
+
+    Args:
+        labels: ``(X, Y, Z)`` uint8 classes on the series' grid (0 background, ``1..len(names)`` organs).
+        affine: 4x4 voxel-to-RAS affine of that grid (mm).
+        source_files: the series' DICOM files, any order; the SEG references them and copies the patient and study.
+        names: class names of ``1..len(names)``: segment labels, and the SNOMED CT codes of :func:`organ_codes`.
+        colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
+        provenance: what the mask was made with (:func:`btcv_unetr.model.provenance.provenance`): the segments'
+            algorithm parameters, and as JSON in the SEG's Image Comments.
+
+    One BINARY segment per class (described even when empty, so segment numbers are the class
+    indices); frames without any voxel of a segment are left out.
+    """
+    require_highdicom()
+    import highdicom as hd
+    import pydicom
+    if colours is None:
+        from .plots import class_colours
+        colours = class_colours(len(names) + 1)
+    labels = np.asarray(labels, dtype=np.uint8)
+    if labels.ndim != 3 or int(labels.max(initial=0)) > len(names):
+        raise ValueError(f"labels {labels.shape} with classes up to {int(labels.max(initial=0))}: expected (X, Y, Z) "
+                         f"with classes 0..{len(names)}")
+    display = str(Path(source_files[0]).parent)
+    sources = [pydicom.dcmread(str(name), stop_before_pixels=True) for name in source_files]
+    indices = slice_indices(sources, affine, labels.shape, display)
+    if not getattr(sources[0], "FrameOfReferenceUID", None):
+        # A SEG is placed on its images through their frame of reference: one made up here would not match.
+        raise UserError(f"{display}: the series has no FrameOfReferenceUID, which a SEG needs to be placed on it; "
+                        "the mask is written as NIfTI only")
+    frames = np.ascontiguousarray(labels.transpose(2, 1, 0)[indices])  # (instances, rows, columns)
+    first = sources[0]
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=_segment_descriptions(names, colours, provenance), series_instance_uid=hd.UID(),
+            series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
+            software_versions=__version__, device_serial_number="none",
+            content_description="abdominal organs (UNETR, BTCV classes)", series_description="UNETR organ segmentation")
+    except ValueError as exc:  # highdicom's checks of the source images' attributes
+        why = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \
+            from None
+    if provenance:
+        seg.ImageComments = json.dumps(dict(provenance), sort_keys=True)
+    atomic_write(path, lambda tmp: seg.save_as(str(tmp)))

@@ -1,0 +1,102 @@
+"""``btcv-unetr export``: a trained model as TorchScript (for ``--saved_checkpoint torchscript``), ONNX, or a
+MONAI bundle that runs with MONAI alone (``bundle.write_bundle``).
+
+    btcv-unetr export --checkpoint runs/demo/model.pt --format torchscript --out unetr.pt
+    btcv-unetr export --checkpoint runs/demo/model.pt --bundle unetr_bundle
+    btcv-unetr export --pretrained unetr_btcv --bundle unetr_btcv_bundle
+
+``--checkpoint`` may also be a TorchScript file (a released ``.pt``): its weights go into the UNETR
+built from the flags, as for ``test.py --saved_checkpoint torchscript``, which turns it into ONNX.
+
+The model takes ``(B, in_channels, roi_x, roi_y, roi_z)`` windows, as sliding-window inference feeds it.
+Exported models are float32: a trace taken under bfloat16 autocast would keep its casts, and run
+10-300x slower on the CPUs that have no bfloat16 instructions. The runtime that loads the file
+chooses its own precision (``test.py --saved_checkpoint torchscript`` runs it as saved, in float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import Config, add_config_arguments, config_from_args
+from ..errors import UserError
+from ..files import atomic_write
+from ..model.bundle import check_bundle_target, write_bundle
+from ..model.pretrained import resolve_pretrained
+from .loader import load_model, with_weights_file
+
+
+def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path) -> None:
+    model = model.eval()
+    if fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        atomic_write(out, lambda tmp: traced.save(str(tmp)))
+        return
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UserError("--format onnx needs the onnx extra: pip install 'btcv-unetr[onnx]'") from None
+    atomic_write(out, lambda tmp: torch.onnx.export(model, (example,), str(tmp), input_names=["image"],
+                                                    output_names=["logits"], dynamic_axes={"image": {0: "batch"},
+                                                                                           "logits": {0: "batch"}},
+                                                    dynamo=False))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript", help="the format of --out")
+    parser.add_argument("--out", default=None, help="output file (TorchScript or ONNX)")
+    parser.add_argument("--bundle", default=None, metavar="DIR",
+                        help="write a MONAI bundle folder instead (configs/, models/model.pt, docs/), which "
+                             "python -m monai.bundle run runs with MONAI alone")
+    add_config_arguments(parser, "export")
+
+
+def weights_path(config: Config) -> Path:
+    """The file to export: ``--checkpoint``, or the one ``--pretrained`` was resolved to."""
+    if config.train.checkpoint and config.train.pretrained:
+        raise UserError("export: --checkpoint and --pretrained exclude each other: give one model to export")
+    if config.train.pretrained:
+        return Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    if not config.train.checkpoint:
+        raise UserError("export: --checkpoint FILE is required (a training checkpoint, a state dict or a TorchScript "
+                        "file), or --pretrained NAME")
+    return Path(config.train.checkpoint)
+
+
+def export_bundle(config: Config, path: Path, folder: Path) -> None:
+    """The model of ``path`` as a MONAI bundle in ``folder`` (its stored architecture and preprocessing)."""
+    check_bundle_target(folder, config.infer.overwrite)
+    loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
+    write_bundle(folder, loaded.config, loaded.model.state_dict(), loaded.card, config.infer.overwrite)
+    print(f"wrote a MONAI bundle to {folder}; run it with: python -m monai.bundle run --config_file "
+          f"{folder / 'configs' / 'inference.json'} --bundle_root {folder} --dataset_dir SCANS --output_dir MASKS")
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.out is None) == (args.bundle is None):
+        raise UserError("export: give --out FILE (with --format) or --bundle DIR, one of them")
+    config = config_from_args(args)
+    if config.train.checkpoint and config.train.pretrained:
+        weights_path(config)  # refuses the pair before anything is downloaded
+    config = resolve_pretrained(config, "export")
+    path = weights_path(config)
+    if args.bundle is not None:
+        export_bundle(config, path, Path(args.bundle))
+        return 0
+    out = Path(args.out)
+    if out.resolve() == path.resolve():
+        raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
+    if out.exists() and not config.infer.overwrite:
+        raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
+    # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags: that is
+    # how it becomes an ONNX model.
+    loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
+    model, config = loaded.model, loaded.config
+    example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
+    export(model, example, args.format, out)
+    print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")
+    return 0

@@ -1,0 +1,93 @@
+"""Models for inference: from a training checkpoint (with the architecture and preprocessing it stores), a bare state
+dict, a TorchScript file's weights, or an ensemble's members."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..model.build import build_model
+from ..model.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
+from ..model.precision import runs_natively
+from ..model.weights import extract_state_dict, load_torchscript_weights, load_weights
+from .ensemble import check_compatible, member_files
+
+# Preprocessing keys taken from a training checkpoint's config: the model only works on data
+# prepared as it was trained.
+PREPROCESSING_KEYS = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
+
+
+def with_weights_file(config: Config, path: Path) -> Config:
+    """``config`` with its model's weights read from ``path``: a training checkpoint or a state dict, or a
+    TorchScript file (told by its content), whose weights go into the UNETR the config builds."""
+    saved = "torchscript" if path.is_file() and is_torchscript(path) else config.infer.saved_checkpoint
+    return dataclasses.replace(
+        config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
+        infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference, the config it implies, and what its file says about it."""
+
+    model: nn.Module
+    config: Config
+    card: dict | None  # the checkpoint's model card; None for files written without one
+    weights_checksum: str  # SHA-256 of the weights (checkpoint.weights_checksum): the one the file stores, if any
+
+
+def load_inference_model(config: Config, device: torch.device) -> tuple[nn.Module, Config]:
+    """The model and the config it implies (:func:`load_model` without the card and checksum)."""
+    loaded = load_model(config, device)
+    return loaded.model, loaded.config
+
+
+def load_model(config: Config, device: torch.device) -> LoadedModel:
+    """The model (and the config it implies) from our checkpoint, a bare state dict or a TorchScript file.
+
+    A training checkpoint carries its config: its architecture and preprocessing are used, so
+    ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
+    ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
+    its weights to this project's UNETR built from the flags (its own code is never run on data).
+    """
+    path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
+    if model is not None:
+        load_torchscript_weights(model, path)
+        return LoadedModel(model.to(device).eval(), config, None, weights_checksum(model.state_dict()))
+    content = load_checkpoint(path)
+    trained = stored_config(content, str(path)) if isinstance(content, dict) else None
+    if trained is not None:
+        preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
+        train = config.train
+        if train.precision == "auto" and runs_natively(trained.train.precision, device):
+            train = dataclasses.replace(train, precision=trained.train.precision)
+        config = dataclasses.replace(config, model=trained.model, train=train,
+                                     data=dataclasses.replace(config.data, **preprocessing))
+        print(f"using the architecture and preprocessing stored in {path}")
+    model = build_model(config.model)
+    load_weights(model, extract_state_dict(content, str(path)), str(path))
+    stored = content.get("checksum") if isinstance(content, dict) else None  # verified by load_checkpoint
+    checksum = stored if isinstance(stored, str) else weights_checksum(model.state_dict())
+    return LoadedModel(model.to(device).eval(), config, stored_card(content), checksum)
+
+
+def load_members(config: Config, device: torch.device) -> tuple[list[Path], list[LoadedModel]]:
+    """The weights files and models of ``config``: the ``--checkpoints`` ensemble's (each file as :func:`load_model`
+    reads it, TorchScript told by its content), else the one ``pretrained_dir/pretrained_model_name``. A member
+    whose architecture or preprocessing differs from the first's is refused in one line."""
+    if not config.infer.checkpoints:
+        return [Path(config.train.pretrained_dir) / config.train.pretrained_model_name], [load_model(config, device)]
+    files = member_files(config.infer.checkpoints)
+    members: list[LoadedModel] = []
+    for path in files:
+        member = load_model(with_weights_file(config, path), device)
+        if members:
+            check_compatible(files[0], members[0].config, path, member.config)
+        members.append(member)
+    return files, members

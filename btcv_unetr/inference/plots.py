@@ -1,0 +1,114 @@
+"""``CASE_overlay.png``: axial, coronal and sagittal slices with the mask in fixed organ colours.
+
+Needs matplotlib (``pip install 'btcv-unetr[plot]'``); without it the picture is skipped with a
+note, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_write
+from ..labels import BTCV_LABELS
+
+# One fixed colour per organ (RGB 0-255), so pictures of different cases compare at a glance.
+ORGAN_COLOURS = (
+    (0, 0, 0), (220, 20, 60), (255, 140, 0), (255, 215, 0), (50, 205, 50), (0, 206, 209), (30, 144, 255),
+    (138, 43, 226), (255, 0, 255), (255, 105, 180), (139, 69, 19), (0, 128, 128), (173, 255, 47), (240, 128, 128),
+)
+_warned = False
+
+
+def _slices(labels: np.ndarray, count: int = 3) -> list[list[int]]:
+    """Per axis, ``count`` slice indices through the labelled region (the middle of the volume if none)."""
+    positions = []
+    for axis in range(3):
+        profile = (labels > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+        filled = np.nonzero(profile)[0]
+        lo, hi = (filled[0], filled[-1]) if filled.size else (0, labels.shape[axis] - 1)
+        positions.append([int(round(lo + (hi - lo) * (i + 1) / (count + 1))) for i in range(count)])
+    return positions
+
+
+def to_display_order(image: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, list]:
+    """Both arrays in RAS voxel order (whatever the file's order) and the matching spacing in mm."""
+    from nibabel.orientations import apply_orientation, io_orientation
+    ornt = io_orientation(affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int).argsort()]
+    return apply_orientation(image, ornt), apply_orientation(labels, ornt), list(spacing)
+
+
+def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float], path: Path,
+                 title: str = "", window: tuple[float, float] = (-175.0, 250.0)) -> bool:
+    """Write the picture; returns False (and says so once) when matplotlib is missing.
+
+    Args:
+        image: CT in HU, ``(X, Y, Z)`` in RAS voxel order (see :func:`to_display_order`).
+        labels: integer mask of the same shape.
+        spacing: voxel size in mm, for the aspect ratio of coronal and sagittal views.
+
+    Axial and coronal views are shown as radiologists read them: the patient's right on the left.
+    """
+    global _warned
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError:
+        if not _warned:
+            print("note: overlays skipped, matplotlib is not installed (pip install 'btcv-unetr[plot]')")
+            _warned = True
+        return False
+    colours = ListedColormap(np.array(ORGAN_COLOURS) / 255.0)
+    figure, axes = plt.subplots(3, 3, figsize=(10, 10), facecolor="black")
+    names = ("axial", "coronal", "sagittal")
+    for row, (axis, indices) in enumerate(zip((2, 1, 0), _slices(labels)[::-1])):
+        others = [a for a in range(3) if a != axis]
+        aspect = spacing[others[1]] / spacing[others[0]]
+        for col, index in enumerate(indices):
+            picture = np.take(image, index, axis=axis).T
+            mask = np.take(labels, index, axis=axis).T
+            if axis != 0:  # x is on screen: put the patient's right on the left
+                picture, mask = picture[:, ::-1], mask[:, ::-1]
+            ax = axes[row, col]
+            ax.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+            ax.imshow(np.ma.masked_equal(mask, 0), cmap=colours, vmin=0, vmax=len(ORGAN_COLOURS) - 1,
+                      alpha=0.45, origin="lower", aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{names[row]} {index}", color="white", fontsize=9)
+            ax.axis("off")
+    present = sorted(int(v) for v in np.unique(labels) if 0 < v < len(BTCV_LABELS))
+    handles = [Patch(color=np.array(ORGAN_COLOURS[v]) / 255.0, label=BTCV_LABELS[v]) for v in present]
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False, labelcolor="white")
+    figure.suptitle(title, color="white")
+    figure.tight_layout(rect=(0, 0.07, 1, 0.97))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80, facecolor="black"))
+    plt.close(figure)
+    return True
+
+
+def class_colours(num_classes: int) -> np.ndarray:
+    """``(num_classes, 3)`` uint8 colours: the organ colours, repeated beyond them."""
+    return np.array([ORGAN_COLOURS[i % len(ORGAN_COLOURS)] if i else (0, 0, 0) for i in range(num_classes)],
+                    dtype=np.uint8)
+
+
+def save_picture_overlay(picture: np.ndarray, labels: np.ndarray, path: Path, opacity: float = 0.5) -> None:
+    """A 2D picture with its mask blended in the class colours, as a PNG (SimpleITK: no matplotlib needed).
+
+    Args:
+        picture: ``(X, Y)`` grayscale or ``(X, Y, 3)`` RGB, 0-255 (X: columns, Y: rows).
+        labels: ``(X, Y)`` class indices.
+    """
+    import SimpleITK as sitk
+    rgb = np.repeat(picture[..., None], 3, axis=-1) if picture.ndim == 2 else picture[..., :3]
+    rgb = rgb.astype(np.float32)
+    colours = class_colours(int(labels.max()) + 1).astype(np.float32)
+    blended = np.where((labels > 0)[..., None], (1 - opacity) * rgb + opacity * colours[labels], rgb)
+    image = sitk.GetImageFromArray(np.clip(blended, 0, 255).astype(np.uint8).transpose(1, 0, 2), isVector=True)
+    atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp)))

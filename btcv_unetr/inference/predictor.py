@@ -1,0 +1,175 @@
+"""The predictor: model(s) loaded once; preprocess -> sliding window (+ flip TTA) -> softmax (averaged over an
+ensemble's members) -> the scan's own grid."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
+from monai.transforms import KeepLargestConnectedComponent
+from torch import nn
+
+from ..config import Config
+from ..data.transforms import infer_transforms
+from ..distributed import pick_device
+from ..errors import UserError
+from ..model.build import describe_model_size
+from ..model.precision import cpu_features, resolve_precision
+from ..model.provenance import model_card_lines
+from ..model.provenance import provenance as mask_provenance
+from ..model.speed import compile_if_asked, prepare_model
+from .ensemble import ensemble_card, ensemble_checksum
+from .inversion import probabilities_to_picture, probabilities_to_scan
+from .loader import load_members
+from .sliding_window import LARGE_SCAN_WINDOWS, auto_sw_batch_size, window_settings
+
+
+class Predictor:
+    """Loads the model (or an ensemble's models: ``--checkpoints``) once and segments any number of scans."""
+
+    def __init__(self, config: Config):
+        self.device = pick_device(config.infer.device)
+        self.weights_files, members = load_members(config, self.device)
+        # The first member's config (architecture, preprocessing, precision) serves all: the others build the
+        # same network on the same preprocessing (load_members checked), so one preprocessed image feeds them all.
+        self.config = members[0].config
+        self.member_checksums = [member.weights_checksum for member in members]
+        self.weights_checksum = ensemble_checksum(self.member_checksums)
+        self.model_card = ensemble_card(self.weights_files, [member.card for member in members], self.member_checksums)
+        print("\n".join(model_card_lines(self.model_card)))
+        requested = self.config.train.precision
+        stored = requested != config.train.precision
+        self.precision = resolve_precision(requested, self.device, self.config.model,
+                                           "the training run's setting, from its checkpoint" if stored else "")
+        print(self.precision.describe())
+        print(describe_model_size(self.config.model))
+        self.models: list[nn.Module] = []
+        for member in members:
+            prepared, self.memory_format = prepare_model(member.model, config.fast, self.device, self.precision.name,
+                                                         training=False)
+            self.models.append(compile_if_asked(prepared, config.fast))
+        self.transform = infer_transforms(self.config)
+        model = self.config.model
+        self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
+                                                model.feature_size, self.precision.name)
+        # Called with the number of windows each forward pass has run (the service's job progress).
+        self.on_windows: Callable[[int], None] | None = None
+
+    def window_count(self, image: torch.Tensor) -> int:
+        """Windows (all test-time flips and ensemble members included) the networks run on a preprocessed
+        ``(1, *spatial)`` image."""
+        roi = self.config.model.roi_size
+        # As MONAI's sliding window: the image padded to at least one window, then its scan grid.
+        size = tuple(max(int(n), r) for n, r in zip(image.shape[1:], roi))
+        overlap = (self.config.infer.infer_overlap,) * len(roi)
+        slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, len(roi), overlap))
+        flips = 1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)
+        return len(slices) * flips * len(self.models)
+
+    def _stitch_device(self, image: torch.Tensor) -> torch.device:
+        """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
+        if self.device.type != "cuda":
+            return torch.device("cpu")
+        needed = 2 * 4 * self.config.model.out_channels * image.numel()
+        return self.device if needed < torch.cuda.mem_get_info(self.device)[0] // 4 else torch.device("cpu")
+
+    def _window(self, model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast(self.device):
+            logits = model(window.contiguous(memory_format=self.memory_format))
+        if self.on_windows is not None:
+            self.on_windows(window.shape[0])
+        # The blending buffers are float32 in the default layout: convert both in one pass, not in a
+        # strided accumulation per window.
+        return logits.to(torch.float32, memory_format=torch.contiguous_format)
+
+    @torch.inference_mode()
+    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image: an ensemble's is the mean of its
+        members' (each with its TTA flips).
+
+        The mean is taken here, on the preprocessed grid, and the argmax once, on the scan's grid
+        (:meth:`to_scan`): the way back to the scan is an interpolation whose weights sum to 1, with fixed
+        background outside the crop, so the mean here is the mean of the members' probabilities in the scan's own
+        geometry.
+        """
+        total = self._model_probabilities(self.models[0], image)
+        for model in self.models[1:]:  # in place: one scan-sized buffer more than a single model needs
+            total += self._model_probabilities(model, image)
+        return total.div_(len(self.models))
+
+    def _model_probabilities(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        """One model's softmax ``(C, X, Y, Z)`` on CPU; TTA averages 3 flips too.
+
+        Windows run on the model's device; they are blended there too when the scan fits, else on the CPU.
+        """
+        infer = self.config.infer
+        dims = self.config.model.spatial_dims
+        flips = [()] + ([(axis,) for axis in range(2, 2 + dims)] if infer.tta else [])
+        # A bar over the windows when asked, or when a scan holds many windows' worth of voxels.
+        progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(self.config.model.roi_size)
+        total, stitch = None, self._stitch_device(image)
+        for dims in flips:
+            x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
+            x = torch.flip(x, dims) if dims else x
+            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size,
+                                              predictor=functools.partial(self._window, model),
+                                              sw_device=self.device, device=stitch, progress=progress,
+                                              **window_settings(self.config))
+            probs = torch.softmax(logits, dim=1).cpu()
+            probs = torch.flip(probs, dims) if dims else probs
+            total = probs if total is None else total + probs
+        return (total / len(flips))[0]
+
+    def prepare(self, path: Path) -> MetaTensor:
+        """The preprocessed image ``(1, x, y, z)`` of the scan at ``path``, or a one-line error naming it."""
+        try:
+            image = self.transform({"image": str(path)})["image"]
+        except Exception as exc:  # MONAI wraps the reader's error (truncated gzip, bad header ...)
+            cause = exc.__cause__ or exc
+            detail = (str(cause).strip().splitlines() or [""])[0]
+            raise UserError(f"{path}: cannot be read ({cause.__class__.__name__}: {detail})") from None
+        if not bool(torch.isfinite(image).all()):
+            raise UserError(f"{path}: the image has NaN or infinite voxels (btcv-unetr check-data counts them): "
+                            "replace them, e.g. by the lowest intensity, and run again")
+        return image
+
+    def to_scan(self, probs: torch.Tensor, image: MetaTensor,
+                keep_probabilities: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Labels (and probabilities) on the scan's grid from ``probs`` on the preprocessed grid of ``image``."""
+        if self.config.model.spatial_dims == 2:
+            return probabilities_to_picture(probs, image, keep_probabilities)
+        return probabilities_to_scan(probs, image, keep_probabilities=keep_probabilities)
+
+    def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
+        image = self.prepare(path)
+        return self.to_scan(self.probabilities(image), image, keep_probabilities)
+
+    def provenance(self) -> dict:
+        """What this predictor's masks are made with (package version, weights checksum, precision, device,
+        overlap, TTA): stored in every mask's header, so that a mask can be traced and made again."""
+        infer = self.config.infer
+        name = cpu_features().model if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
+        made_with = mask_provenance(self.weights_checksum, self.precision.name, str(self.device), infer.infer_overlap,
+                                    infer.tta, infer.mode, self.model_card, name)
+        if len(self.models) > 1:  # weights_sha256 is then the ensemble's (ensemble.ensemble_checksum)
+            made_with["ensemble_weights_sha256"] = list(self.member_checksums)
+        return made_with
+
+
+def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """MONAI's largest-connected-component filter, per organ (needs scikit-image)."""
+    try:
+        import skimage  # noqa: F401  (MONAI uses it for connected components on CPU)
+    except ImportError:
+        raise UserError("--largest_component needs scikit-image: pip install 'btcv-unetr[post]'") from None
+    keep = KeepLargestConnectedComponent(applied_labels=list(range(1, num_classes)), independent=True)
+    return np.asarray(keep(torch.from_numpy(labels)[None])[0]).astype(np.uint8)

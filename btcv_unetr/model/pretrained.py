@@ -1,0 +1,248 @@
+"""``--pretrained NAME_OR_URL``: released weights by name, a URL, a file or a MONAI bundle, made a local
+verified file that training finetunes from (as ``--resume_ckpt`` does) and inference and export load.
+
+    RELEASED             the table: name -> address, SHA-256 (None where none is published), architecture
+    resolve_pretrained   the config with ``pretrained_dir``/``pretrained_model_name`` naming that file, and the
+                         architecture and preprocessing its source states
+    fetch                a download into the user's cache: a temporary name, the SHA-256 checked, then renamed
+
+Downloads go to ``$XDG_CACHE_HOME/btcv-unetr/weights`` (``~/.cache`` without it; folder 0700, files 0600)
+once; later runs check the file they find there against the same checksum. A download whose SHA-256
+differs from the expected one is deleted before anything uses it. A URL needs its checksum given with it
+(``URL#sha256=HEX``, as pip writes hashes): a file from an arbitrary address is never trusted blindly.
+
+No SHA-256 is published for the released UNETR/BTCV weights (the research-contributions README gives
+only the address). Their entry has none: the first download's SHA-256 is printed and kept beside the
+file (``FILE.sha256``), and every later run is checked against it. The file is a state dict read with
+``torch.load(weights_only=True)`` (data, never code) into a UNETR of the table's architecture, strictly:
+a file that is not those weights is refused whatever its checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import Config, config_from_dict
+from ..errors import UserError
+from .bundle import is_bundle, read_bundle
+from .precision import cache_folder
+
+# The reference UNETR/BTCV recipe's model and preprocessing (MONAI research-contributions UNETR/BTCV).
+REFERENCE_UNETR = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "roi_x": 96, "roi_y": 96, "roi_z": 96,
+                   "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "num_layers": 12,
+                   "pos_embed": "perceptron", "norm_name": "instance", "conv_block": True, "res_block": True}
+REFERENCE_PREPROCESSING = {"a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "space_x": 1.5,
+                           "space_y": 1.5, "space_z": 2.0, "axcodes": "RAS"}
+
+
+@dataclass(frozen=True)
+class Released:
+    """One row of the table: where the file is, its SHA-256 (None: none published), what it holds."""
+
+    url: str
+    sha256: str | None
+    about: str
+    model: Mapping[str, Any] = field(default_factory=dict)  # ModelConfig values of the weights' architecture
+    data: Mapping[str, Any] = field(default_factory=dict)  # DataConfig preprocessing values they were trained with
+
+    @property
+    def file_name(self) -> str:
+        return Path(urlsplit(self.url).path).name
+
+
+RELEASED: dict[str, Released] = {
+    "unetr_btcv": Released(
+        url="https://developer.download.nvidia.com/assets/Clara/monai/research/UNETR_model_best_acc.pth",
+        sha256=None,  # not published; see the module docstring
+        about="UNETR (ViT-B, feature size 16, 96^3 windows) trained on BTCV's 24 training cases by the UNETR "
+              "authors (MONAI research-contributions UNETR/BTCV); a state dict written by MONAI 0.7-0.8",
+        model=REFERENCE_UNETR, data=REFERENCE_PREPROCESSING),
+}
+WEIGHTS_FOLDER = "weights"
+HASH_FRAGMENT = "sha256="
+
+
+@dataclass
+class Source:
+    """A ``--pretrained`` value made local: the weights file, the config values it brings, and a description."""
+
+    weights: Path
+    values: dict[str, dict[str, Any]]
+    description: str
+
+
+def weights_folder() -> Path:
+    """``$XDG_CACHE_HOME/btcv-unetr/weights`` (``~/.cache/...``), created 0700: it holds only this user's files."""
+    folder = cache_folder() / WEIGHTS_FOLDER
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        folder.chmod(0o700)
+    except OSError as exc:
+        raise UserError(f"{folder}: the weights cache cannot be made ({exc.strerror}); set XDG_CACHE_HOME to a "
+                        "writable folder, or download the file yourself and pass --pretrained FILE") from None
+    return folder
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split_url(value: str) -> tuple[str, str]:
+    """``URL#sha256=HEX`` -> (URL, hex); a URL without a well-formed SHA-256 is refused in one line."""
+    url, _, fragment = value.partition("#")
+    digest = fragment[len(HASH_FRAGMENT):].lower() if fragment.startswith(HASH_FRAGMENT) else ""
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UserError(f"--pretrained {url}: a URL needs the file's SHA-256: --pretrained '{url}#sha256=<64 hex "
+                        "digits>' (sha256sum FILE gives it), or download the file yourself and pass --pretrained FILE")
+    return url, digest
+
+
+def fetch(url: str, name: str, sha256: str | None, label: str) -> Path:
+    """The cached copy of ``url`` (``name`` in the weights folder), downloaded first when missing.
+
+    A file found there is checked against ``sha256`` (or the checksum kept at its first download, where
+    none is known); a download is checked before it is renamed into place, and deleted when it differs.
+    """
+    folder = weights_folder()
+    path = folder / name
+    pinned = path.with_name(f"{name}.sha256")
+    if path.is_file():
+        expected = sha256 or (pinned.read_text().strip() if pinned.is_file() else None)
+        _check_cached(path, expected, label)
+        if expected is None:
+            _pin(pinned, file_sha256(path), label)
+        return path
+    _download(url, path, sha256, label)
+    if sha256 is None:
+        _pin(pinned, file_sha256(path), label)
+    return path
+
+
+def _check_cached(path: Path, expected: str | None, label: str) -> None:
+    if expected is not None and file_sha256(path) != expected:
+        raise UserError(f"{path}: its SHA-256 is not {expected} ({label}): the file is damaged or was replaced; "
+                        "delete it and run again to download it anew")
+
+
+def _pin(pinned: Path, digest: str, label: str) -> None:
+    """Keep ``digest`` beside the file: later runs are checked against it."""
+    print(f"{label}: no SHA-256 is published for this file; its SHA-256 is {digest} (kept in {pinned}: later runs "
+          "are checked against it)")
+    fd = os.open(pinned, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(digest + "\n")
+
+
+def _download(url: str, path: Path, sha256: str | None, label: str) -> None:
+    """MONAI's ``download_url`` (its SHA-256 check included) into a temporary folder beside ``path``, then a
+    rename: an interrupted or refused download leaves nothing under ``path``'s name."""
+    from monai.apps.utils import HashCheckError, download_url
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        part = staging / path.name
+        print(f"{label}: downloading {url} into {path.parent}")
+        try:
+            # MONAI's log lines and its warning about a missing hash repeat what the lines here say.
+            with _quiet("monai.apps"), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="No hash value provided")
+                download_url(url, part, hash_val=sha256, hash_type="sha256", progress=False)
+        except HashCheckError:
+            raise UserError(f"{label}: the file downloaded from {url} does not have the SHA-256 {sha256}: refused "
+                            "and deleted (a changed or damaged file); nothing was kept") from None
+        except (OSError, RuntimeError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+            raise UserError(f"{label}: cannot download {url} ({_reason(exc)}); without internet, put the file "
+                            f"{path.name} into {path.parent} and run again") from None
+        if not part.is_file():  # MONAI's download_url swallows permission errors
+            raise UserError(f"{label}: the download of {url} left no file; put the file {path.name} into "
+                            f"{path.parent} and run again")
+        part.chmod(0o600)
+        os.replace(part, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Logger ``name`` silenced for the block."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None) or str(exc) or exc.__class__.__name__
+    return str(reason).strip().splitlines()[0]
+
+
+def locate(value: str) -> Source:
+    """``--pretrained`` made local: a table name, ``URL#sha256=HEX``, a MONAI bundle folder or a weights file."""
+    if value in RELEASED:
+        entry = RELEASED[value]
+        weights = fetch(entry.url, entry.file_name, entry.sha256, f"--pretrained {value}")
+        return Source(weights, {"model": dict(entry.model), "data": dict(entry.data)}, f"{value}: {entry.about}")
+    if urlsplit(value).scheme in ("http", "https"):
+        url, digest = split_url(value)
+        name = f"{digest[:16]}-{Path(urlsplit(url).path).name or 'weights.pt'}"
+        return Source(fetch(url, name, digest, f"--pretrained {url}"), {}, url)
+    path = Path(value).expanduser()
+    if is_bundle(path):
+        bundle = read_bundle(path)
+        return Source(bundle.weights, bundle.values, f"the MONAI bundle {path} (architecture and preprocessing "
+                                                     f"from {bundle.config_file.name})")
+    if path.is_file():
+        return Source(path, {}, str(path))
+    names = ", ".join(sorted(RELEASED))
+    raise UserError(f"--pretrained {value}: not a released model ({names}), a URL, a MONAI bundle folder "
+                    "(configs/, models/model.pt) or a weights file")
+
+
+def resolve_pretrained(config: Config, command: str) -> Config:
+    """``config`` with ``--pretrained`` made a local file in ``pretrained_dir``/``pretrained_model_name``, the
+    architecture and preprocessing it states applied, and, for training, ``resume_ckpt`` on; else ``config``."""
+    value = config.train.pretrained
+    if value is None:
+        return config
+    train, infer = config.train, config.infer
+    if command == "train" and (train.checkpoint or train.resume_jit):
+        other = "--checkpoint (it resumes a run)" if train.checkpoint else "--resume_jit"
+        raise UserError(f"--pretrained and {other} exclude each other: --pretrained starts a new run from "
+                        "released weights; give one of them")
+    if command == "infer" and getattr(infer, "checkpoints", None):
+        raise UserError("--pretrained and --checkpoints exclude each other: give the released weights or an "
+                        "ensemble")
+    if command != "train" and infer.saved_checkpoint == "torchscript":
+        raise UserError("--pretrained and --saved_checkpoint torchscript exclude each other: --pretrained loads "
+                        "weights as data; drop one")
+    source = locate(value)
+    layered = config.to_dict()
+    for section, values in source.values.items():
+        layered[section].update(values)
+    layered["train"].update(pretrained_dir=str(source.weights.parent), pretrained_model_name=source.weights.name,
+                            resume_ckpt=command == "train" or train.resume_ckpt)
+    resolved = config_from_dict(layered)
+    print(f"pretrained weights: {source.description}; file {source.weights}")
+    changed = [f"{key} {getattr(getattr(resolved, section), key)}" for section in ("model", "data")
+               for key in source.values.get(section, {})
+               if getattr(getattr(config, section), key) != getattr(getattr(resolved, section), key)]
+    if changed:
+        print(f"  using their architecture and preprocessing: {', '.join(changed)}")
+    return resolved

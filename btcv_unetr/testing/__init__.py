@@ -1,0 +1,1 @@
+"""Helpers the test suite and the benchmarks share; nothing in the package proper imports them."""

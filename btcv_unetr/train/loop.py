@@ -1,0 +1,421 @@
+"""Training: ``python main.py`` / ``btcv-unetr train`` with the reference flags.
+
+    micro_batch_size crops per forward/backward pass, per device and precision
+    train_step       one optimiser step over a batch, gradients accumulated over micro-batches
+    train_one_epoch  one pass over the training crops (autocast, non-finite losses skipped)
+    validate         sliding-window Dice per organ over the validation cases (blended as test.py does)
+    plan_epochs      the epoch count that fits a wall-clock budget (``--time_budget_min``)
+    run_folder       the run folder, locked for the run; an earlier run refused unless resumed/overwritten
+    train_worker     one process: checks, then run_training (resume, model, data, the epoch loop, checkpoints)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.data import DataLoader, MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, MeanIoU
+from monai.networks.utils import one_hot
+from monai.utils import set_determinism
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from ..config import Config, FastConfig
+from ..data.checks import check_config_data
+from ..data.datalist import class_names, load_config_split, make_dataset, with_annotated_classes
+from ..data.transforms import train_transforms, val_transforms
+from ..distributed import Context, all_true, broadcast_object, gather_objects
+from ..errors import UserError
+from ..inference.evaluate import format_summary, nan_mean
+from ..inference.sliding_window import auto_sw_batch_size, window_settings
+from ..logs import RunLog
+from ..model.build import build_model, describe_model_size
+from ..model.checkpoint import load_checkpoint, save_checkpoint
+from ..model.precision import Precision, resolve_precision
+from ..model.provenance import data_facts, model_card
+from ..model.speed import compile_if_asked, prepare_model
+from ..model.weights import load_pretrained, load_torchscript_weights, load_weights
+from .budget import BudgetPlanner, budgeted_epochs
+from .loss import build_loss, unannotated_as_background
+from .optim import build_optimizer, build_scheduler
+from .run_folder import keep_best_plan
+
+
+def micro_batch_size(fast: FastConfig, device: torch.device, crops: int, precision: str) -> int:
+    """Crops per forward/backward pass for a batch of ``crops`` crops.
+
+    ``fast.micro_batch`` 0 means automatic. On the CPU, per precision: bfloat16 one crop at a time
+    (faster per crop than a batch of 4 on a Zen 5), float32 two (7% faster per step than one for
+    UNETR-B in the channels-last layout where bfloat16 is not native; four were no faster and
+    need twice the memory). On a GPU the whole batch.
+    """
+    if fast.micro_batch > 0:
+        return min(fast.micro_batch, crops)
+    if device.type != "cpu":
+        return crops
+    return min(2 if precision == "fp32" else 1, crops)
+
+
+def plain(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The tensor without MONAI metadata, on ``device``: MetaTensor dispatch costs ~10% of a CPU step."""
+    if isinstance(tensor, MetaTensor):
+        tensor = tensor.as_tensor()
+    return tensor.to(device, non_blocking=True)
+
+
+def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+               optimizer: torch.optim.Optimizer, precision: Precision, context: Context, micro_batch: int,
+               annotated: torch.Tensor | None = None) -> float | None:
+    """One optimiser step over a batch of crops ``(B, C, X, Y, Z)``, ``micro_batch`` crops per forward/backward.
+
+    ``annotated``: ``(B, classes)`` booleans of partly annotated data, given to the loss (a ``MarginalLoss``).
+
+    Each micro-batch's loss is weighted by its share of the batch, so the accumulated gradient is the
+    gradient of the whole batch's loss (DiceCE averages over crops) and the step is the one a single
+    batch would take. Under DDP only the last micro-batch synchronises gradients. Returns the batch
+    loss, or None when a non-finite loss on any rank skipped the step on every rank (no update).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    crops, total = image.shape[0], 0.0
+    for start in range(0, crops, micro_batch):
+        stop = min(start + micro_batch, crops)
+        accumulate = isinstance(model, DistributedDataParallel) and stop < crops
+        with model.no_sync() if accumulate else contextlib.nullcontext():
+            with precision.autocast(context.device):
+                logits = model(image[start:stop])
+            targets = (label[start:stop],) if annotated is None else (label[start:stop], annotated[start:stop])
+            loss = loss_fn(logits.float(), *targets) * ((stop - start) / crops)
+            if not all_true(bool(torch.isfinite(loss)), context):
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            precision.scaler.scale(loss).backward()
+        total += float(loss.detach())
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return total
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                    precision: Precision, context: Context, epoch: int, max_steps: int | None,
+                    global_step: int, fast: FastConfig | None = None,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> tuple[float, int]:
+    """One epoch; returns (mean loss over the steps taken, global step after the epoch).
+
+    A non-finite loss on any rank is reported with its step and skipped on every rank (no update),
+    so no rank trains on it and DDP's collectives stay in step.
+    """
+    model.train()
+    fast = fast or FastConfig()
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not context.is_main, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        if max_steps is not None and global_step >= max_steps:
+            break
+        image = plain(batch["image"], context.device).contiguous(memory_format=memory_format)
+        label = plain(batch["label"], context.device)
+        annotated = batch["annotated"].to(context.device) if "annotated" in batch else None
+        loss = train_step(model, image, label, loss_fn, optimizer, precision, context,
+                          micro_batch_size(fast, context.device, image.shape[0], precision.name), annotated)
+        global_step += 1
+        if loss is None:
+            if context.is_main:
+                print(f"warning: non-finite loss at step {global_step} (epoch {epoch + 1}); step skipped",
+                      file=sys.stderr)
+            continue
+        total += loss
+        steps += 1
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    return (total / steps if steps else math.nan), global_step
+
+
+@dataclass
+class Validation:
+    """Per-class means over the validation cases (classes 1..N-1; a class absent from a case's label is
+    left out of that class's mean) and the mean pixel (voxel) accuracy, background included."""
+
+    organ_dice: list[float]
+    organ_iou: list[float]
+    accuracy: float
+    cases: int
+
+    @property
+    def mean_dice(self) -> float:
+        return nan_mean(self.organ_dice)
+
+    @property
+    def mean_iou(self) -> float:
+        return nan_mean(self.organ_iou)
+
+    def summary(self, names: list[str]) -> dict:
+        """In the layout of ``evaluate.summarise``, so the table printed is that of ``test.py`` and ``evaluate``."""
+        organs = {name: {"dice": dice, "iou": iou} for name, dice, iou in zip(names, self.organ_dice, self.organ_iou)}
+        return {"cases": self.cases, "organs": organs, "mean_organ_dice": self.mean_dice, "mean_iou": self.mean_iou,
+                "accuracy": self.accuracy}
+
+
+def case_scores(predicted: torch.Tensor, label: torch.Tensor, classes: int,
+                annotated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dice and IoU per case and class 1..classes-1, ``(B, classes - 1)`` (NaN where the label lacks the class),
+    and voxel accuracy ``(B,)``, of class maps ``predicted`` and ``label`` ``(B, 1, *spatial)``.
+
+    ``annotated`` ``(B, classes)`` booleans (partly annotated cases): a class a case does not annotate scores
+    NaN (left out of the means), and voxels of it, predicted or labelled, count as background.
+    """
+    predicted, label = predicted.long(), label.long()
+    if annotated is not None:
+        annotated = annotated.to(label.device)
+        predicted, label = unannotated_as_background(predicted, annotated), unannotated_as_background(label, annotated)
+    prediction, truth = one_hot(predicted, classes), one_hot(label, classes)
+    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
+    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
+    if annotated is not None:
+        dice, iou = (torch.where(annotated[:, 1:], score, torch.nan) for score in (dice, iou))
+    accuracy = (predicted == label).flatten(1).float().mean(1)
+    return dice.cpu(), iou.cpu(), accuracy.cpu()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: DataLoader, config: Config, precision: Precision,
+             context: Context) -> Validation:
+    """Per-class Dice and IoU (MONAI's metrics) and pixel accuracy over all validation cases.
+
+    Each rank evaluates its own share of the cases (no padding), the per-case rows are gathered, so
+    every case counts exactly once.
+    """
+    model.eval()
+    classes = config.model.out_channels
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        with precision.autocast(context.device):
+            return model(window).float()
+
+    sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, context.device, config.model.roi_size,
+                                       config.model.feature_size, precision.name)
+    rows = []
+    for batch in tqdm(loader, desc="validation", disable=not context.is_main, leave=False, dynamic_ncols=True):
+        image, label = plain(batch["image"], context.device), plain(batch["label"], context.device)
+        logits = sliding_window_inference(image, sw_batch_size=sw_batch_size, predictor=predictor,
+                                          **window_settings(config))
+        rows.append(case_scores(logits.argmax(1, keepdim=True), label, classes, batch.get("annotated")))
+    rows = [row for rank_rows in gather_objects(rows, context) for row in rank_rows]
+    if not rows:
+        return Validation([math.nan] * (classes - 1), [math.nan] * (classes - 1), math.nan, 0)
+    dice, iou, accuracy = (torch.cat(column).double() for column in zip(*rows))  # (cases, classes), NaN if absent
+    return Validation(torch.nanmean(dice, dim=0).tolist(), torch.nanmean(iou, dim=0).tolist(),
+                      float(accuracy.mean()), int(dice.shape[0]))
+
+
+def check_training_data(config: Config, context: Context) -> None:
+    """Rank 0 reads every file of the datalist; every rank refuses to start on any problem."""
+    problems = [str(p) for p in check_config_data(config)[0]] if context.is_main else None
+    problems = broadcast_object(problems, context)
+    if len(problems or []) == 1:
+        raise UserError(f"{problems[0]} (training data)")
+    if problems:
+        if context.is_main:
+            print("\n".join(problems), file=sys.stderr)
+        raise UserError(f"training data has {len(problems)} problem(s), listed above: fix them "
+                        "(btcv-unetr check-data lists them again)")
+
+
+def build_loaders(config: Config, context: Context) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+    classes = config.model.out_channels
+    train_items = with_annotated_classes(load_config_split(config.data, "training"), classes)
+    val_items = with_annotated_classes(load_config_split(config.data, "validation"), classes)
+    train_ds = make_dataset(train_items, train_transforms(config), config.data)
+    # Each rank validates a disjoint share of the cases: no sampler padding, no double counting.
+    val_ds = make_dataset(val_items[context.rank::context.world_size], val_transforms(config), config.data)
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=config.train.seed or 0) if context.distributed else None
+    pin = context.device.type == "cuda"
+    train_loader = DataLoader(train_ds, batch_size=config.train.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=config.data.workers, pin_memory=pin)
+    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=config.data.workers, pin_memory=pin)
+    return train_loader, val_loader, sampler
+
+
+def build_trainable_model(config: Config, context: Context) -> nn.Module:
+    model = build_model(config.model)
+    pretrained = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
+    if config.train.resume_jit:
+        load_torchscript_weights(model, pretrained)
+    elif config.train.resume_ckpt:
+        load_pretrained(model, pretrained)
+    if context.is_main and (config.train.resume_jit or config.train.resume_ckpt):
+        print(f"loaded pretrained weights from {pretrained}")
+    return model.to(context.device)
+
+
+def run_precision(config: Config, context: Context) -> Precision:
+    """The run's precision: rank 0 resolves it (the probe times this machine), every rank uses it."""
+    if config.train.resume_jit:  # as the reference: finetuning from TorchScript weights runs without autocast
+        choice = ("fp32", "finetuning from TorchScript weights (--resume_jit) runs without autocast")
+    elif context.is_main:
+        resolved = resolve_precision(config.train.precision, context.device, config.model)
+        choice = (resolved.name, resolved.reason)
+    else:
+        choice = None
+    name, reason = broadcast_object(choice, context)
+    return Precision(name, reason, context.device.type)
+
+
+def load_training_state(path: str, config: Config) -> dict[str, Any]:
+    """A training checkpoint (our dict, any version) that fits this run, or a one-line error."""
+    state: Any = load_checkpoint(path)
+    required = ("state_dict", "optimizer", "scheduler", "epoch")
+    if not isinstance(state, dict) or any(key not in state for key in required):
+        raise UserError(f"{path}: not a training checkpoint (needs {', '.join(required)}); "
+                        "to finetune from bare weights use --resume_ckpt")
+    saved = state.get("config", {}).get("train", {}).get("optim_name")
+    if saved is not None and saved != config.train.optim_name:
+        raise UserError(f"{path}: saved with --optim_name {saved}, this run asks for {config.train.optim_name}: "
+                        f"resume with --optim_name {saved}, or finetune its weights with --resume_ckpt")
+    return state
+
+
+def restore(state: dict[str, Any], path: str, model: nn.Module, optimizer, scheduler,
+            precision: Precision) -> tuple[int, int, float]:
+    """Load a training checkpoint into the objects in place; returns (epoch, global_step, best_acc)."""
+    load_weights(model, state["state_dict"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as exc:
+        raise UserError(f"{path}: optimiser state does not fit (--optim_name changed?): {exc}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler") and precision.scaler.is_enabled():
+        precision.scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"]), int(state.get("global_step", 0)), float(state.get("best_acc", -1.0))
+
+
+def checkpoint_card(facts: dict[str, Any], precision: Precision, validation: Validation | None, names: list[str],
+                    which: str, validation_epoch: int | None, epoch: int, steps: int) -> dict[str, Any]:
+    """The model card of a checkpoint written now: ``which`` validation it reports (best, last, top-k)."""
+    dice = dict(zip(names, validation.organ_dice)) if validation is not None else None
+    return model_card(facts, precision.name, dice, which, validation_epoch, epoch, steps)
+
+
+def run_training(context: Context, config: Config, logdir: Path) -> None:
+    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked)."""
+    state = load_training_state(config.train.checkpoint, config) if config.train.checkpoint else None
+    fixed_epochs = budgeted_epochs(state, config)
+    if fixed_epochs is not None:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=fixed_epochs))
+
+    precision = run_precision(config, context)
+    model, memory_format = prepare_model(build_trainable_model(config, context), config.fast, context.device,
+                                         precision.name, training=True)
+    optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
+    scheduler = build_scheduler(optimizer, config.train)
+    start_epoch, global_step, best_acc = 0, 0, -1.0
+    if state is not None:
+        start_epoch, global_step, best_acc = restore(state, config.train.checkpoint, model, optimizer, scheduler,
+                                                     precision)
+        if context.is_main:
+            print(f"resumed {config.train.checkpoint}: epoch {start_epoch}, step {global_step}, best {best_acc:.4f}"
+                  + (f"; {fixed_epochs} epochs, as its time budget fixed them" if fixed_epochs else ""))
+    train_loader, val_loader, sampler = build_loaders(config, context)
+    net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
+        if context.distributed else model
+    # The checkpoints keep saving `model`: no wrapper prefixes.
+    net = compile_if_asked(net, config.fast)
+    train_items = with_annotated_classes(load_config_split(config.data, "training"), config.model.out_channels)
+    annotated = [item["annotated"] for item in train_items] if "annotated" in train_items[0] else None
+    loss_fn, class_weights = build_loss(config.train, config.model.out_channels,
+                                        [item["label"] for item in train_items], context.device, annotated)
+    log = RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels))
+    facts = data_facts(config) if context.is_main else {}
+    if context.is_main:
+        print(config.to_yaml(), end="")
+        config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")
+        print(precision.describe())
+        if class_weights is not None:
+            print("Dice class weights: " + " ".join(f"{w:.2f}" for w in class_weights))
+        crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
+                                 precision.name)
+        layout = "channels-last" if memory_format == torch.channels_last_3d else "contiguous"
+        print(describe_model_size(config.model))
+        print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
+
+    t = config.train
+    planner = BudgetPlanner(60 * t.time_budget_min, t.val_every) \
+        if t.time_budget_min is not None and fixed_epochs is None else None
+    loop_started = time.time()
+    last_validation, validated_epoch = None, None
+    epoch = start_epoch
+    while epoch < t.max_epochs:
+        if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
+            set_determinism(t.seed * 100_003 + epoch)
+            train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + epoch) % 2**32)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        started = time.time()
+        loss, global_step = train_one_epoch(net, train_loader, loss_fn, optimizer, precision, context, epoch,
+                                            t.max_steps, global_step, config.fast, memory_format)
+        epoch_s = time.time() - started
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        epoch += 1
+        stop = t.max_steps is not None and global_step >= t.max_steps
+        if context.is_main:
+            print(f"epoch {epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {global_step}  {epoch_s:.1f}s")
+            log.scalars(epoch, {"train/loss": loss, "train/lr": lr})
+        validation_s = None
+        # A budget's first plan needs the time of one validation: the first epoch is validated.
+        if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or (planner is not None and epoch == 1):
+            started = time.time()
+            last_validation, validated_epoch = validate(model, val_loader, config, precision, context), epoch
+            validation_s = time.time() - started
+            mean_dice = last_validation.mean_dice
+            improved = mean_dice > best_acc
+            best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
+            if context.is_main:
+                print(f"validation epoch {epoch}: mean organ Dice {mean_dice:.4f}"
+                      f"{' (new best)' if improved else f'  (best {best_acc:.4f})'}")
+                log.validation(epoch, global_step, last_validation.organ_dice, mean_dice)
+                if t.save_checkpoint and improved:
+                    save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
+                                    best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs,
+                                                                      "best", epoch, epoch, global_step))
+                if t.save_checkpoint and t.keep_best:
+                    new, dropped = keep_best_plan(logdir, t.keep_best, epoch, mean_dice)
+                    if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
+                        save_checkpoint(new, model, optimizer, scheduler, precision, epoch, global_step, best_acc,
+                                        config, checkpoint_card(facts, precision, last_validation, log.organs,
+                                                                "top-k", epoch, epoch, global_step))
+                    for path in dropped:
+                        path.unlink(missing_ok=True)
+        if planner is not None and planner.plans_after(epoch, validation_s is not None) and not stop:
+            # Rank 0's clock decides, so that every rank plans the same schedule.
+            planned = broadcast_object(planner.plan(epoch, epoch_s, validation_s, time.time() - loop_started), context)
+            if planned != t.max_epochs:
+                if context.is_main:
+                    print(f"time budget {t.time_budget_min:g} min: {time.time() - loop_started:.0f} s used after "
+                          f"epoch {epoch}, epochs take {planner.steady_epoch_s():.1f} s "
+                          f"and a validation {planner.validation_s:.1f} s, so {planned} epochs in all (the "
+                          "learning-rate schedule spans them)")
+                t = dataclasses.replace(t, max_epochs=planned)
+                config = dataclasses.replace(config, train=t)
+                scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
+        if context.is_main and t.save_checkpoint and (epoch % t.save_every == 0 or epoch >= t.max_epochs or stop):
+            save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
+                            best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs, "last",
+                                                              validated_epoch, epoch, global_step))
+        if stop:
+            break
+    log.close()
+    if context.is_main and last_validation is not None:
+        print("the validation cases at the last validation:\n" + format_summary(last_validation.summary(log.organs)))
+    if context.is_main:
+        print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
+
+
