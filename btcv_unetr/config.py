@@ -48,8 +48,8 @@ class ModelConfig:
     """UNETR architecture (MONAI ``monai.networks.nets.UNETR``)."""
 
     model_name: str = _opt("unetr", "network architecture", choices=("unetr",))
-    spatial_dims: int = _opt(3, "3 for volumes (CT: NIfTI, NRRD, MHA, DICOM), 2 for pictures and slices (PNG, "
-                                "JPEG): the model, transforms, inference and reports follow", choices=(2, 3))
+    spatial_dims: int = _opt(3, "3 for volumes (CT: NIfTI, NRRD, MHA, DICOM), 2 for pictures and slices (PNG, JPEG, "
+                                "BMP): the model, transforms, inference and reports follow", choices=(2, 3))
     in_channels: int = _opt(1, "input image channels (2D: 3 for RGB, 1 for grayscale)")
     out_channels: int = _opt(14, "output classes including background (BTCV: 13 organs + 1)")
     roi_x: int = _opt(96, "ROI (crop and sliding window) size along x, voxels; a multiple of 16")
@@ -199,8 +199,8 @@ class InferConfig:
     checkpoints: list[str] | None = _opt(None, "an ensemble: checkpoint files, or cross-validation run folders (their "
                                                "fold_K/model.pt), whose softmax probabilities are averaged before "
                                                "the argmax; replaces pretrained_dir/pretrained_model_name")
-    input: str | None = _opt(None, "a NIfTI file, a folder of NIfTI files, or a DICOM series folder "
-                                   "(default: the datalist's --split)")
+    input: str | None = _opt(None, "an image file (NIfTI, NRRD, MHA/MHD; PNG, JPEG, BMP for 2D models), a folder "
+                                   "of them, or a DICOM series folder (default: the datalist's --split)")
     split: str = _opt("validation", "datalist split to segment without --input",
                       choices=("training", "validation", "test"))
     output_dir: str = _opt("./outputs", "folder for masks, reports and pictures")
@@ -223,7 +223,8 @@ class InferConfig:
     hd95: bool = _opt(True, "compute HD95 and surface Dice (slow on big scans)", aliases=(("--no_hd95", False),))
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
-    output_format: str = _opt("nifti", "nifti: CASE_seg.nii.gz (or the input's own format); dicom_seg: also "
+    output_format: str = _opt("nifti", "nifti: CASE_seg in the input's own format (.nii.gz for NIfTI and DICOM, "
+                                       ".nrrd, .mha, .png for pictures); dicom_seg: also "
                                        "CASE_seg.dcm, a DICOM Segmentation referencing the input series (DICOM "
                                        "inputs only; needs the dicom extra)", choices=("nifti", "dicom_seg"))
 
