@@ -40,7 +40,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "train": ("train UNETR (reference flags; --config FILE.yaml)", train.add_arguments, train.run),
     "crossval": ("cross-validation: train every fold of a datalist with \"fold\" keys into runs/NAME/fold_K, score "
                  "each, report per organ", crossval.add_arguments, crossval.run),
-    "infer": ("segment scans: NIfTI masks in each scan's geometry (reference flags)", infer.add_arguments, infer.run),
+    "infer": ("segment scans: masks in each scan's format and geometry (reference flags)", infer.add_arguments,
+              infer.run),
     "evaluate": ("score predicted masks against labels (Dice, HD95, surface Dice)", evaluate.add_arguments,
                  evaluate.run),
     "export": ("write a trained model as TorchScript or ONNX", export.add_arguments, export.run),

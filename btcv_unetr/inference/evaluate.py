@@ -213,9 +213,9 @@ def map_values(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI)")
-    parser.add_argument("--label", required=True,
-                        help="folder of ground-truth masks (NIfTI), or a datalist .json (paths relative to it)")
+    parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI, NRRD, MHA; PNG in 2D)")
+    parser.add_argument("--label", required=True, help="folder of ground-truth masks (NIfTI, NRRD, MHA; PNG in 2D), "
+                        "or a datalist .json (paths relative to it)")
     parser.add_argument("--out", default=None, help="folder for metrics.csv and summary.json (default: --pred)")
     parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
     parser.add_argument("--no_hd95", action="store_true", help="Dice only (distances are slow)")
