@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from btcv_unetr.inference.plots import save_overlay, to_display_order
+from btcv_unetr.inference.plots import class_colours, legend_entries, save_overlay, to_display_order
 
 matplotlib = pytest.importorskip("matplotlib")  # an install extra ('plot'); the test extra includes it
 
@@ -23,3 +23,42 @@ def test_overlay_is_a_png_with_the_organs(tmp_path):
     data = (tmp_path / "c_overlay.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _legend_of(monkeypatch, tmp_path, labels, names=None) -> list[tuple[str, tuple]]:
+    """(text, RGB) of each legend entry save_overlay draws for ``labels``."""
+    from matplotlib.figure import Figure
+    drawn = []
+    original = Figure.legend
+
+    def recording_legend(self, *args, handles=(), **kwargs):
+        drawn.extend((handle.get_label(), tuple(round(c, 4) for c in handle.get_facecolor()[:3])) for handle in handles)
+        return original(self, *args, handles=handles, **kwargs)
+
+    monkeypatch.setattr(Figure, "legend", recording_legend)
+    image = np.full(labels.shape, -100.0, np.float32)
+    assert save_overlay(image, labels, (1.0, 1.0, 2.5), tmp_path / "c_overlay.png", title="c", names=names)
+    return drawn
+
+
+def _three_classes() -> np.ndarray:
+    labels = np.zeros((40, 30, 20), np.uint8)
+    labels[10:20, 10:20, 5:15] = 2
+    labels[25:30, 5:10, 8:12] = 1
+    labels[30:35, 20:25, 2:6] = 15  # beyond BTCV's 14 classes
+    return labels
+
+
+def test_legend_names_the_classes_of_the_dataset_at_hand(monkeypatch, tmp_path):
+    names = [f"part {i}" for i in range(1, 16)]  # a datalist's labels 1..15 (not BTCV's organs)
+    drawn = _legend_of(monkeypatch, tmp_path, _three_classes(), names)
+    assert [text for text, _ in drawn] == ["part 1", "part 2", "part 15"]
+    colours = class_colours(16) / 255.0
+    assert [colour for _, colour in drawn] == [tuple(round(c, 4) for c in colours[v]) for v in (1, 2, 15)]
+
+
+def test_legend_numbers_classes_without_names_never_btcv_organs(monkeypatch, tmp_path):
+    drawn = _legend_of(monkeypatch, tmp_path, _three_classes())
+    assert [text for text, _ in drawn] == ["class 1", "class 2", "class 15"]
+    assert legend_entries(_three_classes(), ["liver", "tail"]) == [(1, "liver"), (2, "tail"), (15, "class 15")]
+    assert legend_entries(np.zeros((4, 4, 4), np.uint8)) == []

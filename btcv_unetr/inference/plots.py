@@ -1,4 +1,5 @@
-"""``CASE_overlay.png``: axial, coronal and sagittal slices with the mask in fixed organ colours.
+"""``CASE_overlay.png``: axial, coronal and sagittal slices with the mask in fixed class colours, and a legend that
+names the classes of the model at hand (its datalist's labels), or numbers them when no names are known.
 
 Needs matplotlib (``pip install 'btcv-unetr[plot]'``); without it the picture is skipped with a
 note, once.
@@ -12,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write
-from ..labels import BTCV_LABELS
 
 # One fixed colour per organ (RGB 0-255), so pictures of different cases compare at a glance.
 ORGAN_COLOURS = (
@@ -41,14 +41,28 @@ def to_display_order(image: np.ndarray, labels: np.ndarray, affine: np.ndarray) 
     return apply_orientation(image, ornt), apply_orientation(labels, ornt), list(spacing)
 
 
+def legend_entries(labels: np.ndarray, names: Sequence[str] | None = None) -> list[tuple[int, str]]:
+    """``(class, name)`` of every class but background present in ``labels``, in class order.
+
+    ``names`` are the names of classes 1..N-1 (:func:`btcv_unetr.data.datalist.class_names`: the datalist's
+    ``labels``, or its fallback); a class without one is called by its number, never by a BTCV organ's name:
+    the mask may come from any dataset.
+    """
+    present = sorted(int(value) for value in np.unique(labels) if value > 0)
+    return [(value, str(names[value - 1]) if names is not None and value <= len(names) else f"class {value}")
+            for value in present]
+
+
 def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float], path: Path,
-                 title: str = "", window: tuple[float, float] = (-175.0, 250.0)) -> bool:
+                 title: str = "", window: tuple[float, float] = (-175.0, 250.0),
+                 names: Sequence[str] | None = None) -> bool:
     """Write the picture; returns False (and says so once) when matplotlib is missing.
 
     Args:
         image: CT in HU, ``(X, Y, Z)`` in RAS voxel order (see :func:`to_display_order`).
         labels: integer mask of the same shape.
         spacing: voxel size in mm, for the aspect ratio of coronal and sagittal views.
+        names: the legend's names of classes 1..N-1 (see :func:`legend_entries`); None: class numbers.
 
     Axial and coronal views are shown as radiologists read them: the patient's right on the left.
     """
@@ -64,9 +78,11 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float]
             print("note: overlays skipped, matplotlib is not installed (pip install 'btcv-unetr[plot]')")
             _warned = True
         return False
-    colours = ListedColormap(np.array(ORGAN_COLOURS) / 255.0)
+    # The organ colours, repeated beyond them (class_colours), so that a class above 13 is drawn in its legend's colour.
+    table = class_colours(max(len(ORGAN_COLOURS), int(labels.max()) + 1))
+    colours = ListedColormap(table / 255.0)
     figure, axes = plt.subplots(3, 3, figsize=(10, 10), facecolor="black")
-    names = ("axial", "coronal", "sagittal")
+    views = ("axial", "coronal", "sagittal")
     for row, (axis, indices) in enumerate(zip((2, 1, 0), _slices(labels)[::-1])):
         others = [a for a in range(3) if a != axis]
         aspect = spacing[others[1]] / spacing[others[0]]
@@ -77,12 +93,11 @@ def save_overlay(image: np.ndarray, labels: np.ndarray, spacing: Sequence[float]
                 picture, mask = picture[:, ::-1], mask[:, ::-1]
             ax = axes[row, col]
             ax.imshow(picture, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-            ax.imshow(np.ma.masked_equal(mask, 0), cmap=colours, vmin=0, vmax=len(ORGAN_COLOURS) - 1,
+            ax.imshow(np.ma.masked_equal(mask, 0), cmap=colours, vmin=0, vmax=len(table) - 1,
                       alpha=0.45, origin="lower", aspect=aspect, interpolation="nearest")
-            ax.set_title(f"{names[row]} {index}", color="white", fontsize=9)
+            ax.set_title(f"{views[row]} {index}", color="white", fontsize=9)
             ax.axis("off")
-    present = sorted(int(v) for v in np.unique(labels) if 0 < v < len(BTCV_LABELS))
-    handles = [Patch(color=np.array(ORGAN_COLOURS[v]) / 255.0, label=BTCV_LABELS[v]) for v in present]
+    handles = [Patch(color=table[value] / 255.0, label=name) for value, name in legend_entries(labels, names)]
     if handles:
         figure.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False, labelcolor="white")
     figure.suptitle(title, color="white")

@@ -135,4 +135,4 @@ class Segmenter:
             from ..inference.plots import save_overlay, to_display_order
             image, labels, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]), labels,
                                                       np.asarray(volume.affine))
-            return out if save_overlay(image, labels, spacing, out, title=job.name) else None
+            return out if save_overlay(image, labels, spacing, out, title=job.name, names=self.names) else None
