@@ -28,10 +28,10 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 # Phantoms (written once), a data check, training of configs/phantom_demo.yaml (run folder
-# runs/demo; the per-organ Dice of the held-out cases at the training's 3 mm is printed after each
-# validation), then the best model segments the held-out cases, keeping each organ's largest
-# connected component, and their per-organ Dice is printed in each scan's own geometry (masks and
-# pictures in runs/demo/validation).
+# runs/demo; the mean organ Dice of the held-out cases on the training's 4 mm grid is printed after
+# each validation, the per-organ table after the last), then the best model segments the held-out
+# cases, keeping each organ's largest connected component, and their per-organ Dice is printed in
+# each scan's own geometry (masks and pictures in runs/demo/validation).
 demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(VENV)/bin/btcv-unetr check-data --data_dir $(DEMO_DIR)/data --json_list dataset.json
 	$(PY) main.py --config phantom_demo.yaml --data_dir $(DEMO_DIR)/data --overwrite
