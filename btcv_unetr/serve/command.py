@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_dicom_files", type=int, default=MAX_DICOM_FILES, help="most files in a DICOM zip")
     parser.add_argument("--max_job_memory_gb", type=float, default=0.0,
                         help=f"refuse a scan whose job would need more memory than this, estimated from its header "
-                             f"(default 0: {JOB_MEMORY_FRACTION:.0%} of this machine's memory)")
+                             f"(default 0: {JOB_MEMORY_FRACTION:.0%}% of this machine's memory)")  # %% for argparse
     parser.add_argument("--job_timeout_s", type=float, default=3600.0,
                         help="a running job is stopped (failed) after this many seconds (0: no limit)")
     parser.add_argument("--token", default=None,
