@@ -73,7 +73,7 @@ def memory_format_for(fast: FastConfig, device: torch.device, precision: str, tr
     Automatic: channels-last 3D on the CPU for inference (oneDNN keeps channels-last outputs as they
     are instead of reordering each one), and for training only in float32: there the 1x1x1 and
     decoder convolutions' backward passes are faster channels-last, while under bfloat16 autocast
-    the channels-last step was 1.5-1.7x slower on a Zen 4 (README, fast-path switches per CPU class).
+    the channels-last step was 1.5-1.7x slower on a Zen 4 (docs/measurements.md, switches vs alternatives).
     Never on GPUs and for 2D models (not measured there).
     """
     if device.type != "cpu" or spatial_dims != 3:
