@@ -1,19 +1,13 @@
-"""Inference: ``python test.py`` / ``btcv-unetr infer``; one ``CASE_seg.nii.gz`` per scan in the scan's own geometry.
+"""A batch inference run: every case of ``--input`` or the datalist, one ``CASE_seg.nii.gz`` (or the input's format) per
+scan in the scan's own geometry, then the metrics report.
 
-    find_cases             --input (a NIfTI file, a folder of them, a DICOM series folder) or a datalist split
-    auto_sw_batch_size     windows per forward pass, per device, CPU class and free memory
-    window_settings        the sliding-window settings test.py and training validation share
-    Predictor              loads the model (or an ensemble's) once; preprocess -> sliding window (+ flip TTA) ->
-                           softmax (averaged over an ensemble's members) -> to the scan
-    probabilities_to_scan  class map (and probabilities) on the scan's own grid
-    run_inference          writes masks (atomically), optional probabilities and overlays, and the metrics report;
-                           of this process's share of the cases under torchrun or --num_parts (infer_parts.py)
+    segment_case   predict_case (predictor + post-processing) -> write_case_outputs (mask, SEG, probabilities)
+                   -> write_case_overlay -> score_case against the label, if any
+    run_inference  this process's share of the cases (torchrun ranks, --num_parts: parts.py), kept or resumed
+                   outputs (--overwrite, --continue), failed cases listed at the end, the report on rank 0
 
-The spatial preprocessing (orientation, spacing, foreground crop) is undone on the class
-probabilities by trilinear interpolation, then the argmax is taken on the scan's grid, in one pass:
-three 1-D interpolations over only the scan voxels the crop covers. It gives the masks MONAI's
-inverse transforms (``Invertd``) give, one channel at a time (the tests' oracle), at a fraction of
-the time and memory.
+The cases are found in cases.py, models loaded in loader.py, the sliding window and the way back to the scan's grid
+are the predictor's (predictor.py, sliding_window.py, inversion.py); the command line is command.py.
 """
 
 from __future__ import annotations
@@ -53,40 +47,61 @@ from .parts import Part, held_output_folder
 from .predictor import Predictor, keep_largest_components
 
 
-def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
-    """Segment one case and write its outputs; returns its metrics when it has a label."""
-    infer = config.infer
-    started = time.time()
-    labels, probabilities = predictor.segment(case.image, keep_probabilities=infer.save_probabilities)
-    if infer.largest_component:
+def predict_case(predictor: Predictor, case: Case, config: Config) -> tuple[np.ndarray, np.ndarray | None]:
+    """The case's labels on its scan's grid (largest components kept on request) and, with --save_probabilities,
+    its float16 probabilities."""
+    labels, probabilities = predictor.segment(case.image, keep_probabilities=config.infer.save_probabilities)
+    if config.infer.largest_component:
         labels = keep_largest_components(labels, predictor.config.model.out_channels)
     picture = predictor.config.model.spatial_dims == 2
     scan_shape = read_volume(case.image).spatial_shape if picture else image_shape(case.image)[:3]
     if labels.shape != tuple(scan_shape):
         raise RuntimeError(f"inverted mask {labels.shape} does not match the input {tuple(scan_shape)}")
+    return labels, probabilities
+
+
+def write_case_outputs(predictor: Predictor, case: Case, labels: np.ndarray, probabilities: np.ndarray | None,
+                       out_dir: Path, config: Config) -> Path:
+    """The mask (with its provenance), the DICOM SEG and the probabilities the flags ask for; returns the mask's path.
+    Each file is written under a temporary name and renamed."""
     mask_file = mask_path(out_dir, case.name, case.image)
     provenance = predictor.provenance()
     write_mask(labels, case.image, mask_file, provenance=provenance)
-    if infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
+    if config.infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
         names = class_names(config.data, predictor.config.model.out_channels)
         write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
                         out_dir / f"{case.name}{SEG_SUFFIX}", provenance=provenance)
     if probabilities is not None:
         atomic_write(out_dir / f"{case.name}_probabilities.npz",
                      lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
-    seconds = time.time() - started
-    if infer.overlay and picture:
+    return mask_file
+
+
+def write_case_overlay(case: Case, labels: np.ndarray, picture: bool, names: list[str], out_dir: Path) -> None:
+    """``CASE_overlay.png``: the mask over the picture, or over the scan's middle slices in display order."""
+    if picture:
         from .plots import save_picture_overlay
         save_picture_overlay(np.asarray(read_volume(case.image).data), labels, out_dir / f"{case.name}_overlay.png")
-    elif infer.overlay:
+    else:
         from .plots import save_overlay, to_display_order
         scan = read_volume(case.image)
         image, mask, spacing = to_display_order(np.asarray(scan.data).reshape(scan.shape[:3]), labels, scan.affine)
-        save_overlay(image, mask, spacing, out_dir / f"{case.name}_overlay.png", title=case.name)
+        save_overlay(image, mask, spacing, out_dir / f"{case.name}_overlay.png", title=case.name, names=names)
+
+
+def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
+    """Segment one case and write its outputs; returns its metrics when it has a label."""
+    started = time.time()
+    labels, probabilities = predict_case(predictor, case, config)
+    mask_file = write_case_outputs(predictor, case, labels, probabilities, out_dir, config)
+    seconds = time.time() - started
+    if config.infer.overlay:
+        write_case_overlay(case, labels, predictor.config.model.spatial_dims == 2,
+                           class_names(config.data, predictor.config.model.out_channels), out_dir)
     print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}")
     if case.label is None:
         return None
-    result = score_case(case, labels, predictor.config, infer.hd95)
+    result = score_case(case, labels, predictor.config, config.infer.hd95)
     result.seconds = seconds
     return result
 

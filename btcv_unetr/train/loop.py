@@ -1,12 +1,12 @@
-"""Training: ``python main.py`` / ``btcv-unetr train`` with the reference flags.
+"""The training loop, readable on one page: ``run_training`` at the end of this module.
 
     micro_batch_size crops per forward/backward pass, per device and precision
     train_step       one optimiser step over a batch, gradients accumulated over micro-batches
     train_one_epoch  one pass over the training crops (autocast, non-finite losses skipped)
     validate         sliding-window Dice per organ over the validation cases (blended as test.py does)
-    plan_epochs      the epoch count that fits a wall-clock budget (``--time_budget_min``)
-    run_folder       the run folder, locked for the run; an earlier run refused unless resumed/overwritten
-    train_worker     one process: checks, then run_training (resume, model, data, the epoch loop, checkpoints)
+    Run              what the loop carries from epoch to epoch, and writes into each checkpoint
+    run_training     start_run (resume, precision, model, data, loss), then per epoch: train_epoch,
+                     validate_and_save_best, replan (time budget), the last checkpoint; see command.py for the CLI
 """
 
 from __future__ import annotations
@@ -304,118 +304,190 @@ def checkpoint_card(facts: dict[str, Any], precision: Precision, validation: Val
     return model_card(facts, precision.name, dice, which, validation_epoch, epoch, steps)
 
 
-def run_training(context: Context, config: Config, logdir: Path) -> None:
-    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked)."""
+@dataclass
+class Run:
+    """What the epoch loop carries from one epoch to the next; a checkpoint saves (and resume restores) its state."""
+
+    config: Config
+    logdir: Path
+    model: nn.Module  # what checkpoints save: never wrapped
+    net: nn.Module  # what trains: DDP and torch.compile wrappers around ``model``
+    memory_format: torch.memory_format
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Precision
+    loss_fn: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: DistributedSampler | None
+    log: RunLog
+    facts: dict[str, Any]  # what the datalist says about the data (rank 0): the model card's
+    epoch: int = 0
+    global_step: int = 0
+    best_acc: float = -1.0
+    last_validation: Validation | None = None
+    validated_epoch: int | None = None
+    planner: BudgetPlanner | None = None  # --time_budget_min, unless the run resumed fixed its epochs
+
+    def save(self, path: Path, which: str, validation_epoch: int | None) -> None:
+        """Write the full training state to ``path``, its card reporting the ``which`` validation."""
+        card = checkpoint_card(self.facts, self.precision, self.last_validation, self.log.organs, which,
+                               validation_epoch, self.epoch, self.global_step)
+        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.precision, self.epoch, self.global_step,
+                        self.best_acc, self.config, card)
+
+
+def start_run(context: Context, config: Config, logdir: Path) -> Run:
+    """Resume state, precision, model, optimiser, schedule, data and loss of a run, ready for its first epoch."""
     state = load_training_state(config.train.checkpoint, config) if config.train.checkpoint else None
     fixed_epochs = budgeted_epochs(state, config)
     if fixed_epochs is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, max_epochs=fixed_epochs))
-
     precision = run_precision(config, context)
     model, memory_format = prepare_model(build_trainable_model(config, context), config.fast, context.device,
                                          precision.name, training=True)
     optimizer = build_optimizer(model, config.train, fused=config.fast.fused_optimizer)
     scheduler = build_scheduler(optimizer, config.train)
-    start_epoch, global_step, best_acc = 0, 0, -1.0
+    progress = (0, 0, -1.0)
     if state is not None:
-        start_epoch, global_step, best_acc = restore(state, config.train.checkpoint, model, optimizer, scheduler,
-                                                     precision)
+        progress = restore(state, config.train.checkpoint, model, optimizer, scheduler, precision)
         if context.is_main:
-            print(f"resumed {config.train.checkpoint}: epoch {start_epoch}, step {global_step}, best {best_acc:.4f}"
+            print(f"resumed {config.train.checkpoint}: epoch {progress[0]}, step {progress[1]}, best {progress[2]:.4f}"
                   + (f"; {fixed_epochs} epochs, as its time budget fixed them" if fixed_epochs else ""))
     train_loader, val_loader, sampler = build_loaders(config, context)
     net = DistributedDataParallel(model, device_ids=[context.device.index] if context.device.type == "cuda" else None) \
         if context.distributed else model
-    # The checkpoints keep saving `model`: no wrapper prefixes.
-    net = compile_if_asked(net, config.fast)
+    loss_fn, class_weights = build_run_loss(config, context)
+    run = Run(config, logdir, model, compile_if_asked(net, config.fast), memory_format, optimizer, scheduler, precision,
+              loss_fn, train_loader, val_loader, sampler,
+              RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels)),
+              data_facts(config) if context.is_main else {}, *progress)
+    if config.train.time_budget_min is not None and fixed_epochs is None:
+        run.planner = BudgetPlanner(60 * config.train.time_budget_min, config.train.val_every)
+    if context.is_main:
+        announce(run, context, class_weights)
+    return run
+
+
+def build_run_loss(config: Config, context: Context) -> tuple[nn.Module, list[float] | None]:
+    """The loss of the run and its class weights (None without), from the training cases' labels."""
     train_items = with_annotated_classes(load_config_split(config.data, "training"), config.model.out_channels)
     annotated = [item["annotated"] for item in train_items] if "annotated" in train_items[0] else None
-    loss_fn, class_weights = build_loss(config.train, config.model.out_channels,
-                                        [item["label"] for item in train_items], context.device, annotated)
-    log = RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels))
-    facts = data_facts(config) if context.is_main else {}
-    if context.is_main:
-        print(config.to_yaml(), end="")
-        config.save(logdir / "config.yaml", f"{precision.describe()} (resolved on this machine)")
-        print(precision.describe())
-        if class_weights is not None:
-            print("Dice class weights: " + " ".join(f"{w:.2f}" for w in class_weights))
-        crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
-                                 precision.name)
-        layout = "channels-last" if memory_format == torch.channels_last_3d else "contiguous"
-        print(describe_model_size(config.model))
-        print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
+    return build_loss(config.train, config.model.out_channels, [item["label"] for item in train_items],
+                      context.device, annotated)
 
-    t = config.train
-    planner = BudgetPlanner(60 * t.time_budget_min, t.val_every) \
-        if t.time_budget_min is not None and fixed_epochs is None else None
-    loop_started = time.time()
-    last_validation, validated_epoch = None, None
-    epoch = start_epoch
-    while epoch < t.max_epochs:
-        if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
-            set_determinism(t.seed * 100_003 + epoch)
-            train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + epoch) % 2**32)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        started = time.time()
-        loss, global_step = train_one_epoch(net, train_loader, loss_fn, optimizer, precision, context, epoch,
-                                            t.max_steps, global_step, config.fast, memory_format)
-        epoch_s = time.time() - started
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        epoch += 1
-        stop = t.max_steps is not None and global_step >= t.max_steps
-        if context.is_main:
-            print(f"epoch {epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {global_step}  {epoch_s:.1f}s")
-            log.scalars(epoch, {"train/loss": loss, "train/lr": lr})
-        validation_s = None
-        # A budget's first plan needs the time of one validation: the first epoch is validated.
-        if epoch % t.val_every == 0 or epoch == t.max_epochs or stop or (planner is not None and epoch == 1):
-            started = time.time()
-            last_validation, validated_epoch = validate(model, val_loader, config, precision, context), epoch
-            validation_s = time.time() - started
-            mean_dice = last_validation.mean_dice
-            improved = mean_dice > best_acc
-            best_acc = max(best_acc, mean_dice) if not math.isnan(mean_dice) else best_acc
-            if context.is_main:
-                print(f"validation epoch {epoch}: mean organ Dice {mean_dice:.4f}"
-                      f"{' (new best)' if improved else f'  (best {best_acc:.4f})'}")
-                log.validation(epoch, global_step, last_validation.organ_dice, mean_dice)
-                if t.save_checkpoint and improved:
-                    save_checkpoint(logdir / "model.pt", model, optimizer, scheduler, precision, epoch, global_step,
-                                    best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs,
-                                                                      "best", epoch, epoch, global_step))
-                if t.save_checkpoint and t.keep_best:
-                    new, dropped = keep_best_plan(logdir, t.keep_best, epoch, mean_dice)
-                    if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
-                        save_checkpoint(new, model, optimizer, scheduler, precision, epoch, global_step, best_acc,
-                                        config, checkpoint_card(facts, precision, last_validation, log.organs,
-                                                                "top-k", epoch, epoch, global_step))
-                    for path in dropped:
-                        path.unlink(missing_ok=True)
-        if planner is not None and planner.plans_after(epoch, validation_s is not None) and not stop:
-            # Rank 0's clock decides, so that every rank plans the same schedule.
-            planned = broadcast_object(planner.plan(epoch, epoch_s, validation_s, time.time() - loop_started), context)
-            if planned != t.max_epochs:
-                if context.is_main:
-                    print(f"time budget {t.time_budget_min:g} min: {time.time() - loop_started:.0f} s used after "
-                          f"epoch {epoch}, epochs take {planner.steady_epoch_s():.1f} s "
-                          f"and a validation {planner.validation_s:.1f} s, so {planned} epochs in all (the "
-                          "learning-rate schedule spans them)")
-                t = dataclasses.replace(t, max_epochs=planned)
-                config = dataclasses.replace(config, train=t)
-                scheduler = build_scheduler(optimizer, t, epochs_done=epoch)
-        if context.is_main and t.save_checkpoint and (epoch % t.save_every == 0 or epoch >= t.max_epochs or stop):
-            save_checkpoint(logdir / "model_final.pt", model, optimizer, scheduler, precision, epoch, global_step,
-                            best_acc, config, checkpoint_card(facts, precision, last_validation, log.organs, "last",
-                                                              validated_epoch, epoch, global_step))
+
+def announce(run: Run, context: Context, class_weights: list[float] | None) -> None:
+    """Rank 0: the resolved config (printed and saved in the run folder), precision, model size and layout."""
+    config = run.config
+    print(config.to_yaml(), end="")
+    config.save(run.logdir / "config.yaml", f"{run.precision.describe()} (resolved on this machine)")
+    print(run.precision.describe())
+    if class_weights is not None:
+        print("Dice class weights: " + " ".join(f"{w:.2f}" for w in class_weights))
+    crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
+                             run.precision.name)
+    layout = "channels-last" if run.memory_format == torch.channels_last_3d else "contiguous"
+    print(describe_model_size(config.model))
+    print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
+
+
+def train_epoch(run: Run, context: Context) -> tuple[float, bool]:
+    """One epoch of training and its schedule step; returns its seconds and whether --max_steps is reached."""
+    t = run.config.train
+    if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
+        set_determinism(t.seed * 100_003 + run.epoch)
+        run.train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + run.epoch) % 2**32)
+    if run.sampler is not None:
+        run.sampler.set_epoch(run.epoch)
+    started = time.time()
+    loss, run.global_step = train_one_epoch(run.net, run.train_loader, run.loss_fn, run.optimizer, run.precision,
+                                            context, run.epoch, t.max_steps, run.global_step, run.config.fast,
+                                            run.memory_format)
+    epoch_s = time.time() - started
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step()
+    run.epoch += 1
+    if context.is_main:
+        print(f"epoch {run.epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {run.global_step}  {epoch_s:.1f}s")
+        run.log.scalars(run.epoch, {"train/loss": loss, "train/lr": lr})
+    return epoch_s, t.max_steps is not None and run.global_step >= t.max_steps
+
+
+def validate_and_save_best(run: Run, context: Context) -> float:
+    """Validate; rank 0 logs it and writes ``model.pt`` on a new best and the ``--keep_best`` files. Returns its
+    seconds."""
+    t = run.config.train
+    started = time.time()
+    run.last_validation, run.validated_epoch = validate(run.model, run.val_loader, run.config, run.precision,
+                                                        context), run.epoch
+    validation_s = time.time() - started
+    mean_dice = run.last_validation.mean_dice
+    improved = mean_dice > run.best_acc
+    run.best_acc = max(run.best_acc, mean_dice) if not math.isnan(mean_dice) else run.best_acc
+    if not context.is_main:
+        return validation_s
+    print(f"validation epoch {run.epoch}: mean organ Dice {mean_dice:.4f}"
+          f"{' (new best)' if improved else f'  (best {run.best_acc:.4f})'}")
+    run.log.validation(run.epoch, run.global_step, run.last_validation.organ_dice, mean_dice)
+    if t.save_checkpoint and improved:
+        run.save(run.logdir / "model.pt", "best", run.epoch)
+    if t.save_checkpoint and t.keep_best:
+        new, dropped = keep_best_plan(run.logdir, t.keep_best, run.epoch, mean_dice)
+        if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
+            run.save(new, "top-k", run.epoch)
+        for path in dropped:
+            path.unlink(missing_ok=True)
+    return validation_s
+
+
+def replan(run: Run, context: Context, epoch_s: float, validation_s: float | None, elapsed_s: float) -> None:
+    """Fit the epoch count to the time budget; a new count gets a schedule that spans it."""
+    planner = run.planner
+    # Rank 0's clock decides, so that every rank plans the same schedule.
+    planned = broadcast_object(planner.plan(run.epoch, epoch_s, validation_s, elapsed_s), context)
+    t = run.config.train
+    if planned == t.max_epochs:
+        return
+    if context.is_main:
+        print(f"time budget {t.time_budget_min:g} min: {elapsed_s:.0f} s used after epoch {run.epoch}, epochs take "
+              f"{planner.steady_epoch_s():.1f} s and a validation {planner.validation_s:.1f} s, so {planned} epochs "
+              "in all (the learning-rate schedule spans them)")
+    run.config = dataclasses.replace(run.config, train=dataclasses.replace(t, max_epochs=planned))
+    run.scheduler = build_scheduler(run.optimizer, run.config.train, epochs_done=run.epoch)
+
+
+def finish(run: Run, context: Context) -> None:
+    run.log.close()
+    if context.is_main and run.last_validation is not None:
+        print("the validation cases at the last validation:\n"
+              + format_summary(run.last_validation.summary(run.log.organs)))
+    if context.is_main:
+        print(f"done: best mean organ Dice {run.best_acc:.4f}; run folder {run.logdir}")
+
+
+def validation_due(run: Run, stop: bool) -> bool:
+    t = run.config.train
+    # A budget's first plan needs the time of one validation: the first epoch is validated.
+    return run.epoch % t.val_every == 0 or run.epoch == t.max_epochs or stop or (run.planner and run.epoch == 1)
+
+
+def final_save_due(run: Run, stop: bool) -> bool:
+    t = run.config.train
+    return t.save_checkpoint and (run.epoch % t.save_every == 0 or run.epoch >= t.max_epochs or stop)
+
+
+def run_training(context: Context, config: Config, logdir: Path) -> None:
+    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked)."""
+    run = start_run(context, config, logdir)
+    started = time.time()
+    while run.epoch < run.config.train.max_epochs:
+        epoch_s, stop = train_epoch(run, context)
+        validation_s = validate_and_save_best(run, context) if validation_due(run, stop) else None
+        if run.planner is not None and run.planner.plans_after(run.epoch, validation_s is not None) and not stop:
+            replan(run, context, epoch_s, validation_s, time.time() - started)
+        if context.is_main and final_save_due(run, stop):
+            run.save(run.logdir / "model_final.pt", "last", run.validated_epoch)
         if stop:
             break
-    log.close()
-    if context.is_main and last_validation is not None:
-        print("the validation cases at the last validation:\n" + format_summary(last_validation.summary(log.organs)))
-    if context.is_main:
-        print(f"done: best mean organ Dice {best_acc:.4f}; run folder {logdir}")
-
-
+    finish(run, context)
