@@ -1,15 +1,7 @@
-"""UNETR: construction, the layout and attention switches of the fast path, and weight loading
-(our checkpoints, bare state dicts, old MONAI layouts, TorchScript).
+"""UNETR from the config: MONAI's network (ViT-B encoder with a perceptron patch embedding, convolutional decoder with
+instance norm and residual blocks), deeper variants for the presets, and its size (parameters, FLOPs).
 
-    build_model          MONAI's UNETR from the config
-    prepare_model        the model in the memory format and attention kernel chosen for this device and precision
-    memory_format_for    channels-last or not, per CPU class, precision and stage
-    sdpa_for             fused attention or MONAI's own, per CPU class and precision
-
-Checkpoints and state dicts are read as data only (``checkpoint.load_file``). TorchScript files are
-programs: ``torch.jit.load`` runs code from the file, so they are loaded only where asked for
-(``--resume_jit``, ``--saved_checkpoint torchscript``), with a warning, and only their weights are
-used, in this project's own UNETR.
+The speed switches applied to a built model are in ``speed.py``; weights from files in ``weights.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The time budget (``--time_budget``): how many epochs fit, planned from the first epochs' measured times and
+"""The time budget (``--time_budget_min``): how many epochs fit, planned from the first epochs' measured times and
 re-planned as the run goes."""
 
 from __future__ import annotations
