@@ -58,7 +58,8 @@ def measure(shape: tuple[int, int, int], spacing: tuple[float, float, float], cl
     declared = Declared(shape, spacing, 1, np.dtype(dtype).itemsize)
     estimate = job_memory_bytes(declared, predictor.config.model, BTCV_SPACING, predictor.sw_batch_size)
     return {"shape": list(shape), "spacing": list(spacing), "classes": classes, "dtype": dtype,
-            "grid_shape": list(image.shape[1:]), "measured_gb": (peak - loaded) / 2**30, "estimate_gb": estimate / 2**30}
+            "grid_shape": list(image.shape[1:]), "measured_gb": (peak - loaded) / 2**30,
+            "estimate_gb": estimate / 2**30}
 
 
 def main() -> int:

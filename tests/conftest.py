@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
 from btcv_unetr.synthetic.phantoms import write_dataset  # noqa: E402
 
 PHANTOM_SIZE = 64
-# benchmarks/reference.py (the reference-style path, MONAI's inverse transforms) is the oracle of some tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from bench import free_port  # benchmarks/ is on the path: conftest
+
+from btcv_unetr.testing.server import free_port
 
 PLUGIN_PLACES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
 START_TIMEOUT_S = 60.0

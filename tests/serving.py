@@ -1,5 +1,5 @@
 """A real ``btcv-unetr serve`` process on a free loopback port, for the service's and the web page's tests
-(started by ``benchmarks/bench.py``'s own helper, which its load check uses too)."""
+(started by ``btcv_unetr.testing.server``, which the benchmark's load check uses too)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import free_port, serve_process  # noqa: F401  (benchmarks/ is on the path: conftest)
 from conftest import tiny_config
 
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
+from btcv_unetr.testing.server import free_port, serve_process  # noqa: F401  (free_port: for the tests' use)
 
 PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import tiny_config
 from monai.losses import DiceCELoss
-from reference import InverseTransformPredictor, reference_style  # benchmarks/reference.py
 
 from btcv_unetr import cli
 from btcv_unetr.allocator import keep_freed_memory
@@ -35,6 +34,7 @@ from btcv_unetr.model.speed import (
     use_sdpa,
 )
 from btcv_unetr.synthetic.phantoms import generate_case
+from btcv_unetr.testing.reference import InverseTransformPredictor, reference_style  # the oracle
 from btcv_unetr.train.loop import micro_batch_size, train_step
 from btcv_unetr.train.optim import build_optimizer
 

@@ -52,13 +52,12 @@ def test_an_unknown_module_is_still_a_plain_missing_module():
 
 
 def test_the_documented_old_paths_keep_their_names():
+    from btcv_unetr import data, infer, model, train
     from btcv_unetr.inference.loader import load_model
     from btcv_unetr.inference.predictor import Predictor
     from btcv_unetr.model.speed import prepare_model
     from btcv_unetr.train.budget import BudgetPlanner
     from btcv_unetr.train.loop import run_training
-
-    from btcv_unetr import data, infer, model, train
     assert (infer.Predictor, infer.load_model) == (Predictor, load_model)
     assert (train.run_training, train.BudgetPlanner) == (run_training, BudgetPlanner)
     assert model.prepare_model is prepare_model

@@ -21,9 +21,10 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from bench import declared_nifti_gz, free_port, wait_until_healthy
 from serving import running_server, tiny_checkpoint
 from test_serve import _dicom_zip, _submit, _wait
+
+from btcv_unetr.testing.server import declared_nifti_gz, free_port, wait_until_healthy
 
 # A job of about ten thousand windows of the tiny model (minutes): it is certainly still running when a
 # test cancels it or stops its server, however fast the machine. 150 voxels at 4 mm is 600 mm: a body's size.

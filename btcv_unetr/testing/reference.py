@@ -1,7 +1,7 @@
 """The reference-style path: every speed switch off, and masks inverted by MONAI's inverse transforms.
 
-Used by ``bench.py`` as the baseline of each ratio and by the tests as the oracle of the one-pass
-inversion (``btcv_unetr.inference.inversion.probabilities_to_scan``).
+Used by ``benchmarks/bench.py`` as the baseline of each ratio and by the tests as the oracle of the
+one-pass inversion (``btcv_unetr.inference.inversion.probabilities_to_scan``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from btcv_unetr.config import Config, FastConfig
-from btcv_unetr.inference.predictor import Predictor
+from ..config import Config, FastConfig
+from ..inference.predictor import Predictor
 
 
 def reference_style(config: Config) -> Config:
@@ -25,8 +25,9 @@ def reference_style(config: Config) -> Config:
     masks come from :class:`InverseTransformPredictor`.
     """
     fast = FastConfig(malloc_tuning=False, sdpa=False, micro_batch=config.data.num_samples * config.train.batch_size,
-                      fused_optimizer=False, compile=False, channels_last=False, crop_before_resampling=False)
+                      fused_optimizer=False, compile=False, channels_last=False)
     return dataclasses.replace(config, fast=fast, train=dataclasses.replace(config.train, precision="fp32"),
+                               data=dataclasses.replace(config.data, crop_before_resampling=False),
                                infer=dataclasses.replace(config.infer, sw_batch_size=1))
 
 
@@ -39,7 +40,8 @@ class InverseTransformPredictor(Predictor):
     """
 
     def invert(self, values: torch.Tensor, image: MetaTensor, nearest: bool) -> np.ndarray:
-        """Undo the spatial preprocessing of ``values`` ``(1, x, y, z)``; returns the native-size ``(X, Y, Z)`` array."""
+        """Undo the spatial preprocessing of ``values`` ``(1, x, y, z)``; returns the native-size ``(X, Y, Z)``
+        array."""
         inverter = Invertd(keys="pred", transform=self.transform, orig_keys="image", nearest_interp=nearest)
         prediction = MetaTensor(values, meta=dict(image.meta))
         return inverter({"image": image, "pred": prediction})["pred"][0].numpy()
