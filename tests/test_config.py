@@ -6,6 +6,7 @@ import yaml
 from btcv_unetr.config import (
     CONFIG_DIR,
     FIELD_SECTION,
+    PRESETS,
     SECTIONS,
     Config,
     ConfigError,
@@ -35,9 +36,50 @@ def test_recipe_file_holds_every_key_with_the_default_value():
     assert parse_config(["--config", str(CONFIG_DIR / "btcv_unetr.yaml")]) == Config()
 
 
-@pytest.mark.parametrize("name", ["btcv_unetr.yaml", "phantom_demo.yaml", "tiny.yaml"])
-def test_shipped_configs_load_by_name(name):
-    assert isinstance(parse_config(["--config", name]), Config)
+SHIPPED = sorted(path.name for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def _expected(*files: str) -> dict[str, dict]:
+    """The defaults with the values ``files`` set (read as plain YAML, later files winning)."""
+    expected = Config().to_dict()
+    for name in files:
+        for section, values in yaml.safe_load((CONFIG_DIR / name).read_text()).items():
+            expected[section].update(values)
+    return expected
+
+
+def _assert_same(config: Config, expected: dict[str, dict]) -> None:
+    """Every key of ``config`` equals ``expected``'s (floats within rounding: 3.0e-3 read as a float)."""
+    actual = config.to_dict()
+    for section, values in expected.items():
+        for key, value in values.items():
+            assert actual[section][key] == pytest.approx(value), (section, key, actual[section][key], value)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_shipped_config_loads_by_name_with_every_value_it_sets(name):
+    """The file's own values arrive in the Config (none is dropped, renamed or overridden), every other key
+    keeps its default; the file names only keys this version has."""
+    raw = yaml.safe_load((CONFIG_DIR / name).read_text())
+    defaults = Config().to_dict()
+    assert {f"{s}.{k}" for s, values in raw.items() for k in values} <= \
+        {f"{s}.{k}" for s, values in defaults.items() for k in values}
+    _assert_same(parse_config(["--config", name]), _expected(name))
+
+
+def test_the_shipped_configs_include_the_2d_ones_and_every_preset():
+    assert {"tiny.yaml", "tiny2d.yaml", "shapes2d.yaml", "phantom_demo.yaml", "btcv_unetr.yaml"} <= set(SHIPPED)
+    assert {name for name in SHIPPED if name.startswith("preset_")} == {f"preset_{p}.yaml" for p in PRESETS}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_a_preset_sets_the_model_size_over_the_config_and_under_the_flags(preset):
+    """``--preset`` layers its file over ``--config`` (the tiny config's sizes give way) and under the flags."""
+    config = parse_config(["--config", "tiny.yaml", "--preset", preset, "--num_layers", "8"])
+    expected = _expected("tiny.yaml", f"preset_{preset}.yaml")
+    expected["model"]["num_layers"] = 8
+    _assert_same(config, expected)
+    assert config.model.roi_size == (32, 32, 32)  # the config's ROI, which the preset does not set
 
 
 def test_flags_use_reference_names_and_override_the_file(tmp_path):

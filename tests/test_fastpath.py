@@ -15,7 +15,6 @@ from conftest import tiny_config
 from monai.losses import DiceCELoss
 
 from btcv_unetr import cli
-from btcv_unetr.allocator import keep_freed_memory
 from btcv_unetr.config import FastConfig, parse_config
 from btcv_unetr.data.transforms import infer_transforms
 from btcv_unetr.distributed import Context
@@ -262,11 +261,63 @@ def test_class_map_equals_argmax_including_ties():
     assert torch.equal(labels.long(), scores.argmax(0))
 
 
-def test_freed_memory_switch_applies_and_restores():
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    assert keep_freed_memory(True) is True
-    assert keep_freed_memory(False) is True
+# Run in a fresh process (the allocator's settings are the whole process's): apply the switch as argv[1]
+# says, then malloc and free a 64 MiB block, reading glibc's own statistics (mallinfo2) in between; each figure
+# is the change since just before the malloc (the imports mapped and allocated some memory of their own).
+_HEAP_PROBE = """
+import ctypes, json, sys
+from btcv_unetr.allocator import keep_freed_memory
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+applied = [keep_freed_memory(on == "on") for on in sys.argv[1:]]
+before = libc.mallinfo2()
+block = libc.malloc(64 << 20)
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(json.dumps({"applied": applied, "mmapped_during": during.hblkhd - before.hblkhd,
+                  "heap_during": during.arena - before.arena, "heap_after": after.arena - before.arena,
+                  "free_in_heap_after": after.fordblks - before.fordblks}))
+"""
+
+
+def _heap_after_a_64_mib_block(*switches: str) -> dict:
+    import ctypes
+
+    from btcv_unetr.allocator import _glibc
+    libc = _glibc()
+    if libc is None:
+        pytest.skip("the allocator switch tunes glibc's malloc only; this C library is not glibc")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip(f"glibc {ctypes.CDLL(None).gnu_get_libc_version} has no mallinfo2 (2.33 and later)")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _HEAP_PROBE, *switches], cwd=root, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
+def test_freed_memory_switch_keeps_large_blocks_in_the_heap():
+    """On: a 64 MiB block comes from the heap, not its own mmap, and stays there once freed (no page faults
+    when the next activation of that size is allocated)."""
+    heap = _heap_after_a_64_mib_block("on")
+    assert heap["applied"] == [True]
+    assert heap["mmapped_during"] == 0 and heap["heap_during"] >= 64 << 20
+    assert heap["heap_after"] >= 64 << 20 and heap["free_in_heap_after"] >= 64 << 20
+
+
+@pytest.mark.parametrize("switches", [(), ("on", "off")], ids=["glibc_defaults", "on_then_off"])
+def test_without_the_switch_large_blocks_are_mapped_and_returned(switches):
+    """glibc's defaults (never switched, or switched on and back off): the 64 MiB block is an mmap of its own,
+    and the heap holds none of it after the free."""
+    heap = _heap_after_a_64_mib_block(*switches)
+    assert heap["applied"] == [True] * len(switches)
+    assert heap["mmapped_during"] >= 64 << 20
+    assert heap["heap_after"] < 64 << 20
 
 
 def test_automatic_sizes():

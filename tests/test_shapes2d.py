@@ -47,19 +47,26 @@ def test_dtypes_shapes_and_class_range(kind, classes, size):
     assert picture.std() > 10  # a picture, not a flat fill
 
 
+def _pet_classes() -> tuple[int, int, int]:
+    """The indices of background, animal and boundary, looked up by name (the tests below check that
+    the pixels of each index behave as its name says)."""
+    return tuple(PET_CLASSES.index(name) for name in ("background", "animal", "boundary"))
+
+
 def test_pet_trimaps_hold_all_three_classes_and_an_animal_of_plausible_size():
-    assert PET_CLASSES == ("background", "animal", "boundary")
+    background, animal_class, boundary = _pet_classes()
     for index in range(6):
         _, mask = generate_scene(1, index, 128, "pet")
-        assert set(np.unique(mask)) == {0, 1, 2}
-        animal = np.isin(mask, (1, 2)).mean()
+        assert set(np.unique(mask)) == set(range(len(PET_CLASSES)))
+        assert (mask == background).mean() > 0.5  # the animal stands in front of a larger background
+        animal = np.isin(mask, (animal_class, boundary)).mean()
         assert 0.02 < animal < 0.5, (index, animal)
 
 
 def test_pet_boundary_is_a_thin_band_between_animal_and_background():
     for index in range(6):
         _, mask = generate_scene(2, index, 256, "pet")
-        background, animal, boundary = mask == 0, mask == 1, mask == 2
+        background, animal, boundary = (mask == k for k in _pet_classes())
         # The band separates the two: animal and background never touch.
         assert not np.any(_dilate(animal, 1) & background)
         # Band pixels lie within 4 px of both (all but the tips of tails and ears and slivers beside
@@ -72,20 +79,44 @@ def test_pet_boundary_is_a_thin_band_between_animal_and_background():
         assert boundary.sum() < 0.5 * (animal.sum() + boundary.sum())
 
 
+def _centres(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """(row, column) centre of each face class present in ``mask``, by class name."""
+    return {name: np.argwhere(mask == k).mean(0) for k, name in enumerate(FACE_CLASSES) if np.any(mask == k)}
+
+
 def test_face_parts_are_present_and_anatomically_ordered():
-    assert len(FACE_CLASSES) == 11 and FACE_CLASSES[4] == "left eye" and FACE_CLASSES[9] == "hair"
-    assert FACE_MIRROR_PAIRS == ((2, 3), (4, 5))
+    """Each class index holds the part its name says: the names are checked against the pixels."""
+    k = {name: FACE_CLASSES.index(name) for name in FACE_CLASSES}
     seen = set()
     for index in range(8):
         _, mask = generate_scene(3, index, 256, "face")
         present = set(np.unique(mask).tolist())
-        assert set(range(10)) <= present, (index, present)
+        assert set(range(len(FACE_CLASSES))) - {k["mouth interior"]} <= present, (index, present)
         seen |= present
-        centre = {k: np.argwhere(mask == k).mean(0) for k in range(1, 10)}  # (row, column)
-        assert centre[2][1] < centre[3][1] and centre[4][1] < centre[5][1]  # left is the viewer's left
-        assert centre[2][0] < centre[4][0] < centre[6][0] < centre[7][0] < centre[8][0]  # brow, eye, nose, lips
-        assert np.argwhere(mask == 9)[:, 0].min() < np.argwhere(mask == 1)[:, 0].min()  # hair above the face
-    assert 10 in seen  # some mouths are open
+        centre = _centres(mask)
+        for part in ("brow", "eye"):  # left is the viewer's left
+            assert centre[f"left {part}"][1] < centre[f"right {part}"][1], (index, part)
+        rows = [centre[name][0] for name in ("left brow", "left eye", "nose", "upper lip", "lower lip")]
+        assert rows == sorted(rows), (index, rows)
+        assert np.argwhere(mask == k["hair"])[:, 0].min() < np.argwhere(mask == k["skin"])[:, 0].min()
+        assert (mask == k["skin"]).sum() > max((mask == k[name]).sum() for name in ("nose", "left eye", "upper lip"))
+    assert k["mouth interior"] in seen  # some mouths are open
+
+
+def test_a_flip_with_the_mirror_pairs_swapped_is_again_a_face_of_the_same_order():
+    """FACE_MIRROR_PAIRS pair each "left X" with its "right X": flipping a mask left to right and swapping
+    the pairs gives a mask whose left parts are again on the viewer's left; without the swap they are not."""
+    assert {(FACE_CLASSES[a], FACE_CLASSES[b]) for a, b in FACE_MIRROR_PAIRS} == \
+        {(f"left {part}", f"right {part}") for part in ("brow", "eye")}
+    _, mask = generate_scene(3, 0, 128, "face")
+    flipped = mask[:, ::-1]
+    swapped = flipped.copy()
+    for a, b in FACE_MIRROR_PAIRS:
+        swapped[flipped == a], swapped[flipped == b] = b, a
+    for a, b in FACE_MIRROR_PAIRS:
+        left, right = FACE_CLASSES[a], FACE_CLASSES[b]
+        assert _centres(swapped)[left][1] < _centres(swapped)[right][1]
+        assert _centres(flipped)[left][1] > _centres(flipped)[right][1]
 
 
 @pytest.mark.parametrize("kind, classes", [("pet", PET_CLASSES), ("face", FACE_CLASSES)])
