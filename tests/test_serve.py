@@ -1,15 +1,17 @@
 """``btcv-unetr serve``: a real uvicorn process on a loopback port and a real HTTP client (httpx).
 
 Three servers: a default one (round trips, DICOM, bad inputs, concurrency), a strict one (token,
-small upload limits, a queue of one, retention of two jobs, slow windows) and a 2D one (pictures).
+small upload limits, a queue of one, retention of two jobs, a worker the tests can hold) and a 2D one (pictures).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import gzip
 import io
 import json
+import os
 import socket
 import time
 import zipfile
@@ -64,16 +66,35 @@ def _stale_jobs(jobs_dir: Path, scan: Path) -> dict[str, Path]:
     return folders
 
 
+HELD_WORKER = Path(__file__).resolve().parent / "held_worker"  # its sitecustomize.py holds the server's worker
+
+
 @pytest.fixture(scope="module")
-def strict(tmp_path_factory, scan) -> tuple[str, dict[str, Path]]:
+def strict(tmp_path_factory, scan) -> tuple[str, dict[str, Path], Path]:
     """A token, 0.2 MB uploads (0.1 MB for /segment), one waiting job at most, two finished jobs kept for
-    an hour, and overlap 0.9 (about a hundred windows a job, so a job lasts long enough to queue behind)."""
+    an hour; and the path of a file that, while it exists, holds each job the worker takes in "running"
+    (tests/held_worker/sitecustomize.py), so that the queue behind it fills whatever the machine's speed."""
     folder = tmp_path_factory.mktemp("strict")
     stale = _stale_jobs(folder / "jobs", scan)
+    hold = folder / "hold"
     flags = ("--token", TOKEN, "--max_upload_mb", "0.2", "--sync_max_mb", "0.1", "--workers_queue", "1",
-             "--keep_jobs", "2", "--keep_hours", "1", "--infer_overlap", "0.9")
-    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", *flags) as url:
-        yield url, stale
+             "--keep_jobs", "2", "--keep_hours", "1")
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as env:  # for the server's process only
+            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(HELD_WORKER), os.environ.get("PYTHONPATH")))))
+            env.setenv("BTCV_UNETR_TEST_HOLD", str(hold))
+            url = stack.enter_context(running_server(tiny_checkpoint(folder / "run"), folder / "jobs", *flags))
+        yield url, stale, hold
+
+
+@contextlib.contextmanager
+def _held(hold: Path):
+    """The strict server's worker holds each job it takes until the block ends."""
+    hold.touch()
+    try:
+        yield
+    finally:
+        hold.unlink(missing_ok=True)
 
 
 def _submit(url: str, path: Path | None = None, content: bytes | None = None, name: str = "scan.nii.gz",
@@ -82,14 +103,17 @@ def _submit(url: str, path: Path | None = None, content: bytes | None = None, na
     return httpx.post(f"{url}{route}", files={"file": (name, content)}, headers=headers, timeout=120)
 
 
-def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 120) -> dict:
+def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 120,
+          states: tuple[str, ...] = ("done", "failed")) -> dict:
+    """The job's record once its state is one of ``states`` (by default: finished); ``timeout`` only bounds a
+    test that went wrong."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = httpx.get(f"{url}/jobs/{job_id}", headers=headers).json()
-        if job["state"] in ("done", "failed"):
+        if job["state"] in states:
             return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {' or '.join(states)} in {timeout} s")
 
 
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
@@ -308,7 +332,7 @@ def test_segment_answers_with_the_mask(server, scan, tmp_path):
 
 # First of the strict server's tests: the retention limit of two jobs would soon remove these.
 def test_on_start_expired_and_half_uploaded_jobs_are_removed_and_kept_jobs_run(strict):
-    url, stale = strict
+    url, stale, _ = strict
     assert not stale["expired"].exists() and not stale["no_record"].exists()
     died = httpx.get(f"{url}/jobs/{stale['unfinished'].name}", headers=AUTH).json()
     assert died["state"] == "failed" and "the server stopped while this job ran" in died["error"]
@@ -317,7 +341,7 @@ def test_on_start_expired_and_half_uploaded_jobs_are_removed_and_kept_jobs_run(s
 
 
 def test_the_token_is_required_everywhere_but_health_and_the_page(strict):
-    url, _ = strict
+    url, *_ = strict
     assert httpx.get(f"{url}/health").status_code == 200
     assert httpx.get(f"{url}/").status_code == 200
     routes = (("GET", "/info"), ("GET", "/jobs"), ("POST", "/jobs"), ("POST", "/segment"), ("GET", f"/jobs/{'0' * 32}"),
@@ -335,7 +359,7 @@ def test_the_token_is_required_everywhere_but_health_and_the_page(strict):
 
 def test_a_wrong_token_is_refused_before_the_body_is_read(strict):
     """A 200 MB upload with a wrong token: the 401 comes after the headers, while the body is still unsent."""
-    url, _ = strict
+    url, *_ = strict
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as connection:
         connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
@@ -346,7 +370,7 @@ def test_a_wrong_token_is_refused_before_the_body_is_read(strict):
 
 
 def test_uploads_over_the_limits_get_413(strict, scan):
-    url, _ = strict
+    url, *_ = strict
     big = _submit(url, content=b"\x1f\x8b" + b"\x00" * 300_000, name="big.nii.gz", headers=AUTH)
     assert big.status_code == 413 and "--max_upload_mb 0.2" in big.json()["detail"]
     assert scan.stat().st_size > 0.1 * 2**20  # over the /segment limit, under the /jobs one
@@ -355,13 +379,19 @@ def test_uploads_over_the_limits_get_413(strict, scan):
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(strict, scan):
-    """One job runs, one waits, the third is refused; of the finished jobs the newest two are kept."""
-    url, stale = strict
+    """One job runs (held), one waits, the third is refused; of the finished jobs the newest two are kept."""
+    url, stale, hold = strict
     _wait(url, stale["queued"].name, AUTH)  # the job kept from the last stop runs first
-    answers = [_submit(url, scan, headers=AUTH) for _ in range(3)]
-    assert [a.status_code for a in answers] == [202, 202, 503], [a.text for a in answers]
-    assert "queue" in answers[2].json()["detail"] and int(answers[2].headers["retry-after"]) >= 1
-    assert answers[1].json()["queue_position"] == 1
+    with _held(hold):
+        answers = [_submit(url, scan, headers=AUTH)]
+        assert answers[0].status_code == 202, answers[0].text
+        _wait(url, answers[0].json()["id"], AUTH, states=("running",))  # the worker took it: the queue is empty
+        answers += [_submit(url, scan, headers=AUTH) for _ in range(2)]
+        assert [a.status_code for a in answers] == [202, 202, 503], [a.text for a in answers]
+        assert "queue" in answers[2].json()["detail"] and int(answers[2].headers["retry-after"]) >= 1
+        assert answers[1].json()["queue_position"] == 1
+        states = [httpx.get(f"{url}/jobs/{a.json()['id']}", headers=AUTH).json()["state"] for a in answers[:2]]
+        assert states == ["running", "queued"]
     accepted = [_wait(url, a.json()["id"], AUTH) for a in answers[:2]]
     third = _wait(url, _submit(url, scan, headers=AUTH).json()["id"], AUTH)
     assert all(job["state"] == "done" for job in accepted + [third])
@@ -371,20 +401,22 @@ def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(
 
 
 def test_deleting_a_waiting_job_answers_the_segment_call_that_waits_for_it(strict, scan):
-    url, _ = strict
-    running = _submit(url, scan, headers=AUTH).json()
+    url, _, hold = strict
     noise = np.random.default_rng(0).integers(-500, 500, (24, 24, 24)).astype(np.int16)
     small = _nifti_bytes(noise, np.diag([6.0, 6.0, 6.0, 1.0]))
     assert len(small) < 0.1 * 2**20  # under the /segment limit
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with _held(hold), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = _submit(url, scan, headers=AUTH).json()
+        _wait(url, running["id"], AUTH, states=("running",))
         waiting = pool.submit(_submit, url, None, small, "small.nii.gz", AUTH, "/segment")
-        deadline = time.time() + 30
+        deadline = time.time() + 120  # only bounds a test that went wrong: the held job keeps it queued
         while not (queued := [j for j in httpx.get(f"{url}/jobs", headers=AUTH).json()["jobs"]
                               if j["state"] == "queued"]):
             assert time.time() < deadline, "the /segment job never waited in the queue"
             time.sleep(0.05)
         assert httpx.delete(f"{url}/jobs/{queued[0]['id']}", headers=AUTH).status_code == 204
-        answer = waiting.result(timeout=60)
+        answer = waiting.result(timeout=120)
+        assert httpx.get(f"{url}/jobs/{running['id']}", headers=AUTH).json()["state"] == "running"
     assert answer.status_code == 410 and answer.json()["detail"] == "deleted before it ran"
     assert _wait(url, running["id"], AUTH)["state"] == "done"
 
