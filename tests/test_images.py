@@ -1,0 +1,159 @@
+"""btcv_unetr.data.images: every accepted format reads as voxels (i, j, k) with the same RAS affine, and masks
+are written on their input's grid in its format, geometry kept.
+
+The oracle for the ITK formats is nibabel reading the same image that SimpleITK wrote as NIfTI (SimpleITK
+converts its LPS world to NIfTI's RAS itself), so the affines here are not derived from the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monai.transforms import LoadImage
+
+from btcv_unetr.data.images import (
+    SimpleITKReader,
+    dicom_series,
+    image_shape,
+    image_suffix,
+    is_nifti,
+    is_picture,
+    mask_path,
+    read_volume,
+    write_dicom_series_as_nifti,
+    write_mask,
+)
+from btcv_unetr.files import TEMPORARY_GLOB
+
+SHAPE = (5, 4, 3)  # (i, j, k): unequal, so that a transposed axis cannot pass
+
+
+def _oblique_image() -> sitk.Image:
+    """A small int16 volume of distinct values with spacing, origin and a 30-degree turn about the z axis."""
+    voxels = np.arange(math.prod(SHAPE), dtype=np.int16).reshape(SHAPE)  # voxels[i, j, k]
+    image = sitk.GetImageFromArray(voxels.transpose(2, 1, 0))  # SimpleITK's arrays are (k, j, i)
+    turn = math.radians(30)
+    image.SetDirection((math.cos(turn), -math.sin(turn), 0, math.sin(turn), math.cos(turn), 0, 0, 0, 1))
+    image.SetSpacing((0.8, 1.25, 2.5))
+    image.SetOrigin((-12.0, 30.5, 7.0))
+    return image
+
+
+@pytest.fixture(scope="module")
+def oblique(tmp_path_factory) -> dict[str, Path]:
+    """The same image as .nii.gz, .nrrd and .mha (written by SimpleITK)."""
+    folder = tmp_path_factory.mktemp("oblique")
+    paths = {suffix: folder / f"scan{suffix}" for suffix in (".nii.gz", ".nrrd", ".mha")}
+    for path in paths.values():
+        sitk.WriteImage(_oblique_image(), str(path))
+    return paths
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_every_volume_format_reads_as_i_j_k_with_the_same_ras_affine(oblique, suffix):
+    expected = nib.load(oblique[".nii.gz"])
+    volume = read_volume(oblique[suffix])
+    assert volume.shape == SHAPE and volume.spatial_shape == SHAPE and volume.components == 1
+    assert np.array_equal(np.asarray(volume.data), np.arange(math.prod(SHAPE)).reshape(SHAPE))
+    assert np.allclose(volume.affine, expected.affine, atol=1e-5)
+    assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), (0.8, 1.25, 2.5))  # spacing in mm
+    assert image_shape(oblique[suffix]) == SHAPE  # from the header alone
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_monai_loads_itk_formats_through_the_reader_as_read_volume_does(oblique, suffix):
+    data = LoadImage(reader=SimpleITKReader(), image_only=True)(str(oblique[suffix]))
+    volume = read_volume(oblique[suffix])
+    assert tuple(data.shape) == SHAPE and np.array_equal(np.asarray(data), volume.data)
+    assert np.allclose(np.asarray(data.affine), volume.affine, atol=1e-5)
+    reader = SimpleITKReader()
+    assert reader.verify_suffix(str(oblique[suffix])) and not reader.verify_suffix(str(oblique[".nii.gz"]))
+    with pytest.raises(ValueError, match="reads .mha, .mhd, .nrrd"):
+        reader.read(str(oblique[".nii.gz"]))
+
+
+def test_a_png_reads_as_columns_rows_colours_without_geometry(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 9, 3), dtype=np.uint8)  # 6 rows, 9 columns
+    path = tmp_path / "photo.PNG"
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
+    volume = read_volume(path)
+    assert volume.shape == (9, 6, 3) and volume.spatial_shape == (9, 6) and volume.components == 3
+    assert np.array_equal(volume.data, rgb.transpose(1, 0, 2))  # data[x, y] is the pixel of column x, row y
+    assert np.array_equal(volume.affine, np.eye(4))
+    assert image_shape(path) == (9, 6, 3)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_a_mask_is_written_on_its_scans_grid_in_the_scans_format_and_geometry(oblique, suffix, tmp_path):
+    labels = (np.arange(math.prod(SHAPE)) % 14).reshape(SHAPE).astype(np.int64)  # uint8 once written
+    out = mask_path(tmp_path, "scan", oblique[suffix])
+    assert out == tmp_path / f"scan_seg{suffix}"
+    write_mask(labels, oblique[suffix], out)
+    mask = read_volume(out)
+    assert np.asarray(mask.data).dtype == np.uint8 and np.array_equal(mask.data, labels)
+    assert np.allclose(mask.affine, read_volume(oblique[suffix]).affine, atol=1e-5)
+    assert not list(tmp_path.glob(TEMPORARY_GLOB))
+    if suffix == ".nii.gz":  # both header transforms, so that any viewer places it on the scan
+        header = nib.load(out).header
+        assert int(header["qform_code"]) == 1 and int(header["sform_code"]) == 1
+
+
+def test_a_nifti_mask_of_an_nrrd_scan_takes_the_scans_geometry(oblique, tmp_path):
+    labels = np.ones(SHAPE, np.uint8)
+    write_mask(labels, oblique[".nrrd"], tmp_path / "scan_seg.nii.gz")
+    assert np.allclose(nib.load(tmp_path / "scan_seg.nii.gz").affine, nib.load(oblique[".nii.gz"]).affine, atol=1e-5)
+
+
+def test_a_picture_mask_is_a_png_of_the_pictures_size(tmp_path):
+    labels = np.zeros((9, 6), np.uint8)  # (columns, rows)
+    labels[2:4, 1] = 2
+    out = mask_path(tmp_path, "photo", Path("photo.jpg"))
+    assert out == tmp_path / "photo_seg.png"  # lossless, whatever the picture's format
+    write_mask(labels, Path("photo.jpg"), out)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(out))).shape == (6, 9)  # rows, columns on disk
+    assert np.array_equal(read_volume(out).data, labels)
+
+
+@pytest.mark.parametrize("image, mask", [
+    ("img0001.nii.gz", "img0001_seg.nii.gz"), ("img0001.nii", "img0001_seg.nii.gz"),
+    ("ct.NRRD", "ct_seg.NRRD"), ("ct.nhdr", "ct_seg.nrrd"), ("ct.mhd", "ct_seg.mha"), ("ct.mha", "ct_seg.mha"),
+    ("face.jpeg", "face_seg.png"), ("face.bmp", "face_seg.png"), ("series.dcm", "series_seg.nii.gz"),
+])
+def test_mask_names_keep_the_inputs_format_as_one_file(image, mask):
+    assert mask_path(Path("out"), Path(image.split(".")[0]).name, Path("in") / image) == Path("out") / mask
+
+
+def test_suffixes_are_recognised_whatever_their_case():
+    assert image_suffix("a/SCAN.NII.GZ") == ".NII.GZ" and image_suffix("scan.v2.nrrd") == ".nrrd"
+    assert image_suffix("notes.txt") == ".txt"
+    assert is_nifti("x.Nii.Gz") and not is_nifti("x.nrrd") and is_picture("x.JPG") and not is_picture("x.mha")
+
+
+def test_a_dicom_series_is_found_and_converted_with_its_geometry(tmp_path):
+    """Three CT slices written by SimpleITK: one series, and its NIfTI has the slices' spacing and position."""
+    image = sitk.Cast(_oblique_image(), sitk.sitkInt16)
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # GDCM writes axial slices
+    uid = "1.2.826.0.1.3680043.2.1125.1.77"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {"0008|0060": "CT", "0020|000d": f"{uid}.1", "0020|000e": f"{uid}.2",
+                           "0008|0018": f"{uid}.3.{k}", "0020|0013": str(k + 1),
+                           "0020|0032": "\\".join(f"{v:g}" for v in position),
+                           "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2.5"}.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(tmp_path / f"{k}.dcm"))
+        writer.Execute(plane)
+    assert dicom_series(tmp_path) == [f"{uid}.2"]
+    write_dicom_series_as_nifti(tmp_path, f"{uid}.2", tmp_path / "series.nii.gz")
+    volume = read_volume(tmp_path / "series.nii.gz")
+    assert volume.shape == SHAPE
+    assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), (0.8, 1.25, 2.5), atol=1e-4)
+    assert np.allclose(volume.affine[:3, 3], (12.0, -30.5, 7.0), atol=1e-4)  # LPS origin, in RAS
