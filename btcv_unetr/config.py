@@ -47,7 +47,6 @@ def _opt(default: Any, help: str, *, choices: tuple | None = None, flags: tuple[
 class ModelConfig:
     """UNETR architecture (MONAI ``monai.networks.nets.UNETR``)."""
 
-    model_name: str = _opt("unetr", "network architecture", choices=("unetr",))
     spatial_dims: int = _opt(3, "3 for volumes (CT: NIfTI, NRRD, MHA, DICOM), 2 for pictures and slices (PNG, JPEG, "
                                 "BMP): the model, transforms, inference and reports follow", choices=(2, 3))
     in_channels: int = _opt(1, "input image channels (2D: 3 for RGB, 1 for grayscale)")
@@ -90,6 +89,10 @@ class DataConfig:
     space_y: float = _opt(1.5, "target voxel spacing along y, mm")
     space_z: float = _opt(2.0, "target voxel spacing along z, mm")
     axcodes: str = _opt("RAS", "target orientation")
+    crop_before_resampling: bool = _opt(True, "crop to the body at the scan's resolution, then resample only "
+                                              "the box (the reference resamples the whole scan first); the voxel "
+                                              "grid can differ by up to a voxel, so it is stored with a checkpoint "
+                                              "and inference uses the checkpoint's")
     num_samples: int = _opt(4, "random crops per volume")
     crop_sampler: str = _opt("posneg", "crop centres: 'posneg' (reference: foreground vs background, pos:neg) or "
                              "'classes' (each class equally often, so small organs are seen)",
@@ -209,8 +212,6 @@ class InferConfig:
     save_probabilities: bool = _opt(False, "also write CASE_probabilities.npz (float16, native geometry)")
     device: str = _opt("auto", "where the network runs, training and inference (auto: a GPU when one is visible)",
                        choices=("auto", "cpu", "cuda"))
-    overwrite: bool = _opt(False, "replace existing outputs: masks (otherwise skipped), an export's --out, a "
-                                  "training run folder that holds an earlier run (otherwise refused)")
     continue_prediction: bool = _opt(False, "keep the cases whose outputs are complete (the mask read whole, on the "
                                              "scan's grid; the SEG too with dicom_seg), segment the others, and "
                                              "report over all: the kept masks are scored from their files",
@@ -230,8 +231,17 @@ class InferConfig:
 
 
 @dataclass
+class GeneralConfig:
+    """Options every command shares."""
+
+    overwrite: bool = _opt(False, "replace existing outputs: masks (otherwise skipped), an export's --out, a "
+                                  "training run folder that holds an earlier run (otherwise refused)")
+
+
+@dataclass
 class FastConfig:
-    """Fast path (benchmarks/bench.py); each switch is on, or chosen per machine, and can be turned off."""
+    """Fast path (benchmarks/bench.py); each switch is on, or chosen per machine, and can be turned off. None
+    changes the recipe (the data, the model, the voxel grid): only speed and rounding."""
 
     malloc_tuning: bool = _opt(True, "CPU: keep freed memory in the process (glibc) so big activations are not "
                                      "page-faulted in again at every layer (about 30% faster CPU passes)")
@@ -244,8 +254,6 @@ class FastConfig:
     channels_last: bool | None = _opt(None, "CPU: channels-last 3D memory format, instance norms by the group-norm "
                                             "kernel; unset = per CPU class: inference always, training only in "
                                             "fp32 (slower under bf16)")
-    crop_before_resampling: bool = _opt(True, "crop to the body at the scan's resolution, then resample only "
-                                              "the box (the reference resamples the whole scan first)")
 
 
 @dataclass
@@ -258,6 +266,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     infer: InferConfig = field(default_factory=InferConfig)
     fast: FastConfig = field(default_factory=FastConfig)
+    general: GeneralConfig = field(default_factory=GeneralConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (YAML- and ``torch.load(weights_only=True)``-safe)."""
@@ -338,13 +347,21 @@ RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
 # Keys removed since: dropped silently from files and checkpoints that still carry them.
 REMOVED_KEYS: set[tuple[str, str]] = {
     ("infer", "fast_invert"),  # the one-pass inversion became the only inversion path
+    ("model", "model_name"),  # always "unetr"; --model_name stays a reference flag (add_config_arguments)
+}
+
+# Keys moved to another section since: (old section, key) -> new section (a value given there too wins).
+MOVED_KEYS: dict[tuple[str, str], str] = {
+    ("fast", "crop_before_resampling"): "data",  # it changes the voxel grid: preprocessing, not a speed switch
+    ("infer", "overwrite"): "general",  # it also governs training run folders and export
 }
 
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
-    """``raw`` (nested sections) with renamed keys under their new names (a new key given too wins)
-    and removed keys dropped."""
-    migrated = {}
+    """``raw`` (nested sections) with renamed keys under their new names, moved keys in their new sections (a
+    new key given too wins) and removed keys dropped."""
+    migrated: dict[str, Any] = {}
+    moved: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if isinstance(values, dict):
             values = {key: value for key, value in values.items() if (section, key) not in REMOVED_KEYS}
@@ -352,7 +369,15 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
                 if renamed_section == section and old in values:
                     value = values.pop(old)
                     values.setdefault(new, convert(value))
+            for (old_section, key), new_section in MOVED_KEYS.items():
+                if old_section == section and key in values:
+                    moved.setdefault(new_section, {})[key] = values.pop(key)
         migrated[section] = values
+    for section, values in moved.items():
+        target = migrated.setdefault(section, {})
+        if isinstance(target, dict):
+            for key, value in values.items():
+                target.setdefault(key, value)
     return migrated
 
 
@@ -385,7 +410,9 @@ def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
-    """Apply nested ``{section: {key: value}}`` layers over the defaults, check types and ranges."""
+    """Apply nested ``{section: {key: value}}`` layers over the defaults (each migrated: older key names and
+    sections still count), check types and ranges."""
+    layers = [migrate(layer) for layer in layers]
     sections = {}
     for section, cls in SECTIONS.items():
         values = {}
@@ -503,7 +530,7 @@ def validate(config: Config) -> None:
     if i.num_parts < 1 or not 0 <= i.part_id < i.num_parts:
         raise ConfigError(f"config keys 'part_id' and 'num_parts': part {i.part_id} of {i.num_parts} does not "
                           "exist; give --num_parts K >= 1 and --part_id 0 .. K-1")
-    if i.continue_prediction and i.overwrite:
+    if i.continue_prediction and config.general.overwrite:
         raise ConfigError("config keys 'continue_prediction' (--continue) and 'overwrite' exclude each other: "
                           "--continue keeps the complete masks, --overwrite makes every one again")
     if d.use_normal_dataset and d.cache_dir:
@@ -511,25 +538,36 @@ def validate(config: Config) -> None:
 
 
 PRESETS = ("lite", "base", "large")
-PREPROCESSING = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
+# The data keys that decide what the network sees: stored with a checkpoint, taken from it by inference
+# (inference/loader.py), the same in every member of an ensemble (inference/ensemble.py).
+PREPROCESSING = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes",
+                 "crop_before_resampling")
 # Flags the reference's test.py took without using them at inference (its loader shared the
-# training arguments): test.py still accepts them, so that reference commands keep working.
-REFERENCE_TEST_EXTRAS = ("RandFlipd_prob", "RandRotate90d_prob", "RandScaleIntensityd_prob",
-                         "RandShiftIntensityd_prob", "workers", "distributed")
+# training arguments), per section: test.py still accepts them, so that reference commands keep working.
+REFERENCE_TEST_EXTRAS: dict[str, tuple[str, ...]] = {
+    "data": ("RandFlipd_prob", "RandRotate90d_prob", "RandScaleIntensityd_prob", "RandShiftIntensityd_prob",
+             "workers"),
+    "dist": ("distributed",),
+}
 # The config flags each command takes: section -> its fields, or None for the whole section. A
 # YAML file may set any key; a flag a command would ignore is refused.
 COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "train": {"model": None, "data": None, "train": None, "dist": None, "fast": None,
-              "infer": ("infer_overlap", "sw_batch_size", "mode", "overwrite", "device")},
+              "infer": ("infer_overlap", "sw_batch_size", "mode", "device"), "general": None},
     "infer": {"model": None, "infer": None,
-              "data": ("data_dir", "json_list", "fold", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS[:5]),
+              "data": ("data_dir", "json_list", "fold", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS["data"]),
               "train": ("pretrained_dir", "pretrained_model_name", "pretrained", "precision"),
-              "dist": REFERENCE_TEST_EXTRAS[5:],
-              "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
-    "export": {"model": None, "train": ("checkpoint", "pretrained"), "infer": ("overwrite", "infer_overlap", "mode")},
+              "dist": REFERENCE_TEST_EXTRAS["dist"],
+              "fast": ("malloc_tuning", "sdpa", "compile", "channels_last"), "general": None},
+    "export": {"model": None, "train": ("checkpoint", "pretrained"), "infer": ("infer_overlap", "mode"),
+               "general": None},
     "serve": {"model": None, "train": ("checkpoint", "precision"),
               "infer": ("infer_overlap", "sw_batch_size", "mode", "tta", "device", "checkpoints"),
-              "fast": ("malloc_tuning", "sdpa", "compile", "channels_last", "crop_before_resampling")},
+              "data": ("crop_before_resampling",), "fast": ("malloc_tuning", "sdpa", "compile", "channels_last")},
+    # check-data: the datalist and what the model takes; evaluate: classes, label map and distances.
+    "check-data": {"model": ("spatial_dims", "in_channels", "out_channels"),
+                   "data": ("data_dir", "json_list", "label_map")},
+    "evaluate": {"model": ("out_channels",), "data": ("label_map",), "infer": ("hd95",)},
 }
 # crossval: training's flags for every fold, and inference's for scoring each fold's validation cases.
 COMMAND_FLAGS["crossval"] = {**COMMAND_FLAGS["train"], "infer": tuple(dict.fromkeys(
@@ -559,7 +597,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = 
         hints = _field_types(cls)
         for f in fields:
             flags = f.metadata["flags"] or (f"--{f.name}",)
-            unused = command == "infer" and f.name in REFERENCE_TEST_EXTRAS
+            unused = command == "infer" and f.name in REFERENCE_TEST_EXTRAS.get(section, ())
             # argparse formats help with %: a literal % in a text ("30% faster") must be doubled.
             help_text = ("accepted as the reference's test.py does; not used by inference" if unused else
                          f"{f.metadata['help']} (default: {f.default})").replace("%", "%%")
@@ -576,6 +614,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, command: str | None = 
             for alias, value in f.metadata["aliases"]:
                 group.add_argument(alias, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
                                    help=f"sets {f.name} to {value} (reference flag)")
+        if section == "model" and len(fields) == len(dataclasses.fields(cls)):
+            # The reference's --model_name chose the network; UNETR is the only one here, so the value is
+            # checked and not stored (a file's model.model_name is dropped by migrate).
+            group.add_argument("--model_name", choices=("unetr",), default=argparse.SUPPRESS,
+                               help="the reference's network choice, accepted so that its commands keep working: "
+                                    "UNETR is the only network")
 
 
 def _flags_of(f: dataclasses.Field, hint: Any) -> list[str]:

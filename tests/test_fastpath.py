@@ -218,7 +218,7 @@ def test_one_pass_inversion_equals_monai_inverse_transforms(trained, tmp_path):
     for crop_first in (True, False):
         oracle = InverseTransformPredictor(tiny_config(
             train={"pretrained_dir": str(folder), "pretrained_model_name": "w.pth"},
-            fast={"crop_before_resampling": crop_first}))
+            data={"crop_before_resampling": crop_first}))
         image = oracle.prepare(scan)
         probabilities = oracle.probabilities(image)
         ours, our_probabilities = probabilities_to_scan(probabilities, image, keep_probabilities=True)
@@ -342,8 +342,9 @@ def test_automatic_windows_per_cpu_class(monkeypatch, amx, precision, windows):
 def test_reference_style_turns_every_switch_off():
     config = reference_style(parse_config([]))
     assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
-                                     compile=False, channels_last=False, crop_before_resampling=False)
+                                     compile=False, channels_last=False)
     assert (config.train.precision, config.infer.sw_batch_size) == ("fp32", 1)
+    assert config.data.crop_before_resampling is False  # the reference resamples the whole scan first
 
 
 def test_flags_turn_each_switch_off():
@@ -351,8 +352,8 @@ def test_flags_turn_each_switch_off():
                            "--compile", "--sw_batch_size", "2", "--no-crop_before_resampling",
                            "--no-channels_last"])
     assert config.fast == FastConfig(malloc_tuning=False, sdpa=False, micro_batch=4, fused_optimizer=False,
-                                     compile=True, channels_last=False, crop_before_resampling=False)
-    assert config.infer.sw_batch_size == 2
+                                     compile=True, channels_last=False)
+    assert config.infer.sw_batch_size == 2 and config.data.crop_before_resampling is False
 
 
 def test_training_runs_with_every_switch_off(phantom_dir, tmp_path):

@@ -198,7 +198,7 @@ def test_bad_part_flags_are_one_line(world):
     with pytest.raises(ConfigError, match="part 0 of 0 does not exist"):
         build_config([{"infer": {"num_parts": 0}}])
     with pytest.raises(ConfigError, match=r"'continue_prediction' \(--continue\) and 'overwrite' exclude each other"):
-        build_config([{"infer": {"continue_prediction": True, "overwrite": True}}])
+        build_config([{"infer": {"continue_prediction": True}, "general": {"overwrite": True}}])
 
 
 def test_a_whole_run_and_parts_exclude_each_other_and_a_part_runs_once(world, tmp_path):

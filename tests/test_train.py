@@ -290,7 +290,7 @@ def test_keep_best_files_count_as_an_earlier_runs_checkpoints(tmp_path):
     (run / "model_epoch0003_dice0.4000.pt").write_bytes(b"checkpoint")
     with pytest.raises(UserError, match="holds an earlier run .model_epoch0003_dice0.4000.pt.: resume it"):
         run_folder.clear_earlier_run(run, tiny_config())
-    run_folder.clear_earlier_run(run, tiny_config(infer={"overwrite": True}))
+    run_folder.clear_earlier_run(run, tiny_config(general={"overwrite": True}))
     assert not list(run.iterdir())
 
 

@@ -51,7 +51,7 @@ def test_validation_chain_resamples_to_ras_at_target_spacing(phantom_dir, entry)
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     names = [op["class"] for op in image.applied_operations]
     assert names == ["Orientation", "CropForeground", "SpatialResample"]  # what inversion needs (crop first)
-    reference_order = val_transforms(tiny_config(phantom_dir, fast={"crop_before_resampling": False}))(entry)
+    reference_order = val_transforms(tiny_config(phantom_dir, data={"crop_before_resampling": False}))(entry)
     assert [op["class"] for op in reference_order["image"].applied_operations] == \
         ["Orientation", "SpatialResample", "CropForeground"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, parse_label_map
+from ..config import Config, add_config_arguments, config_from_args, parse_label_map
 from ..errors import UserError
 from .datalist import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
 from .images import Volume, read_volume
@@ -152,17 +152,12 @@ def check_config_data(config: Config) -> tuple[list[Problem], dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data_dir", required=True, help="dataset folder")
-    parser.add_argument("--json_list", default="dataset_0.json", help="datalist name in data_dir, or a path")
-    parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
-    parser.add_argument("--spatial_dims", type=int, choices=(2, 3), default=3, help="3: volumes, 2: pictures")
-    parser.add_argument("--in_channels", type=int, default=1, help="2D: colour channels the model takes (3: RGB)")
-    parser.add_argument("--label_map", default=None, help="2D: stored mask value to class, e.g. '1:1,2:0,3:2'")
+    """The config's flags of ``check-data`` (config.COMMAND_FLAGS): the datalist and what the model takes."""
+    add_config_arguments(parser, "check-data")
 
 
 def run(args: argparse.Namespace) -> int:
-    expected = Expected(args.spatial_dims, args.in_channels, parse_label_map(args.label_map) if args.label_map else None)
-    problems, counts = check_data(args.data_dir, args.json_list, args.out_channels, expected=expected)
+    problems, counts = check_config_data(config_from_args(args))
     for problem in problems:
         print(problem)
     if problems:

@@ -170,16 +170,22 @@ def load_split(datalist: Path, split: str, base_dir: Path, fold: int | None = No
 
 
 def class_names(data: DataConfig, num_classes: int) -> list[str]:
-    """Names of classes 1..N-1 for reports: the datalist's ``labels`` map, else BTCV's organs (14
-    classes), else ``class i``."""
+    """Names of classes 1..N-1 for reports: those of the datalist the config names (:func:`label_names`)."""
     try:
-        labels = read_datalist(resolve_datalist(data.data_dir, data.json_list)).get("labels") or {}
+        labels = read_datalist(resolve_datalist(data.data_dir, data.json_list)).get("labels")
     except UserError:
-        labels = {}
+        labels = None
+    return label_names(labels, num_classes)
+
+
+def label_names(labels: Any, num_classes: int) -> list[str]:
+    """Names of classes 1..N-1: what a datalist's ``labels`` map (``{"1": "spleen", ...}``) says of each, else
+    BTCV's organ for 14 classes, else ``class i``. The one fallback of every report, legend and bundle."""
+    labels = labels if isinstance(labels, dict) else {}
     fallback = BTCV_LABELS if num_classes == len(BTCV_LABELS) else ()
     names = []
     for index in range(1, num_classes):
-        name = labels.get(str(index)) if isinstance(labels, dict) else None
+        name = labels.get(str(index))
         names.append(str(name) if name else fallback[index] if fallback else f"class {index}")
     return names
 

@@ -6,7 +6,7 @@ masks in the input scan's own geometry.
 
 Train:      load -> RAS -> resample -> window -> crop to body -> pad to ROI -> random pos/neg crops
             -> flips, 90-degree turns, intensity scale and shift.
-            (With ``fast.crop_before_resampling``, the default, the body box is found first and only
+            (With ``data.crop_before_resampling``, the default, the body box is found first and only
             it is resampled: load -> RAS -> crop to body -> resample -> window.)
 Validation: the same deterministic prefix on image and label.
 Inference:  the same deterministic prefix on the image only.
@@ -79,7 +79,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
     window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
                                      b_min=data.b_min, b_max=data.b_max, clip=True)
-    if config.fast.crop_before_resampling:
+    if config.data.crop_before_resampling:
         # The body box (HU above a_min) at the scan's own resolution; only it is resampled, which is
         # most of the preprocessing time of a 512 x 512 scan (the body fills about a third of it).
         crop = mt.CropForegroundd(keys=keys, source_key="image", select_fn=Above(data.a_min), allow_smaller=True,

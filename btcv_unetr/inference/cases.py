@@ -115,7 +115,7 @@ def cases_to_segment(cases: list[Case], out_dir: Path, config: Config) -> tuple[
         mask = mask_path(out_dir, case.name, case.image)
         written = mask.exists() and (not seg or (out_dir / f"{case.name}{SEG_SUFFIX}").exists())
         problem = mask_problem(mask, case.image) if written and infer.continue_prediction else None
-        if written and problem is None and not infer.overwrite:
+        if written and problem is None and not config.general.overwrite:
             print(f"{case.name}: {mask} is complete, kept (--continue)" if infer.continue_prediction else
                   f"{case.name}: {mask} exists, skipped (--overwrite replaces it)")
             kept.append(case)

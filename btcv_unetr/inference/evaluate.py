@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from ..data.datalist import LABELLED_SPLITS, case_name, read_datalist, split_entries
+from ..config import add_config_arguments, config_from_args, parse_label_map
+from ..data.datalist import LABELLED_SPLITS, case_name, label_names, read_datalist, split_entries
 from ..data.images import is_image_file, read_volume
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json
-from ..labels import BTCV_LABELS
 
 NSD_TOLERANCE_MM = 2.0
 
@@ -40,16 +40,6 @@ class CaseMetrics:
     seconds: float = math.nan
     iou: list[float] = field(default_factory=list)
     accuracy: float = math.nan  # share of voxels (pixels) whose class is right, background included
-
-
-def organ_names(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
-    """Names of classes 1..N-1: ``names`` when given (a datalist's labels), BTCV's organs for 14 classes,
-    else ``class i``."""
-    if names is not None:
-        return list(names)
-    if num_classes == len(BTCV_LABELS):
-        return list(BTCV_LABELS[1:])
-    return [f"class {i}" for i in range(1, num_classes)]
 
 
 def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float], num_classes: int,
@@ -90,8 +80,9 @@ def nan_mean(values: Sequence[float]) -> float:
 
 
 def summarise(results: Sequence[CaseMetrics], num_classes: int, names: Sequence[str] | None = None) -> dict:
-    """Per-organ means over cases (absent organs left out) and the mean organ Dice, as the reference reports."""
-    organs = organ_names(num_classes, names)
+    """Per-organ means over cases (absent organs left out) and the mean organ Dice, as the reference reports.
+    ``names``: of classes 1..N-1 (default: :func:`~btcv_unetr.data.datalist.label_names`' fallback)."""
+    organs = list(names) if names is not None else label_names(None, num_classes)
     summary: dict = {"cases": len(results), "organs": {}}
     for index, organ in enumerate(organs):
         entry = {"dice": nan_mean([r.dice[index] for r in results])}
@@ -131,7 +122,7 @@ def format_summary(summary: dict) -> str:
 def write_reports(out_dir: Path, results: Sequence[CaseMetrics], num_classes: int,
                   names: Sequence[str] | None = None) -> dict:
     """``metrics.csv`` (a row per case and organ) and ``summary.json``; returns the summary."""
-    organs = organ_names(num_classes, names)
+    organs = list(names) if names is not None else label_names(None, num_classes)
 
     def write_csv(tmp: Path) -> None:
         with tmp.open("w", newline="") as handle:
@@ -214,19 +205,27 @@ def map_values(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--pred``, ``--label``, ``--out``, and the config's flags of ``evaluate`` (config.COMMAND_FLAGS):
+    ``--out_channels``, ``--label_map``, ``--no_hd95``."""
     parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI, NRRD, MHA; PNG in 2D)")
     parser.add_argument("--label", required=True, help="folder of ground-truth masks (NIfTI, NRRD, MHA; PNG in 2D), "
-                        "or a datalist .json (paths relative to it)")
+                        "or a datalist .json (paths relative to it; its labels name the classes)")
     parser.add_argument("--out", default=None, help="folder for metrics.csv and summary.json (default: --pred)")
-    parser.add_argument("--out_channels", type=int, default=14, help="classes including background (default 14)")
-    parser.add_argument("--no_hd95", action="store_true", help="Dice only (distances are slow)")
-    parser.add_argument("--label_map", default=None, help="2D: stored mask value to class, e.g. '1:1,2:0,3:2'")
+    add_config_arguments(parser, "evaluate")
+
+
+def report_names(label_source: Path, num_classes: int) -> list[str]:
+    """Names of classes 1..N-1 for the report: a datalist ``--label``'s ``labels``, else the fallback."""
+    labels = read_datalist(label_source).get("labels") if label_source.suffix == ".json" and \
+        label_source.is_file() else None
+    return label_names(labels, num_classes)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import parse_label_map
-    label_map = parse_label_map(args.label_map) if args.label_map else None
-    results = evaluate_folders(Path(args.pred), Path(args.label), args.out_channels, not args.no_hd95, label_map)
-    summary = write_reports(Path(args.out or args.pred), results, args.out_channels)
+    config = config_from_args(args)
+    classes = config.model.out_channels
+    label_map = parse_label_map(config.data.label_map) if config.data.label_map else None
+    results = evaluate_folders(Path(args.pred), Path(args.label), classes, config.infer.hd95, label_map)
+    summary = write_reports(Path(args.out or args.pred), results, classes, report_names(Path(args.label), classes))
     print(format_summary(summary))
     return 0

@@ -69,9 +69,9 @@ def weights_path(config: Config) -> Path:
 
 def export_bundle(config: Config, path: Path, folder: Path) -> None:
     """The model of ``path`` as a MONAI bundle in ``folder`` (its stored architecture and preprocessing)."""
-    check_bundle_target(folder, config.infer.overwrite)
+    check_bundle_target(folder, config.general.overwrite)
     loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
-    write_bundle(folder, loaded.config, loaded.model.state_dict(), loaded.card, config.infer.overwrite)
+    write_bundle(folder, loaded.config, loaded.model.state_dict(), loaded.card, config.general.overwrite)
     print(f"wrote a MONAI bundle to {folder}; run it with: python -m monai.bundle run --config_file "
           f"{folder / 'configs' / 'inference.json'} --bundle_root {folder} --dataset_dir SCANS --output_dir MASKS")
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == path.resolve():
         raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
-    if out.exists() and not config.infer.overwrite:
+    if out.exists() and not config.general.overwrite:
         raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
     # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags: that is
     # how it becomes an ONNX model.

@@ -10,16 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import PREPROCESSING, Config
 from ..model.build import build_model
 from ..model.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from ..model.precision import runs_natively
-from ..model.weights import extract_state_dict, load_torchscript_weights, load_weights
+from ..model.torchscript import load_torchscript_weights
+from ..model.weights import extract_state_dict, load_weights
 from .ensemble import check_compatible, member_files
-
-# Preprocessing keys taken from a training checkpoint's config: the model only works on data
-# prepared as it was trained.
-PREPROCESSING_KEYS = ("a_min", "a_max", "b_min", "b_max", "space_x", "space_y", "space_z", "axcodes")
 
 
 def with_weights_file(config: Config, path: Path) -> Config:
@@ -53,17 +50,19 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     A training checkpoint carries its config: its architecture and preprocessing are used, so
     ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
     ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
-    its weights to this project's UNETR built from the flags (its own code is never run on data).
+    its weights to this project's UNETR built from the flags, read from its archive without running any of its
+    code (``model/torchscript.py``); an architecture the file records that differs from the flags is refused.
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
     if model is not None:
-        load_torchscript_weights(model, path)
+        load_torchscript_weights(model, config.model, path)
         return LoadedModel(model.to(device).eval(), config, None, weights_checksum(model.state_dict()))
     content = load_checkpoint(path)
     trained = stored_config(content, str(path)) if isinstance(content, dict) else None
     if trained is not None:
-        preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING_KEYS}
+        # The model only works on data prepared as it was trained: the checkpoint's preprocessing wins.
+        preprocessing = {key: getattr(trained.data, key) for key in PREPROCESSING}
         train = config.train
         if train.precision == "auto" and runs_natively(trained.train.precision, device):
             train = dataclasses.replace(train, precision=trained.train.precision)

@@ -36,8 +36,8 @@ import torch
 
 from .. import __version__
 from ..config import Config
+from ..data.datalist import label_names
 from ..errors import UserError
-from ..labels import BTCV_LABELS
 from .provenance import card_warning, model_card_lines
 
 # The newest metadata schema model-zoo bundles name (vista3d among them), the one with MONAI 1.4+'s
@@ -63,7 +63,7 @@ def _preprocessing(config: Config) -> list[dict[str, Any]]:
     resample = {"_target_": "Spacingd", "keys": "@image_key", "pixdim": list(data.pixdim), "mode": "bilinear"}
     window = {"_target_": "ScaleIntensityRanged", "keys": "@image_key", "a_min": data.a_min, "a_max": data.a_max,
               "b_min": data.b_min, "b_max": data.b_max, "clip": True}
-    if config.fast.crop_before_resampling:
+    if config.data.crop_before_resampling:
         # The body (HU above a_min; the whole scan where nothing is) is cropped first and only it resampled.
         crop = {"_target_": "CropForegroundd", "keys": "@image_key", "source_key": "@image_key", "select_fn": body,
                 "allow_smaller": True}
@@ -136,8 +136,7 @@ def _class_names(config: Config, card: Mapping[str, Any] | None) -> list[str]:
     names = list((card or {}).get("classes") or [])
     if len(names) == classes:
         return [str(name) for name in names]
-    return list(BTCV_LABELS) if classes == len(BTCV_LABELS) else ["background"] + [f"class {i}" for i in
-                                                                                   range(1, classes)]
+    return ["background", *label_names(None, classes)]
 
 
 def _tensor_format(kind: str, fmt: str, channels: int, roi: list[int], value_range: list[float],

@@ -103,7 +103,7 @@ def training_finished(checkpoint: Path, config: Config) -> bool:
 def train_fold(config: Config, fold: int, run_dir: Path) -> bool:
     """Train fold ``fold`` into ``run_dir/fold_K`` with training's own entry; a fold already trained is
     skipped, a half-done one resumed (``--overwrite``: started over). Returns whether it trained."""
-    checkpoint = None if config.infer.overwrite else resume_checkpoint(fold_dir(run_dir, fold))
+    checkpoint = None if config.general.overwrite else resume_checkpoint(fold_dir(run_dir, fold))
     trained_config = fold_config(config, fold, run_dir, checkpoint)
     if checkpoint is not None and training_finished(checkpoint, trained_config):
         print(f"fold {fold}: trained already ({checkpoint}), skipped")
@@ -171,9 +171,10 @@ def score_fold(config: Config, fold: int, run_dir: Path, trained_now: bool) -> N
         return
     print(f"fold {fold}: segmenting its validation cases with {weights}")
     infer = dataclasses.replace(config.infer, output_dir=str(folder / SCORES_DIR), split="validation", input=None,
-                                overwrite=True, save_probabilities=False)
+                                save_probabilities=False)
     train = dataclasses.replace(config.train, pretrained_dir=str(folder), pretrained_model_name=weights.name)
-    run_inference(dataclasses.replace(fold_config(config, fold, run_dir), infer=infer, train=train))
+    general = dataclasses.replace(config.general, overwrite=True)
+    run_inference(dataclasses.replace(fold_config(config, fold, run_dir), infer=infer, train=train, general=general))
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float]:

@@ -64,7 +64,7 @@ def clear_earlier_run(logdir: Path, config: Config) -> None:
     previous = [logdir / name for name in RUN_FILES if (logdir / name).exists()]
     previous += sorted(logdir.glob("events.out.tfevents.*")) + sorted(logdir.glob(BEST_CHECKPOINTS))
     checkpoints = [path for path in previous if path.suffix == ".pt"]
-    if checkpoints and not config.infer.overwrite:
+    if checkpoints and not config.general.overwrite:
         resumable = logdir / "model_final.pt" if (logdir / "model_final.pt").exists() else checkpoints[0]
         raise UserError(f"{logdir} holds an earlier run ({', '.join(p.name for p in previous[:3])}"
                         f"{' ...' if len(previous) > 3 else ''}): resume it with --checkpoint "
