@@ -1,4 +1,5 @@
-"""The bad-input corpus: every case gets one clear line and a non-zero exit, and nothing is half-written.
+"""The fault corpus: every hostile or mistaken input of the command line, each a case that must get one clear line
+and a non-zero exit, with nothing half-written and nothing of the user's replaced (issues 18 and 22).
 
 Each case builds its files in a fresh folder and returns the command line (``btcv-unetr`` sub-command
 and flags, run in-process) and a fragment of the expected message.
