@@ -82,3 +82,25 @@ def test_dataset_type_follows_the_config(phantom_dir, tmp_path):
                                         ("scan.mha", "scan"), ("a.b.nrrd", "a.b")])
 def test_case_name(path, name):
     assert case_name(path) == name
+
+
+def test_label_names_take_the_datalists_then_btcvs_organs_then_numbers():
+    """The one class-name fallback of reports, legends, SEGs and bundles (data.datalist.label_names)."""
+    from btcv_unetr.data.datalist import label_names
+    assert label_names({"1": "animal", "2": "boundary"}, 3) == ["animal", "boundary"]
+    assert label_names({"1": "animal"}, 3) == ["animal", "class 2"]  # a class the datalist leaves unnamed
+    assert label_names(None, 14) == list(BTCV_LABELS[1:]) and label_names({"2": "kidney"}, 14)[1] == "kidney"
+    assert label_names(["not", "a", "map"], 3) == ["class 1", "class 2"]
+
+
+def test_voxel_spacing_is_the_column_lengths_of_any_oriented_affine():
+    """data.images.voxel_spacing: mm per voxel axis, the same for a turned or mirrored grid; plain floats."""
+    import numpy as np
+
+    from btcv_unetr.data.images import voxel_spacing
+    assert voxel_spacing(np.diag([-0.7, -0.8, 3.0, 1.0])) == pytest.approx((0.7, 0.8, 3.0))
+    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # 90 degrees about z
+    affine = np.eye(4)
+    affine[:3, :3] = turn @ np.diag([0.5, 1.25, 2.0])
+    spacing = voxel_spacing(affine)
+    assert spacing == pytest.approx((0.5, 1.25, 2.0)) and all(type(s) is float for s in spacing)

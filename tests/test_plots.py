@@ -62,3 +62,37 @@ def test_legend_numbers_classes_without_names_never_btcv_organs(monkeypatch, tmp
     assert [text for text, _ in drawn] == ["class 1", "class 2", "class 15"]
     assert legend_entries(_three_classes(), ["liver", "tail"]) == [(1, "liver"), (2, "tail"), (15, "class 15")]
     assert legend_entries(np.zeros((4, 4, 4), np.uint8)) == []
+
+
+def test_case_overlay_draws_a_volume_file_in_display_order_with_its_legend(monkeypatch, tmp_path):
+    """save_case_overlay (batch inference's and the service's one path): an LPS-stored scan is drawn in RAS
+    order with the spacing of its header, the title and the names passed on."""
+    import nibabel as nib
+
+    from btcv_unetr.inference import plots
+    image = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[0, 0, 0] = 2
+    nib.save(nib.Nifti1Image(image, np.diag([-0.7, -0.8, 3.0, 1.0])), tmp_path / "scan.nii.gz")
+    drawn = {}
+    monkeypatch.setattr(plots, "save_overlay", lambda *args, **kwargs: drawn.update(args=args, kwargs=kwargs) or True)
+    assert plots.save_case_overlay(tmp_path / "scan.nii.gz", labels, tmp_path / "o.png", title="scan", names=["a", "b"])
+    shown, mask, spacing, path = drawn["args"]
+    assert np.array_equal(shown, image[::-1, ::-1, :]) and mask[-1, -1, 0] == 2 and mask.sum() == 2
+    assert spacing == pytest.approx([0.7, 0.8, 3.0]) and path == tmp_path / "o.png"
+    assert drawn["kwargs"] == {"title": "scan", "names": ["a", "b"]}
+
+
+def test_case_overlay_blends_a_pictures_mask_in_its_class_colours(tmp_path):
+    import SimpleITK as sitk
+
+    from btcv_unetr.data.images import read_volume
+    from btcv_unetr.inference.plots import save_case_overlay
+    picture = np.full((6, 4, 3), 100, np.uint8)  # (X, Y, RGB)
+    labels = np.zeros((6, 4), np.uint8)
+    labels[1, 2] = 1
+    sitk.WriteImage(sitk.GetImageFromArray(picture.transpose(1, 0, 2), isVector=True), str(tmp_path / "p.png"))
+    assert save_case_overlay(read_volume(tmp_path / "p.png"), labels, tmp_path / "o.png")
+    drawn = np.asarray(read_volume(tmp_path / "o.png").data)
+    assert drawn.shape == (6, 4, 3) and (drawn[0, 0] == 100).all()  # unlabelled pixels unchanged
+    assert drawn[1, 2].tolist() == [round(0.5 * 100 + 0.5 * c) for c in class_colours(2)[1]]

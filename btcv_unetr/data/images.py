@@ -69,6 +69,12 @@ class Volume:
         return self.shape[:-1] if self.components > 1 else self.shape
 
 
+def voxel_spacing(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size in mm along each voxel axis (i, j, k) of a 4x4 voxel-to-world ``affine``: the lengths of its
+    first three columns, whatever the orientation (plain floats: MONAI's metrics refuse numpy scalars)."""
+    return tuple(float(size) for size in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
 def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 

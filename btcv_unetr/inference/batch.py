@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ..config import Config, parse_label_map
 from ..data.checks import Expected
 from ..data.datalist import class_names
-from ..data.images import image_shape, mask_path, read_volume, write_mask
+from ..data.images import image_shape, mask_path, read_volume, voxel_spacing, write_mask
 from ..distributed import Context, barrier, gather_objects
 from ..errors import UserError
 from ..files import atomic_write, remove_stale_temporaries
@@ -114,7 +114,7 @@ def score_case(case: Case, labels: np.ndarray, model_config: Config, distances: 
     truth = np.asarray(label.data).reshape(label.spatial_shape).astype(np.int16)
     if picture and model_config.data.label_map:
         truth = map_values(truth, parse_label_map(model_config.data.label_map))
-    spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
+    spacing = (1.0, 1.0) if picture else voxel_spacing(label.affine)
     return case_metrics(case.name, labels, truth, spacing, model_config.model.out_channels, distances)
 
 

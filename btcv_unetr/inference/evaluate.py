@@ -22,7 +22,7 @@ from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou,
 
 from ..config import add_config_arguments, config_from_args, parse_label_map
 from ..data.datalist import LABELLED_SPLITS, case_name, label_names, read_datalist, split_entries
-from ..data.images import is_image_file, read_volume
+from ..data.images import is_image_file, read_volume, voxel_spacing
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json
 
@@ -189,7 +189,7 @@ def evaluate_folders(pred_dir: Path, label_source: Path, num_classes: int, dista
         if label_map is not None:
             truth = map_values(truth, label_map)
         picture = len(label.spatial_shape) == 2
-        spacing = (1.0, 1.0) if picture else tuple(np.linalg.norm(label.affine[:3, :3], axis=0))
+        spacing = (1.0, 1.0) if picture else voxel_spacing(label.affine)
         results.append(case_metrics(case_name(predictions[key]).removesuffix("_seg"),
                                     np.asarray(prediction.data).reshape(prediction.spatial_shape).astype(np.int16),
                                     truth, spacing, num_classes, distances))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import Volume, read_volume, voxel_spacing
 from ..files import atomic_write
 
 # One fixed colour per organ (RGB 0-255), so pictures of different cases compare at a glance.
@@ -37,8 +38,8 @@ def to_display_order(image: np.ndarray, labels: np.ndarray, affine: np.ndarray) 
     """Both arrays in RAS voxel order (whatever the file's order) and the matching spacing in mm."""
     from nibabel.orientations import apply_orientation, io_orientation
     ornt = io_orientation(affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int).argsort()]
-    return apply_orientation(image, ornt), apply_orientation(labels, ornt), list(spacing)
+    spacing = np.array(voxel_spacing(affine))[ornt[:, 0].astype(int).argsort()]
+    return apply_orientation(image, ornt), apply_orientation(labels, ornt), [float(s) for s in spacing]
 
 
 def legend_entries(labels: np.ndarray, names: Sequence[str] | None = None) -> list[tuple[int, str]]:
@@ -111,6 +112,30 @@ def class_colours(num_classes: int) -> np.ndarray:
     """``(num_classes, 3)`` uint8 colours: the organ colours, repeated beyond them."""
     return np.array([ORGAN_COLOURS[i % len(ORGAN_COLOURS)] if i else (0, 0, 0) for i in range(num_classes)],
                     dtype=np.uint8)
+
+
+def save_case_overlay(scan: str | Path | Volume, labels: np.ndarray, path: Path, title: str = "",
+                      names: Sequence[str] | None = None) -> bool:
+    """``CASE_overlay.png`` of one case, the one way batch inference and the service draw it.
+
+    Args:
+        scan: the case's input (a file, or the :class:`~btcv_unetr.data.images.Volume` read from it).
+        labels: its mask on the scan's own grid: ``(X, Y)`` for a picture, ``(X, Y, Z)`` for a volume.
+        path: the PNG to write (atomically).
+        title, names: a volume's title and legend names of classes 1..N-1 (see :func:`save_overlay`); a picture
+            is drawn without either.
+
+    A picture gets its mask blended in (:func:`save_picture_overlay`); a volume three slices per view in display
+    order (:func:`to_display_order`, :func:`save_overlay`). Returns False when matplotlib is missing (volumes
+    only; said once).
+    """
+    volume = scan if isinstance(scan, Volume) else read_volume(scan)
+    if labels.ndim == 2:
+        save_picture_overlay(np.asarray(volume.data), labels, path)
+        return True
+    image, mask, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]),
+                                            labels.reshape(volume.shape[:3]), np.asarray(volume.affine))
+    return save_overlay(image, mask, spacing, path, title=title, names=names)
 
 
 def save_picture_overlay(picture: np.ndarray, labels: np.ndarray, path: Path, opacity: float = 0.5) -> None:

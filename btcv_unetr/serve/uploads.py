@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from ..data.checks import Expected, dimension_problems
-from ..data.images import Volume, dicom_series, read_volume, write_dicom_series_as_nifti
+from ..data.images import Volume, dicom_series, read_volume, voxel_spacing, write_dicom_series_as_nifti
 from .limits import Declared, JobLimits, limit_problem
 from .settings import MB
 
@@ -96,7 +96,7 @@ def _declared_nifti(header, display: str, expected: Expected) -> tuple[Declared,
     problems = dimension_problems(Path(display), Volume(shape, affine, np.empty(0)), expected, is_label=False)
     if problems:
         raise BadUpload(400, str(problems[0]))
-    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    spacing = voxel_spacing(affine)
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise BadUpload(400, f"{display}: the header's voxel spacing {spacing} is not positive: fix the header")
     return Declared(shape[:3], spacing, 1, header.get_data_dtype().itemsize), affine

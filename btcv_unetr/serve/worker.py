@@ -19,7 +19,7 @@ from ..data.images import dicom_series, read_volume, write_mask
 from ..errors import UserError
 from ..files import atomic_write_text
 from ..inference.dicom_seg import series_files, write_dicom_seg
-from ..inference.plots import class_colours
+from ..inference.plots import class_colours, save_case_overlay
 from ..model.provenance import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
@@ -126,13 +126,7 @@ class Segmenter:
         with self._drawing:  # one picture at a time: pyplot's state is global
             if out.is_file():
                 return out
-            path, mask = folder / job.input, folder / job.outputs["mask"]
-            volume, labels = read_volume(path), np.asarray(read_volume(mask).data)
-            if self.pictures:
-                from ..inference.plots import save_picture_overlay
-                save_picture_overlay(np.asarray(volume.data), labels, out)
-                return out
-            from ..inference.plots import save_overlay, to_display_order
-            image, labels, spacing = to_display_order(np.asarray(volume.data).reshape(volume.shape[:3]), labels,
-                                                      np.asarray(volume.affine))
-            return out if save_overlay(image, labels, spacing, out, title=job.name, names=self.names) else None
+            mask = read_volume(folder / job.outputs["mask"])
+            labels = np.asarray(mask.data).reshape(mask.spatial_shape)
+            drawn = save_case_overlay(folder / job.input, labels, out, title=job.name, names=self.names)
+            return out if drawn else None
