@@ -142,3 +142,33 @@ def test_evaluate_takes_classes_and_distances_from_a_config_file_and_names_from_
                      "--out_channels", "2", "--no_hd95"]) == 0
     assert json.loads((tmp_path / "pred" / "summary.json").read_text())["organs"] == \
         {"class 1": {"dice": 1.0, "iou": 1.0}}
+
+
+def _old_layout(config_dict: dict) -> dict:
+    """A config dict as checkpoints stored it before issue 21: crop_before_resampling a speed switch,
+    overwrite in infer, model_name in model, no general section."""
+    old = {section: dict(values) for section, values in config_dict.items() if section != "general"}
+    old["fast"]["crop_before_resampling"] = old["data"].pop("crop_before_resampling")
+    old["infer"]["overwrite"] = config_dict["general"]["overwrite"]
+    old["model"]["model_name"] = "unetr"
+    return old
+
+
+def test_an_old_checkpoints_config_loads_and_inference_takes_its_crop_order(tmp_path, capsys):
+    """crop_before_resampling is preprocessing: the checkpoint's value (here the reference order) wins over the
+    flags at inference, as the intensity window and spacing do; an old file needs no warning about it."""
+    import torch
+    from conftest import tiny_config
+
+    from btcv_unetr.inference.loader import load_model
+    from btcv_unetr.model.build import build_model
+    from btcv_unetr.model.checkpoint import stored_config
+    trained = tiny_config(data={"crop_before_resampling": False}, general={"overwrite": True})
+    old = _old_layout(trained.to_dict())
+    assert stored_config({"config": old}, "old.pt") == trained
+    torch.save({"state_dict": build_model(trained.model).state_dict(), "config": old}, tmp_path / "old.pt")
+    asked = tiny_config(train={"pretrained_dir": str(tmp_path), "pretrained_model_name": "old.pt"})
+    assert asked.data.crop_before_resampling is True
+    loaded = load_model(asked, torch.device("cpu"))
+    assert loaded.config.data.crop_before_resampling is False
+    assert "ignoring config keys" not in capsys.readouterr().err

@@ -139,12 +139,14 @@ def test_an_ensemble_card_gives_each_member_its_fold_and_validation():
 
 
 def test_members_of_another_architecture_or_preprocessing_are_refused_in_one_line(members, tmp_path):
-    for section, key, value in (("model", "feature_size", 16), ("data", "space_x", 5.0)):
+    # crop_before_resampling too: it is preprocessing (config.PREPROCESSING), the voxel grid a model was trained on.
+    for section, key, value in (("model", "feature_size", 16), ("data", "space_x", 5.0),
+                                ("data", "crop_before_resampling", False)):
         overrides = {"data": COARSE, section: {**(COARSE if section == "data" else {}), key: value}}
         other = seeded_checkpoint(tmp_path / key / "model.pt", tiny_config(**overrides))
         with pytest.raises(UserError) as refused:
             Predictor(_config([members[0], other]))
-        first = 8 if key == "feature_size" else 10.0
+        first = {"feature_size": 8, "space_x": 10.0, "crop_before_resampling": True}[key]
         assert str(refused.value) == (
             f"{other} cannot join an ensemble with {members[0]}: {key} is {value!r} there and {first!r} here; "
             "ensemble only models of the same architecture and preprocessing")
