@@ -111,8 +111,9 @@ class DataConfig:
     cache_dir: str | None = _opt(None, "cache preprocessed cases on disk here (PersistentDataset)")
     workers: int = _opt(8, "data loading worker processes")
     # 2D pictures (spatial_dims 2); the CT keys above do not apply to them.
-    hflip_prob: float = _opt(0.0, "2D: probability of a left-right flip; keep 0 where left and right parts are "
-                                  "different classes (faces)")
+    hflip_prob: float = _opt(0.0, "2D: probability of a left-right flip; where left and right parts are different "
+                                  "classes (faces), the datalist's mirror_pairs swap them (shapes2d writes them), "
+                                  "else keep 0")
     rotate_degrees: float = _opt(10.0, "2D: random rotation range (+-), degrees")
     color_jitter: float = _opt(0.2, "2D: random brightness and contrast change (+- fraction)")
     hue_jitter: float = _opt(0.05, "2D RGB: random hue rotation, +- this fraction of a full turn (at most 0.5)")

@@ -235,3 +235,46 @@ def test_evaluate_scores_folders_of_png_masks_with_a_label_map(tmp_path, capsys)
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[1].split() == ["class", "1", "1.0000", "1.0000"] and lines[-1].split()[:3] == ["pixel", "accuracy", "1.0000"]
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """Two synthetic faces of 64 x 64 (btcv-unetr shapes2d --kind face), whose datalist lists the mirror pairs."""
+    from btcv_unetr.synthetic.shapes2d import write_dataset
+    root = tmp_path_factory.mktemp("faces")
+    write_dataset(root, cases=2, seed=3, size=64, kind="face", progress=False)
+    return root
+
+
+def _face_sample(faces, hflip_prob: float) -> torch.Tensor:
+    """The first training face's label after the train transforms, with only the flip left random."""
+    config = _config(faces, model={"out_channels": 11},
+                     data={"hflip_prob": hflip_prob, "rotate_degrees": 0.0, "min_crop_scale": 1.0,
+                           "color_jitter": 0.0, "hue_jitter": 0.0})
+    return train_transforms(config)(load_config_split(config.data, "training")[0])["label"][0]
+
+
+def test_a_flipped_face_keeps_the_left_eye_and_brow_on_the_viewers_left(faces):
+    """--hflip_prob on faces: the flip swaps the datalist's mirror_pairs (shapes2d.FACE_MIRROR_PAIRS), so the
+    class called "left eye" is still the eye on the picture's left (smaller x), never the mirrored right eye."""
+    from btcv_unetr.synthetic.shapes2d import FACE_CLASSES, FACE_MIRROR_PAIRS
+    datalist = json.loads((faces / "dataset.json").read_text())
+    assert datalist["mirror_pairs"] == [list(pair) for pair in FACE_MIRROR_PAIRS] == [[2, 3], [4, 5]]
+    kept, flipped = _face_sample(faces, 0.0), _face_sample(faces, 1.0)
+    swapped = kept.flip(0).clone()  # axis 0 is x (columns)
+    for left, right in FACE_MIRROR_PAIRS:
+        swapped[kept.flip(0) == left], swapped[kept.flip(0) == right] = right, left
+    assert torch.equal(flipped, swapped) and not torch.equal(flipped, kept.flip(0))
+    for left, right in FACE_MIRROR_PAIRS:
+        assert FACE_CLASSES[left].startswith("left") and FACE_CLASSES[right].startswith("right")
+        x_of = lambda label, value: float(torch.nonzero(label == value)[:, 0].float().mean())  # noqa: E731
+        assert x_of(flipped, left) < x_of(flipped, right) and x_of(kept, left) < x_of(kept, right)
+
+
+def test_a_datalists_mirror_pairs_must_be_pairs_of_classes(tmp_path):
+    from btcv_unetr.data.datalist import read_datalist
+    from btcv_unetr.errors import UserError
+    for pairs in ([[2, 3, 4]], [[2, 2]], [[0, 1]], "2:3", [["2", "3"]]):
+        (tmp_path / "d.json").write_text(json.dumps({"training": [], "mirror_pairs": pairs}))
+        with pytest.raises(UserError, match=r"'mirror_pairs' must be a list of \[left, right\] pairs"):
+            read_datalist(tmp_path / "d.json")

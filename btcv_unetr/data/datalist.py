@@ -8,6 +8,9 @@ Cross-validation (``--fold K``): in a datalist whose ``training`` entries each c
 ``"fold"`` (the shipped ``btcv_folds_5fold.json``), fold K's entries validate and the others train;
 its own ``validation`` list is then not used.
 
+A datalist whose classes come in left/right pairs (faces: "left eye" is on the viewer's left) lists them as
+``"mirror_pairs": [[2, 3], [4, 5]]``: a left-right flip in 2D training then swaps each pair's labels.
+
 An entry whose label annotates only some organs lists them: ``"classes": [1, 6]`` (class numbers;
 background always counts as annotated; without the key, every class is). Its other classes are
 unknown, not background: training merges them into background (``loss.MarginalLoss``) and
@@ -76,6 +79,12 @@ def read_datalist(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: datalist is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(content, dict):
         raise UserError(f"{path}: datalist must be a JSON object with 'training'/'validation' lists")
+    pairs = content.get("mirror_pairs", [])
+    if not isinstance(pairs, list) or any(not isinstance(pair, list) or len(pair) != 2 or
+                                          any(type(c) is not int or c < 1 for c in pair) or pair[0] == pair[1]
+                                          for pair in pairs):
+        raise UserError(f"{path}: 'mirror_pairs' must be a list of [left, right] pairs of two different class "
+                        f"numbers >= 1 (the classes a left-right flip swaps), got {pairs!r}")
     for split, entries in content.items():
         if split not in (*LABELLED_SPLITS, "test"):
             continue
@@ -176,6 +185,16 @@ def class_names(data: DataConfig, num_classes: int) -> list[str]:
     except UserError:
         labels = None
     return label_names(labels, num_classes)
+
+
+def mirror_pairs(data: DataConfig) -> tuple[tuple[int, int], ...]:
+    """The ``mirror_pairs`` of the datalist the config names (classes a left-right flip swaps); none when it
+    lists none or cannot be read (training reads it again and says why)."""
+    try:
+        pairs = read_datalist(resolve_datalist(data.data_dir, data.json_list)).get("mirror_pairs", [])
+    except UserError:
+        pairs = []
+    return tuple((left, right) for left, right in pairs)
 
 
 def label_names(labels: Any, num_classes: int) -> list[str]:

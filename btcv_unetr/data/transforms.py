@@ -13,7 +13,8 @@ Inference:  the same deterministic prefix on the image only.
 
 2D pictures (``spatial_dims: 2``), pixels in (x: columns, y: rows) order:
 Train:      load -> stored mask values to classes (--label_map) -> 0..1 -> random resized crop ->
-            rotation, left-right flip (--hflip_prob), brightness, contrast and hue -> ImageNet mean/std.
+            rotation, left-right flip (--hflip_prob; the datalist's mirror_pairs trade labels), brightness,
+            contrast and hue -> ImageNet mean/std.
 Validation: load -> 0..1 -> resize to the ROI -> mean/std. Inference: the same on the image only;
             the prediction is resized back to the picture's own size (``infer``).
 """
@@ -29,6 +30,7 @@ import torch
 from monai import transforms as mt
 
 from ..config import Config, parse_label_map
+from .datalist import mirror_pairs
 from .images import SimpleITKReader
 
 IMAGE_LABEL = ("image", "label")
@@ -151,6 +153,28 @@ class RandHueRotated(mt.RandomizableTransform, mt.MapTransform):
         return result
 
 
+class RandMirrord(mt.RandFlipd):
+    """MONAI's random flip, and when it flips, each ``(left, right)`` class pair of ``pairs`` trades labels in
+    ``label_key``: a face's left eye, mirrored onto the right, is then labelled "right eye" (left and right are
+    the viewer's). Without pairs it is ``RandFlipd``, drawing the same random numbers."""
+
+    def __init__(self, keys: Sequence[str], prob: float, spatial_axis: int, pairs: Sequence[tuple[int, int]] = (),
+                 label_key: str = "label"):
+        super().__init__(keys=keys, prob=prob, spatial_axis=spatial_axis)
+        self.pairs, self.label_key = tuple(pairs), label_key
+
+    def __call__(self, data, lazy: bool | None = None):
+        result = super().__call__(data, lazy)
+        if self._do_transform and self.pairs and self.label_key in result:
+            label = result[self.label_key]
+            swapped = label.clone()
+            for left, right in self.pairs:
+                swapped[label == left] = right
+                swapped[label == right] = left
+            result[self.label_key] = swapped
+        return result
+
+
 def picture_train_transforms(config: Config) -> mt.Compose:
     data, keys = config.data, list(IMAGE_LABEL)
     modes = ("bilinear", "nearest")
@@ -161,7 +185,8 @@ def picture_train_transforms(config: Config) -> mt.Compose:
         mt.Resized(keys=keys, spatial_size=config.model.roi_size, mode=modes),
         mt.RandRotated(keys=keys, range_x=math.radians(data.rotate_degrees), prob=1.0 if data.rotate_degrees else 0.0,
                        mode=modes, padding_mode="zeros"),
-        mt.RandFlipd(keys=keys, prob=data.hflip_prob, spatial_axis=0),  # axis 0 is x: a left-right flip
+        # Axis 0 is x: a left-right flip; the datalist's mirror_pairs (shapes2d's faces) swap left and right classes.
+        RandMirrord(keys=keys, prob=data.hflip_prob, spatial_axis=0, pairs=mirror_pairs(data)),
         mt.RandScaleIntensityd(keys="image", factors=jitter, prob=1.0 if jitter else 0.0),
         mt.RandAdjustContrastd(keys="image", gamma=(1.0 - jitter, 1.0 + jitter), prob=1.0 if jitter else 0.0),
         RandHueRotated(keys="image", max_turn=data.hue_jitter, prob=1.0 if data.hue_jitter else 0.0),

@@ -12,7 +12,8 @@ ellipses and bars, some of them in the subject's colours) so that no colour thre
   hair style and mouth (closed or open), with 11 part classes as the Helen face-parsing set's (see
   :data:`FACE_CLASSES`). Left and right are the viewer's: "left eye" is the eye on the picture's
   left (smaller column index). A horizontal flip must therefore swap the classes of
-  :data:`FACE_MIRROR_PAIRS`. Ears are skin; neck and clothes are background, as in Helen.
+  :data:`FACE_MIRROR_PAIRS`: the face datalist lists them as ``mirror_pairs``, and 2D training's
+  flip (``--hflip_prob``) swaps them. Ears are skin; neck and clothes are background, as in Helen.
 
 Each picture is drawn from its own random stream ``(seed, index)``, so a case does not depend on
 how many others are generated. Only numpy is used; a 256 x 256 scene takes some 20-40 ms.
@@ -495,6 +496,8 @@ def write_dataset(out: str | Path, cases: int, seed: int, size: int = DEFAULT_SI
         "description": f"synthetic {kind} scenes ({len(names)} classes), seed {seed}, {size} x {size} RGB",
         "tensorImageSize": "2D", "modality": {"0": "R", "1": "G", "2": "B"},
         "labels": {str(index): name for index, name in enumerate(names)},
+        # The classes a left-right flip swaps: training's --hflip_prob mirrors faces correctly with them.
+        **({"mirror_pairs": [list(pair) for pair in FACE_MIRROR_PAIRS]} if kind == "face" else {}),
         "numTraining": cases, "numTest": 0,
         "training": entries[:-n_val], "validation": entries[-n_val:],
     }
