@@ -30,6 +30,7 @@ takes some 20-40 ms.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from pathlib import Path
 
@@ -134,13 +135,15 @@ def _window(size: int, cx: float, cy: float, reach: float) -> tuple[slice, slice
     return slice(r0, r1), slice(c0, c1)
 
 
+@functools.lru_cache(maxsize=None)
 def _octagon(radius: int) -> np.ndarray:
-    """A disc-like footprint (2 * radius + 1, 2 * radius + 1) bool: a pixel grown by alternating cross
-    (4-neighbourhood) and square (8-neighbourhood) steps, ``radius`` of them."""
+    """A disc-like footprint (2 * radius + 1, 2 * radius + 1) bool, read-only: a pixel grown by alternating
+    cross (4-neighbourhood) and square (8-neighbourhood) steps, ``radius`` of them."""
     footprint = np.zeros((2 * radius + 1,) * 2, bool)
     footprint[radius, radius] = True
     for step in range(radius):
         footprint = ndimage.binary_dilation(footprint, ndimage.generate_binary_structure(2, 1 + step % 2))
+    footprint.flags.writeable = False
     return footprint
 
 
