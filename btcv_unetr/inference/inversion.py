@@ -63,6 +63,9 @@ def _crop_box_before_resampling(image: MetaTensor, mapping: list[tuple[int, floa
     The crop box's first voxel is the grid's first (resampling keeps the corner); its size is the
     resampling step's input size, which MONAI records with the step.
     """
+    # MONAI internals: the layout of ``applied_operations`` (a dict per step, its "class", the resampling step's
+    # "orig_size") is not a documented API; tests/test_monai_internals.py pins it and fails, naming what changed,
+    # when a MONAI release changes it.
     steps = [op["class"] for op in image.applied_operations]
     if "CropForeground" not in steps or "SpatialResample" not in steps or \
             steps.index("CropForeground") > steps.index("SpatialResample"):

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
-from monai.inferers.utils import _get_scan_interval
+from monai.inferers.utils import _get_scan_interval  # private: pinned by tests/test_monai_internals.py
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
@@ -67,7 +67,9 @@ class Predictor:
         """Windows (all test-time flips and ensemble members included) the networks run on a preprocessed
         ``(1, *spatial)`` image."""
         roi = self.config.model.roi_size
-        # As MONAI's sliding window: the image padded to at least one window, then its scan grid.
+        # As MONAI's sliding window: the image padded to at least one window, then its scan grid. The scan grid comes
+        # from MONAI's private _get_scan_interval; tests/test_monai_internals.py checks this count against the
+        # windows sliding_window_inference runs and fails, naming the change, when a MONAI release differs.
         size = tuple(max(int(n), r) for n, r in zip(image.shape[1:], roi))
         overlap = (self.config.infer.infer_overlap,) * len(roi)
         slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, len(roi), overlap))
