@@ -31,17 +31,19 @@ from ..data.datalist import class_names
 from ..data.images import image_shape, mask_path, read_volume, voxel_spacing, write_mask
 from ..distributed import Context, barrier, gather_objects
 from ..errors import UserError
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import DiskFull, atomic_write, remove_stale_temporaries
 from .cases import (
     Case,
     case_output_names,
+    case_outputs,
     cases_to_segment,
     check_distinct_outputs,
     check_image,
     check_seg_inputs,
     find_cases,
+    written_outputs,
 )
-from .dicom_seg import SEG_SUFFIX, write_dicom_seg
+from .dicom_seg import write_dicom_seg
 from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, summarise, write_reports
 from .parts import Part, held_output_folder
 from .predictor import Predictor, keep_largest_components
@@ -63,30 +65,32 @@ def predict_case(predictor: Predictor, case: Case, config: Config) -> tuple[np.n
 def write_case_outputs(predictor: Predictor, case: Case, labels: np.ndarray, probabilities: np.ndarray | None,
                        out_dir: Path, config: Config) -> Path:
     """The mask (with its provenance), the DICOM SEG and the probabilities the flags ask for; returns the mask's path.
-    Each file is written under a temporary name and renamed."""
-    mask_file = mask_path(out_dir, case.name, case.image)
+    Each file is written under a temporary name and renamed; every name follows the mask's (:func:`case_outputs`)."""
+    outputs = case_outputs(case, out_dir)
+    mask_file = outputs["mask"]
     provenance = predictor.provenance()
     write_mask(labels, case.image, mask_file, provenance=provenance)
     if config.infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
         names = class_names(config.data, predictor.config.model.out_channels)
         write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
-                        out_dir / f"{case.name}{SEG_SUFFIX}", provenance=provenance)
-    if probabilities is not None:
-        atomic_write(out_dir / f"{case.name}_probabilities.npz",
-                     lambda tmp: np.savez_compressed(tmp.open("wb"), probabilities=probabilities))
+                        outputs["seg"], provenance=provenance)
+    if probabilities is not None:  # the temporary's name ends in .npz: numpy adds nothing to it
+        atomic_write(outputs["probabilities"], lambda tmp: np.savez_compressed(tmp, probabilities=probabilities))
     return mask_file
 
 
 def write_case_overlay(case: Case, labels: np.ndarray, picture: bool, names: list[str], out_dir: Path) -> None:
-    """``CASE_overlay.png``: the mask over the picture, or over the scan's middle slices in display order."""
+    """``CASE_overlay.png`` (named like the mask: :func:`case_outputs`): the mask over the picture, or over the
+    scan's middle slices in display order."""
+    path = case_outputs(case, out_dir)["overlay"]
     if picture:
         from .plots import save_picture_overlay
-        save_picture_overlay(np.asarray(read_volume(case.image).data), labels, out_dir / f"{case.name}_overlay.png")
+        save_picture_overlay(np.asarray(read_volume(case.image).data), labels, path)
     else:
         from .plots import save_overlay, to_display_order
         scan = read_volume(case.image)
         image, mask, spacing = to_display_order(np.asarray(scan.data).reshape(scan.shape[:3]), labels, scan.affine)
-        save_overlay(image, mask, spacing, out_dir / f"{case.name}_overlay.png", title=case.name, names=names)
+        save_overlay(image, mask, spacing, path, title=case.name, names=names)
 
 
 def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
@@ -151,7 +155,7 @@ def segment_cases(predictor: Predictor | None, todo: list[Case], out_dir: Path, 
             check_image(case.image, expected)
             result = segment_case(predictor, case, out_dir, config)
         except UserError as exc:
-            if stop_on_error:
+            if stop_on_error or isinstance(exc, DiskFull):  # a full disk fails every case after it too
                 raise
             print(f"{case.name}: failed: {exc}", file=sys.stderr)
             failures.append(str(exc))
@@ -218,7 +222,7 @@ def run_inference(config: Config, predictor: Predictor | None = None, context: C
     part = Part.of(config.infer, context)
     with held_output_folder(out_dir, part, context), tempfile.TemporaryDirectory() as scratch:
         cases = find_cases(config, Path(scratch))
-        check_distinct_outputs(cases, out_dir)
+        check_distinct_outputs(cases, out_dir, written_outputs(config))
         if config.infer.output_format == "dicom_seg":
             check_seg_inputs(cases)
         remove_part_temporaries(out_dir, part, cases, context)

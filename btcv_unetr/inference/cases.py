@@ -88,21 +88,51 @@ def check_image(path: Path, expected: Expected) -> None:
         raise UserError(str(problems[0]))
 
 
+# The outputs besides the mask: file name after the case's output stem (see :func:`case_outputs`).
+OUTPUT_ENDINGS = {"seg": SEG_SUFFIX, "probabilities": "_probabilities.npz", "overlay": "_overlay.png"}
+PLAIN_MASK_SUFFIXES = (".nii.gz", ".png")  # masks whose case's other outputs keep the plain case name
+
+
+def output_stem(case: Case, out_dir: Path) -> str:
+    """What a case's outputs besides its mask start with, named like its mask: the case name for a NIfTI or PNG
+    mask (``case_overlay.png``), the case name and the mask's format otherwise (``case.nrrd_overlay.png`` beside
+    ``case_seg.nrrd``), so that ``case.nii.gz`` and ``case.nrrd`` in one folder keep every output apart."""
+    suffix = mask_path(out_dir, case.name, case.image).name.removeprefix(f"{case.name}_seg")
+    return case.name if suffix in PLAIN_MASK_SUFFIXES else f"{case.name}{suffix}"
+
+
+def case_outputs(case: Case, out_dir: Path) -> dict[str, Path]:
+    """Every file :func:`~btcv_unetr.inference.batch.segment_case` may write for ``case``: ``mask`` (in the
+    input's format, :func:`mask_path`), ``seg`` (DICOM SEG), ``probabilities`` and ``overlay``."""
+    stem = output_stem(case, out_dir)
+    return {"mask": mask_path(out_dir, case.name, case.image),
+            **{kind: out_dir / f"{stem}{ending}" for kind, ending in OUTPUT_ENDINGS.items()}}
+
+
 def case_output_names(case: Case, out_dir: Path) -> list[str]:
     """The names of the files :func:`segment_case` may write for ``case``."""
-    return [mask_path(out_dir, case.name, case.image).name, f"{case.name}{SEG_SUFFIX}",
-            f"{case.name}_probabilities.npz", f"{case.name}_overlay.png"]
+    return [path.name for path in case_outputs(case, out_dir).values()]
 
 
-def check_distinct_outputs(cases: list[Case], out_dir: Path) -> None:
-    """Two inputs whose masks would share one file (``a/case.nii.gz``, ``b/case.nii.gz``) are refused."""
+def written_outputs(config: Config) -> tuple[str, ...]:
+    """The kinds of :func:`case_outputs` that the flags have a run write."""
+    infer = config.infer
+    wanted = {"mask": True, "seg": infer.output_format == "dicom_seg", "probabilities": infer.save_probabilities,
+              "overlay": infer.overlay}
+    return tuple(kind for kind, written in wanted.items() if written)
+
+
+def check_distinct_outputs(cases: list[Case], out_dir: Path, kinds: tuple[str, ...] = ("mask",)) -> None:
+    """Two inputs whose outputs of ``kinds`` (:func:`written_outputs`) would share a file are refused: one mask
+    (``a/case.nii.gz``, ``b/case.nii.gz``), or one overlay (``case.nrrd.nii.gz``, ``case.nrrd``)."""
     seen: dict[Path, Case] = {}
     for case in cases:
-        target = mask_path(out_dir, case.name, case.image)
-        if target in seen:
-            raise UserError(f"{seen[target].image} and {case.image} would both write {target}: rename one, "
-                            "or segment them into different --output_dir folders")
-        seen[target] = case
+        outputs = case_outputs(case, out_dir)
+        for target in (outputs[kind] for kind in kinds):
+            if target in seen:
+                raise UserError(f"{seen[target].image} and {case.image} would both write {target}: rename one, "
+                                "or segment them into different --output_dir folders")
+            seen[target] = case
 
 
 def cases_to_segment(cases: list[Case], out_dir: Path, config: Config) -> tuple[list[Case], list[Case]]:
@@ -112,8 +142,9 @@ def cases_to_segment(cases: list[Case], out_dir: Path, config: Config) -> tuple[
     seg = infer.output_format == "dicom_seg"
     todo, kept = [], []
     for case in cases:
-        mask = mask_path(out_dir, case.name, case.image)
-        written = mask.exists() and (not seg or (out_dir / f"{case.name}{SEG_SUFFIX}").exists())
+        outputs = case_outputs(case, out_dir)
+        mask = outputs["mask"]
+        written = mask.exists() and (not seg or outputs["seg"].exists())
         problem = mask_problem(mask, case.image) if written and infer.continue_prediction else None
         if written and problem is None and not config.general.overwrite:
             print(f"{case.name}: {mask} is complete, kept (--continue)" if infer.continue_prediction else

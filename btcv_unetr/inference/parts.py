@@ -26,7 +26,7 @@ from ..config import InferConfig
 from ..data.images import image_shape, is_picture, read_volume
 from ..distributed import Context, raise_on_every_rank
 from ..errors import UserError
-from ..files import folder_lock
+from ..files import disk_full, folder_lock, make_folder
 
 T = TypeVar("T")
 
@@ -63,13 +63,14 @@ class Part:
 
 
 def prepare_output_dir(path: Path) -> None:
+    """Create ``path`` and try a file in it, or one line (a full disk: :class:`~btcv_unetr.files.DiskFull`)."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folder(path)
         with tempfile.NamedTemporaryFile(dir=path):
             pass
     except OSError as exc:
-        raise UserError(f"output folder {path} cannot be written ({exc.strerror}): choose another --output_dir") \
-            from None
+        raise disk_full(path, exc, "cannot be written") or UserError(
+            f"output folder {path} cannot be written ({exc.strerror}): choose another --output_dir") from None
 
 
 @contextlib.contextmanager

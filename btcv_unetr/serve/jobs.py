@@ -116,22 +116,57 @@ def check_private_folder(folder: Path) -> None:
         print(f"made {folder} private (0700): it holds patient scans")
 
 
+def _is_plain(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether ``path`` is of ``kind`` (``stat.S_ISDIR``, ``stat.S_ISREG``) itself, not through a symbolic link."""
+    try:
+        return kind(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def is_job_folder(path: Path) -> bool:
+    """A folder the service created (:meth:`JobStore.new_folder`): a real folder holding the :data:`MARKER`
+    file, neither of them a link (a link to another jobs folder would have that one's jobs removed)."""
+    return _is_plain(path, stat.S_ISDIR) and _is_plain(path / MARKER, stat.S_ISREG)
+
+
 def open_jobs_folder(root: Path) -> None:
-    """Create ``root`` (0700) or check it: private (:func:`check_private_folder`) and holding nothing but the
-    service's job folders, so that cleaning it can never remove another's files."""
+    """Create ``root`` (0700) or check it: holding nothing but the service's job folders (:func:`is_job_folder`)
+    and its upload spool, so that cleaning it can never remove another's files, and private
+    (:func:`check_private_folder`). Anything else is refused in one line before anything in it is changed."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (root / SPOOL).mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise UserError(f"--jobs_dir {root} cannot be created ({exc.strerror}): choose another folder") from None
-    check_private_folder(root)
-    for leftover in (root / SPOOL).iterdir():  # uploads a killed server was receiving
-        leftover.unlink(missing_ok=True)
-    foreign = [p.name for p in root.iterdir() if p.name != SPOOL and not (p / MARKER).is_file()]
+    try:
+        foreign = foreign_entries(root)
+    except OSError as exc:
+        raise UserError(f"--jobs_dir {root} cannot be read ({exc.strerror}): choose a folder of your own") from None
     if foreign:
-        shown = ", ".join(repr(name) for name in sorted(foreign)[:3]) + (" ..." if len(foreign) > 3 else "")
+        shown = ", ".join(repr(name) for name in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
         raise UserError(f"--jobs_dir {root} holds files that are not this service's jobs ({shown}): choose an "
                         "empty or new folder; the service never removes what it did not create")
+    check_private_folder(root)
+    spool = root / SPOOL
+    try:
+        spool.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--jobs_dir {root}: {SPOOL} cannot be created ({exc.strerror}): choose another folder") \
+            from None
+    for leftover in spool.iterdir():  # uploads a killed server was receiving (foreign_entries: plain files)
+        leftover.unlink(missing_ok=True)
+
+
+def foreign_entries(root: Path) -> list[str]:
+    """What in the jobs folder ``root`` the service did not create, sorted: anything but job folders and a spool
+    folder of plain files (a link there would have its target's files removed as leftovers)."""
+    foreign = [p.name for p in root.iterdir() if p.name != SPOOL and not is_job_folder(p)]
+    spool = root / SPOOL
+    if _is_plain(spool, stat.S_ISDIR):
+        foreign += [f"{SPOOL}/{p.name}" for p in spool.iterdir() if not _is_plain(p, stat.S_ISREG)]
+    elif spool.exists() or spool.is_symlink():
+        foreign.append(SPOOL)
+    return sorted(foreign)
 
 
 class JobStore:
@@ -204,7 +239,7 @@ class JobStore:
         with self._lock:
             self._jobs.pop(job_id, None)
         folder = self.root / job_id
-        if (folder / MARKER).is_file():
+        if is_job_folder(folder):
             shutil.rmtree(folder, ignore_errors=True)
 
     def prune(self) -> list[str]:
