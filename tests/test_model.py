@@ -4,7 +4,8 @@ from conftest import tiny_config
 
 from btcv_unetr.errors import UserError
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.weights import load_pretrained, load_torchscript_weights
+from btcv_unetr.model.torchscript import load_torchscript_weights
+from btcv_unetr.model.weights import load_pretrained
 
 LEGACY_EXTRA = ("vit.patch_embedding.cls_token", "encoder2.blocks.0.1.conv3.conv.weight",
                 "encoder2.blocks.1.1.conv3.conv.weight", "encoder3.blocks.0.1.conv3.conv.weight")
@@ -91,7 +92,7 @@ def test_torchscript_weights_load_into_the_eager_model(model, volume, tmp_path):
     traced = torch.jit.trace(model, volume)
     traced.save(str(tmp_path / "UNETR_model_best_acc.pt"))
     other = _fresh()
-    load_torchscript_weights(other, tmp_path / "UNETR_model_best_acc.pt")
+    load_torchscript_weights(other, tiny_config().model, tmp_path / "UNETR_model_best_acc.pt")
     with torch.no_grad():
         assert torch.equal(other(volume), model(volume))
     with pytest.raises(UserError, match="this is a TorchScript file: use --resume_jit"):

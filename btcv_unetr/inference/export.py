@@ -17,24 +17,31 @@ chooses its own precision (``test.py --saved_checkpoint torchscript`` runs it as
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config import Config, ModelConfig, add_config_arguments, config_from_args
 from ..errors import UserError
 from ..files import atomic_write
 from ..model.bundle import check_bundle_target, write_bundle
 from ..model.pretrained import resolve_pretrained
+from ..model.torchscript import ARCHITECTURE_FILE
 from .loader import load_model, with_weights_file
 
 
-def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path) -> None:
+def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path,
+           architecture: ModelConfig | None = None) -> None:
+    """``model`` traced on ``example`` (TorchScript) or as ONNX into ``out``; TorchScript files also record
+    ``architecture`` as data, so that loading them checks the heads and ROI a trace does not show."""
     model = model.eval()
     if fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, example)
-        atomic_write(out, lambda tmp: traced.save(str(tmp)))
+        extra = {ARCHITECTURE_FILE: json.dumps(dataclasses.asdict(architecture))} if architecture else {}
+        atomic_write(out, lambda tmp: traced.save(str(tmp), _extra_files=extra))
         return
     try:
         import onnx  # noqa: F401
@@ -97,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
     model, config = loaded.model, loaded.config
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
-    export(model, example, args.format, out)
+    export(model, example, args.format, out, config.model)
     print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")
     return 0

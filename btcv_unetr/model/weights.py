@@ -1,10 +1,9 @@
-"""Weights into this project's UNETR: from training checkpoints, bare state dicts, old MONAI key layouts,
-wrapped models (DDP, compile) and TorchScript files."""
+"""Weights into this project's UNETR: from training checkpoints, bare state dicts, old MONAI key layouts and
+wrapped models (DDP, compile); TorchScript files are read, without running them, by ``torchscript.py``."""
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -76,28 +75,3 @@ def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
 def load_pretrained(model: nn.Module, path: str | Path) -> None:
     """Load weights from our checkpoint, a bare state dict (any MONAI version) into ``model``."""
     load_weights(model, extract_state_dict(load_checkpoint(path), str(path)), str(path))
-
-
-def load_torchscript(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """A TorchScript file (e.g. the released ``UNETR_model_best_acc.pt``), with one-line errors.
-
-    Loading TorchScript runs code stored in the file: a warning says so once per load.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"TorchScript file not found: {path}")
-    print(f"warning: {path} is TorchScript, which is a program: loading it runs code from the file; "
-          "load only files you trust", file=sys.stderr)
-    try:
-        return torch.jit.load(str(path), map_location=device)
-    except RuntimeError as exc:
-        raise UserError(f"{path}: not a TorchScript file ({str(exc).strip().splitlines()[0]})") from None
-
-
-def load_torchscript_weights(model: nn.Module, path: str | Path) -> None:
-    """Copy the weights of a TorchScript UNETR into ``model`` (which keeps AMP, DDP and eager debugging).
-
-    The scripted module itself never runs: a file that is not a UNETR of ``model``'s configuration
-    fails here with the names of the mismatching weights.
-    """
-    load_weights(model, extract_state_dict(load_torchscript(path).state_dict(), str(path)), str(path))

@@ -117,16 +117,15 @@ def predictor_config(config: Config) -> Config:
     if not given and not ensemble:
         raise UserError("serve: --checkpoint FILE is required (a training checkpoint, a state dict or a TorchScript "
                         "file; a cross-validation run folder, or --checkpoints FILE ..., serves an ensemble)")
-    infer = dataclasses.replace(config.infer, sw_progress=False)
     if given and Path(given).is_dir():
-        infer = dataclasses.replace(infer, checkpoints=[given])
+        config = dataclasses.replace(config, infer=dataclasses.replace(config.infer, checkpoints=[given]))
     elif given:
         path = Path(given)
         if not path.is_file():
             raise UserError(f"serve: checkpoint not found: {path}")
         from ..inference.loader import with_weights_file
-        config = with_weights_file(config, path)
-    return dataclasses.replace(config, infer=infer)
+        config = with_weights_file(config, path)  # a TorchScript file sets --saved_checkpoint torchscript: kept
+    return dataclasses.replace(config, infer=dataclasses.replace(config.infer, sw_progress=False))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -45,7 +45,8 @@ from ..model.checkpoint import load_checkpoint, save_checkpoint
 from ..model.precision import Precision, resolve_precision
 from ..model.provenance import data_facts, model_card
 from ..model.speed import compile_if_asked, prepare_model
-from ..model.weights import load_pretrained, load_torchscript_weights, load_weights
+from ..model.torchscript import load_torchscript_weights
+from ..model.weights import load_pretrained, load_weights
 from .budget import BudgetPlanner, budgeted_epochs
 from .loss import build_loss, unannotated_as_background
 from .optim import build_optimizer, build_scheduler
@@ -248,7 +249,7 @@ def build_trainable_model(config: Config, context: Context) -> nn.Module:
     model = build_model(config.model)
     pretrained = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     if config.train.resume_jit:
-        load_torchscript_weights(model, pretrained)
+        load_torchscript_weights(model, config.model, pretrained, warn=context.is_main)
     elif config.train.resume_ckpt:
         load_pretrained(model, pretrained)
     if context.is_main and (config.train.resume_jit or config.train.resume_ckpt):
