@@ -79,18 +79,11 @@ def write_case_outputs(predictor: Predictor, case: Case, labels: np.ndarray, pro
     return mask_file
 
 
-def write_case_overlay(case: Case, labels: np.ndarray, picture: bool, names: list[str], out_dir: Path) -> None:
+def write_case_overlay(case: Case, labels: np.ndarray, names: list[str], out_dir: Path) -> None:
     """``CASE_overlay.png`` (named like the mask: :func:`case_outputs`): the mask over the picture, or over the
-    scan's middle slices in display order."""
-    path = case_outputs(case, out_dir)["overlay"]
-    if picture:
-        from .plots import save_picture_overlay
-        save_picture_overlay(np.asarray(read_volume(case.image).data), labels, path)
-    else:
-        from .plots import save_overlay, to_display_order
-        scan = read_volume(case.image)
-        image, mask, spacing = to_display_order(np.asarray(scan.data).reshape(scan.shape[:3]), labels, scan.affine)
-        save_overlay(image, mask, spacing, path, title=case.name, names=names)
+    scan's middle slices in display order, drawn as the service draws it."""
+    from .plots import save_case_overlay  # matplotlib only when overlays are asked for
+    save_case_overlay(case.image, labels, case_outputs(case, out_dir)["overlay"], title=case.name, names=names)
 
 
 def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config) -> CaseMetrics | None:
@@ -100,8 +93,7 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     mask_file = write_case_outputs(predictor, case, labels, probabilities, out_dir, config)
     seconds = time.time() - started
     if config.infer.overlay:
-        write_case_overlay(case, labels, predictor.config.model.spatial_dims == 2,
-                           class_names(config.data, predictor.config.model.out_channels), out_dir)
+        write_case_overlay(case, labels, class_names(config.data, predictor.config.model.out_channels), out_dir)
     print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}")
     if case.label is None:
         return None
@@ -148,7 +140,8 @@ def segment_cases(predictor: Predictor | None, todo: list[Case], out_dir: Path, 
     """Segment ``todo``; returns the metrics of the labelled cases and the one-line errors of the failed ones
     (``stop_on_error``: the first error is raised)."""
     # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels.
-    expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels) if todo else None
+    expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels,
+                        max_pixels=config.data.max_pixels) if todo else None
     results, failures = [], []
     for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2 or not progress):
         try:

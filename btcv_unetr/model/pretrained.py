@@ -43,7 +43,9 @@ REFERENCE_UNETR = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "roi
                    "feature_size": 16, "hidden_size": 768, "mlp_dim": 3072, "num_heads": 12, "num_layers": 12,
                    "pos_embed": "perceptron", "norm_name": "instance", "conv_block": True, "res_block": True}
 REFERENCE_PREPROCESSING = {"a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max": 1.0, "space_x": 1.5,
-                           "space_y": 1.5, "space_z": 2.0, "axcodes": "RAS"}
+                           "space_y": 1.5, "space_z": 2.0, "axcodes": "RAS",
+                           # the reference recipe crops the body after resampling (CropForegroundd after Spacingd)
+                           "crop_before_resampling": False}
 
 
 @dataclass(frozen=True)
