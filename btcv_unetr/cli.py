@@ -23,7 +23,7 @@ from collections.abc import Callable
 from . import __version__, serve
 from .config import FlagParser, unrecognized_flags_message
 from .data import checks, importers
-from .errors import UserError
+from .errors import UserError, one_line
 from .inference import command as infer
 from .inference import evaluate, export
 from .synthetic import phantoms, shapes2d
@@ -55,7 +55,7 @@ def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Nam
     try:
         return command(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

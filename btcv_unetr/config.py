@@ -25,11 +25,14 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .files import atomic_write_text
 
 # How the network's arithmetic is done (model/precision.py decides "auto" per machine).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The largest picture read (8000 x 8000 pixels), by the command line (--max_pixels) and the service (its own
+# --max_pixels): its size is checked from the file's header before a decoder allocates it.
+MAX_PIXELS = 64_000_000
 
 
 class ConfigError(UserError):
@@ -120,6 +123,9 @@ class DataConfig:
     min_crop_scale: float = _opt(0.6, "2D: random resized crop, smallest crop side as a fraction of the image's")
     label_map: str | None = _opt(None, "2D masks: stored value to class, e.g. '1:1,2:0,3:2' for the Oxford pets "
                                        "trimap (1 pet, 2 background, 3 border); unlisted values are refused")
+    max_pixels: int = _opt(MAX_PIXELS, "2D: refuse a picture (PNG, JPEG, BMP) whose header declares more pixels, "
+                                       "before it is decoded (decoding allocates the declared size whole); the "
+                                       "service's --max_pixels has the same default")
 
     @property
     def pixdim(self) -> tuple[float, float, float]:
@@ -196,6 +202,10 @@ class InferConfig:
     """Sliding-window inference."""
 
     infer_overlap: float = _opt(0.5, "sliding-window overlap, 0 <= overlap < 1")
+    max_windows_factor: float = _opt(8.0, "refuse a scan whose sliding window at --infer_overlap takes more than "
+                                          "this many times the windows it takes at overlap 0.5 (0.99 is a 1-voxel "
+                                          "stride: hours per scan); the refusal names the largest overlap that "
+                                          "fits; 0 = no bound")
     sw_batch_size: int = _opt(0, "windows per forward pass; 0 = auto: on CPU 4 with AMX in bf16, else 2 "
                                  "(fastest there); on GPU what fits in free memory (up to 8)")
     saved_checkpoint: str = _opt("ckpt", "pretrained file type: checkpoint/state dict, or TorchScript",
@@ -504,6 +514,11 @@ def validate(config: Config) -> None:
             raise ConfigError(f"config key '{key}': {value} must be between 0 and 1")
     if not 0.0 <= i.infer_overlap < 1.0:
         raise ConfigError(f"config key 'infer_overlap': {i.infer_overlap} must be in [0, 1)")
+    if i.max_windows_factor != 0 and i.max_windows_factor < 1:
+        raise ConfigError(f"config key 'max_windows_factor': {i.max_windows_factor} must be >= 1 (times the windows "
+                          "of overlap 0.5), or 0 for no bound")
+    if d.max_pixels < 1:
+        raise ConfigError(f"config key 'max_pixels': {d.max_pixels} must be >= 1")
     positive = {"in_channels": m.in_channels, "out_channels": m.out_channels, "num_samples": d.num_samples,
                 "batch_size": t.batch_size, "val_every": t.val_every, "save_every": t.save_every,
                 "max_epochs": t.max_epochs,
@@ -556,7 +571,8 @@ COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
     "train": {"model": None, "data": None, "train": None, "dist": None, "fast": None,
               "infer": ("infer_overlap", "sw_batch_size", "mode", "device"), "general": None},
     "infer": {"model": None, "infer": None,
-              "data": ("data_dir", "json_list", "fold", "label_map", *PREPROCESSING, *REFERENCE_TEST_EXTRAS["data"]),
+              "data": ("data_dir", "json_list", "fold", "label_map", "max_pixels", *PREPROCESSING,
+                       *REFERENCE_TEST_EXTRAS["data"]),
               "train": ("pretrained_dir", "pretrained_model_name", "pretrained", "precision"),
               "dist": REFERENCE_TEST_EXTRAS["dist"],
               "fast": ("malloc_tuning", "sdpa", "compile", "channels_last"), "general": None},
@@ -567,7 +583,7 @@ COMMAND_FLAGS: dict[str, dict[str, tuple[str, ...] | None]] = {
               "data": ("crop_before_resampling",), "fast": ("malloc_tuning", "sdpa", "compile", "channels_last")},
     # check-data: the datalist and what the model takes; evaluate: classes, label map and distances.
     "check-data": {"model": ("spatial_dims", "in_channels", "out_channels"),
-                   "data": ("data_dir", "json_list", "label_map")},
+                   "data": ("data_dir", "json_list", "label_map", "max_pixels")},
     "evaluate": {"model": ("out_channels",), "data": ("label_map",), "infer": ("hd95",)},
 }
 # crossval: training's flags for every fold, and inference's for scoring each fold's validation cases.
@@ -662,7 +678,7 @@ class FlagParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (argparse prints its whole usage, 60+ lines here, first)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (--help lists the flags)\n")
 
 
 def parse_config(argv: list[str] | None = None, description: str = "") -> Config:

@@ -70,7 +70,8 @@ def test_every_problem_is_reported_at_once_with_its_file(tmp_path, good_volume):
         f"{root}/imagesTr/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume",
         f"{root}/imagesTr/four_d.nii.gz: image is 4D with shape (8, 8, 6, 2), expected a 3D volume",
         f"{root}/imagesTr/missing.nii.gz: file not found",
-        f"{root}/imagesTr/nan.nii.gz: 3 NaN or infinite voxels",
+        (f"{root}/imagesTr/nan.nii.gz: 3 NaN or infinite voxels (2 NaN, 1 infinite): replace them, e.g. by the "
+         "lowest intensity"),
         f"{root}/labelsTr/affine.nii.gz: affine differs from the image's by up to 1 mm "
         f"({root}/imagesTr/affine.nii.gz)",
         f"{root}/labelsTr/flat.nii.gz: image is 2D with shape (8, 8), expected a 3D volume",
@@ -114,3 +115,111 @@ def test_gzip_garbage_is_unreadable_not_a_crash(tmp_path, good_volume):
     (tmp_path / "d.json").write_text(json.dumps({"training": [entry]}))
     problems, _ = check_data(str(tmp_path), "d.json", num_classes=14)
     assert len(problems) == 1 and "unreadable or truncated file" in str(problems[0])
+
+
+# ---------------------------------------------------------------- issue 22: duplicates, bit depths, non-finite, names
+
+
+def test_a_file_listed_twice_in_a_split_is_a_problem_with_its_count_and_is_read_once(tmp_path, good_volume,
+                                                                                     monkeypatch):
+    from btcv_unetr.data import checks
+    entry = _write_case(tmp_path, "ok", *good_volume)
+    other = _write_case(tmp_path, "other", *good_volume)
+    same = {"image": "imagesTr/../imagesTr/ok.nii.gz", "label": entry["label"]}  # the same file, spelled otherwise
+    (tmp_path / "d.json").write_text(json.dumps({"training": [entry] * 3 + [same, other], "validation": [other],
+                                                 "test": ["imagesTr/other.nii.gz"] * 2}))
+    reads = []
+    read = checks.read_volume
+    monkeypatch.setattr(checks, "read_volume", lambda path, *a: reads.append(str(path)) or read(path, *a))
+    problems, counts = check_data(str(tmp_path), "d.json", num_classes=14)
+    assert [str(p) for p in problems] == [
+        f"{tmp_path}/imagesTr/ok.nii.gz: listed 4 times in 'training': list each case once",
+        f"{tmp_path}/imagesTr/other.nii.gz: listed 2 times in 'test': list each case once"]
+    assert counts == {"training": 5, "validation": 1, "test": 2}
+    # The four listings of ok.nii.gz (and its label) are read once; other.nii.gz once as a labelled entry, once as
+    # a test entry (another entry: no label).
+    assert sorted(reads) == sorted([str(tmp_path / path) for path in (entry["image"], entry["label"], other["image"],
+                                                                      other["label"], other["image"])])
+
+
+def test_a_file_in_training_and_validation_is_a_note_not_a_problem(tmp_path, good_volume):
+    from btcv_unetr.data.checks import SPLITS, data_notes
+    from btcv_unetr.data.datalist import read_datalist, split_entries
+    entry = _write_case(tmp_path, "ok", *good_volume)
+    (tmp_path / "d.json").write_text(json.dumps({"training": [entry], "validation": [entry]}))
+    problems, _ = check_data(str(tmp_path), "d.json", num_classes=14)
+    content = read_datalist(tmp_path / "d.json")
+    notes = data_notes([(split, e) for split in SPLITS for e in split_entries(content, split, tmp_path)])
+    assert problems == [] and notes == [
+        (f"1 image(s) are in both 'training' and 'validation' (e.g. {tmp_path}/imagesTr/ok.nii.gz): validation then "
+         "scores cases the model trains on, and its Dice overstates")]
+
+
+def _pictures(root, depths):
+    import SimpleITK as sitk
+    entries = []
+    for index, bits in enumerate(depths):
+        grey = (np.arange(48).reshape(6, 8) * 5).astype(np.uint8)
+        picture = grey.astype(np.uint16) * 257 if bits == 16 else grey
+        sitk.WriteImage(sitk.GetImageFromArray(picture), str(root / f"p{index}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 8), np.uint8)), str(root / f"m{index}.png"))
+        entries.append({"image": f"p{index}.png", "label": f"m{index}.png"})
+    (root / "d.json").write_text(json.dumps({"training": entries}))
+    return [sys.executable, "-m", "btcv_unetr", "check-data", "--data_dir", str(root), "--json_list", "d.json",
+            "--spatial_dims", "2", "--in_channels", "1"]
+
+
+@pytest.mark.parametrize("depths, note", [
+    ((8, 8), None),
+    ((16, 16), ("note: 2 training picture(s) are 16-bit (e.g. {root}/p0.png): each picture is scaled by its own "
+                "bit depth")),
+    ((8, 16, 16), ("note: 2 training picture(s) are 16-bit (e.g. {root}/p1.png), 1 of fewer bits: each picture is "
+                   "scaled by its own bit depth")),
+])
+def test_check_data_notes_16_bit_training_pictures_and_passes(tmp_path, depths, note):
+    result = subprocess.run(_pictures(tmp_path, depths), capture_output=True, encoding="utf-8", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ([] if note is None else [notes[0]]) and (note is None or notes[0].startswith(
+        note.format(root=tmp_path)))
+    assert result.stdout.splitlines()[-1] == f"check-data: OK, {len(depths)} training, 0 validation, 0 test entries"
+
+
+def test_nan_and_both_infinities_are_counted_alike():
+    from btcv_unetr.data.checks import non_finite_problem
+    data = np.zeros((4, 4), np.float32)
+    data[0, :2], data[1, 0], data[2, :3] = np.nan, np.inf, -np.inf
+    assert non_finite_problem(data) == "6 NaN or infinite voxels (2 NaN, 4 infinite): replace them, e.g. by the " \
+                                       "lowest intensity"
+    assert non_finite_problem(np.zeros(3, np.float32)) is None and non_finite_problem(np.zeros(3, np.int16)) is None
+
+
+def test_a_problem_line_shows_control_characters_escaped():
+    from btcv_unetr.data.checks import Problem
+    from btcv_unetr.errors import UserError, one_line
+    assert str(Problem("/d/img\nerror: all fine.nii.gz", "file not found")) == \
+        "/d/img\\nerror: all fine.nii.gz: file not found"
+    assert one_line("a\rb\tc\x1b[2K\u2028d\u202ee ") == "a\\rb\\tc\\x1b[2K\\u2028d\\u202ee"
+    assert one_line(one_line("x\ny")) == one_line("x\ny") == "x\\ny"
+    assert str(UserError("scan\nerror: forged")) == "scan\\nerror: forged"
+
+
+def test_a_dataset_caches_each_listed_file_once(tmp_path):
+    from monai.transforms import Lambda
+
+    from btcv_unetr.config import DataConfig
+    from btcv_unetr.data.datalist import make_dataset, unique_items
+    seen = []
+
+    def transform(item):
+        seen.append(item["image"])
+        return {**item, "loaded": True}
+
+    items = [{"image": "/d/a.nii.gz", "label": "/d/la.nii.gz"}, {"image": "/d/b.nii.gz", "label": "/d/lb.nii.gz"},
+             {"image": "/d/x/../a.nii.gz", "label": "/d/la.nii.gz"}] + [{"image": "/d/a.nii.gz",
+                                                                         "label": "/d/la.nii.gz"}] * 3
+    assert unique_items(items)[1] == [0, 1, 0, 0, 0, 0]
+    dataset = make_dataset(items, Lambda(transform), DataConfig(workers=0))  # a Transform: MONAI caches its output
+    assert sorted(seen) == ["/d/a.nii.gz", "/d/b.nii.gz"]  # each cached once
+    assert len(dataset) == 6 and [dataset[i]["image"] for i in range(6)] == ["/d/a.nii.gz", "/d/b.nii.gz"] + \
+        ["/d/a.nii.gz"] * 4

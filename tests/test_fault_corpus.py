@@ -10,11 +10,14 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import zlib
 from pathlib import Path
+from unittest import mock
 
 import nibabel as nib
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from btcv_unetr import cli
@@ -24,6 +27,7 @@ from btcv_unetr.files import folder_lock
 from btcv_unetr.model.build import build_model
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
+TINY_2D = str(CONFIG_DIR / "tiny2d.yaml")
 AFFINE = np.diag([1.5, 1.5, 2.0, 1.0])
 
 
@@ -303,7 +307,7 @@ def infer_truncated_input(tmp, ctx):
 
 def infer_all_nan_input(tmp, ctx):
     return _infer(tmp, ctx["weights"], _image(tmp / "nan.nii.gz", value=np.nan, dtype=np.float32)), \
-        "nan.nii.gz: the image has NaN or infinite voxels"
+        "nan.nii.gz: the image has 38400 NaN or infinite voxels (38400 NaN, 0 infinite)"
 
 
 def infer_2d_input(tmp, ctx):
@@ -329,6 +333,186 @@ def export_onto_its_own_checkpoint(tmp, ctx):
 
 def evaluate_missing_predictions(tmp, ctx):
     return ["evaluate", "--pred", str(tmp / "nothing"), "--label", str(tmp)], "not a folder: "
+
+
+# ---------------------------------------------------------------- issue 22: bounds, bit depths, non-finite voxels, names
+
+
+def _png(path: Path, width: int, height: int, rows: int | None = None, channels: int = 3, corrupt: bool = False) -> Path:
+    """An 8-bit PNG whose header declares ``width`` x ``height``, with ``rows`` rows of (zero) data (all by default);
+    ``corrupt``: its compressed data garbled."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big")
+
+    colour = {1: 0, 3: 2}[channels]
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, colour, 0, 0, 0])
+    pixels = zlib.compress(b"".join(b"\0" + bytes(width * channels) for _ in range(height if rows is None else rows)))
+    if corrupt:
+        pixels = pixels[:2] + bytes(b ^ 0x5A for b in pixels[2:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+    return path
+
+
+def _infer_2d(tmp: Path, target: Path, *flags: str) -> list[str]:
+    config = build_config([read_yaml(TINY_2D)])
+    weights = tmp / "w2d" / "w.pth"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_model(config.model).state_dict(), weights)
+    return ["infer", "--config", TINY_2D, "--pretrained_dir", str(weights.parent), "--pretrained_model_name",
+            weights.name, "--input", str(target), "--output_dir", str(tmp / "out"), "--no-overlay", "--no_hd95", *flags]
+
+
+def _no_decoding(ctx, name: str) -> None:
+    """Picture ``name``, refused for its size, must be refused from its header: decoding it fails the test."""
+    read = sitk.ReadImage
+
+    def guarded(path, *args, **kwargs):
+        if Path(str(path)).name == name:
+            raise AssertionError(f"{name} was decoded")
+        return read(path, *args, **kwargs)
+
+    ctx["stack"].enter_context(mock.patch("SimpleITK.ReadImage", side_effect=guarded))
+
+
+def _float_scan(path: Path, shape=(40, 40, 24), body=100.0, air=-1000.0) -> tuple[Path, np.ndarray]:
+    """A float32 scan: air around a body box (voxels [10:30, 10:30, 4:20]); returns it and its voxels to edit."""
+    data = np.full(shape, air, np.float32)
+    data[10:30, 10:30, 4:20] = body
+    return path, data
+
+
+def _saved(path: Path, data: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, AFFINE), path)
+    return path
+
+
+def check_picture_header_over_max_pixels(tmp, ctx):
+    _no_decoding(ctx, "big.png")
+    image = _png(tmp / "data" / "big.png", 20000, 20000, rows=2, channels=1)
+    label = _png(tmp / "data" / "mask.png", 8, 8, channels=1)
+    return (_dataset(tmp, image=image, label=label) + ["--spatial_dims", "2", "--in_channels", "1"],
+            "big.png: 20000 x 20000 pixels (400.0 megapixels) exceed --max_pixels 64 megapixels")
+
+
+def infer_picture_header_over_max_pixels(tmp, ctx):
+    _no_decoding(ctx, "big.png")
+    image = _png(tmp / "big.png", 20000, 20000, rows=2)
+    ctx["absent"] = [tmp / "out" / "big_seg.png"]
+    return _infer_2d(tmp, image), "big.png: 20000 x 20000 pixels (400.0 megapixels) exceed --max_pixels 64 megapixels"
+
+
+def infer_picture_over_the_max_pixels_flag(tmp, ctx):
+    _no_decoding(ctx, "photo.png")
+    image = _png(tmp / "photo.png", 64, 48)
+    ctx["absent"] = [tmp / "out" / "photo_seg.png"]
+    return (_infer_2d(tmp, image, "--max_pixels", "3000"),
+            "photo.png: 64 x 48 pixels (0.0 megapixels) exceed --max_pixels 0.003 megapixels")
+
+
+def infer_corrupt_png(tmp, ctx):
+    image = _png(tmp / "broken.png", 64, 48, corrupt=True)
+    ctx["absent"] = [tmp / "out" / "broken_seg.png"]
+    ctx["line_ends"] = f"Error while reading file: {image})"
+    return _infer_2d(tmp, image), "broken.png: unreadable image (RuntimeError: PNGImageIO: Error while reading file"
+
+
+def check_corrupt_png(tmp, ctx):
+    image = _png(tmp / "data" / "broken.png", 64, 48, channels=1, corrupt=True)
+    label = _png(tmp / "data" / "mask.png", 64, 48, channels=1)
+    return (_dataset(tmp, image=image, label=label) + ["--spatial_dims", "2", "--in_channels", "1"],
+            f"broken.png: unreadable or truncated file (RuntimeError: PNGImageIO: Error while reading file: {image})\n")
+
+
+def infer_overlap_plans_too_many_windows(tmp, ctx):
+    # 96 x 40 x 32 voxels of 6 mm (the tiny model's grid), ROI 32: 10 windows at overlap 0.5, 585 at 0.99
+    # (a 1-voxel stride); 0.87 is the largest overlap within 8 times 10 (51 windows; 0.88 plans 92).
+    scan = _image(tmp / "long.nii.gz", shape=(96, 40, 32), value=100, affine=np.diag([6.0, 6.0, 6.0, 1.0]))
+    ctx["absent"] = [tmp / "out" / "long_seg.nii.gz"]
+    return (_infer(tmp, ctx["weights"], scan, "--infer_overlap", "0.99"),
+            ("long.nii.gz: --infer_overlap 0.99 plans 585 windows, 58.5 times the 10 of overlap 0.5, over "
+             "--max_windows_factor 8: use --infer_overlap 0.87 or less"))
+
+
+def infer_max_windows_factor_below_one(tmp, ctx):
+    return (_infer(tmp, ctx["weights"], ctx["scan"], "--max_windows_factor", "0.5"),
+            "config key 'max_windows_factor': 0.5 must be >= 1")
+
+
+def check_duplicate_entries(tmp, ctx):
+    data = tmp / "data"
+    _image(data / "img.nii.gz"), _label(data / "lab.nii.gz")
+    entry = {"image": "img.nii.gz", "label": "lab.nii.gz"}
+    other = {"image": "./sub/../img.nii.gz", "label": "lab.nii.gz"}  # the same file, spelled otherwise
+    argv = _dataset(tmp, content={"training": [entry] * 3 + [other], "validation": [entry]})
+    return argv, f"{data / 'img.nii.gz'}: listed 4 times in 'training': list each case once"
+
+
+def train_duplicate_entries(tmp, ctx):
+    # Refused before any case is cached: building the cache fails the test.
+    ctx["stack"].enter_context(mock.patch("btcv_unetr.data.datalist.CacheDataset",
+                                          side_effect=AssertionError("cached before the refusal")))
+    data = tmp / "data"
+    _image(data / "img.nii.gz"), _label(data / "lab.nii.gz")
+    entry = {"image": "img.nii.gz", "label": "lab.nii.gz"}
+    _dataset(tmp, content={"training": [entry] * 10, "validation": [entry]})
+    return _train(tmp, data), "img.nii.gz: listed 10 times in 'training': list each case once (training data)"
+
+
+def check_infinite_voxels_in_the_body(tmp, ctx):
+    path, data = _float_scan(tmp / "data" / "img.nii.gz")
+    data[12:22, 12:22, 6:10] = np.inf  # 400 voxels
+    return _dataset(tmp, image=_saved(path, data)), "img.nii.gz: 400 NaN or infinite voxels (0 NaN, 400 infinite)"
+
+
+def check_negative_infinite_and_nan_voxels(tmp, ctx):
+    path, data = _float_scan(tmp / "data" / "img.nii.gz")
+    data[0, 0, :3] = -np.inf
+    data[1, 1, :2] = np.nan
+    return _dataset(tmp, image=_saved(path, data)), "img.nii.gz: 5 NaN or infinite voxels (2 NaN, 3 infinite)"
+
+
+def infer_infinite_voxels_in_the_body(tmp, ctx):
+    # The intensity window would clip them to its top: the body's mask would change without a word.
+    path, data = _float_scan(tmp / "inf.nii.gz")
+    data[12:22, 12:22, 6:10] = np.inf
+    return (_infer(tmp, ctx["weights"], _saved(path, data)),
+            "inf.nii.gz: the image has 400 NaN or infinite voxels (0 NaN, 400 infinite)")
+
+
+def infer_nan_outside_the_body(tmp, ctx):
+    # Outside the body box: the crop to the body would drop them before any check after it.
+    path, data = _float_scan(tmp / "nan_air.nii.gz")
+    data[0:2, 0:2, 0] = np.nan
+    return (_infer(tmp, ctx["weights"], _saved(path, data)),
+            "nan_air.nii.gz: the image has 4 NaN or infinite voxels (4 NaN, 0 infinite)")
+
+
+def train_infinite_voxels(tmp, ctx):
+    path, data = _float_scan(tmp / "data" / "img.nii.gz")
+    data[12:14, 12:14, 6] = -np.inf
+    _dataset(tmp, image=_saved(path, data))
+    return _train(tmp, tmp / "data"), "img.nii.gz: 4 NaN or infinite voxels (0 NaN, 4 infinite)"
+
+
+FORGED = "error: all fine"
+
+
+def check_file_name_with_a_newline(tmp, ctx):
+    ctx["forged"] = FORGED
+    name = f"img\n{FORGED}.nii.gz"
+    return _dataset(tmp, image=tmp / "data" / name), f"img\\n{FORGED}.nii.gz: file not found"
+
+
+def infer_file_name_with_a_newline(tmp, ctx):
+    ctx["forged"] = FORGED
+    return _infer(tmp, ctx["weights"], tmp / f"scan\n{FORGED}.nii.gz"), f"scan\\n{FORGED}.nii.gz"
+
+
+def infer_file_name_with_a_carriage_return_and_an_escape(tmp, ctx):
+    scan = _image(tmp / "in" / "a\rb\x1b[2K.nii.gz", shape=(40, 40, 2), dtype=np.float32, value=np.inf)
+    return _infer(tmp, ctx["weights"], scan), "a\\rb\\x1b[2K.nii.gz: the image has 3200 NaN or infinite voxels"
 
 
 # Unusual but valid scans: segmented, with a mask of the scan's own shape.
@@ -371,6 +555,9 @@ def test_bad_input_gets_one_line_and_leaves_nothing_behind(case, shared, tmp_pat
     else:
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], err
+        assert errors[0].endswith(ctx.get("line_ends", "")), err  # the whole message on its one line
+    if "forged" in ctx:  # a name holding a newline shows escaped, never as a line of its own
+        assert not any(line.startswith(ctx["forged"]) for line in (out + err).splitlines()), out + err
     for path, content in before.items():
         assert path.read_bytes() == content
     for path in ctx.get("absent", []):
@@ -385,3 +572,12 @@ def test_unusual_but_valid_scans_are_segmented_in_their_own_shape(kind, shared, 
     assert cli.main(_infer(tmp_path, shared["weights"], scan)) == 0
     mask = nib.load(tmp_path / "out" / f"{kind}_seg.nii.gz")
     assert mask.shape == shape and np.allclose(mask.affine, AFFINE)
+
+
+def test_the_window_count_is_printed_before_each_case_runs(shared, tmp_path, capsys):
+    # 96 x 40 x 32 voxels of 6 mm, ROI 32, overlap 0.75 (stride 8): 9 x 2 x 1 windows, within 8 times overlap 0.5's 10.
+    scan = _image(tmp_path / "long.nii.gz", shape=(96, 40, 32), value=100, affine=np.diag([6.0, 6.0, 6.0, 1.0]))
+    assert cli.main(_infer(tmp_path, shared["weights"], scan, "--infer_overlap", "0.75")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    counted = lines.index("long.nii.gz: 18 sliding windows (overlap 0.75)")
+    assert counted < next(index for index, line in enumerate(lines) if line.startswith("long: (96, 40, 32) in "))

@@ -8,6 +8,7 @@ converts its LPS world to NIfTI's RAS itself), so the affines here are not deriv
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -18,16 +19,21 @@ from monai.transforms import LoadImage
 
 from btcv_unetr.data.images import (
     SimpleITKReader,
+    check_picture_size,
     dicom_series,
     image_shape,
     image_suffix,
     is_nifti,
     is_picture,
+    itk_message,
     mask_path,
+    picture_header,
+    picture_scale,
     read_volume,
     write_dicom_series_as_nifti,
     write_mask,
 )
+from btcv_unetr.errors import UserError
 from btcv_unetr.files import TEMPORARY_GLOB
 
 SHAPE = (5, 4, 3)  # (i, j, k): unequal, so that a transposed axis cannot pass
@@ -157,3 +163,109 @@ def test_a_dicom_series_is_found_and_converted_with_its_geometry(tmp_path):
     assert volume.shape == SHAPE
     assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), (0.8, 1.25, 2.5), atol=1e-4)
     assert np.allclose(volume.affine[:3, 3], (12.0, -30.5, 7.0), atol=1e-4)  # LPS origin, in RAS
+
+
+# ---------------------------------------------------------------- issue 22: picture headers, bit depths, one-line errors
+
+
+def _grey(rows: int = 6, columns: int = 9) -> np.ndarray:
+    return (np.arange(rows * columns).reshape(rows, columns) * 7 % 256).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp"])
+@pytest.mark.parametrize("colour", [False, True])
+def test_a_pictures_header_gives_the_size_simpleitk_reads(tmp_path, suffix, colour):
+    picture = np.stack([_grey()] * 3, -1) if colour else _grey()
+    path = tmp_path / f"p{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=colour), str(path))
+    header = picture_header(path)
+    assert (header.width, header.height) == read_volume(path).spatial_shape == (9, 6)
+    assert header.bits == (8 if suffix != ".bmp" or not colour else 24)
+
+
+def test_a_progressive_jpeg_and_a_top_down_bmp_are_sized_too(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    pil.fromarray(_grey(20, 30)).save(tmp_path / "p.jpg", progressive=True)
+    assert (picture_header(tmp_path / "p.jpg").width, picture_header(tmp_path / "p.jpg").height) == (30, 20)
+    sitk.WriteImage(sitk.GetImageFromArray(_grey()), str(tmp_path / "p.bmp"))
+    data = bytearray((tmp_path / "p.bmp").read_bytes())
+    data[22:26] = (-6).to_bytes(4, "little", signed=True)  # a negative height: rows stored top-down
+    (tmp_path / "p.bmp").write_bytes(bytes(data))
+    assert picture_header(tmp_path / "p.bmp").height == 6
+
+
+def test_a_16_bit_png_declares_16_bits_and_reads_as_uint16(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(_grey().astype(np.uint16) * 257), str(tmp_path / "p.png"))
+    assert picture_header(tmp_path / "p.png").bits == 16
+    assert read_volume(tmp_path / "p.png").data.dtype == np.uint16
+    assert picture_scale(np.uint16) == 65535 and picture_scale(np.uint8) == 255
+
+
+def _header_only_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height and which holds no pixel data at all."""
+    header = b"IHDR" + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    crc = zlib.crc32(header).to_bytes(4, "big")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + header + crc)
+    return path
+
+
+def test_a_picture_over_max_pixels_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    path = _header_only_png(tmp_path / "huge.png", 20000, 20000)
+    monkeypatch.setattr(sitk, "ReadImage", lambda *a, **k: pytest.fail("the picture was decoded"))
+    with pytest.raises(UserError) as refused:
+        read_volume(path, max_pixels=64_000_000)
+    assert str(refused.value) == (f"{path}: 20000 x 20000 pixels (400.0 megapixels) exceed --max_pixels 64 megapixels: "
+                                  "shrink the picture, or raise --max_pixels if this machine's memory takes it")
+    assert check_picture_size(_header_only_png(tmp_path / "ok.png", 80, 50), max_pixels=4000).pixels == 4000
+    with pytest.raises(UserError, match="4001 x 1 pixels"):
+        check_picture_size(_header_only_png(tmp_path / "wide.png", 4001, 1), max_pixels=4000)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "no PNG header (IHDR) at its start"),
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "no JPEG frame header (SOF) before its data"),
+    (b"BM\x00\x00", "its BMP header is cut short"),
+    (b"GIF89a", "not a PNG, JPEG or BMP file"),
+])
+def test_an_unreadable_picture_header_is_one_line(tmp_path, content, why):
+    path = tmp_path / "p.png"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as refused:
+        check_picture_size(path)
+    assert str(refused.value).startswith(f"{path}: unreadable picture ({why}") and "\n" not in str(refused.value)
+
+
+def test_a_corrupt_pictures_error_is_one_line(tmp_path):
+    sitk.WriteImage(sitk.GetImageFromArray(_grey(40, 50)), str(tmp_path / "p.png"))
+    data = bytearray((tmp_path / "p.png").read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start:start + 40] = bytes(b ^ 0x5A for b in data[start:start + 40])
+    (tmp_path / "p.png").write_bytes(bytes(data))
+    with pytest.raises(RuntimeError) as failed:
+        read_volume(tmp_path / "p.png")
+    assert str(failed.value) == f"PNGImageIO: Error while reading file: {tmp_path / 'p.png'}"
+    assert itk_message("Exception thrown in SimpleITK ImageFileReader_Execute: /src/x.cxx:249:\n"
+                       "ITK ERROR: PNGImageIO(0x55ca19bcd2e0): Error while reading file: a.png\n") == \
+        "PNGImageIO: Error while reading file: a.png"
+
+
+def test_an_8_bit_and_a_16_bit_png_of_one_picture_are_the_same_model_input(tmp_path):
+    from btcv_unetr.config import CONFIG_DIR, _read_yaml, build_config
+    from btcv_unetr.data.transforms import infer_transforms
+    picture = _grey(48, 64)
+    sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp_path / "p8.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(picture.astype(np.uint16) * 257), str(tmp_path / "p16.png"))
+    config = build_config([_read_yaml(CONFIG_DIR / "tiny2d.yaml"), {"model": {"in_channels": 1}}])
+    transform = infer_transforms(config)
+    eight, sixteen = (transform({"image": str(tmp_path / name)})["image"] for name in ("p8.png", "p16.png"))
+    assert eight.shape == (1, 64, 64) and float(eight.std()) > 0.5  # a picture, not a constant
+    assert np.array_equal(np.asarray(eight), np.asarray(sixteen))
+
+
+def test_a_16_bit_pictures_overlay_is_the_8_bit_ones(tmp_path):
+    from btcv_unetr.inference.plots import save_picture_overlay
+    picture = _grey().T  # (X, Y)
+    labels = (picture > 128).astype(np.uint8)
+    save_picture_overlay(picture, labels, tmp_path / "o8.png")
+    save_picture_overlay(picture.astype(np.uint16) * 257, labels, tmp_path / "o16.png")
+    assert np.array_equal(read_volume(tmp_path / "o8.png").data, read_volume(tmp_path / "o16.png").data)

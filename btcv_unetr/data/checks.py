@@ -1,22 +1,29 @@
 """``btcv-unetr check-data``: read every datalist entry and report all problems at once.
 
-Each problem is one line ``PATH: what is wrong``. Training runs these checks first and refuses to
-start on any problem, so a broken file is found in seconds, not hours into a run.
+Each problem is one line ``PATH: what is wrong`` (names escaped: :func:`~btcv_unetr.errors.one_line`). Training
+runs these checks first and refuses to start on any problem, so a broken file is found in seconds, not hours into
+a run. A file listed twice in a split is a problem (training would weigh it twice and cache every copy); each
+file is read once however often it is listed.
+
+Notes (``note: ...``) tell what is allowed but worth knowing: a file in both training and validation (its Dice
+then overstates), 16-bit training pictures (each picture is scaled by its own bit depth).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, add_config_arguments, config_from_args, parse_label_map
-from ..errors import UserError
+from ..config import MAX_PIXELS, Config, add_config_arguments, config_from_args, parse_label_map
+from ..errors import UserError, one_line
 from .datalist import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
-from .images import Volume, read_volume
+from .images import Volume, check_picture_size, is_picture, picture_header, read_volume
 
 SPLITS = ("training", "validation", "test")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -28,7 +35,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
+        return one_line(f"{self.path}: {self.message}" if self.path else self.message)
 
 
 def is_3d(shape: tuple[int, ...]) -> bool:
@@ -38,10 +45,12 @@ def is_3d(shape: tuple[int, ...]) -> bool:
 
 @dataclass(frozen=True)
 class Expected:
-    """What the model takes: volumes (3) or pictures (2), with ``channels`` colour channels in 2D."""
+    """What the model takes: volumes (3) or pictures (2), with ``channels`` colour channels in 2D, pictures of at
+    most ``max_pixels`` pixels (--max_pixels, checked from their headers)."""
     spatial_dims: int = 3
     channels: int = 1
     label_map: dict[int, int] | None = None
+    max_pixels: int = MAX_PIXELS
 
 
 def dimension_problems(path: Path, volume: Volume, expected: Expected, is_label: bool) -> list[Problem]:
@@ -67,15 +76,33 @@ def _volume_problems(path: Path, expected: Expected = Expected(), is_label: bool
     if not path.exists():
         return None, [Problem(str(path), "file not found")]
     try:
+        if is_picture(path):  # its size from its header: a decoder allocates what the header declares
+            check_picture_size(path, expected.max_pixels)
         volume = read_volume(path)
+    except UserError as exc:  # its message names the file
+        return None, [Problem("", str(exc))]
     except Exception as exc:  # nibabel and SimpleITK raise many types for corrupt files
-        return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {exc})")]
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {detail})")]
     problems = dimension_problems(path, volume, expected, is_label)
-    if np.issubdtype(volume.data.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(volume.data)))
-        if bad:
-            problems.append(Problem(str(path), f"{bad} NaN or infinite voxels"))
+    problem = non_finite_problem(volume.data)
+    if problem:
+        problems.append(Problem(str(path), problem))
     return volume, problems
+
+
+def non_finite_problem(data: np.ndarray) -> str | None:
+    """How many voxels of ``data`` are NaN, +inf or -inf (all alike: the model can use none of them, and the
+    intensity window would turn an infinite one into a plausible value), as one line; None when none are."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return None
+    finite = np.isfinite(data)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if not bad:
+        return None
+    nan = int(np.count_nonzero(np.isnan(data)))
+    return (f"{bad} NaN or infinite voxels ({nan} NaN, {bad - nan} infinite): replace them, e.g. by the lowest "
+            "intensity")
 
 
 def _label_problems(label_path: Path, label: Volume, image_path: Path, image: Volume | None,
@@ -138,15 +165,89 @@ def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4
     problems = []
     if counts["training"] == 0:
         problems.append(Problem(str(datalist), "datalist has no 'training' entries"))
+    problems += duplicate_problems(entries)
+    unique = list({_entry_key(entry): entry for _, entry in entries}.values())  # each file read once
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found in pool.map(lambda item: check_entry(item[1], num_classes, expected), entries):
+        for found in pool.map(lambda entry: check_entry(entry, num_classes, expected), unique):
             problems.extend(found)
     return problems, counts
 
 
+def _same_file(path: str) -> str:
+    """The one name of a file however the datalist spells it (``a/../img.nii.gz``, a link to it)."""
+    return os.path.realpath(path)
+
+
+def _entry_key(entry: dict) -> str:
+    return repr(sorted((key, _same_file(value) if key in ("image", "label") else repr(value))
+                       for key, value in entry.items()))
+
+
+def duplicate_problems(entries: list[tuple[str, dict[str, str]]]) -> list[Problem]:
+    """One problem per image listed more than once in one split (``(split, entry)`` pairs, paths absolute), with its
+    count: training would weigh it that many times and cache every copy; validation would score it that many
+    times; inference would write its outputs twice."""
+    problems = []
+    for split in SPLITS:
+        images = [entry["image"] for entry_split, entry in entries if entry_split == split]
+        spelled = {}  # a file's first name in the datalist: the one shown
+        listed = Counter()
+        for image in images:
+            spelled.setdefault(_same_file(image), image)
+            listed[_same_file(image)] += 1
+        for path, count in listed.items():
+            if count > 1:
+                problems.append(Problem(spelled[path], f"listed {count} times in '{split}': list each case once"))
+    return problems
+
+
+def data_notes(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
+    """What is allowed but worth knowing, one line each: images in both training and validation, and 16-bit
+    training pictures (read from their headers).
+
+    Pictures of mixed bit depths are a note, not a problem: each is scaled by its own bit depth (0..65535 or
+    0..255 to 0..1), so an 8-bit and a 16-bit copy of one picture give the model the same input. A 16-bit file
+    whose values fill 12 bits only (0..4095) looks dark to the model, hence the note.
+    """
+    notes = []
+    training = {_same_file(e["image"]): e["image"] for split, e in entries if split == "training"}
+    both = [training[path] for path in dict.fromkeys(_same_file(e["image"]) for split, e in entries
+                                                     if split == "validation") if path in training]
+    if both:
+        notes.append(f"{len(both)} image(s) are in both 'training' and 'validation' (e.g. {both[0]}): validation "
+                     "then scores cases the model trains on, and its Dice overstates")
+    depths = Counter()
+    example = None
+    for path in training.values():
+        if is_picture(path):
+            try:
+                bits = picture_header(path).bits
+            except (OSError, ValueError):
+                continue  # the checks say why
+            depths[bits] += 1
+            example = path if bits == 16 and example is None else example
+    if depths[16]:
+        mixed = f", {sum(depths.values()) - depths[16]} of fewer bits" if len(depths) > 1 else ""
+        notes.append(f"{depths[16]} training picture(s) are 16-bit (e.g. {example}){mixed}: each picture is scaled "
+                     "by its own bit depth (0..65535 or 0..255 to 0..1); one whose values fill fewer bits (a 12-bit "
+                     "0..4095) looks dark to the model: stretch it to the full range")
+    return [one_line(note) for note in notes]
+
+
+def config_data_notes(config: Config) -> list[str]:
+    """:func:`data_notes` of the datalist the config names (none when it cannot be read: the checks say why)."""
+    try:
+        datalist = resolve_datalist(config.data.data_dir, config.data.json_list)
+        content = read_datalist(datalist)
+        base_dir = base_dir_for(config.data.data_dir, datalist)
+    except UserError:
+        return []
+    return data_notes([(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)])
+
+
 def check_config_data(config: Config) -> tuple[list[Problem], dict]:
     label_map = parse_label_map(config.data.label_map) if config.data.label_map else None
-    expected = Expected(config.model.spatial_dims, config.model.in_channels, label_map)
+    expected = Expected(config.model.spatial_dims, config.model.in_channels, label_map, config.data.max_pixels)
     return check_data(config.data.data_dir, config.data.json_list, config.model.out_channels,
                       workers=min(4, max(1, config.data.workers)), expected=expected)
 
@@ -157,9 +258,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    problems, counts = check_config_data(config_from_args(args))
+    config = config_from_args(args)
+    problems, counts = check_config_data(config)
     for problem in problems:
         print(problem)
+    for note in config_data_notes(config):
+        print(f"note: {note}")
     if problems:
         print(f"check-data: {len(problems)} problem(s) found; fix them and run again")
         return 1

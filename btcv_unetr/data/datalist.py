@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from torch.utils.data import Subset
 
 from ..config import DataConfig
 from ..errors import UserError
@@ -215,17 +216,40 @@ def load_config_split(data: DataConfig, split: str) -> list[dict[str, str]]:
     return load_split(datalist, split, base_dir_for(data.data_dir, datalist), data.fold)
 
 
-def make_dataset(items: Sequence[dict], transform: Callable, data: DataConfig) -> Dataset:
+def make_dataset(items: Sequence[dict], transform: Callable, data: DataConfig) -> Dataset | Subset:
     """The dataset type chosen by the config.
 
     ``use_normal_dataset``: no caching; ``cache_dir``: deterministic transforms cached on disk
-    (for datasets larger than RAM); otherwise a ``cache_rate`` fraction cached in RAM. MONAI caches
-    each item up to the first random transform, so augmentation stays random.
+    (for datasets larger than RAM); otherwise a ``cache_rate`` fraction cached in RAM, each distinct item
+    once (:func:`unique_items`). MONAI caches each item up to the first random transform, so augmentation
+    stays random.
     """
     if data.use_normal_dataset:
         return Dataset(data=list(items), transform=transform)
     if data.cache_dir:
         Path(data.cache_dir).mkdir(parents=True, exist_ok=True)
         return PersistentDataset(data=list(items), transform=transform, cache_dir=data.cache_dir)
-    return CacheDataset(data=list(items), transform=transform, cache_rate=data.cache_rate,
-                        num_workers=data.workers or None)
+    unique, order = unique_items(items)
+    cached = CacheDataset(data=unique, transform=transform, cache_rate=data.cache_rate,
+                          num_workers=data.workers or None)
+    # A file listed twice (check-data refuses it for training) is cached once and drawn as often as it is listed.
+    return cached if len(unique) == len(items) else Subset(cached, order)
+
+
+def _item_key(item: dict) -> str:
+    return repr(sorted((key, os.path.realpath(value) if key in ("image", "label") and isinstance(value, str)
+                        else repr(value)) for key, value in item.items()))
+
+
+def unique_items(items: Sequence[dict]) -> tuple[list[dict], list[int]]:
+    """``(unique, order)``: each distinct item once (the same files and keys, however the paths are spelled), in
+    first-seen order, and for every item of ``items`` the index of its copy in ``unique``."""
+    index: dict[str, int] = {}
+    unique, order = [], []
+    for item in items:
+        key = _item_key(item)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(item)
+        order.append(index[key])
+    return unique, order

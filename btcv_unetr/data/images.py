@@ -2,7 +2,10 @@
 pictures (PNG, JPEG, BMP) by SimpleITK.
 
     image_shape       the voxel shape from the header only
+    picture_header    a PNG's, JPEG's or BMP's size and bit depth from its first bytes (nothing decoded)
+    check_picture_size  refuse a picture over --max_pixels from its header, before it is decoded
     read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
+    picture_scale     what a picture's brightest value is (255 for 8-bit, 65535 for 16-bit): its own bit depth
     SimpleITKReader   the same for MONAI's ``LoadImage`` (MONAI reads the ITK formats only with ``itk``)
     dicom_series      the DICOM series of a folder; write_dicom_series_as_nifti converts one
     mask_path         where a case's mask goes: ``CASE_seg`` with the input's own format
@@ -17,6 +20,7 @@ as nibabel's and MONAI's are.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,8 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
+from ..config import MAX_PIXELS
+from ..errors import UserError
 from ..files import atomic_path, atomic_save_nifti
 
 DESCRIP_BYTES = 80  # the NIfTI-1 header's descrip field
@@ -55,6 +61,8 @@ ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES + PICTURE_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The meta key of an image SimpleITKReader read: the brightest value of its stored type (:func:`picture_scale`).
+PICTURE_SCALE_KEY = "picture_scale"
 
 
 @dataclass
@@ -116,26 +124,178 @@ def _itk_array(image) -> np.ndarray:
     return array.transpose(order)
 
 
+def itk_message(text: str) -> str:
+    """SimpleITK's error text in one line: ``PNGImageIO: Error while reading file: a.png`` from its three lines
+    (the C++ source location first, then ``ITK ERROR: PNGImageIO(0x55...): ...``)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    useful = [line for line in lines if line.startswith("ITK ERROR:")] or lines[-1:]
+    message = re.sub(r"\(0x[0-9a-fA-F]+\)", "", useful[0].removeprefix("ITK ERROR:").strip())
+    return message.removeprefix("sitk::ERROR:").strip()
+
+
+def _itk_read(path: str | Path, information_only: bool = False):
+    """SimpleITK's reader of ``path`` after its header (``information_only``) or the image; its RuntimeError
+    with the message in one line (:func:`itk_message`)."""
+    import SimpleITK as sitk
+    try:
+        if information_only:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return reader
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise RuntimeError(itk_message(str(exc))) from None
+
+
 def image_shape(path: str | Path) -> tuple[int, ...]:
     """The voxel shape (i, j, k[, components]) from the file's header, without reading the voxels."""
     if is_nifti(path):
         return tuple(nib.load(str(path)).shape)
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
+    reader = _itk_read(path, information_only=True)
     components = reader.GetNumberOfComponents()
     return tuple(reader.GetSize()) + ((components,) if components > 1 else ())
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Voxels and RAS affine of a NIfTI (nibabel) or ITK-format (SimpleITK) file; errors are the libraries'."""
+@dataclass(frozen=True)
+class PictureHeader:
+    """A picture as its header declares it: ``width`` (columns) and ``height`` (rows) in pixels, and
+    ``bits`` per sample (PNG: 1 to 16 per channel; JPEG: 8 or 12; BMP: bits per pixel)."""
+
+    width: int
+    height: int
+    bits: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): each holds the frame's size.
+JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+JPEG_HEADER_LIMIT = 1 << 20  # a frame marker further in than 1 MB of metadata: not a picture this reads
+
+
+def _png_header(head: bytes) -> PictureHeader:
+    # The IHDR chunk comes first: length (4), "IHDR", width and height (big-endian 32 bits), bit depth.
+    if len(head) < 25 or head[12:16] != b"IHDR":
+        raise ValueError("no PNG header (IHDR) at its start")
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return PictureHeader(width, height, head[24])
+
+
+def _bmp_header(head: bytes) -> PictureHeader:
+    # A 14-byte file header, then the DIB header: its size says its kind. The 12-byte OS/2 core header holds
+    # 16-bit sizes, the others 32-bit ones; a negative height is a top-down picture.
+    if len(head) < 26:
+        raise ValueError("its BMP header is cut short")
+    size = int.from_bytes(head[14:18], "little")
+    if size == 12:
+        width, height = int.from_bytes(head[18:20], "little"), int.from_bytes(head[20:22], "little")
+        bits = int.from_bytes(head[24:26], "little")
+    elif size >= 40 and len(head) >= 30:
+        width = int.from_bytes(head[18:22], "little", signed=True)
+        height = abs(int.from_bytes(head[22:26], "little", signed=True))
+        bits = int.from_bytes(head[28:30], "little")
+    else:
+        raise ValueError(f"a BMP header of unknown size {size}")
+    return PictureHeader(width, height, bits)
+
+
+def _jpeg_header(stream) -> PictureHeader:
+    # Segments after the start-of-image marker: 0xFF, a marker byte, then (except for the stand-alone markers)
+    # a big-endian length that counts itself. The first start-of-frame segment holds precision, height, width.
+    stream.seek(2)
+    while stream.tell() < JPEG_HEADER_LIMIT:
+        byte = stream.read(1)
+        if not byte:
+            break
+        if byte != b"\xff":
+            continue  # bytes between segments: skipped as decoders do
+        marker = stream.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = stream.read(1)
+        if not marker or marker[0] == 0xDA or marker[0] == 0xD9:  # start of scan or end of image: no frame before
+            break
+        if marker[0] in (0x01, *range(0xD0, 0xD8)):  # stand-alone markers carry no length
+            continue
+        length_bytes = stream.read(2)
+        if len(length_bytes) < 2:
+            break
+        length = int.from_bytes(length_bytes, "big")
+        if marker[0] in JPEG_FRAMES:
+            frame = stream.read(5)
+            if len(frame) < 5:
+                break
+            return PictureHeader(int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big"), frame[0])
+        if length < 2:
+            raise ValueError("a JPEG segment of length below 2")
+        stream.seek(length - 2, 1)
+    raise ValueError("no JPEG frame header (SOF) before its data")
+
+
+def picture_header(path: str | Path) -> PictureHeader:
+    """The size and bit depth a PNG, JPEG or BMP file declares, from its first bytes (the file's kind from its
+    signature, whatever its suffix); ``ValueError`` naming what is missing for anything else."""
+    with open(path, "rb") as stream:
+        head = stream.read(64)
+        if head.startswith(PNG_SIGNATURE):
+            return _png_header(head)
+        if head.startswith(b"BM"):
+            return _bmp_header(head)
+        if head.startswith(b"\xff\xd8"):
+            return _jpeg_header(stream)
+    raise ValueError("not a PNG, JPEG or BMP file (its first bytes are none of their signatures)")
+
+
+def pixels_problem(width: int, height: int, max_pixels: int, whose: str = "") -> str | None:
+    """One line with the numbers when a ``width`` x ``height`` picture has more than ``max_pixels`` pixels, else
+    None; ``whose`` comes before the flag's name (the service says ``this server's ``). The command line and the
+    service both judge a picture's size by this."""
+    if width * height <= max_pixels:
+        return None
+    return (f"{width} x {height} pixels ({width * height / 1e6:.1f} megapixels) exceed {whose}"
+            f"--max_pixels {max_pixels / 1e6:g} megapixels")
+
+
+def check_picture_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> PictureHeader:
+    """The picture's header, once its size is within ``max_pixels``: else a one-line :class:`UserError` naming the
+    file, its size and what to do, before a pixel is decoded (a decoder allocates the declared size whole). An
+    unreadable header is a one-line error too."""
+    try:
+        header = picture_header(path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: unreadable picture ({exc}): convert it to PNG again") from None
+    if header.width < 1 or header.height < 1:
+        raise UserError(f"{path}: unreadable picture (its header declares {header.width} x {header.height} pixels)")
+    problem = pixels_problem(header.width, header.height, max_pixels)
+    if problem:
+        raise UserError(f"{path}: {problem}: shrink the picture, or raise --max_pixels if this machine's memory "
+                        "takes it")
+    return header
+
+
+def picture_scale(dtype: np.dtype) -> float:
+    """The brightest value of a picture read as ``dtype``: 65535 for a 16-bit PNG, 255 for 8-bit pictures (PNG,
+    JPEG, BMP; PNGs of 1, 2 or 4 bits are read as 8-bit, their values spread to 0..255)."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind == "u" else 255.0
+
+
+def read_volume(path: str | Path, max_pixels: int | None = None) -> Volume:
+    """Voxels and RAS affine of a NIfTI (nibabel) or ITK-format (SimpleITK) file; errors are the libraries'
+    (SimpleITK's in one line). With ``max_pixels`` (the inputs a user names), a picture's size is checked from its
+    header first (:func:`check_picture_size`); files this project wrote or checked before are read without."""
     path = Path(path)
     if is_nifti(path):
         image = nib.load(str(path))
         return Volume(tuple(image.shape), image.affine, np.asanyarray(image.dataobj))
-    import SimpleITK as sitk
-    image = sitk.ReadImage(str(path))
+    if is_picture(path) and max_pixels is not None:
+        check_picture_size(path, max_pixels)
+    image = _itk_read(path)
     data = _itk_array(image)
     return Volume(tuple(data.shape), ras_affine(image), data, image.GetNumberOfComponentsPerPixel())
 
@@ -157,16 +317,18 @@ class SimpleITKReader(ImageReader):
         names = ensure_tuple(data)
         if len(names) != 1:
             raise ValueError("SimpleITKReader reads one file per image")
-        import SimpleITK as sitk
-        return sitk.ReadImage(str(names[0]))
+        return _itk_read(names[0])
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         image = img  # a SimpleITK image is iterable (its voxels): never pass it to ensure_tuple
         affine = ras_affine(image)
+        array = _itk_array(image)
         meta = {"affine": affine, "original_affine": affine.copy(),
                 "spatial_shape": np.asarray(image.GetSize()), "space": "RAS",
-                "original_channel_dim": float("nan") if image.GetNumberOfComponentsPerPixel() == 1 else -1}
-        return _itk_array(image), meta
+                "original_channel_dim": float("nan") if image.GetNumberOfComponentsPerPixel() == 1 else -1,
+                # MONAI casts the voxels to float32: a picture's bit depth is kept here for its scaling to 0..1.
+                PICTURE_SCALE_KEY: picture_scale(array.dtype)}
+        return array, meta
 
 
 def dicom_series(folder: Path) -> list[str]:

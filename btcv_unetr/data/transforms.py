@@ -4,7 +4,8 @@ All are MONAI dictionary transforms on MetaTensors, so every spatial step (orien
 foreground crop, padding) is recorded in ``applied_operations`` and can be inverted later to write
 masks in the input scan's own geometry.
 
-Train:      load -> RAS -> resample -> window -> crop to body -> pad to ROI -> random pos/neg crops
+Train:      load (NaN and infinite voxels refused: the window would clip them into plausible values)
+            -> RAS -> resample -> window -> crop to body -> pad to ROI -> random pos/neg crops
             -> flips, 90-degree turns, intensity scale and shift.
             (With ``data.crop_before_resampling``, the default, the body box is found first and only
             it is resampled: load -> RAS -> crop to body -> resample -> window.)
@@ -12,7 +13,8 @@ Validation: the same deterministic prefix on image and label.
 Inference:  the same deterministic prefix on the image only.
 
 2D pictures (``spatial_dims: 2``), pixels in (x: columns, y: rows) order:
-Train:      load -> stored mask values to classes (--label_map) -> 0..1 -> random resized crop ->
+Train:      load -> stored mask values to classes (--label_map) -> 0..1 (by the file's own bit depth: 8 or 16
+            bits) -> random resized crop ->
             rotation, left-right flip (--hflip_prob; the datalist's mirror_pairs trade labels), brightness,
             contrast and hue -> ImageNet mean/std.
 Validation: load -> 0..1 -> resize to the ROI -> mean/std. Inference: the same on the image only;
@@ -28,10 +30,13 @@ from collections.abc import Sequence
 
 import torch
 from monai import transforms as mt
+from monai.data import MetaTensor
 
 from ..config import Config, parse_label_map
+from ..errors import UserError
+from .checks import non_finite_problem
 from .datalist import mirror_pairs
-from .images import SimpleITKReader
+from .images import PICTURE_SCALE_KEY, SimpleITKReader
 
 IMAGE_LABEL = ("image", "label")
 # ImageNet statistics, the usual normalisation of pictures; grayscale takes their mean.
@@ -51,6 +56,38 @@ class Above:
     def __call__(self, x):
         above = x > self.threshold
         return above if bool(above.any()) else torch.ones_like(above)
+
+
+class NonFiniteVoxels(UserError):
+    """An image holds NaN or infinite voxels; the message counts them (the caller names the file)."""
+
+
+class RefuseNonFinited(mt.MapTransform):
+    """Raises :class:`NonFiniteVoxels` when an image holds a NaN, +inf or -inf voxel, as read (before the
+    intensity window, which clips an infinite voxel into a plausible one, and before the body crop, which may
+    drop a NaN outside the body). All three alike: the model can use none of them."""
+
+    def __call__(self, data: dict) -> dict:
+        for key in self.key_iterator(data):
+            image = data[key]
+            plain = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            if not bool(torch.isfinite(plain).all()):
+                raise NonFiniteVoxels(non_finite_problem(plain.cpu().numpy()))
+        return data
+
+
+class PictureToUnitd(mt.MapTransform):
+    """A picture's values to 0..1 by its file's own bit depth (0..255 for 8 bits, 0..65535 for 16: the
+    ``picture_scale`` SimpleITKReader stores), so an 8-bit and a 16-bit copy of a picture are the same input."""
+
+    def __call__(self, data: dict) -> dict:
+        result = dict(data)
+        for key in self.key_iterator(result):
+            image = result[key]
+            meta = getattr(image, "meta", {})
+            scale = float(meta.get(PICTURE_SCALE_KEY, 255.0))
+            result[key] = (image / scale).clamp(0.0, 1.0)
+        return result
 
 
 def _loader(keys: list[str]) -> mt.LoadImaged:
@@ -76,7 +113,7 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
     data = config.data
     keys = list(keys)
     interpolation = ["bilinear" if key == "image" else "nearest" for key in keys]
-    load = [_loader(keys),
+    load = [_loader(keys), RefuseNonFinited(keys="image"),
             mt.Orientationd(keys=keys, axcodes=data.axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))]
     resample = mt.Spacingd(keys=keys, pixdim=data.pixdim, mode=interpolation)
     window = mt.ScaleIntensityRanged(keys="image", a_min=data.a_min, a_max=data.a_max,
@@ -94,13 +131,13 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
 
 
 def picture_loading(config: Config, keys: Sequence[str]) -> list[mt.MapTransform]:
-    """2D: read the picture (and mask), mask values to classes, colours to 0..1."""
+    """2D: read the picture (and mask), mask values to classes, colours to 0..1 by the file's bit depth."""
     keys = list(keys)
     steps = [_loader(keys)]
     if config.data.label_map is not None and "label" in keys:
         mapping = parse_label_map(config.data.label_map)
         steps.append(mt.MapLabelValued(keys="label", orig_labels=list(mapping), target_labels=list(mapping.values())))
-    steps.append(mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True))
+    steps.append(PictureToUnitd(keys="image"))
     return steps
 
 

@@ -14,6 +14,7 @@ from ..data.datalist import case_name, load_config_split
 from ..data.images import (
     IMAGE_SUFFIXES,
     Volume,
+    check_picture_size,
     dicom_series,
     image_shape,
     is_image_file,
@@ -76,6 +77,8 @@ def check_image(path: Path, expected: Expected) -> None:
     if not is_image_file(path):
         raise UserError(f"{path}: not an accepted image format ({', '.join(IMAGE_SUFFIXES)}); convert it, "
                         "or give a DICOM series as its folder")
+    if is_picture(path):  # its size from its header first: a decoder allocates what the header declares
+        check_picture_size(path, expected.max_pixels)
     try:
         volume = read_volume(path) if is_picture(path) else None  # pictures are small: read them whole
         shape = volume.shape if volume is not None else image_shape(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.images import Volume, read_volume, voxel_spacing
+from ..data.images import Volume, picture_scale, read_volume, voxel_spacing
 from ..files import atomic_write
 
 # One fixed colour per organ (RGB 0-255), so pictures of different cases compare at a glance.
@@ -142,12 +142,12 @@ def save_picture_overlay(picture: np.ndarray, labels: np.ndarray, path: Path, op
     """A 2D picture with its mask blended in the class colours, as a PNG (SimpleITK: no matplotlib needed).
 
     Args:
-        picture: ``(X, Y)`` grayscale or ``(X, Y, 3)`` RGB, 0-255 (X: columns, Y: rows).
+        picture: ``(X, Y)`` grayscale or ``(X, Y, 3)`` RGB as read, 8- or 16-bit (X: columns, Y: rows).
         labels: ``(X, Y)`` class indices.
     """
     import SimpleITK as sitk
     rgb = np.repeat(picture[..., None], 3, axis=-1) if picture.ndim == 2 else picture[..., :3]
-    rgb = rgb.astype(np.float32)
+    rgb = rgb.astype(np.float32) * np.float32(255.0 / picture_scale(picture.dtype))  # 16-bit to 0..255 too
     colours = class_colours(int(labels.max()) + 1).astype(np.float32)
     blended = np.where((labels > 0)[..., None], (1 - opacity) * rgb + opacity * colours[labels], rgb)
     image = sitk.GetImageFromArray(np.clip(blended, 0, 255).astype(np.uint8).transpose(1, 0, 2), isVector=True)

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
-from monai.inferers.utils import _get_scan_interval  # private: pinned by tests/test_monai_internals.py
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
 from ..config import Config
-from ..data.transforms import infer_transforms
+from ..data.images import check_picture_size, is_picture
+from ..data.transforms import NonFiniteVoxels, infer_transforms
 from ..distributed import pick_device
 from ..errors import UserError
 from ..model.build import describe_model_size
@@ -29,7 +28,13 @@ from ..model.speed import compile_if_asked, prepare_model
 from .ensemble import ensemble_card, ensemble_checksum
 from .inversion import probabilities_to_picture, probabilities_to_scan
 from .loader import load_members
-from .sliding_window import LARGE_SCAN_WINDOWS, auto_sw_batch_size, window_settings
+from .sliding_window import (
+    LARGE_SCAN_WINDOWS,
+    auto_sw_batch_size,
+    window_bound_problem,
+    window_settings,
+    windows_per_pass,
+)
 
 
 class Predictor:
@@ -63,18 +68,25 @@ class Predictor:
         # Called with the number of windows each forward pass has run (the service's job progress).
         self.on_windows: Callable[[int], None] | None = None
 
+    def passes(self) -> int:
+        """Sliding-window passes over each scan: its test-time flips times the ensemble's members."""
+        return (1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)) * len(self.models)
+
     def window_count(self, image: torch.Tensor) -> int:
         """Windows (all test-time flips and ensemble members included) the networks run on a preprocessed
-        ``(1, *spatial)`` image."""
-        roi = self.config.model.roi_size
-        # As MONAI's sliding window: the image padded to at least one window, then its scan grid. The scan grid comes
-        # from MONAI's private _get_scan_interval; tests/test_monai_internals.py checks this count against the
-        # windows sliding_window_inference runs and fails, naming the change, when a MONAI release differs.
-        size = tuple(max(int(n), r) for n, r in zip(image.shape[1:], roi))
-        overlap = (self.config.infer.infer_overlap,) * len(roi)
-        slices = dense_patch_slices(size, roi, _get_scan_interval(size, roi, len(roi), overlap))
-        flips = 1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)
-        return len(slices) * flips * len(self.models)
+        ``(1, *spatial)`` image (:func:`windows_per_pass`, checked against MONAI by tests/test_monai_internals.py)."""
+        windows = windows_per_pass(image.shape[1:], self.config.model.roi_size, self.config.infer.infer_overlap)
+        return windows * Predictor.passes(self)
+
+    def check_windows(self, image: torch.Tensor, path: Path) -> None:
+        """A one-line error naming ``path`` when ``--infer_overlap`` plans more windows over the preprocessed
+        ``image`` than ``--max_windows_factor`` times those of overlap 0.5 (a 0.99 overlap is a 1-voxel stride:
+        hours per scan), before any window runs."""
+        infer = self.config.infer
+        problem = window_bound_problem(image.shape[1:], self.config.model.roi_size, infer.infer_overlap,
+                                       infer.max_windows_factor, self.passes())
+        if problem:
+            raise UserError(f"{path}: {problem}")
 
     def _stitch_device(self, image: torch.Tensor) -> torch.device:
         """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
@@ -131,16 +143,21 @@ class Predictor:
         return (total / len(flips))[0]
 
     def prepare(self, path: Path) -> MetaTensor:
-        """The preprocessed image ``(1, x, y, z)`` of the scan at ``path``, or a one-line error naming it."""
+        """The preprocessed image ``(1, x, y, z)`` of the scan at ``path``, or a one-line error naming it: a picture
+        over ``--max_pixels`` (from its header, before it is decoded), an unreadable file, NaN or infinite voxels
+        (counted as read, before the intensity window)."""
+        if is_picture(path):
+            check_picture_size(path, self.config.data.max_pixels)
         try:
             image = self.transform({"image": str(path)})["image"]
         except Exception as exc:  # MONAI wraps the reader's error (truncated gzip, bad header ...)
+            non_finite = _wrapped(exc, NonFiniteVoxels)
+            if non_finite is not None:
+                raise UserError(f"{path}: the image has {non_finite}, and run again (btcv-unetr check-data counts "
+                                "them in a datalist)") from None
             cause = exc.__cause__ or exc
             detail = (str(cause).strip().splitlines() or [""])[0]
             raise UserError(f"{path}: cannot be read ({cause.__class__.__name__}: {detail})") from None
-        if not bool(torch.isfinite(image).all()):
-            raise UserError(f"{path}: the image has NaN or infinite voxels (btcv-unetr check-data counts them): "
-                            "replace them, e.g. by the lowest intensity, and run again")
         return image
 
     def to_scan(self, probs: torch.Tensor, image: MetaTensor,
@@ -151,8 +168,14 @@ class Predictor:
         return probabilities_to_scan(probs, image, keep_probabilities=keep_probabilities)
 
     def segment(self, path: Path, keep_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``."""
+        """Native-geometry labels (uint8) and, on request, float16 probabilities ``(C, X, Y, Z)``; the number of
+        windows is printed before they run, and a scan over ``--max_windows_factor`` refused (the command line's
+        bound; the service shows each job's windows and ends it at its time limit)."""
         image = self.prepare(path)
+        self.check_windows(image, path)
+        windows = self.window_count(image)
+        print(f"{Path(path).name}: {windows:,} sliding window{'s' if windows != 1 else ''} (overlap "
+              f"{self.config.infer.infer_overlap:g}{f', {self.passes()} passes' if self.passes() > 1 else ''})")
         return self.to_scan(self.probabilities(image), image, keep_probabilities)
 
     def provenance(self) -> dict:
@@ -165,6 +188,14 @@ class Predictor:
         if len(self.models) > 1:  # weights_sha256 is then the ensemble's (ensemble.ensemble_checksum)
             made_with["ensemble_weights_sha256"] = list(self.member_checksums)
         return made_with
+
+
+def _wrapped(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The error of type ``kind`` in ``exc``'s chain of causes (MONAI wraps a transform's error in a RuntimeError,
+    once per Compose), or None."""
+    while exc is not None and not isinstance(exc, kind):
+        exc = exc.__cause__
+    return exc
 
 
 def keep_largest_components(labels: np.ndarray, num_classes: int) -> np.ndarray:

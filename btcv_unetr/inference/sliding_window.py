@@ -1,9 +1,17 @@
 """Sliding-window settings shared by inference and training's validation: the blending settings, the windows per
-forward pass for a device, and the number of windows a scan takes."""
+forward pass for a device, and the number of windows a scan takes.
+
+    windows_per_pass       the windows MONAI's sliding window runs over an image of a shape (arithmetic, no list)
+    window_bound_problem   one line when an overlap plans too many windows (--max_windows_factor), else None
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
+from monai.inferers.utils import _get_scan_interval  # private: pinned by tests/test_monai_internals.py
 
 from ..config import Config
 from ..model.precision import cpu_features
@@ -39,3 +47,53 @@ def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int
 def window_settings(config: Config) -> dict:
     """Sliding-window settings shared by ``test.py`` and training validation, so both blend windows alike."""
     return {"roi_size": config.model.roi_size, "overlap": config.infer.infer_overlap, "mode": config.infer.mode}
+
+
+# The overlap the window bound is relative to: the reference's.
+REFERENCE_OVERLAP = 0.5
+
+
+def windows_per_pass(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """The windows MONAI's ``sliding_window_inference`` runs over one image of spatial ``shape`` (voxels) with
+    window ``roi`` and ``overlap``: the image padded to at least one window, then per axis the positions of its
+    scan grid (as ``dense_patch_slices`` lists them, counted without building the list: a 1-voxel stride over a
+    large scan lists millions).
+
+    The scan interval comes from MONAI's private ``_get_scan_interval``; tests/test_monai_internals.py checks
+    this count against the windows ``sliding_window_inference`` runs and fails, naming the change, when a MONAI
+    release differs.
+    """
+    size = tuple(max(int(n), int(r)) for n, r in zip(shape, roi))
+    intervals = _get_scan_interval(size, tuple(roi), len(roi), (overlap,) * len(roi))
+    # Along an axis: the first window at 0, then one per interval until a window reaches the image's end.
+    return math.prod(math.ceil((n - r) / step) + 1 if n > r else 1 for n, r, step in zip(size, roi, intervals))
+
+
+def largest_fitting_overlap(shape: Sequence[int], roi: Sequence[int], max_windows: float, below: float) -> float:
+    """The largest overlap under ``below``, in steps of 0.01, whose :func:`windows_per_pass` is at most
+    ``max_windows`` (0 when none is)."""
+    for hundredths in range(math.ceil(round(below * 100, 6)) - 1, -1, -1):
+        if windows_per_pass(shape, roi, hundredths / 100) <= max_windows:
+            return hundredths / 100
+    return 0.0
+
+
+def window_bound_problem(shape: Sequence[int], roi: Sequence[int], overlap: float, factor: float,
+                         passes: int = 1) -> str | None:
+    """One line with the counts when ``overlap`` plans more than ``factor`` times the windows of overlap 0.5 over
+    an image of spatial ``shape`` (each of ``passes`` passes: test-time flips, ensemble members), naming the largest
+    overlap within the bound; None within it, or when ``factor`` is 0 (no bound)."""
+    if factor <= 0:
+        return None
+    planned = windows_per_pass(shape, roi, overlap)
+    reference = windows_per_pass(shape, roi, REFERENCE_OVERLAP)
+    if planned <= factor * reference:
+        return None
+    fitting = largest_fitting_overlap(shape, roi, factor * reference, overlap)
+    total = f"{planned * passes:,} windows ({planned:,} per pass, {passes} passes)" if passes > 1 else \
+        f"{planned:,} windows"
+    ratio = planned / reference
+    times = f"{ratio:,.0f}" if ratio >= 100 else f"{ratio:.3g}"
+    return (f"--infer_overlap {overlap:g} plans {total}, {times} times the {reference:,} of overlap "
+            f"{REFERENCE_OVERLAP:g}, over --max_windows_factor {factor:g}: use --infer_overlap {fitting:.2f} or "
+            "less, or raise --max_windows_factor (0: no bound)")

@@ -15,12 +15,14 @@ import math
 import os
 from dataclasses import dataclass
 
+from ..config import MAX_PIXELS  # pictures (2D models): 8000 x 8000, the command line's default too
+from ..data.images import pixels_problem
+
 GB = 1 << 30
 # Defaults: a whole-body CT at 0.8 mm (about 512 x 512 x 2300 voxels, 50 x 50 x 190 cm) passes; a
 # field of view wider than any CT gantry's (about 80 cm) or longer than a body does not.
 MAX_VOXELS = 1_000_000_000
 MAX_EXTENT_MM = (800.0, 800.0, 2200.0)  # compared with the scan's extents sorted from small to large
-MAX_PIXELS = 64_000_000  # pictures (2D models): 8000 x 8000
 MAX_DICOM_FILES = 5000
 JOB_MEMORY_FRACTION = 0.75  # default --max_job_memory_gb: this share of the machine's memory
 
@@ -110,9 +112,9 @@ def _shape_text(declared: Declared) -> str:
 def limit_problem(declared: Declared, limits: JobLimits, memory_bytes: int) -> str | None:
     """The first limit ``declared`` breaks, as one line with the numbers and the flag, or None."""
     if len(declared.shape) == 2:
-        if declared.voxels > limits.max_pixels:
-            return (f"{_shape_text(declared)} pixels ({declared.voxels / 1e6:.1f} megapixels) exceed this server's "
-                    f"--max_pixels {limits.max_pixels / 1e6:g} megapixels")
+        problem = pixels_problem(*declared.shape, limits.max_pixels, whose="this server's ")
+        if problem:
+            return problem
     else:
         if declared.voxels > limits.max_voxels:
             return (f"{_shape_text(declared)} voxels ({declared.voxels / 1e6:.0f} million) exceed this server's "

@@ -22,7 +22,14 @@ import nibabel as nib
 import numpy as np
 
 from ..data.checks import Expected, dimension_problems
-from ..data.images import Volume, dicom_series, read_volume, voxel_spacing, write_dicom_series_as_nifti
+from ..data.images import (
+    Volume,
+    dicom_series,
+    picture_header,
+    read_volume,
+    voxel_spacing,
+    write_dicom_series_as_nifti,
+)
 from .limits import Declared, JobLimits, limit_problem
 from .settings import MB
 
@@ -198,12 +205,15 @@ def _series_to_nifti(dicom: Path, series: str, out: Path, display: str) -> None:
 
 
 def _declared_picture(path: Path, display: str, expected: Expected) -> Declared:
-    """A PNG's or JPEG's size and colour channels from its header (the pixels are not decoded)."""
+    """A PNG's or JPEG's size (read as the command line reads it: :func:`picture_header`) and colour channels from
+    its header (the pixels are not decoded)."""
     try:
-        reader = _header_information(path)
-    except RuntimeError as exc:
-        raise BadUpload(400, f"{display}: unreadable picture ({_first_line(exc)})") from None
-    size, channels = tuple(reader.GetSize())[:2], reader.GetNumberOfComponents()
+        header = picture_header(path)
+        channels = _header_information(path).GetNumberOfComponents()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BadUpload(400, f"{display}: unreadable picture ({_first_line(exc).replace(str(path), display)})") \
+            from None
+    size = (header.width, header.height)
     shape = size + ((channels,) if channels > 1 else ())
     problems = dimension_problems(Path(display), Volume(shape, np.eye(4), np.empty(0), channels), expected,
                                   is_label=False)
@@ -217,8 +227,8 @@ def _checked_picture(path: Path, display: str) -> None:
     try:
         read_volume(path)
     except Exception as exc:  # SimpleITK raises RuntimeError, PIL-backed readers others
-        raise BadUpload(400, f"{display}: unreadable picture ({exc.__class__.__name__}: {_first_line(exc)})") \
-            from None
+        why = _first_line(exc).replace(str(path), display)  # never the server's paths
+        raise BadUpload(400, f"{display}: unreadable picture ({exc.__class__.__name__}: {why})") from None
 
 
 def _refuse_over_limits(declared: Declared, display: str, limits: JobLimits,
