@@ -6,7 +6,8 @@ message naming what changed and the code that reads it (pyproject allows monai>=
   resampling step's ``"orig_size"`` being its input's spatial size; and ``meta["original_affine"]`` /
   ``meta["spatial_shape"]``, the scan's own grid.
 - inference/predictor.py ``Predictor.window_count`` counts windows with the private
-  ``monai.inferers.utils._get_scan_interval`` and ``dense_patch_slices``, which must give the number of windows
+  ``monai.inferers.utils._get_scan_interval`` and the arithmetic of ``sliding_window.windows_per_pass`` (the grid
+  ``dense_patch_slices`` would list), which must give the number of windows
   ``sliding_window_inference`` really runs (the service's progress bar counts to it).
 """
 
@@ -75,6 +76,6 @@ def test_window_count_is_the_number_of_windows_sliding_window_inference_runs(siz
     sliding_window_inference(image, roi, 1, network, overlap=overlap, mode="constant")
     counted = Predictor.window_count(SimpleNamespace(config=config, models=[None]), image[0])
     assert counted == sum(calls), CHANGED.format(
-        what=f"_get_scan_interval/dense_patch_slices count {counted} windows for {size} (ROI {roi}, overlap "
+        what=f"_get_scan_interval/windows_per_pass count {counted} windows for {size} (ROI {roi}, overlap "
              f"{overlap}) where sliding_window_inference runs {sum(calls)}",
         where="inference/predictor.py Predictor.window_count")
