@@ -20,8 +20,9 @@ from conftest import tiny_config
 from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR
 from btcv_unetr.errors import UserError
+from btcv_unetr.model import checkpoint as ckpt
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.checkpoint import CHECKPOINT_VERSION, load_checkpoint, weights_checksum
+from btcv_unetr.model.checkpoint import CHECKPOINT_VERSION, CONTENT_CHECKSUMS, load_checkpoint, weights_checksum
 from btcv_unetr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,17 +50,21 @@ def _infer_argv(weights: Path, scan: Path, out: Path):
             weights.name, "--input", str(scan), "--output_dir", str(out), "--no-overlay", "--no_hd95"]
 
 
-def test_checkpoints_carry_the_version_and_a_checksum_of_their_weights(run):
+def test_checkpoints_carry_the_version_and_checksums_of_everything_they_store(run):
     state = torch.load(run / "model_final.pt", weights_only=True)
-    assert state["version"] == CHECKPOINT_VERSION
+    assert state["version"] == CHECKPOINT_VERSION == 2
     assert state["checksum"] == weights_checksum(state["state_dict"])
+    covered = set(state) - {"state_dict", CONTENT_CHECKSUMS}
+    assert {"config", "optimizer", "scheduler", "scaler", "model_card", "epoch", "checksum", "version"} <= covered
+    assert state[CONTENT_CHECKSUMS] == {key: ckpt.value_checksum(state[key]) for key in covered}
     state["state_dict"]["out.conv.conv.bias"][0] += 1e-3
     assert weights_checksum(state["state_dict"]) != state["checksum"]
 
 
 def test_a_version_0_checkpoint_with_the_old_amp_key_resumes_and_segments(run, phantom_dir, tmp_path, capsys):
     state = torch.load(run / "model_final.pt", weights_only=True)
-    old = {key: value for key, value in state.items() if key not in ("version", "checksum", "precision")}
+    old = {key: value for key, value in state.items()
+           if key not in ("version", "checksum", CONTENT_CHECKSUMS, "precision")}
     old["config"]["train"].pop("precision")
     old["config"]["train"]["amp"] = False  # as version 0 stored the AMP switch
     old["config"]["train"].pop("save_every")  # did not exist then
@@ -77,7 +82,7 @@ def test_inference_ignores_config_keys_it_does_not_know_with_one_warning(run, ph
     state = torch.load(run / "model_final.pt", weights_only=True)
     state["config"]["train"]["removed_option"] = 3
     state["config"]["gone_section"] = {"x": 1}
-    torch.save(state, tmp_path / "model.pt")
+    torch.save(ckpt.seal(state), tmp_path / "model.pt")  # as a version with these keys would have written it
     assert cli.main(_infer_argv(tmp_path / "model.pt", _test_scan(phantom_dir), tmp_path / "o")) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert warnings == [f"warning: {tmp_path / 'model.pt'}: ignoring config keys this version does not use: "
@@ -219,3 +224,110 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_the_next_
     from btcv_unetr.files import remove_stale_temporaries
     assert [p.name for p in remove_stale_temporaries(tmp_path)][0].startswith(".model_final.pt.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]
+
+
+# ---- corruption anywhere in a checkpoint is refused (issue 22) ------------------------------------------------
+
+
+def _flip_first_byte(tensor: torch.Tensor) -> None:
+    tensor.view(torch.uint8).view(-1)[0] ^= 0x10  # one bit of the first element, in place
+
+
+def _alter(state: dict, what: str) -> None:
+    """Change one stored value, as a flipped byte would; the checksums saved with the file are kept."""
+    if what == "config":
+        state["config"]["data"]["space_x"] = 3.0  # 6.0 in tiny.yaml: masks on another voxel grid
+    elif what == "optimiser state":
+        _flip_first_byte(next(iter(state["optimizer"]["state"].values()))["exp_avg"])
+    elif what == "learning-rate schedule state":
+        state["scheduler"]["last_epoch"] += 1
+    elif what == "model card":
+        state["model_card"] = {**state["model_card"], "forged": True}
+    elif what == "epoch counter":
+        state["epoch"] = 7
+    elif what == "gradient-scaler state":
+        del state["scaler"]
+    elif what == "version":
+        state["version"] = 1  # an older layout would skip the checks: the checksums still name it
+
+
+@pytest.mark.parametrize("what", ["config", "optimiser state", "learning-rate schedule state", "model card",
+                                  "epoch counter", "gradient-scaler state", "version"])
+def test_a_checkpoint_altered_anywhere_is_refused_for_inference_and_resume(what, run, phantom_dir, tmp_path, capsys):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    _alter(state, what)
+    altered = tmp_path / "model_final.pt"
+    torch.save(state, altered)
+    expected = (f"error: {altered}: its stored {what} does not match the checksum saved with it: the file is "
+                "corrupt or was altered, and is not used; use another copy (model_final.pt / model.pt) or train again")
+    capsys.readouterr()
+    assert cli.main(_infer_argv(altered, _test_scan(phantom_dir), tmp_path / "masks")) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not list(tmp_path.glob("masks/*.nii.gz"))  # no mask from the altered file
+    assert cli.main(_train_argv(phantom_dir, tmp_path / "resumed", "--max_epochs", "3",
+                                "--checkpoint", str(altered))) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [expected]
+    assert not list((tmp_path / "resumed").glob("*.pt"))
+
+
+def test_two_altered_entries_are_named_together_and_missing_checksums_refused(run, tmp_path):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    _alter(state, "config")
+    _alter(state, "optimiser state")
+    torch.save(state, tmp_path / "two.pt")
+    with pytest.raises(UserError, match=r"its stored config and optimiser state do not match the checksums saved "):
+        load_checkpoint(tmp_path / "two.pt")
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    del state[CONTENT_CHECKSUMS]
+    torch.save(state, tmp_path / "bare.pt")
+    with pytest.raises(UserError, match="a version-2 checkpoint without the checksums of its contents"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+def test_an_intact_copy_written_again_loads_infers_and_resumes(run, phantom_dir, tmp_path):
+    """Reading and re-pickling a checkpoint unchanged keeps it valid: the checksums are of the content, not of
+    the file's bytes (so the refusals above are of the changed values alone)."""
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    copy = tmp_path / "copy" / "model_final.pt"
+    copy.parent.mkdir()
+    torch.save(dict(reversed(list(state.items()))), copy)  # another entry order too
+    assert load_checkpoint(copy)["epoch"] == 2
+    assert cli.main(_infer_argv(copy, _test_scan(phantom_dir), tmp_path / "masks")) == 0
+    assert cli.main(_train_argv(phantom_dir, copy.parent, "--max_epochs", "3", "--val_every", "5",
+                                "--checkpoint", str(copy))) == 0
+    assert load_checkpoint(copy)["epoch"] == 3
+
+
+def test_a_version_1_checkpoint_loads_with_its_weights_checked_and_says_the_rest_cannot_be(run, tmp_path, capsys):
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    old = {key: value for key, value in state.items() if key != CONTENT_CHECKSUMS}
+    old["version"] = 1
+    old["config"]["data"]["space_x"] = 3.0  # not detectable in version 1: it stored no checksum for it
+    torch.save(old, tmp_path / "v1.pt")
+    loaded = load_checkpoint(tmp_path / "v1.pt")
+    assert loaded["version"] == CHECKPOINT_VERSION and loaded["config"]["data"]["space_x"] == 3.0
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"note: {tmp_path / 'v1.pt'}: a version-1 checkpoint: only its weights carry a checksum; its config, "
+        "optimiser state and model card cannot be checked (a run resumed from it saves them with one)"]
+    _flip_first_byte(old["state_dict"]["out.conv.conv.bias"])
+    torch.save(old, tmp_path / "v1.pt")
+    with pytest.raises(UserError, match="the weights do not match the checksum stored with them"):
+        load_checkpoint(tmp_path / "v1.pt")
+
+
+def test_the_content_checksum_is_canonical():
+    """Equal content gives equal sums whatever the dict order, list or tuple, numpy or plain scalar; a changed
+    value, type, dtype or shape changes them."""
+    base = {"a": 1, "b": [1.0, None, "x"], 3: torch.arange(4, dtype=torch.float32)}
+    assert ckpt.value_checksum(base) == ckpt.value_checksum({3: torch.arange(4.0), "b": (1.0, None, "x"), "a": 1})
+    numpy_scalars = {**base, "a": np.int64(1), "b": [np.float32(1.0), None, "x"]}
+    assert ckpt.value_checksum(base) == ckpt.value_checksum(numpy_scalars)
+    others = [{**base, "a": 1.0}, {**base, "a": True}, {**base, "a": "1"}, {**base, "b": [1.0, None, "y"]},
+              {**base, 3: torch.arange(4, dtype=torch.int32).view(torch.float32)},  # other bytes
+              {**base, 3: torch.arange(4, dtype=torch.float32).view(2, 2)},  # same bytes, other shape
+              {**base, 3: torch.arange(4, dtype=torch.float32).view(torch.int32)},  # same bytes, other dtype
+              {**base, "3": base[3]}]  # a str key is not an int key
+    sums = {ckpt.value_checksum(other) for other in others}
+    assert len(sums) == len(others) and ckpt.value_checksum(base) not in sums
+    with pytest.raises(TypeError, match="no canonical form"):
+        ckpt.value_checksum({"a": object()})

@@ -108,3 +108,34 @@ def test_onnx_export_is_a_valid_model_with_the_checkpoint_logits(checkpoint, tmp
     with torch.no_grad():
         assert logits.shape == (2, 14, 32, 32, 32)
         assert np.allclose(logits, _checkpoint_model(checkpoint)(batch).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_existing_folder_as_out_is_refused_in_one_line_even_with_overwrite(fmt, checkpoint, tmp_path, capsys):
+    """Issue 22: --out FOLDER --overwrite gave an IsADirectoryError traceback; the folder is never replaced."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(folder), "--overwrite"]
+    assert cli.main(argv) == 2
+    name = "unetr.onnx" if fmt == "onnx" else "unetr.pt"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: export: --out {folder} is a folder, and --format {fmt} writes one file: give a file name (such as "
+        f"{folder / name}), or use --bundle DIR for a bundle folder"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["exports", "keep.txt"]
+
+
+def test_overwrite_replaces_an_earlier_bundle_whole_and_leaves_no_temporary(checkpoint, tmp_path):
+    """A bundle is a folder: --overwrite swaps a new one in (built beside it, then renamed); files of the old
+    one that the new one does not have are gone with it."""
+    bundle = tmp_path / "bundle"
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--bundle", str(bundle)]) == 0
+    (bundle / "docs" / "old_notes.txt").write_text("from the earlier export")
+    (bundle / "models" / "model.pt").write_bytes(b"stale weights")
+    assert cli.main(["export", "--checkpoint", str(checkpoint), "--bundle", str(bundle), "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    assert not (bundle / "docs" / "old_notes.txt").exists()
+    weights = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    expected = load_checkpoint(checkpoint)["state_dict"]
+    assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)

@@ -305,3 +305,43 @@ def test_keep_best_plan_ranks_by_the_score_in_the_name_and_drops_later_epochs(tm
     assert new == tmp_path / "model_epoch0006_dice0.6100.pt"
     assert sorted(p.name for p in dropped) == ["model_epoch0002_dice0.5000.pt", "model_epoch0009_dice0.9000.pt"]
     assert run_folder.keep_best_plan(tmp_path, 2, 6, float("nan"))[0] is None
+
+
+def test_resuming_another_folders_checkpoint_into_a_run_folder_is_refused_unless_overwrite(phantom_dir, tmp_path,
+                                                                                           capsys):
+    """Issue 22: --checkpoint runs/A/model_final.pt --logdir runs/B, where B holds its own model, replaced it."""
+    from btcv_unetr.testing.checkpoints import seeded_checkpoint
+    _train(phantom_dir, tmp_path / "A", "--max_epochs", "1", "--val_every", "5")
+    a = tmp_path / "A" / "model_final.pt"
+    b_model = seeded_checkpoint(tmp_path / "B" / "model.pt", tiny_config(phantom_dir), seed=2)
+    before = b_model.read_bytes()
+    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(tmp_path / "B"), "--max_epochs", "2", "--val_every", "5", "--checkpoint", str(a)]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'B'} holds another run (model.pt) and --checkpoint {a} is not in it: resuming there "
+        f"would replace its files; resume into the checkpoint's own folder (--logdir {tmp_path / 'A'}), replace "
+        "this one with --overwrite, or choose another --logdir"]
+    assert b_model.read_bytes() == before and sorted(p.name for p in b_model.parent.glob("[!.]*")) == ["model.pt"]
+    assert cli.main([*argv, "--overwrite"]) == 0  # as a plain rerun is: B's files go, A's state goes on there
+    assert torch.load(tmp_path / "B" / "model_final.pt", weights_only=True)["epoch"] == 2
+    assert not (tmp_path / "B" / "model.pt").exists() or b_model.read_bytes() != before
+
+
+def test_a_checkpoint_of_the_folder_itself_or_an_empty_folder_resumes_without_overwrite(tmp_path):
+    run, other, empty = tmp_path / "run", tmp_path / "other", tmp_path / "empty"
+    for folder in (run, other, empty):
+        folder.mkdir()
+    for name in ("model.pt", "model_final.pt", "metrics.csv"):
+        (run / name).write_bytes(b"the run's own")
+    (other / "model_final.pt").write_bytes(b"another run's")
+    # The same run, also named through another path to it: its files are kept.
+    for path in (run / "model_final.pt", tmp_path / "run" / ".." / "run" / "model_final.pt"):
+        run_folder.clear_earlier_run(run, tiny_config(train={"checkpoint": str(path)}))
+        assert sorted(p.name for p in run.iterdir()) == ["metrics.csv", "model.pt", "model_final.pt"]
+    run_folder.clear_earlier_run(empty, tiny_config(train={"checkpoint": str(other / "model_final.pt")}))
+    with pytest.raises(UserError, match=f"holds another run .model.pt, model_final.pt, metrics.csv. and "
+                                        f"--checkpoint {other / 'model_final.pt'} is not in it"):
+        run_folder.clear_earlier_run(run, tiny_config(train={"checkpoint": str(other / "model_final.pt")}))
+    assert (run / "model.pt").read_bytes() == b"the run's own"

@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.resolve() == path.resolve():
         raise UserError(f"export: --out {out} is the checkpoint being exported: choose another file name")
+    if out.is_dir():  # even with --overwrite: a folder is never replaced by one file
+        raise UserError(f"export: --out {out} is a folder, and --format {args.format} writes one file: give a file "
+                        f"name (such as {out / ('unetr.onnx' if args.format == 'onnx' else 'unetr.pt')}), or use "
+                        "--bundle DIR for a bundle folder")
     if out.exists() and not config.general.overwrite:
         raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
     # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags: that is

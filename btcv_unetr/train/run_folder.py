@@ -55,19 +55,35 @@ def keep_best_plan(logdir: Path, keep: int, epoch: int, score: float) -> tuple[P
 RUN_FILES = ("model.pt", "model_final.pt", "metrics.csv", "config.yaml")
 
 
+def resumes_its_own_run(logdir: Path, config: Config) -> bool:
+    """True when ``--checkpoint`` lies in ``logdir``: resuming continues the run there (its files are kept).
+
+    A checkpoint from elsewhere starts another run in ``logdir`` (from that run's state), which must not
+    replace what ``logdir`` holds without ``--overwrite``."""
+    checkpoint = config.train.checkpoint
+    return bool(checkpoint) and Path(checkpoint).resolve().parent == logdir.resolve()
+
+
 def clear_earlier_run(logdir: Path, config: Config) -> None:
-    """Refuse a run folder that holds an earlier run's checkpoints, unless resuming it or ``--overwrite``
-    (which deletes its files). An earlier run that saved no checkpoint (killed in its first epoch) is
-    replaced with a note: only its logs are lost."""
-    if config.train.checkpoint:
+    """Refuse a run folder that holds an earlier run's checkpoints, unless resuming that run (``--checkpoint``
+    in the folder) or ``--overwrite`` (which deletes its files). Resuming a checkpoint of another folder counts
+    as another run. An earlier run that saved no checkpoint (killed in its first epoch) is replaced with a
+    note: only its logs are lost."""
+    if resumes_its_own_run(logdir, config):
         return
     previous = [logdir / name for name in RUN_FILES if (logdir / name).exists()]
     previous += sorted(logdir.glob("events.out.tfevents.*")) + sorted(logdir.glob(BEST_CHECKPOINTS))
     checkpoints = [path for path in previous if path.suffix == ".pt"]
     if checkpoints and not config.general.overwrite:
+        found = f"{', '.join(p.name for p in previous[:3])}{' ...' if len(previous) > 3 else ''}"
         resumable = logdir / "model_final.pt" if (logdir / "model_final.pt").exists() else checkpoints[0]
-        raise UserError(f"{logdir} holds an earlier run ({', '.join(p.name for p in previous[:3])}"
-                        f"{' ...' if len(previous) > 3 else ''}): resume it with --checkpoint "
+        if config.train.checkpoint:
+            source = Path(config.train.checkpoint)
+            raise UserError(f"{logdir} holds another run ({found}) and --checkpoint {source} is not in it: "
+                            f"resuming there would replace its files; resume into the checkpoint's own folder "
+                            f"(--logdir {source.parent}), replace this one with --overwrite, or choose another "
+                            "--logdir")
+        raise UserError(f"{logdir} holds an earlier run ({found}): resume it with --checkpoint "
                         f"{resumable}, replace it with --overwrite, or choose another --logdir")
     if previous and not checkpoints:
         print(f"{logdir}: the earlier run there saved no checkpoint; starting over (its logs are replaced)")
