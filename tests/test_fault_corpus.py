@@ -7,6 +7,7 @@ and flags, run in-process) and a fragment of the expected message.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import pickle
@@ -519,8 +520,129 @@ def infer_file_name_with_a_carriage_return_and_an_escape(tmp, ctx):
 VALID_SHAPES = {"all_constant": ((40, 40, 24), -1000), "one_slice": ((40, 40, 1), None),
                 "smaller_than_the_roi": ((20, 20, 12), None)}
 
+# Issue 22: code from a file never runs, corruption is refused, nothing of the user's replaced, bounds kept.
+class WritesOnLoad(torch.nn.Module):
+    """Passes its input through; restoring it (``__setstate__``, run by ``torch.jit.load``) writes ``marker``."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+        return (self.marker, self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+        self.marker = state[0]
+        self.weight = state[1]
+        self.training = state[2]
+        torch.save(self.weight, self.marker)
+
+
+def _torchscript_writing_on_load(tmp: Path, ctx) -> Path:
+    """A scripted tiny UNETR with one dropout that writes ``tmp/MARKER`` when its file is loaded by torch."""
+    model = build_model(build_config([read_yaml(TINY)]).model).eval()
+    model.vit.blocks[0].mlp.drop1 = WritesOnLoad(str(tmp / "MARKER"))
+    path = tmp / "ts" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(model).save(str(path))
+    ctx["absent"] = [tmp / "MARKER"]
+    return path
+
+
+def infer_torchscript_that_runs_code_when_loaded(tmp, ctx):
+    path = _torchscript_writing_on_load(tmp, ctx)
+    return _infer(tmp, path, ctx["scan"], "--saved_checkpoint", "torchscript"), "without running its code"
+
+
+def train_resume_jit_from_torchscript_that_runs_code(tmp, ctx):
+    path = _torchscript_writing_on_load(tmp, ctx)
+    return _train(tmp, ctx["phantoms"], "--resume_jit", "--pretrained_dir", str(path.parent),
+                  "--pretrained_model_name", path.name), "without running its code"
+
+
+def infer_torchscript_with_another_roi_shape(tmp, ctx):
+    # 32^3 and 64x32x16 hold the same number of patches: only the ROI the trace recorded tells them apart.
+    return (_infer(tmp, ctx["torchscript"], ctx["scan"], "--saved_checkpoint", "torchscript", "--roi_x", "64",
+                   "--roi_z", "16"), "run with the file's settings")
+
+
+def _altered_checkpoint(tmp: Path, ctx, alter) -> Path:
+    """The shared training checkpoint with one stored value changed, its checksums kept as they were."""
+    state = torch.load(ctx["checkpoint"], weights_only=False)
+    alter(state)
+    path = tmp / "altered" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def infer_checkpoint_with_an_altered_config(tmp, ctx):
+    def spacing(state):
+        state["config"]["data"]["space_x"] = 2 * state["config"]["data"]["space_x"]
+    path = _altered_checkpoint(tmp, ctx, spacing)
+    return _infer(tmp, path, ctx["scan"]), "its stored config does not match the checksum"
+
+
+def train_resume_with_altered_optimiser_state(tmp, ctx):
+    def moment(state):
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["exp_avg"].view(-1)[0] += 1.0
+    path = _altered_checkpoint(tmp, ctx, moment)
+    return _train(tmp, ctx["phantoms"], "--checkpoint", str(path), "--logdir", str(path.parent)), "optimiser state"
+
+
+def train_resume_into_another_runs_folder(tmp, ctx):
+    other = tmp / "B"
+    other.mkdir()
+    (other / "model.pt").write_bytes(ctx["checkpoint"].read_bytes())
+    ctx["unchanged"] = [other / "model.pt"]
+    return _train(tmp, ctx["phantoms"], "--checkpoint", str(ctx["checkpoint"]), "--logdir", str(other)), \
+        "holds another run"
+
+
+def infer_lock_file_is_a_symlink(tmp, ctx):
+    victim = tmp / "victim.txt"
+    victim.write_text("the user's file")
+    (tmp / "out").mkdir()
+    (tmp / "out" / ".lock").symlink_to(victim)
+    ctx["unchanged"] = [victim]
+    return _infer(tmp, ctx["weights"], ctx["scan"]), ".lock is a symbolic link"
+
+
+def export_onto_a_folder_with_overwrite(tmp, ctx):
+    folder = tmp / "exported"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("kept")
+    ctx["unchanged"] = [folder / "keep.txt"]
+    return ["export", "--checkpoint", str(ctx["checkpoint"]), "--format", "torchscript", "--out", str(folder),
+            "--overwrite"], "is a folder"
+
+
+def infer_on_a_full_disk(tmp, ctx):
+    def full(image, path):  # nibabel's writer as the disk fills: part of the file, then ENOSPC
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    ctx["monkeypatch"].setattr(nib, "save", full)
+    return _infer(tmp, ctx["weights"], ctx["scan"]), "the disk is full"
+
+
+def serve_jobs_folder_holding_other_things(tmp, ctx):
+    jobs = tmp / "jobs"
+    (jobs / "experiment1").mkdir(parents=True)
+    (jobs / "experiment1" / "model.pt").write_bytes(b"the user's model")
+    ctx["unchanged"] = [jobs / "experiment1" / "model.pt"]
+    return ["serve", "--checkpoint", str(ctx["checkpoint"]), "--jobs_dir", str(jobs), "--port", "0"], \
+        "holds files that are not this service's jobs"
+
+
 CASES = [value for name, value in dict(globals()).items()
-         if name.split("_")[0] in ("check", "train", "infer", "export", "evaluate") and callable(value)]
+         if name.split("_")[0] in ("check", "train", "infer", "export", "evaluate", "serve") and callable(value)]
 
 
 @pytest.fixture(scope="module")
@@ -539,10 +661,10 @@ def shared(phantom_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
-def test_bad_input_gets_one_line_and_leaves_nothing_behind(case, shared, tmp_path, capsys):
+def test_bad_input_gets_one_line_and_leaves_nothing_behind(case, shared, tmp_path, capsys, monkeypatch):
     from contextlib import ExitStack
     with ExitStack() as stack:
-        ctx = {**shared, "stack": stack}
+        ctx = {**shared, "stack": stack, "monkeypatch": monkeypatch}
         argv, expected = case(tmp_path, ctx)
         before = {path: path.read_bytes() for path in ctx.get("unchanged", [])}
         capsys.readouterr()
