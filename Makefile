@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Test files run over TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so its
+# fixtures are built once): much of the suite waits on started processes and servers, which 2 cores overlap.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # Phantoms (written once), a data check, training of configs/phantom_demo.yaml (run folder
 # runs/demo; the mean organ Dice of the held-out cases on the training's 4 mm grid is printed after

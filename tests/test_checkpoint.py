@@ -161,20 +161,24 @@ class Training:
 
 
 def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_rate(phantom_dir, tmp_path):
-    """Ten kills at random moments of one training; each resume loads the last state and goes on from there,
-    with the learning rate the schedule gives at that epoch."""
+    """Kills at random moments of one training, each after it made progress (an epoch printed: so on any machine);
+    each resume loads the last state and goes on from there, with the learning rate the schedule gives."""
     rng = random.Random(0)
     logdir, epochs = tmp_path / "run", 40
     flags = ["--max_epochs", str(epochs), "--val_every", "100", "--warmup_epochs", "3", "--optim_lr", "1e-3",
              "--seed", "0"]
     last_epoch, kills = 0, 0
-    # At least ten kills, and more on a slow or busy machine until three epochs were saved in all.
-    while (kills < 10 or last_epoch < 3) and kills < 40:
+    # Every other kill lands at start-up, the others a random moment after the run's second epoch ended (during its
+    # checkpoint write or the next epoch): the first epoch's checkpoint is then complete, so every such run
+    # makes progress, however fast the machine.
+    while kills < 6 or last_epoch < 2:
+        assert kills < 12, f"no progress after {kills} kills (last saved epoch {last_epoch})"
         resume = ["--checkpoint", str(logdir / "model_final.pt")] if (logdir / "model_final.pt").exists() else []
         training = Training(_train_argv(phantom_dir, logdir, *flags, *resume), tmp_path)
-        if not training.wait_for("training on cpu"):
+        mark = "training on cpu" if kills % 2 == 0 else f"epoch {last_epoch + 2}/{epochs}"
+        if not training.wait_for(mark):
             pytest.fail("training ended before its kill: " + "".join(training.lines)[-2000:])
-        time.sleep(rng.uniform(0.2, 2.5))  # somewhere in an epoch, a validation or a checkpoint write
+        time.sleep(rng.uniform(0.0, 0.3))
         output = training.kill()
         kills += 1
         if resume:
@@ -183,7 +187,6 @@ def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_
             epoch = load_checkpoint(logdir / "model_final.pt")["epoch"]  # loads: never half-written
             assert epoch >= last_epoch
             last_epoch = epoch
-    assert kills >= 10 and last_epoch >= 3
     # The learning rate of the last state is the schedule's at its epoch, as in an uninterrupted run.
     state = load_checkpoint(logdir / "model_final.pt")
     config = tiny_config(train={"max_epochs": epochs, "warmup_epochs": 3, "optim_lr": 1e-3})
