@@ -25,11 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Test files run over TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so its
-# fixtures are built once): much of the suite waits on started processes and servers, which 2 cores overlap.
+# fixtures are built once), each with one OpenMP thread: two processes of two threads on two cores spin against
+# each other. The slowest tests are listed at the end (--durations).
 TEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 # Phantoms (written once), a data check, training of configs/phantom_demo.yaml (run folder
 # runs/demo; the mean organ Dice of the held-out cases on the training's 4 mm grid is printed after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def test_the_import_contracts_hold():
     lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
     if lint is None:
         pytest.fail("lint-imports (import-linter) is a test dependency: pip install -e '.[test]'")
-    result = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    # Its report has box-drawing characters: read as UTF-8 whatever the locale (CI may have none).
+    result = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, encoding="utf-8", errors="replace",
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONUTF8": "1"})
     assert result.returncode == 0, result.stdout[-3000:]
     assert "2 kept, 0 broken" in result.stdout
 

@@ -73,11 +73,11 @@ def test_dataset_layout_and_datalist(tmp_path):
 
 
 def test_module_entry_point_and_bad_arguments(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "btcv_unetr.synthetic.phantoms", "--out", str(tmp_path), "--cases", "2",
+    ok = subprocess.run([sys.executable, "-m", "btcv_unetr", "phantoms", "--out", str(tmp_path), "--cases", "2",
                          "--test_cases", "0", "--size", "32"], capture_output=True, encoding="utf-8")
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "dataset.json").is_file()
-    bad = subprocess.run([sys.executable, "-m", "btcv_unetr.synthetic.phantoms", "--out", str(tmp_path / "x"),
+    bad = subprocess.run([sys.executable, "-m", "btcv_unetr", "phantoms", "--out", str(tmp_path / "x"),
                           "--cases", "1"], capture_output=True, encoding="utf-8")
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: phantoms: --cases must be >= 2 and --test_cases >= 0"
