@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from hostile import WritesOnLoad
 
 from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR, build_config
@@ -520,30 +521,8 @@ def infer_file_name_with_a_carriage_return_and_an_escape(tmp, ctx):
 VALID_SHAPES = {"all_constant": ((40, 40, 24), -1000), "one_slice": ((40, 40, 1), None),
                 "smaller_than_the_roi": ((20, 20, 12), None)}
 
+
 # Issue 22: code from a file never runs, corruption is refused, nothing of the user's replaced, bounds kept.
-class WritesOnLoad(torch.nn.Module):
-    """Passes its input through; restoring it (``__setstate__``, run by ``torch.jit.load``) writes ``marker``."""
-
-    def __init__(self, marker: str):
-        super().__init__()
-        self.marker = marker
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
-        return (self.marker, self.weight, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
-        self.marker = state[0]
-        self.weight = state[1]
-        self.training = state[2]
-        torch.save(self.weight, self.marker)
-
-
 def _torchscript_writing_on_load(tmp: Path, ctx) -> Path:
     """A scripted tiny UNETR with one dropout that writes ``tmp/MARKER`` when its file is loaded by torch."""
     model = build_model(build_config([read_yaml(TINY)]).model).eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
+from hostile import WritesOnLoad
 from torch import nn
 
 from btcv_unetr import cli
@@ -27,29 +28,6 @@ from btcv_unetr.model.torchscript import load_torchscript_weights, read_archive
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 READS_CODE = "restores itself with its own code (__setstate__)"
-
-
-class WritesOnLoad(nn.Module):
-    """Passes its input through; restoring it (``__setstate__``, run by ``torch.jit.load``) writes ``marker``."""
-
-    def __init__(self, marker: str):
-        super().__init__()
-        self.marker = marker
-        self.weight = nn.Parameter(torch.ones(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @torch.jit.export
-    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
-        return (self.marker, self.weight, self.training)
-
-    @torch.jit.export
-    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
-        self.marker = state[0]
-        self.weight = state[1]
-        self.training = state[2]
-        torch.save(self.weight, self.marker)
 
 
 def _tiny(seed: int = 0) -> nn.Module:
