@@ -118,7 +118,7 @@ def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 1
 
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
     image = nib.Nifti1Image(array, np.eye(4) if affine is None else affine)
-    return gzip.compress(image.to_bytes())
+    return gzip.compress(image.to_bytes(), mtime=0)
 
 
 def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
@@ -270,7 +270,7 @@ def test_a_zipped_dicom_series_gets_a_nifti_mask_in_the_series_geometry(server, 
     (b"hello, not an image", "notes.nii.gz", "not a NIfTI image"),
     (b"", "empty.nii.gz", "an empty file"),
     (None, "cut.nii.gz", "truncated or corrupt gzip"),
-    (gzip.compress(b"x" * 2000), "other.nii.gz", "gzip data that is not a NIfTI image"),
+    (gzip.compress(b"x" * 2000, mtime=0), "other.nii.gz", "gzip data that is not a NIfTI image"),
     (_nifti_bytes(np.zeros((16, 16), np.int16)), "slice.nii.gz", "image is 2D"),
     (_nifti_bytes(np.zeros((16, 16, 16, 2), np.int16)), "series4d.nii.gz", "image is 4D"),
     (b"PK\x03\x04 broken", "series.zip", "unreadable zip"),

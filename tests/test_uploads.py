@@ -25,7 +25,7 @@ LIMITS = JobLimits(max_job_memory_gb=1)  # the machine's memory decides nothing 
 def _nifti(array: np.ndarray, zooms=(1.5, 1.5, 2.0), compress: bool = True) -> bytes:
     image = nib.Nifti1Image(array, np.diag([*zooms, 1.0]))
     data = image.to_bytes()
-    return gzip.compress(data) if compress else data
+    return gzip.compress(data, mtime=0) if compress else data
 
 
 def _store(tmp_path: Path, content: bytes, expected: Expected = VOLUMES, limit_bytes: int = 64 * MB,
@@ -91,14 +91,14 @@ def test_a_nifti_is_stored_under_a_fixed_name_with_what_its_header_declares(tmp_
 def _cut_short(array: np.ndarray) -> bytes:
     """A whole header whose voxels stop half-way (the file was cut, then compressed again)."""
     whole = _nifti(array, compress=False)
-    return gzip.compress(whole[:352 + array.nbytes // 2])
+    return gzip.compress(whole[:352 + array.nbytes // 2], mtime=0)
 
 
 def _zero_spacing() -> bytes:
     """A header without a transform whose second voxel size is 0 (nibabel refuses such an affine)."""
     image = nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), None)
     image.header["pixdim"][1:4] = (1.0, 0.0, 1.0)
-    return gzip.compress(image.to_bytes())
+    return gzip.compress(image.to_bytes(), mtime=0)
 
 
 def _with_nan() -> bytes:
@@ -111,7 +111,7 @@ def _with_nan() -> bytes:
 @pytest.mark.parametrize("content, expected", [
     (b"", "scan: an empty file; this model takes .nii, .nii.gz or a .zip of one DICOM series"),
     (b"hello, not an image", "scan: not a NIfTI image, DICOM zip or picture; this model takes .nii"),
-    (gzip.compress(b"x" * 2000), "scan: gzip data that is not a NIfTI image; send .nii, .nii.gz or a .zip"),
+    (gzip.compress(b"x" * 2000, mtime=0), "scan: gzip data that is not a NIfTI image; send .nii, .nii.gz or a .zip"),
     (_nifti(np.zeros((4, 4, 4), np.int16))[:60], "scan: truncated or corrupt gzip data"),
     (_cut_short(np.zeros((8, 8, 8), np.int16)), "scan: holds 512 bytes of voxels where its header declares 1024 "
                                                 "(8 x 8 x 8 int16): the file is cut short; send the whole file"),
