@@ -151,6 +151,7 @@ def test_serve_load_takes_a_window_or_a_job_count_not_both(tmp_path):
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
+@pytest.mark.bench  # a real server and its load client end to end (about 40 s on 2 cores): `make bench` runs it
 def test_serve_load_check_against_a_real_server(tmp_path):
     # Two clients, one job each, on 32^2 phantoms with the tiny model; one OpenMP thread for the server (the
     # clients share the cores). The bomb goes with the first jobs and must be refused from its header.
