@@ -32,8 +32,8 @@ from settings import TINY
 
 from btcv_unetr.config import build_config
 from btcv_unetr.errors import UserError
-from btcv_unetr.model.checkpoint import load_checkpoint, stored_config
-from btcv_unetr.model.precision import Precision, resolve_precision
+from btcv_unetr.io.checkpoint import load_checkpoint, stored_config
+from btcv_unetr.runtime.precision import Precision, resolve_precision
 from btcv_unetr.synthetic.phantoms import write_dataset
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 from btcv_unetr.testing.server import declared_nifti_gz, serve_process

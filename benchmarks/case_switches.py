@@ -11,11 +11,11 @@ from case_train3d import training_step
 from machine import machine_facts, median_seconds, run_precision
 from settings import SETTINGS
 
-from btcv_unetr.allocator import keep_freed_memory
 from btcv_unetr.config import Config, build_config
 from btcv_unetr.inference.sliding_window import auto_sw_batch_size
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.speed import compile_if_asked, memory_format_for, prepare_model, sdpa_for
+from btcv_unetr.runtime.allocator import keep_freed_memory
 from btcv_unetr.train.loop import micro_batch_size
 
 

@@ -23,7 +23,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from btcv_unetr.config import Config
-from btcv_unetr.model.precision import Precision, cpu_features, resolve_precision
+from btcv_unetr.runtime.precision import Precision, cpu_features, resolve_precision
 
 
 def machine_facts(device: torch.device, precision: Precision) -> dict:

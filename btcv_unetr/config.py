@@ -28,7 +28,7 @@ import yaml
 from .errors import UserError, one_line
 from .files import atomic_write_text
 
-# How the network's arithmetic is done (model/precision.py decides "auto" per machine).
+# How the network's arithmetic is done (runtime/precision.py decides "auto" per machine).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # The largest picture read (8000 x 8000 pixels), by the command line (--max_pixels) and the service (its own
 # --max_pixels): its size is checked from the file's header before a decoder allocates it.

@@ -20,7 +20,7 @@ from btcv_unetr.data.transforms import train_transforms, val_transforms
 from btcv_unetr.distributed import Context
 from btcv_unetr.inference.evaluate import map_values
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.precision import Precision
+from btcv_unetr.runtime.precision import Precision
 from btcv_unetr.train import loop as train
 from btcv_unetr.train.optim import build_optimizer
 

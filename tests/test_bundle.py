@@ -19,8 +19,8 @@ from monai.bundle.utils import DEFAULT_METADATA
 from monai.networks.nets import UNETR
 
 from btcv_unetr import cli
-from btcv_unetr.model.bundle import BUNDLE_FILES, MANDATORY_TENSOR_FORMAT, METADATA_SCHEMA, read_bundle
-from btcv_unetr.model.checkpoint import load_checkpoint
+from btcv_unetr.io.bundle import BUNDLE_FILES, MANDATORY_TENSOR_FORMAT, METADATA_SCHEMA, read_bundle
+from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 # ``python -m monai.bundle ...`` in which importing btcv_unetr fails: a None entry in sys.modules makes every

@@ -20,9 +20,9 @@ from conftest import tiny_config
 from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR
 from btcv_unetr.errors import UserError
-from btcv_unetr.model import checkpoint as ckpt
+from btcv_unetr.io import checkpoint as ckpt
+from btcv_unetr.io.checkpoint import CHECKPOINT_VERSION, CONTENT_CHECKSUMS, load_checkpoint, weights_checksum
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.checkpoint import CHECKPOINT_VERSION, CONTENT_CHECKSUMS, load_checkpoint, weights_checksum
 from btcv_unetr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,10 +204,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_the_next_
     script = textwrap.dedent(f"""
         import os, signal, torch
         from pathlib import Path
-        from btcv_unetr.model.checkpoint import save_checkpoint
+        from btcv_unetr.io.checkpoint import save_checkpoint
         from btcv_unetr.config import build_config, _read_yaml
         from btcv_unetr.model.build import build_model
-        from btcv_unetr.model.precision import Precision
+        from btcv_unetr.runtime.precision import Precision
         config = build_config([_read_yaml(Path({config_dir!r}) / "tiny.yaml")])
         model = build_model(config.model)
         optimizer = torch.optim.AdamW(model.parameters())

@@ -161,8 +161,8 @@ def test_an_old_checkpoints_config_loads_and_inference_takes_its_crop_order(tmp_
     from conftest import tiny_config
 
     from btcv_unetr.inference.loader import load_model
+    from btcv_unetr.io.checkpoint import stored_config
     from btcv_unetr.model.build import build_model
-    from btcv_unetr.model.checkpoint import stored_config
     trained = tiny_config(data={"crop_before_resampling": False}, general={"overwrite": True})
     old = _old_layout(trained.to_dict())
     assert stored_config({"config": old}, "old.pt") == trained

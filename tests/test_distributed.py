@@ -17,7 +17,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from btcv_unetr.distributed import Context, gather_objects, launch
 from btcv_unetr.errors import UserError
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.precision import Precision
+from btcv_unetr.runtime.precision import Precision
 from btcv_unetr.train import loop as train
 from btcv_unetr.train.optim import build_optimizer
 

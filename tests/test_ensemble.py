@@ -24,8 +24,8 @@ from btcv_unetr.data.images import mask_provenance
 from btcv_unetr.errors import UserError
 from btcv_unetr.inference.ensemble import ensemble_card, ensemble_checksum, member_files
 from btcv_unetr.inference.predictor import Predictor
-from btcv_unetr.model.checkpoint import load_checkpoint
-from btcv_unetr.model.provenance import NO_CARD, model_card_lines
+from btcv_unetr.io.card import NO_CARD, model_card_lines
+from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.serve.command import predictor_config
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 

@@ -12,8 +12,8 @@ from conftest import tiny_config
 
 from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.checkpoint import load_checkpoint
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 TINY = str(CONFIG_DIR / "tiny.yaml")

@@ -23,7 +23,6 @@ from btcv_unetr.inference.inversion import class_map, probabilities_to_scan
 from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.inference.sliding_window import auto_sw_batch_size
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.precision import CpuFeatures, Precision
 from btcv_unetr.model.speed import (
     ChannelsLastInstanceNorm3d,
     channels_last_norms,
@@ -32,6 +31,7 @@ from btcv_unetr.model.speed import (
     to_memory_format,
     use_sdpa,
 )
+from btcv_unetr.runtime.precision import CpuFeatures, Precision
 from btcv_unetr.synthetic.phantoms import generate_case
 from btcv_unetr.testing.reference import InverseTransformPredictor, reference_style  # the oracle
 from btcv_unetr.train.loop import micro_batch_size, train_step
@@ -266,7 +266,7 @@ def test_class_map_equals_argmax_including_ties():
 # is the change since just before the malloc (the imports mapped and allocated some memory of their own).
 _HEAP_PROBE = """
 import ctypes, json, sys
-from btcv_unetr.allocator import keep_freed_memory
+from btcv_unetr.runtime.allocator import keep_freed_memory
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
@@ -289,7 +289,7 @@ print(json.dumps({"applied": applied, "mmapped_during": during.hblkhd - before.h
 def _heap_after_a_64_mib_block(*switches: str) -> dict:
     import ctypes
 
-    from btcv_unetr.allocator import _glibc
+    from btcv_unetr.runtime.allocator import _glibc
     libc = _glibc()
     if libc is None:
         pytest.skip("the allocator switch tunes glibc's malloc only; this C library is not glibc")

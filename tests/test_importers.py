@@ -226,7 +226,7 @@ def test_validation_scores_only_the_organs_a_case_annotates():
 def test_training_gives_each_crop_its_annotated_classes_to_the_loss():
     from btcv_unetr.distributed import Context
     from btcv_unetr.model.build import build_model
-    from btcv_unetr.model.precision import Precision
+    from btcv_unetr.runtime.precision import Precision
     from btcv_unetr.train.optim import build_optimizer
     seen = []
 

@@ -38,7 +38,7 @@ def test_the_import_contracts_hold():
     assert "2 kept, 0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("old, new", [("btcv_unetr.checkpoint", "btcv_unetr.model.checkpoint"),
+@pytest.mark.parametrize("old, new", [("btcv_unetr.checkpoint", "btcv_unetr.io.checkpoint"),
                                       ("btcv_unetr.images", "btcv_unetr.data.images"),
                                       ("btcv_unetr.phantoms", "btcv_unetr.synthetic.phantoms"),
                                       ("btcv_unetr.infer_parts", "btcv_unetr.inference.parts")])

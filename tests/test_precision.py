@@ -13,9 +13,9 @@ from conftest import tiny_config
 from btcv_unetr import cli
 from btcv_unetr.config import parse_config
 from btcv_unetr.inference.predictor import Predictor
-from btcv_unetr.model import precision
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.precision import CpuFeatures, Precision, resolve_precision
+from btcv_unetr.runtime import precision
+from btcv_unetr.runtime.precision import CpuFeatures, Precision, resolve_precision
 
 CPU = torch.device("cpu")
 AVX2 = CpuFeatures("AMD EPYC (AVX2)", "AVX2", avx512_bf16=False, amx_bf16=False, arm_bf16=False)
@@ -244,7 +244,7 @@ def test_the_tests_and_their_processes_use_a_temporary_cache_not_the_users():
     import subprocess
 
     from conftest import TEST_CACHE_HOME
-    script = "from btcv_unetr.model.precision import cache_folder; print(cache_folder())"
+    script = "from btcv_unetr.runtime.cache import cache_folder; print(cache_folder())"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(Path(TEST_CACHE_HOME) / "btcv-unetr")
 

@@ -16,20 +16,14 @@ from conftest import tiny_config
 from btcv_unetr import __version__, cli
 from btcv_unetr.data.images import descrip, mask_provenance, write_mask
 from btcv_unetr.inference.predictor import Predictor
-from btcv_unetr.labels import BTCV_LABELS, ORGANS
+from btcv_unetr.inference.provenance import provenance
+from btcv_unetr.io.card import NO_CARD, card_warning, model_card_lines
+from btcv_unetr.io.checkpoint import load_checkpoint
+from btcv_unetr.labels import BTCV_LABELS, ORGANS, PLAUSIBLE_VOLUMES_ML, volume_flag
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.checkpoint import load_checkpoint
-from btcv_unetr.model.provenance import (
-    NO_CARD,
-    PLAUSIBLE_VOLUMES_ML,
-    card_warning,
-    data_facts,
-    model_card_lines,
-    provenance,
-    volume_flag,
-)
 from btcv_unetr.synthetic.shapes2d import write_dataset as write_pictures
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
+from btcv_unetr.train.card import data_facts
 
 PHANTOM_WARNING = ("WARNING: this model was trained on synthetic phantoms (btcv-unetr phantoms): it is not for real "
                    "scans; its masks of real CT are mostly wrong")

@@ -207,8 +207,7 @@ def test_the_model_card_and_its_warning_are_in_info(server):
 def test_volumes_far_outside_the_plausible_range_are_flagged(server, tmp_path):
     """A liver of 1 mL is far too small and a spleen of 648 mL too large (over 640); organs without a range (the
     aorta) or without voxels are never flagged; pictures have no volumes to flag."""
-    from btcv_unetr.labels import BTCV_LABELS
-    from btcv_unetr.model.provenance import PLAUSIBLE_VOLUMES_ML
+    from btcv_unetr.labels import BTCV_LABELS, PLAUSIBLE_VOLUMES_ML
     from btcv_unetr.serve.worker import organ_volumes
     labels = np.zeros((100, 100, 100), np.uint8)  # 1 mm voxels
     labels[:10, :10, :10] = 6  # liver: 1 mL

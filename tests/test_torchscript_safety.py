@@ -1,4 +1,4 @@
-"""TorchScript files are read as data (model/torchscript.py): no code of theirs runs through any command that takes
+"""TorchScript files are read as data (io/torchscript.py): no code of theirs runs through any command that takes
 one, their weights load exactly, and an architecture the file records that differs from the flags is refused.
 
 A module whose ``__setstate__`` writes a file does so the moment ``torch.jit.load`` reads it (checked here once, so
@@ -23,8 +23,9 @@ from btcv_unetr import cli
 from btcv_unetr.config import CONFIG_DIR
 from btcv_unetr.errors import UserError
 from btcv_unetr.inference.export import export
+from btcv_unetr.io.torchscript import read_archive
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.torchscript import load_torchscript_weights, read_archive
+from btcv_unetr.model.torchscript import load_torchscript_weights
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 READS_CODE = "restores itself with its own code (__setstate__)"

@@ -15,7 +15,7 @@ from btcv_unetr.data.transforms import train_transforms
 from btcv_unetr.distributed import Context
 from btcv_unetr.errors import UserError
 from btcv_unetr.model.build import build_model
-from btcv_unetr.model.precision import Precision
+from btcv_unetr.runtime.precision import Precision
 from btcv_unetr.train import budget as training_budget
 from btcv_unetr.train import loop as train
 from btcv_unetr.train import run_folder

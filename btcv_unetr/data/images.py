@@ -377,7 +377,7 @@ def write_mask(labels: np.ndarray, like: Path, path: Path, provenance: Mapping |
 
     NIfTI masks carry the image's affine as both qform and sform; ITK-format masks the image's
     origin, spacing and direction (read from its header only). ``provenance`` (see
-    :func:`btcv_unetr.model.provenance.provenance`) goes into the header: NIfTI ``descrip`` (short) and an
+    :func:`btcv_unetr.inference.provenance.provenance`) goes into the header: NIfTI ``descrip`` (short) and an
     extension (JSON), an NRRD/MHA metadata field (JSON). PNG masks carry none: SimpleITK writes no
     PNG text chunks.
     """

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..allocator import keep_freed_memory
 from ..config import Config, add_config_arguments, config_from_args
 from ..distributed import Context, launch, local_world_size, pick_device, share_cpu_threads, under_torchrun
 from ..model.pretrained import resolve_pretrained
+from ..runtime.allocator import keep_freed_memory
 from .batch import run_inference
 
 

@@ -132,7 +132,7 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         source_files: the series' DICOM files, any order; the SEG references them and copies the patient and study.
         names: class names of ``1..len(names)``: segment labels, and the SNOMED CT codes of :func:`organ_codes`.
         colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
-        provenance: what the mask was made with (:func:`btcv_unetr.model.provenance.provenance`): the segments'
+        provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): the segments'
             algorithm parameters, and as JSON in the SEG's Image Comments.
 
     One BINARY segment per class (described even when empty, so segment numbers are the class

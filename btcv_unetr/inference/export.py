@@ -26,9 +26,9 @@ import torch
 from ..config import Config, ModelConfig, add_config_arguments, config_from_args
 from ..errors import UserError
 from ..files import atomic_write
-from ..model.bundle import check_bundle_target, write_bundle
+from ..io.bundle import check_bundle_target, write_bundle
+from ..io.torchscript import ARCHITECTURE_FILE
 from ..model.pretrained import resolve_pretrained
-from ..model.torchscript import ARCHITECTURE_FILE
 from .loader import load_model, with_weights_file
 
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from ..config import PREPROCESSING, Config
+from ..io.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from ..model.build import build_model
-from ..model.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
-from ..model.precision import runs_natively
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import extract_state_dict, load_weights
+from ..runtime.precision import runs_natively
 from .ensemble import check_compatible, member_files
 
 
@@ -51,7 +51,7 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
     ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
     its weights to this project's UNETR built from the flags, read from its archive without running any of its
-    code (``model/torchscript.py``); an architecture the file records that differs from the flags is refused.
+    code (``io/torchscript.py``); an architecture the file records that differs from the flags is refused.
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None

@@ -20,14 +20,14 @@ from ..data.images import check_picture_size, is_picture
 from ..data.transforms import NonFiniteVoxels, infer_transforms
 from ..distributed import pick_device
 from ..errors import UserError
+from ..io.card import model_card_lines
 from ..model.build import describe_model_size
-from ..model.precision import cpu_features, resolve_precision
-from ..model.provenance import model_card_lines
-from ..model.provenance import provenance as mask_provenance
 from ..model.speed import compile_if_asked, prepare_model
+from ..runtime.precision import cpu_features, resolve_precision
 from .ensemble import ensemble_card, ensemble_checksum
 from .inversion import probabilities_to_picture, probabilities_to_scan
 from .loader import load_members
+from .provenance import provenance as mask_provenance
 from .sliding_window import (
     LARGE_SCAN_WINDOWS,
     auto_sw_batch_size,

@@ -14,7 +14,7 @@ import torch
 from monai.inferers.utils import _get_scan_interval  # private: pinned by tests/test_monai_internals.py
 
 from ..config import Config
-from ..model.precision import cpu_features
+from ..runtime.precision import cpu_features
 
 LARGE_SCAN_WINDOWS = 64
 

@@ -1,6 +1,6 @@
-"""The model: UNETR built from the config (``build``), its speed switches (``speed``), weights from every kind of file
-(``weights``), checkpoints (``checkpoint``), the precision decision (``precision``), released weights and MONAI bundles
-(``pretrained``, ``bundle``) and the model card (``provenance``)."""
+"""The networks and their weights: UNETR built from the config (``build``), its speed switches (``speed``), weights
+from every kind of file into it (``weights``; a TorchScript UNETR's settings and weights: ``torchscript``) and the
+released weights by name (``pretrained``). File formats are read in ``btcv_unetr.io``."""
 
 from .._compat import forwarded_names
 

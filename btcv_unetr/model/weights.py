@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io.checkpoint import load_checkpoint
 from .build import UNUSED_PARAMETERS
-from .checkpoint import load_checkpoint
 
 # Keys of UNETR state dicts written by MONAI 0.6-0.8 (the released BTCV weights) that the current
 # UNETR no longer has. None of them ever affected the output: the class token was unused without

@@ -20,7 +20,7 @@ from .. import __version__
 from ..data.checks import Expected
 from ..data.datalist import class_names
 from ..inference.plots import class_colours
-from ..model.provenance import card_warning, model_card_lines
+from ..io.card import card_warning, model_card_lines
 from .jobs import Job, JobQueue, JobStore, QueueFull
 from .limits import GB, Declared, job_memory_bytes
 from .pacs import PacsError, check_uid, retrieve_series

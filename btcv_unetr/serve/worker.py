@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..files import atomic_write_text
 from ..inference.dicom_seg import series_files, write_dicom_seg
 from ..inference.plots import class_colours, save_case_overlay
-from ..model.provenance import PLAUSIBLE_VOLUMES_ML, volume_flag
+from ..labels import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
 
@@ -28,7 +28,7 @@ from .pacs import PacsError, store_instance
 def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str]) -> dict:
     """Voxel counts and volumes in mL of classes ``1..len(names)``; pictures (no ``affine``): pixel counts.
 
-    Each organ with a plausible adult range (:data:`~btcv_unetr.model.provenance.PLAUSIBLE_VOLUMES_ML`) carries it
+    Each organ with a plausible adult range (:data:`~btcv_unetr.labels.PLAUSIBLE_VOLUMES_ML`) carries it
     as ``plausible_ml`` and ``flag`` "low"/"high" when its volume is far outside it (else None).
     """
     counts = np.bincount(labels.ravel(), minlength=len(names) + 1)

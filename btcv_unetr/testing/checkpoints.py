@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..io.checkpoint import save_checkpoint
 from ..model.build import build_model
-from ..model.checkpoint import save_checkpoint
-from ..model.precision import Precision
-from ..model.provenance import untrained_card
+from ..runtime.precision import Precision
+from ..train.card import untrained_card
 
 
 def seeded_checkpoint(path: Path, config: Config, seed: int = 0) -> Path:

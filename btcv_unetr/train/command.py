@@ -6,10 +6,10 @@ import argparse
 
 from monai.utils import set_determinism
 
-from ..allocator import keep_freed_memory
 from ..config import Config, add_config_arguments, config_from_args
 from ..distributed import Context, launch
 from ..model.pretrained import resolve_pretrained
+from ..runtime.allocator import keep_freed_memory
 from .loop import check_training_data, run_training
 from .run_folder import resolve_logdir, run_folder
 

@@ -39,15 +39,15 @@ from ..distributed import Context, all_true, broadcast_object, gather_objects
 from ..errors import UserError
 from ..inference.evaluate import format_summary, nan_mean
 from ..inference.sliding_window import auto_sw_batch_size, window_settings
+from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..logs import RunLog
 from ..model.build import build_model, describe_model_size
-from ..model.checkpoint import load_checkpoint, save_checkpoint
-from ..model.precision import Precision, resolve_precision
-from ..model.provenance import data_facts, model_card
 from ..model.speed import compile_if_asked, prepare_model
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import load_pretrained, load_weights
+from ..runtime.precision import Precision, resolve_precision
 from .budget import BudgetPlanner, budgeted_epochs
+from .card import data_facts, model_card
 from .loss import build_loss, unannotated_as_background
 from .optim import build_optimizer, build_scheduler
 from .run_folder import keep_best_plan

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import PRECISIONS
 from ..files import atomic_write_json
+from .cache import cache_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # bfloat16 must beat float32 by this factor in the probe: a tie is not worth the rounding.
@@ -212,17 +213,8 @@ def probe_shape(model) -> tuple[int, int, int, int, int]:
     return (model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size), model.spatial_dims)
 
 
-CACHE_FOLDER = "btcv-unetr"
 CACHE_FILE = "precision.json"
 CACHE_FORMAT = 1
-
-
-def cache_folder() -> Path:
-    """``$XDG_CACHE_HOME/btcv-unetr``, else ``~/.cache/btcv-unetr``; a relative XDG_CACHE_HOME is ignored, as the
-    XDG specification says. Raises RuntimeError where there is no home folder to fall back on."""
-    base = os.environ.get("XDG_CACHE_HOME", "")
-    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".cache"
-    return root / CACHE_FOLDER
 
 
 def decision_key(features: CpuFeatures, shape: tuple[int, ...]) -> str:

@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import Config
 from ..data.datalist import label_names
 from ..errors import UserError
-from .provenance import card_warning, model_card_lines
+from .card import card_warning, model_card_lines
 
 # The newest metadata schema model-zoo bundles name (vista3d among them), the one with MONAI 1.4+'s
 # ``required_packages_version``; ``verify_metadata`` downloads it, or reads ``--filepath`` when that file exists.

@@ -145,7 +145,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, pr
 
     ``config`` holds the settings as asked (``precision: auto``, ``time_budget_min``, and the
     ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason;
-    ``card`` the model card (:func:`btcv_unetr.model.provenance.model_card`: the data, the validation ...).
+    ``card`` the model card (:func:`btcv_unetr.train.card.model_card`: the data, the validation ...).
     Written to a temporary name and renamed: a failed write (a full disk) leaves the previous file.
     """
     state = seal({"version": CHECKPOINT_VERSION,
