@@ -6,8 +6,8 @@ import torch
 from case_model import model_passes
 from case_train3d import training_step
 
-from btcv_unetr.config import CONFIG_DIR, Config, build_config
-from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
+from btcv_unetr.config.schema import Config
 
 
 def picture_config(settings: dict, device: str) -> Config:

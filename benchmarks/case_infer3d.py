@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from machine import PeakMemory, median_seconds
 
-from btcv_unetr.config import Config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.inference.batch import run_inference, segment_case
 from btcv_unetr.inference.cases import Case
 from btcv_unetr.inference.predictor import Predictor

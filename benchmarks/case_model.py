@@ -11,7 +11,7 @@ import torch
 from machine import median_seconds, run_precision
 from torch.utils.flop_counter import FlopCounterMode
 
-from btcv_unetr.config import Config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.speed import prepare_model
 

@@ -21,7 +21,8 @@ from case_train3d import data_throughput, loss_curve, tiny_batches, train_tiny, 
 from machine import count_flops, machine_facts, matmul_peak, memory_bandwidth, run_precision
 from settings import BTCV_LIKE_CASE, SETTINGS, TINY
 
-from btcv_unetr.config import Config, build_config
+from btcv_unetr.config.load import build_config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.files import atomic_save_nifti
 from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.model.build import build_model

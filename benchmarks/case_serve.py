@@ -30,7 +30,7 @@ import torch
 from machine import machine_facts
 from settings import TINY
 
-from btcv_unetr.config import build_config
+from btcv_unetr.config.load import build_config
 from btcv_unetr.errors import UserError
 from btcv_unetr.io.checkpoint import load_checkpoint, stored_config
 from btcv_unetr.runtime.precision import Precision, resolve_precision

@@ -11,7 +11,8 @@ from case_train3d import training_step
 from machine import machine_facts, median_seconds, run_precision
 from settings import SETTINGS
 
-from btcv_unetr.config import Config, build_config
+from btcv_unetr.config.load import build_config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.inference.sliding_window import auto_sw_batch_size
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.speed import compile_if_asked, memory_format_for, prepare_model, sdpa_for

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from machine import median_seconds, run_precision
 
-from btcv_unetr.config import Config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.data.datalist import load_config_split, make_dataset
 from btcv_unetr.data.transforms import train_transforms
 from btcv_unetr.distributed import Context, launch

@@ -34,8 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
-from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.config.load import (  # noqa: E402
+    CONFIG_DIR,
+    build_config,
+    read_yaml,  # noqa: E402
+)
 from btcv_unetr.io.checkpoint import load_checkpoint, stored_config  # noqa: E402
 from btcv_unetr.runtime.precision import cpu_features, resolve_precision  # noqa: E402
 from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
-from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.config.load import (  # noqa: E402
+    CONFIG_DIR,
+    build_config,
+    read_yaml,  # noqa: E402
+)
 from btcv_unetr.data.images import write_mask  # noqa: E402
 from btcv_unetr.inference.loader import with_weights_file
 from btcv_unetr.inference.predictor import Predictor  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
-from btcv_unetr.config import Config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.runtime.precision import Precision, cpu_features, resolve_precision
 
 

@@ -21,11 +21,12 @@ import sys
 from collections.abc import Callable
 
 from . import __version__, serve
-from .config import FlagParser, unrecognized_flags_message
+from .config.flags import CommandFlags, FlagParser, unrecognized_flags_message
 from .data import checks, importers
 from .errors import UserError, one_line
 from .inference import command as infer
 from .inference import evaluate, export
+from .serve.command import SERVE_FLAGS
 from .synthetic import phantoms, shapes2d
 from .train import command as train
 from .train import crossval
@@ -48,6 +49,12 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "serve": ("a REST service with a job queue and a web page (pip install 'btcv-unetr[serve]')",
               serve.add_arguments, serve.run),
 }
+
+
+# The config flags of each command that takes any, in the order a refused flag's line names the commands taking it.
+CONFIG_FLAGS: dict[str, CommandFlags] = {
+    "train": train.TRAIN_FLAGS, "infer": infer.INFER_FLAGS, "export": export.EXPORT_FLAGS, "serve": SERVE_FLAGS,
+    "check-data": checks.CHECK_DATA_FLAGS, "evaluate": evaluate.EVALUATE_FLAGS, "crossval": crossval.CROSSVAL_FLAGS}
 
 
 def run_command(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unrecognized = parser.parse_known_args(argv)
     if unrecognized:
         # ``infer --warmup_epochs 3`` would be ignored: refused, naming the commands that take the flag.
-        parser.error(unrecognized_flags_message(args.command, unrecognized))
+        parser.error(unrecognized_flags_message(args.command, unrecognized, CONFIG_FLAGS))
     return run_command(args.run, args)
 
 

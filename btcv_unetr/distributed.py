@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .config import Config
+from .config.schema import Config
 from .errors import UserError
 
 

@@ -17,8 +17,12 @@ import pytest
 TEST_CACHE_HOME = tempfile.mkdtemp(prefix="btcv-unetr-tests-cache-")
 os.environ["XDG_CACHE_HOME"] = TEST_CACHE_HOME
 
-from btcv_unetr.config import CONFIG_DIR, Config, build_config  # noqa: E402  (after the cache is set)
-from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.config.load import (  # noqa: E402  (after the cache is set)
+    CONFIG_DIR,
+    build_config,
+    read_yaml,  # noqa: E402
+)
+from btcv_unetr.config.schema import Config  # noqa: E402  (after the cache is set)
 from btcv_unetr.synthetic.phantoms import write_dataset  # noqa: E402
 
 PHANTOM_SIZE = 64

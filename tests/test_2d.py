@@ -12,8 +12,8 @@ from monai.data import list_data_collate
 from monai.losses import DiceCELoss
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR, ConfigError, build_config, parse_label_map
-from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
+from btcv_unetr.config.validation import ConfigError, parse_label_map
 from btcv_unetr.data.checks import Expected, check_data
 from btcv_unetr.data.datalist import load_config_split
 from btcv_unetr.data.transforms import train_transforms, val_transforms

@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.config.load import CONFIG_DIR
 from btcv_unetr.errors import UserError
 from btcv_unetr.io import checkpoint as ckpt
 from btcv_unetr.io.checkpoint import CHECKPOINT_VERSION, CONTENT_CHECKSUMS, load_checkpoint, weights_checksum
@@ -205,10 +205,10 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_the_next_
         import os, signal, torch
         from pathlib import Path
         from btcv_unetr.io.checkpoint import save_checkpoint
-        from btcv_unetr.config import build_config, _read_yaml
+        from btcv_unetr.config.load import build_config, read_yaml
         from btcv_unetr.model.build import build_model
         from btcv_unetr.runtime.precision import Precision
-        config = build_config([_read_yaml(Path({config_dir!r}) / "tiny.yaml")])
+        config = build_config([read_yaml(Path({config_dir!r}) / "tiny.yaml")])
         model = build_model(config.model)
         optimizer = torch.optim.AdamW(model.parameters())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)

@@ -207,7 +207,7 @@ def test_a_problem_line_shows_control_characters_escaped():
 def test_a_dataset_caches_each_listed_file_once(tmp_path):
     from monai.transforms import Lambda
 
-    from btcv_unetr.config import DataConfig
+    from btcv_unetr.config.schema import DataConfig
     from btcv_unetr.data.datalist import make_dataset, unique_items
     seen = []
 

@@ -13,18 +13,13 @@ import pytest
 import yaml
 
 from btcv_unetr import cli
-from btcv_unetr.config import (
-    COMMAND_FLAGS,
-    PREPROCESSING,
-    REFERENCE_TEST_EXTRAS,
-    SECTIONS,
-    ConfigError,
-    FastConfig,
-    ModelConfig,
-    build_config,
-    migrate,
-    parse_config,
-)
+from btcv_unetr.cli import CONFIG_FLAGS
+from btcv_unetr.config.flags import parse_config
+from btcv_unetr.config.load import build_config
+from btcv_unetr.config.migration import migrate
+from btcv_unetr.config.schema import PREPROCESSING, SECTIONS, FastConfig, ModelConfig
+from btcv_unetr.config.validation import ConfigError
+from btcv_unetr.inference.command import REFERENCE_TEST_EXTRAS
 
 OLD_KEYS = {"model": {"model_name": "unetr", "feature_size": 8},
             "fast": {"crop_before_resampling": False, "compile": False},
@@ -71,7 +66,7 @@ def test_crop_before_resampling_keeps_its_flag(command):
 
 @pytest.mark.parametrize("command", ["train", "infer", "export", "crossval"])
 def test_overwrite_keeps_its_flag_in_the_general_section(command):
-    from btcv_unetr.config import config_from_args
+    from btcv_unetr.config.flags import config_from_args
     parser = cli.build_parser()
     args, _ = parser.parse_known_args([command, "--overwrite"])
     assert config_from_args(args).general.overwrite is True
@@ -91,7 +86,7 @@ def test_model_name_is_a_reference_flag_that_only_takes_unetr(command, capsys):
 
 def test_reference_test_extras_are_named_per_section_and_marked_unused_in_infers_help():
     for section, names in REFERENCE_TEST_EXTRAS.items():
-        assert set(names) <= set(COMMAND_FLAGS["infer"][section])
+        assert set(names) <= set(CONFIG_FLAGS["infer"][section])
         assert set(names) <= {f.name for f in dataclasses.fields(SECTIONS[section])}
     help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["infer"].format_help().split())
     assert help_text.count("accepted as the reference's test.py does; not used by inference") == \

@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.config import ConfigError
+from btcv_unetr.config.validation import ConfigError
 from btcv_unetr.data.datalist import case_name, load_config_split, load_split
 from btcv_unetr.errors import UserError
 from btcv_unetr.inference.evaluate import CaseMetrics, write_reports

@@ -28,8 +28,11 @@ pytest.importorskip("highdicom", reason="the dicom extra is not installed: pip i
 from orthanc import free_port, orthanc_or_skip, running_orthanc  # noqa: E402
 from serving import running_server, tiny_checkpoint  # noqa: E402
 
-from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
-from btcv_unetr.config import _read_yaml as read_yaml  # noqa: E402
+from btcv_unetr.config.load import (  # noqa: E402
+    CONFIG_DIR,
+    build_config,
+    read_yaml,  # noqa: E402
+)
 from btcv_unetr.data.images import dicom_series, write_dicom_series_as_nifti  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
 from btcv_unetr.inference.batch import run_inference  # noqa: E402

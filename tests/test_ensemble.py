@@ -19,7 +19,7 @@ from conftest import tiny_config
 from serving import running_server
 
 from btcv_unetr import cli
-from btcv_unetr.config import Config
+from btcv_unetr.config.schema import Config
 from btcv_unetr.data.images import mask_provenance
 from btcv_unetr.errors import UserError
 from btcv_unetr.inference.ensemble import ensemble_card, ensemble_checksum, member_files

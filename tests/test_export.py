@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.config.load import CONFIG_DIR
 from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.model.build import build_model
 from btcv_unetr.testing.checkpoints import seeded_checkpoint

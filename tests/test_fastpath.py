@@ -15,7 +15,8 @@ from conftest import tiny_config
 from monai.losses import DiceCELoss
 
 from btcv_unetr import cli
-from btcv_unetr.config import FastConfig, parse_config
+from btcv_unetr.config.flags import parse_config
+from btcv_unetr.config.schema import FastConfig
 from btcv_unetr.data.transforms import infer_transforms
 from btcv_unetr.distributed import Context
 from btcv_unetr.inference import sliding_window

@@ -23,8 +23,7 @@ import torch
 from hostile import WritesOnLoad
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR, build_config
-from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
 from btcv_unetr.files import folder_lock
 from btcv_unetr.model.build import build_model
 

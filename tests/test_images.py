@@ -250,12 +250,12 @@ def test_a_corrupt_pictures_error_is_one_line(tmp_path):
 
 
 def test_an_8_bit_and_a_16_bit_png_of_one_picture_are_the_same_model_input(tmp_path):
-    from btcv_unetr.config import CONFIG_DIR, _read_yaml, build_config
+    from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
     from btcv_unetr.data.transforms import infer_transforms
     picture = _grey(48, 64)
     sitk.WriteImage(sitk.GetImageFromArray(picture), str(tmp_path / "p8.png"))
     sitk.WriteImage(sitk.GetImageFromArray(picture.astype(np.uint16) * 257), str(tmp_path / "p16.png"))
-    config = build_config([_read_yaml(CONFIG_DIR / "tiny2d.yaml"), {"model": {"in_channels": 1}}])
+    config = build_config([read_yaml(CONFIG_DIR / "tiny2d.yaml"), {"model": {"in_channels": 1}}])
     transform = infer_transforms(config)
     eight, sixteen = (transform({"image": str(tmp_path / name)})["image"] for name in ("p8.png", "p16.png"))
     assert eight.shape == (1, 64, 64) and float(eight.std()) > 0.5  # a picture, not a constant

@@ -10,8 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from btcv_unetr.config import CONFIG_DIR, build_config
-from btcv_unetr.config import _read_yaml as read_yaml
+from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
 from btcv_unetr.errors import UserError
 from btcv_unetr.files import folder_lock
 from btcv_unetr.inference.batch import run_inference

@@ -21,7 +21,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from btcv_unetr.config import ConfigError, build_config
+from btcv_unetr.config.load import build_config
+from btcv_unetr.config.validation import ConfigError
 from btcv_unetr.distributed import share_cpu_threads
 from btcv_unetr.errors import UserError
 from btcv_unetr.files import folder_lock, remove_stale_temporaries

@@ -4,7 +4,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss, DiceLoss
 
-from btcv_unetr.config import TrainConfig
+from btcv_unetr.config.schema import TrainConfig
 from btcv_unetr.train.loss import ClassWeightedDiceCELoss, build_loss, class_volumes, inverse_sqrt_volume_weights
 
 CPU = torch.device("cpu")
@@ -67,7 +67,8 @@ def test_build_loss_reads_the_labels_only_when_weighted(tmp_path):
 
 
 def test_unknown_weighting_is_refused_with_the_choices():
-    from btcv_unetr.config import ConfigError, build_config
+    from btcv_unetr.config.load import build_config
+    from btcv_unetr.config.validation import ConfigError
     with pytest.raises(ConfigError, match="'class_weights': 'inverse' is not one of none, inverse_sqrt_volume"):
         build_config([{"train": {"class_weights": "inverse"}}])
 

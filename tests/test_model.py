@@ -102,7 +102,7 @@ def test_torchscript_weights_load_into_the_eager_model(model, volume, tmp_path):
 @pytest.mark.parametrize("preset, parameters", [("lite", None), ("base", 92_802_478), ("large", 311_867_566)])
 def test_each_preset_builds_with_its_printed_parameter_count(preset, parameters):
     """lite, base (the paper's ViT-B: about 92.6 M parameters for BTCV) and large (ViT-L, 24 blocks)."""
-    from btcv_unetr.config import parse_config
+    from btcv_unetr.config.flags import parse_config
     from btcv_unetr.model.build import describe_model_size, model_size
     config = parse_config(["--preset", preset]).model
     with torch.device("meta"):  # the count needs the modules, not their memory

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from btcv_unetr.config import build_config
+from btcv_unetr.config.load import build_config
 from btcv_unetr.train.optim import build_optimizer, build_scheduler, lr_factor
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """
 import btcv_unetr
-from btcv_unetr.config import parse_config
+from btcv_unetr.config.flags import parse_config
 from btcv_unetr.data.datalist import resolve_datalist
 print(btcv_unetr.__file__)
 print(parse_config(["--config", "phantom_demo.yaml"]).model.feature_size)

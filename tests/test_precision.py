@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.config import parse_config
+from btcv_unetr.config.flags import parse_config
 from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.model.build import build_model
 from btcv_unetr.runtime import precision
@@ -111,7 +111,7 @@ def test_flags_and_old_settings_map_to_a_precision():
     assert parse_config([]).train.precision == "auto"
     assert parse_config(["--noamp"]).train.precision == "fp32"
     assert parse_config(["--precision", "bf16"]).train.precision == "bf16"
-    from btcv_unetr.config import config_from_dict
+    from btcv_unetr.config.load import config_from_dict
     old = parse_config([]).to_dict()
     old["train"].pop("precision")
     for amp, name in ((False, "fp32"), (True, "auto")):

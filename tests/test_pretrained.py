@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 
 from btcv_unetr import cli
-from btcv_unetr.config import build_config
+from btcv_unetr.config.load import build_config
 from btcv_unetr.errors import UserError
 from btcv_unetr.model import pretrained
 from btcv_unetr.model.build import build_model

@@ -20,7 +20,7 @@ from hostile import WritesOnLoad
 from torch import nn
 
 from btcv_unetr import cli
-from btcv_unetr.config import CONFIG_DIR
+from btcv_unetr.config.load import CONFIG_DIR
 from btcv_unetr.errors import UserError
 from btcv_unetr.inference.export import export
 from btcv_unetr.io.torchscript import read_archive
@@ -227,8 +227,8 @@ def test_serve_takes_a_torchscript_checkpoint_as_torchscript(saved):
 
 def test_a_2d_export_loads_with_the_eager_logits(tmp_path, capsys):
     """2D (tiny2d: RGB pictures, 64x64 ROI): the architecture is read and checked, the weights load exactly."""
-    from btcv_unetr.config import _read_yaml, build_config
-    config = build_config([_read_yaml(CONFIG_DIR / "tiny2d.yaml")]).model
+    from btcv_unetr.config.load import build_config, read_yaml
+    config = build_config([read_yaml(CONFIG_DIR / "tiny2d.yaml")]).model
     torch.manual_seed(0)
     eager = build_model(config).eval()
     export(eager, torch.zeros(1, 3, 64, 64), "torchscript", tmp_path / "unetr2d.pt", config)

@@ -20,13 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MAX_PIXELS, Config, add_config_arguments, config_from_args, parse_label_map
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import MAX_PIXELS, Config
+from ..config.validation import parse_label_map
 from ..errors import UserError, one_line
 from .datalist import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
 from .images import Volume, check_picture_size, is_picture, picture_header, read_volume
 
 SPLITS = ("training", "validation", "test")
 AFFINE_TOLERANCE_MM = 1e-3
+
+# The config flags of ``check-data``: the datalist, and what the model takes (dimensions, channels, classes).
+CHECK_DATA_FLAGS: CommandFlags = {"model": ("spatial_dims", "in_channels", "out_channels"),
+                                  "data": ("data_dir", "json_list", "label_map", "max_pixels")}
 
 
 @dataclass(frozen=True)
@@ -253,8 +259,8 @@ def check_config_data(config: Config) -> tuple[list[Problem], dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The config's flags of ``check-data`` (config.COMMAND_FLAGS): the datalist and what the model takes."""
-    add_config_arguments(parser, "check-data")
+    """The config's flags of ``check-data`` (:data:`CHECK_DATA_FLAGS`): the datalist and what the model takes."""
+    add_config_arguments(parser, CHECK_DATA_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

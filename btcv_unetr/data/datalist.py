@@ -30,7 +30,7 @@ import numpy as np
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from torch.utils.data import Subset
 
-from ..config import DataConfig
+from ..config.schema import DataConfig
 from ..errors import UserError
 from ..labels import BTCV_LABELS
 

@@ -31,7 +31,7 @@ import numpy as np
 from monai.data import ImageReader
 from monai.utils import ensure_tuple
 
-from ..config import MAX_PIXELS
+from ..config.schema import MAX_PIXELS
 from ..errors import UserError
 from ..files import atomic_path, atomic_save_nifti
 

@@ -32,7 +32,8 @@ import torch
 from monai import transforms as mt
 from monai.data import MetaTensor
 
-from ..config import Config, parse_label_map
+from ..config.schema import Config
+from ..config.validation import parse_label_map
 from ..errors import UserError
 from .checks import non_finite_problem
 from .datalist import mirror_pairs

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, parse_label_map
+from ..config.schema import Config
+from ..config.validation import parse_label_map
 from ..data.checks import Expected
 from ..data.datalist import class_names
 from ..data.images import image_shape, mask_path, read_volume, voxel_spacing, write_mask

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config
+from ..config.schema import Config
 from ..data.checks import Expected, dimension_problems
 from ..data.datalist import case_name, load_config_split
 from ..data.images import (

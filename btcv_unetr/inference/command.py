@@ -5,11 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import PREPROCESSING, Config
 from ..distributed import Context, launch, local_world_size, pick_device, share_cpu_threads, under_torchrun
 from ..model.pretrained import resolve_pretrained
 from ..runtime.allocator import keep_freed_memory
 from .batch import run_inference
+
+# Flags the reference's test.py took without using them at inference (its loader shared the
+# training arguments), per section: test.py still accepts them, so that reference commands keep working.
+REFERENCE_TEST_EXTRAS: dict[str, tuple[str, ...]] = {
+    "data": ("RandFlipd_prob", "RandRotate90d_prob", "RandScaleIntensityd_prob", "RandShiftIntensityd_prob",
+             "workers"),
+    "dist": ("distributed",),
+}
+# The config flags of ``infer`` (test.py): the model, inference, the datalist and preprocessing, the weights.
+INFER_FLAGS: CommandFlags = {
+    "model": None, "infer": None,
+    "data": ("data_dir", "json_list", "fold", "label_map", "max_pixels", *PREPROCESSING,
+             *REFERENCE_TEST_EXTRAS["data"]),
+    "train": ("pretrained_dir", "pretrained_model_name", "pretrained", "precision"),
+    "dist": REFERENCE_TEST_EXTRAS["dist"],
+    "fast": ("malloc_tuning", "sdpa", "compile", "channels_last"), "general": None}
 
 
 def infer_worker(context: Context, config: Config) -> None:
@@ -21,7 +38,8 @@ def infer_worker(context: Context, config: Config) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "infer")
+    add_config_arguments(parser, INFER_FLAGS, unused=REFERENCE_TEST_EXTRAS,
+                         unused_help="accepted as the reference's test.py does; not used by inference")
 
 
 def run(args: argparse.Namespace) -> int:

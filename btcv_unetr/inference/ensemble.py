@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import PREPROCESSING, Config
+from ..config.schema import PREPROCESSING, Config
 from ..errors import UserError
 
 FOLD_FOLDER = re.compile(r"fold_(\d+)")

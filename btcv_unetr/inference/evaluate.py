@@ -20,13 +20,17 @@ import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 
-from ..config import add_config_arguments, config_from_args, parse_label_map
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.validation import parse_label_map
 from ..data.datalist import LABELLED_SPLITS, case_name, label_names, read_datalist, split_entries
 from ..data.images import is_image_file, read_volume, voxel_spacing
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json
 
 NSD_TOLERANCE_MM = 2.0
+
+# The config flags of ``evaluate``: the classes, the label map and whether distances are computed.
+EVALUATE_FLAGS: CommandFlags = {"model": ("out_channels",), "data": ("label_map",), "infer": ("hd95",)}
 
 
 @dataclass
@@ -205,13 +209,13 @@ def map_values(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--pred``, ``--label``, ``--out``, and the config's flags of ``evaluate`` (config.COMMAND_FLAGS):
+    """``--pred``, ``--label``, ``--out``, and the config's flags of ``evaluate`` (:data:`EVALUATE_FLAGS`):
     ``--out_channels``, ``--label_map``, ``--no_hd95``."""
     parser.add_argument("--pred", required=True, help="folder of predicted masks (NIfTI, NRRD, MHA; PNG in 2D)")
     parser.add_argument("--label", required=True, help="folder of ground-truth masks (NIfTI, NRRD, MHA; PNG in 2D), "
                         "or a datalist .json (paths relative to it; its labels name the classes)")
     parser.add_argument("--out", default=None, help="folder for metrics.csv and summary.json (default: --pred)")
-    add_config_arguments(parser, "evaluate")
+    add_config_arguments(parser, EVALUATE_FLAGS)
 
 
 def report_names(label_source: Path, num_classes: int) -> list[str]:

@@ -23,13 +23,18 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ModelConfig, add_config_arguments, config_from_args
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import Config, ModelConfig
 from ..errors import UserError
 from ..files import atomic_write
 from ..io.bundle import check_bundle_target, write_bundle
 from ..io.torchscript import ARCHITECTURE_FILE
 from ..model.pretrained import resolve_pretrained
 from .loader import load_model, with_weights_file
+
+# The config flags of ``export``: the model, the weights to export, and the window settings a bundle records.
+EXPORT_FLAGS: CommandFlags = {"model": None, "train": ("checkpoint", "pretrained"), "infer": ("infer_overlap", "mode"),
+                              "general": None}
 
 
 def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path,
@@ -59,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", default=None, metavar="DIR",
                         help="write a MONAI bundle folder instead (configs/, models/model.pt, docs/), which "
                              "python -m monai.bundle run runs with MONAI alone")
-    add_config_arguments(parser, "export")
+    add_config_arguments(parser, EXPORT_FLAGS)
 
 
 def weights_path(config: Config) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PREPROCESSING, Config
+from ..config.schema import PREPROCESSING, Config
 from ..io.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from ..model.build import build_model
 from ..model.torchscript import load_torchscript_weights

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from ..config import InferConfig
+from ..config.schema import InferConfig
 from ..data.images import image_shape, is_picture, read_volume
 from ..distributed import Context, raise_on_every_rank
 from ..errors import UserError

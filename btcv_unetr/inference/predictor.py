@@ -15,7 +15,7 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import KeepLargestConnectedComponent
 from torch import nn
 
-from ..config import Config
+from ..config.schema import Config
 from ..data.images import check_picture_size, is_picture
 from ..data.transforms import NonFiniteVoxels, infer_transforms
 from ..distributed import pick_device

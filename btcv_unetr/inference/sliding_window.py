@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from monai.inferers.utils import _get_scan_interval  # private: pinned by tests/test_monai_internals.py
 
-from ..config import Config
+from ..config.schema import Config
 from ..runtime.precision import cpu_features
 
 LARGE_SCAN_WINDOWS = 64

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config import Config
+from ..config.schema import Config
 from ..data.datalist import label_names
 from ..errors import UserError
 from .card import card_warning, model_card_lines

@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, config_from_dict, migrate, split_unknown_keys
+from ..config.load import config_from_dict, split_unknown_keys
+from ..config.migration import migrate
+from ..config.schema import Config
 from ..errors import UserError
 from ..files import atomic_write
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from monai.networks.nets import UNETR, ViT
 
-from ..config import ModelConfig
+from ..config.schema import ModelConfig
 
 # Built by MONAI's TransformerBlock but only used with cross-attention, which UNETR never enables.
 UNUSED_PARAMETERS = re.compile(r"\.norm_cross_attn\.")

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import Config, config_from_dict
+from ..config.load import config_from_dict
+from ..config.schema import Config
 from ..errors import UserError
 from ..io.bundle import is_bundle, read_bundle
 from ..io.download import fetch, split_url

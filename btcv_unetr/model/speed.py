@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
-from ..config import FastConfig
+from ..config.schema import FastConfig
 
 
 def use_sdpa(model: nn.Module, enabled: bool = True) -> int:

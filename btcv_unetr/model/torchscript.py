@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config.schema import ModelConfig
 from ..errors import UserError
 from ..io.torchscript import ScriptArchive, read_archive
 from .weights import extract_state_dict, load_weights

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PRECISIONS
+from ..config.schema import PRECISIONS
 from ..files import atomic_write_json
 from .cache import cache_folder
 

@@ -17,11 +17,18 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import Config
 from ..errors import UserError
 from .jobs import SPOOL, open_jobs_folder
 from .limits import JOB_MEMORY_FRACTION, MAX_DICOM_FILES, MAX_EXTENT_MM, MAX_PIXELS, MAX_VOXELS, JobLimits
 from .settings import TOKEN_VARIABLE, ServeSettings, default_jobs_dir
+
+# The config flags of ``serve``: the model and its weights, and how each job's inference runs.
+SERVE_FLAGS: CommandFlags = {
+    "model": None, "train": ("checkpoint", "precision"),
+    "infer": ("infer_overlap", "sw_batch_size", "mode", "tta", "device", "checkpoints"),
+    "data": ("crop_before_resampling",), "fast": ("malloc_tuning", "sdpa", "compile", "channels_last")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dicomweb", default=None, metavar="URL",
                         help="a PACS's DICOMweb root (Orthanc: http://host:8042/dicom-web): POST /jobs then takes "
                              '{"study_uid", "series_uid"} of a series there, and stores its DICOM SEG back (STOW-RS)')
-    add_config_arguments(parser, "serve")
+    add_config_arguments(parser, SERVE_FLAGS)
 
 
 def limits_from_args(args: argparse.Namespace) -> JobLimits:

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from ..config import MAX_PIXELS  # pictures (2D models): 8000 x 8000, the command line's default too
+from ..config.schema import MAX_PIXELS  # pictures (2D models): 8000 x 8000, the command line's default too
 from ..data.images import pixels_problem
 
 GB = 1 << 30

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config.schema import Config
 from ..io.checkpoint import save_checkpoint
 from ..model.build import build_model
 from ..runtime.precision import Precision

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
-from ..config import Config, FastConfig
+from ..config.schema import Config, FastConfig
 from ..inference.predictor import Predictor
 
 

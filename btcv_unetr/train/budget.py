@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config
+from ..config.schema import Config
 
 
 def plan_epochs(budget_s: float, elapsed_s: float, epochs_done: int, epoch_s: float, validation_s: float,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Config
+from ..config.schema import Config
 from ..data.datalist import class_names, read_datalist, resolve_datalist, with_fold
 from ..errors import UserError
 

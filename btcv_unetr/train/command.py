@@ -6,12 +6,17 @@ import argparse
 
 from monai.utils import set_determinism
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import Config
 from ..distributed import Context, launch
 from ..model.pretrained import resolve_pretrained
 from ..runtime.allocator import keep_freed_memory
 from .loop import check_training_data, run_training
 from .run_folder import resolve_logdir, run_folder
+
+# The config flags of ``train``: every section, and of inference's the settings validation uses.
+TRAIN_FLAGS: CommandFlags = {"model": None, "data": None, "train": None, "dist": None, "fast": None,
+                             "infer": ("infer_overlap", "sw_batch_size", "mode", "device"), "general": None}
 
 
 def train_worker(context: Context, config: Config) -> None:
@@ -26,7 +31,7 @@ def train_worker(context: Context, config: Config) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "train")
+    add_config_arguments(parser, TRAIN_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

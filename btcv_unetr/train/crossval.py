@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Config, add_config_arguments, config_from_args
+from ..config.flags import CommandFlags, add_config_arguments, config_from_args
+from ..config.schema import Config
 from ..data.datalist import case_name, datalist_folds, load_config_split, read_datalist, resolve_datalist
 from ..distributed import launch, under_torchrun
 from ..errors import UserError
@@ -37,12 +38,16 @@ from ..files import atomic_write
 from ..inference.batch import run_inference
 from ..inference.evaluate import CaseMetrics, format_summary, nan_mean, summarise
 from .budget import budgeted_epochs
-from .command import train_worker
+from .command import TRAIN_FLAGS, train_worker
 from .loop import load_training_state
 from .run_folder import BEST_CHECKPOINTS, resolve_logdir
 
 SCORES_DIR = "validation"  # fold_K/validation: the fold's masks, metrics.csv and summary.json (infer's reports)
 REPORT_FILE = "crossval.csv"
+
+# The config flags of ``crossval``: training's for every fold, and inference's for scoring each fold's validation cases.
+CROSSVAL_FLAGS: CommandFlags = {**TRAIN_FLAGS, "infer": tuple(dict.fromkeys(
+    (*(TRAIN_FLAGS["infer"] or ()), "tta", "hd95", "overlay", "largest_component")))}
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:
@@ -273,7 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "of the datalist")
     parser.add_argument("--report_only", action="store_true",
                         help="only write the report (crossval.csv) from the fold folders, after they are done")
-    add_config_arguments(parser, "crossval")
+    add_config_arguments(parser, CROSSVAL_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from ..config import Config, FastConfig
+from ..config.schema import Config, FastConfig
 from ..data.checks import check_config_data
 from ..data.datalist import class_names, load_config_split, make_dataset, with_annotated_classes
 from ..data.transforms import train_transforms, val_transforms

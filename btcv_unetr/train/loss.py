@@ -35,7 +35,7 @@ from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import TrainConfig
+from ..config.schema import TrainConfig
 from ..data.images import read_volume
 
 MAX_CLASS_WEIGHT = 5.0

@@ -8,7 +8,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..config import Config
+from ..config.schema import Config
 from ..distributed import Context, raise_on_every_rank
 from ..errors import UserError
 from ..files import folder_lock, remove_stale_temporaries
