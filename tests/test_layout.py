@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Rooms: the pipeline's stages, file formats (io) and the running process (runtime). A module that fits none of
 # the shared ones below goes into a room, so that every new module says where it belongs.
 ROOMS = {"config", "data", "synthetic", "io", "model", "train", "inference", "serve", "testing", "runtime"}
-SHARED = {"__init__", "__main__", "cli", "errors", "files", "labels", "logs", "distributed"}
+SHARED = {"__init__", "__main__", "cli", "errors", "files", "labels", "logs", "distributed", "metrics"}
 
 
 def test_every_module_is_a_shared_one_or_lives_in_a_room():

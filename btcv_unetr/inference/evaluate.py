@@ -1,4 +1,5 @@
-"""Per-case, per-class metrics (MONAI: Dice, IoU, HD95, normalised surface Dice; pixel accuracy) and their reports.
+"""Per-case, per-class metrics (Dice, IoU and pixel accuracy: ``btcv_unetr.metrics``, as training validates; MONAI's
+HD95 and normalised surface Dice) and their reports.
 
 ``btcv-unetr evaluate --pred DIR --label DIR|DATALIST.json`` scores any predictions, ours or another tool's,
 matching files by case name (``img0035_seg.nii.gz`` <-> ``label0035.nii.gz`` / ``img0035.nii.gz``), volumes
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
 from ..config.flags import CommandFlags, add_config_arguments, config_from_args
 from ..config.validation import parse_label_map
@@ -26,6 +27,7 @@ from ..data.datalist import LABELLED_SPLITS, case_name, label_names, read_datali
 from ..data.images import is_image_file, read_volume, voxel_spacing
 from ..errors import UserError
 from ..files import atomic_write, atomic_write_json
+from ..metrics import nan_mean, overlap_scores, pixel_accuracy
 
 NSD_TOLERANCE_MM = 2.0
 
@@ -46,41 +48,37 @@ class CaseMetrics:
     accuracy: float = math.nan  # share of voxels (pixels) whose class is right, background included
 
 
+def _class_map(classes: np.ndarray) -> torch.Tensor:
+    """An integer class map ``(*spatial)`` as a tensor ``(1, 1, *spatial)`` sharing its memory where torch can
+    compare its dtype (unsigned types wider than 8 bits are widened: torch has no comparisons for them)."""
+    if classes.dtype.kind == "u" and classes.dtype.itemsize > 1:
+        classes = classes.astype(np.int64)
+    return torch.from_numpy(np.ascontiguousarray(classes))[None, None]
+
+
 def case_metrics(case: str, prediction: np.ndarray, label: np.ndarray, spacing: Sequence[float], num_classes: int,
                  distances: bool = True) -> CaseMetrics:
     """Score integer label maps of the same shape; one organ at a time so memory stays at two masks."""
     if prediction.shape != label.shape:
         raise UserError(f"{case}: prediction shape {prediction.shape} differs from label shape {label.shape}")
     spacing = [float(s) for s in spacing]  # MONAI refuses numpy scalars (nibabel's zooms)
-    dice, iou, hd95, nsd = [], [], [], []
-    for organ in range(1, num_classes):
-        truth = torch.from_numpy(label == organ)[None, None]
-        guess = torch.from_numpy(prediction == organ)[None, None]
-        if not truth.any():
-            dice.append(math.nan)
-            iou.append(math.nan)
-            if distances:  # without distances their lists stay empty: one NaN here would shift every class after it
-                hd95.append(math.nan)
-                nsd.append(math.nan)
-            continue
-        dice.append(float(compute_dice(guess, truth, include_background=True, ignore_empty=True)))
-        iou.append(float(compute_iou(guess, truth, include_background=True, ignore_empty=True)))
-        if distances:
-            if guess.any():
-                hd95.append(float(compute_hausdorff_distance(guess, truth, include_background=True, percentile=95,
-                                                             spacing=spacing)))
-                nsd.append(float(compute_surface_dice(guess, truth, [NSD_TOLERANCE_MM], include_background=True,
-                                                      spacing=spacing)))
-            else:  # an organ missed entirely: no surface to measure from
-                hd95.append(math.inf)
-                nsd.append(0.0)
-    return CaseMetrics(case, dice, hd95, nsd, iou=iou, accuracy=float(np.mean(prediction == label)))
-
-
-def nan_mean(values: Sequence[float]) -> float:
-    """The mean of the values that are not NaN (absent classes), NaN if none is."""
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else math.nan
+    predicted, truth_map = _class_map(prediction), _class_map(label)
+    dice, iou = (scores[0].tolist() for scores in overlap_scores(predicted, truth_map, num_classes))
+    hd95, nsd = [], []  # without distances they stay empty
+    for organ in range(1, num_classes if distances else 1):
+        truth, guess = truth_map == organ, predicted == organ
+        if not truth.any():  # an organ absent from the label: left out of the means
+            hd95.append(math.nan)
+            nsd.append(math.nan)
+        elif guess.any():
+            hd95.append(float(compute_hausdorff_distance(guess, truth, include_background=True, percentile=95,
+                                                         spacing=spacing)))
+            nsd.append(float(compute_surface_dice(guess, truth, [NSD_TOLERANCE_MM], include_background=True,
+                                                  spacing=spacing)))
+        else:  # an organ missed entirely: no surface to measure from
+            hd95.append(math.inf)
+            nsd.append(0.0)
+    return CaseMetrics(case, dice, hd95, nsd, iou=iou, accuracy=float(pixel_accuracy(predicted, truth_map)[0]))
 
 
 def summarise(results: Sequence[CaseMetrics], num_classes: int, names: Sequence[str] | None = None) -> dict:

@@ -36,7 +36,8 @@ from ..distributed import launch, under_torchrun
 from ..errors import UserError
 from ..files import atomic_write
 from ..inference.batch import run_inference
-from ..inference.evaluate import CaseMetrics, format_summary, nan_mean, summarise
+from ..inference.evaluate import CaseMetrics, format_summary, summarise
+from ..metrics import nan_mean
 from .budget import budgeted_epochs
 from .command import TRAIN_FLAGS, train_worker
 from .loop import load_training_state

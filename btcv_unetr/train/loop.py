@@ -23,8 +23,6 @@ from typing import Any
 import torch
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.metrics import DiceMetric, MeanIoU
-from monai.networks.utils import one_hot
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -37,10 +35,11 @@ from ..data.datalist import class_names, load_config_split, make_dataset, with_a
 from ..data.transforms import train_transforms, val_transforms
 from ..distributed import Context, all_true, broadcast_object, gather_objects
 from ..errors import UserError
-from ..inference.evaluate import format_summary, nan_mean
+from ..inference.evaluate import format_summary
 from ..inference.sliding_window import auto_sw_batch_size, window_settings
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..logs import RunLog
+from ..metrics import nan_mean, overlap_scores, pixel_accuracy
 from ..model.build import build_model, describe_model_size
 from ..model.speed import compile_if_asked, prepare_model
 from ..model.torchscript import load_torchscript_weights
@@ -168,7 +167,8 @@ class Validation:
 def case_scores(predicted: torch.Tensor, label: torch.Tensor, classes: int,
                 annotated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dice and IoU per case and class 1..classes-1, ``(B, classes - 1)`` (NaN where the label lacks the class),
-    and voxel accuracy ``(B,)``, of class maps ``predicted`` and ``label`` ``(B, 1, *spatial)``.
+    and voxel accuracy ``(B,)``, of class maps ``predicted`` and ``label`` ``(B, 1, *spatial)``: ``btcv_unetr.metrics``,
+    as ``evaluate`` scores masks.
 
     ``annotated`` ``(B, classes)`` booleans (partly annotated cases): a class a case does not annotate scores
     NaN (left out of the means), and voxels of it, predicted or labelled, count as background.
@@ -177,13 +177,10 @@ def case_scores(predicted: torch.Tensor, label: torch.Tensor, classes: int,
     if annotated is not None:
         annotated = annotated.to(label.device)
         predicted, label = unannotated_as_background(predicted, annotated), unannotated_as_background(label, annotated)
-    prediction, truth = one_hot(predicted, classes), one_hot(label, classes)
-    dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
-    iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)(prediction, truth)
+    dice, iou = overlap_scores(predicted, label, classes)
     if annotated is not None:
         dice, iou = (torch.where(annotated[:, 1:], score, torch.nan) for score in (dice, iou))
-    accuracy = (predicted == label).flatten(1).float().mean(1)
-    return dice.cpu(), iou.cpu(), accuracy.cpu()
+    return dice.cpu(), iou.cpu(), pixel_accuracy(predicted, label).cpu()
 
 
 @torch.no_grad()
