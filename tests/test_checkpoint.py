@@ -111,13 +111,13 @@ def test_anything_else_needing_code_is_still_refused(tmp_path):
 def test_save_every_writes_the_resumable_state_every_n_epochs_and_at_the_end(phantom_dir, tmp_path, monkeypatch):
     from btcv_unetr.train import loop as train
     saved = []
-    real = train.save_checkpoint
+    real = train.write_checkpoint
 
-    def record(path, *args):
-        saved.append((path.name, args[4]))  # (file, epoch)
-        real(path, *args)
+    def record(path, state):
+        saved.append((path.name, state["epoch"]))
+        real(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", record)
+    monkeypatch.setattr(train, "write_checkpoint", record)
     assert cli.main(_train_argv(phantom_dir, tmp_path / "r", "--max_epochs", "5", "--save_every", "2",
                                 "--val_every", "10")) == 0
     assert [epoch for name, epoch in saved if name == "model_final.pt"] == [2, 4, 5]

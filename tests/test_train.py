@@ -14,6 +14,7 @@ from btcv_unetr.data.datalist import load_config_split
 from btcv_unetr.data.transforms import train_transforms
 from btcv_unetr.distributed import Context
 from btcv_unetr.errors import UserError
+from btcv_unetr.io.checkpoint import save_checkpoint
 from btcv_unetr.model.build import build_model
 from btcv_unetr.runtime.precision import Precision
 from btcv_unetr.train import budget as training_budget
@@ -114,7 +115,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0)
     precision = Precision("fp32", "test")
     path = tmp_path / "model_final.pt"
-    train.save_checkpoint(path, model, optimizer, scheduler, precision, 1, 3, 0.5, config)
+    save_checkpoint(path, model, optimizer, scheduler, precision, 1, 3, 0.5, config)
     good = path.read_bytes()
 
     def crash(obj, f, *args, **kwargs):
@@ -124,7 +125,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(UserError, match=r"model_final.pt: the checkpoint could not be written \(OSError: disk full\); "
                                         "the previous file is unchanged"):
-        train.save_checkpoint(path, model, optimizer, scheduler, precision, 2, 6, 0.6, config)
+        save_checkpoint(path, model, optimizer, scheduler, precision, 2, 6, 0.6, config)
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["model_final.pt"]
 
 

@@ -1,7 +1,7 @@
 """Checkpoint files: one versioned dict that resumes a run, verified by checksums of everything it stores.
 
-    save_checkpoint   {"version", "checksum", "content_checksums", "state_dict", "optimizer", ..., "config",
-                      "precision", "model_card"}, atomically
+    write_checkpoint  {"version", "checksum", "content_checksums", "state_dict", "optimizer", ..., "config",
+                      "precision", "model_card"}, atomically; save_checkpoint builds that dict from the objects
     weights_checksum  SHA-256 of the weights alone: the model's identity (masks' provenance, ensembles)
     seal              a checkpoint dict with its checksums (weights and every other entry) filled in
     altered_entries   the entries of a loaded checkpoint that do not match their stored checksums
@@ -141,26 +141,32 @@ def altered_entries(content: Mapping[str, Any]) -> list[str]:
     return sorted(altered)
 
 
+def write_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a checkpoint dict (``state_dict``, and any plain values: ``weights_only=True`` loads it) with its
+    version and checksums (:func:`seal`), to a temporary name then renamed: a failed write (a full disk) leaves the
+    previous file, and says so in one line."""
+    sealed = seal({"version": CHECKPOINT_VERSION, **state})
+    try:
+        atomic_write(path, lambda tmp: torch.save(sealed, tmp))
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
+        raise UserError(f"{path}: the checkpoint could not be written ({_first_line(exc)}); the previous file "
+                        "is unchanged: free some disk space or choose another --logdir") from None
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, precision, epoch: int,
                     global_step: int, best_acc: float, config: Config, card: Mapping[str, Any] | None = None) -> None:
-    """One dict that resumes everything; plain values only, so ``weights_only=True`` loads it.
+    """The checkpoint training writes (``train.loop.fit`` builds the same dict), from the objects themselves:
+    one dict that resumes everything.
 
     ``config`` holds the settings as asked (``precision: auto``, ``time_budget_min``, and the
     ``max_epochs`` a budget fixed); ``precision`` the one this run resolved, with its reason;
     ``card`` the model card (:func:`btcv_unetr.train.card.model_card`: the data, the validation ...).
-    Written to a temporary name and renamed: a failed write (a full disk) leaves the previous file.
     """
-    state = seal({"version": CHECKPOINT_VERSION,
-                  "epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
-                  "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
-                  "config": config.to_dict(), "precision": precision.as_dict(),
-                  "model_card": dict(card) if card is not None else None})
-    try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError of its zip writer
-        raise UserError(f"{path}: the checkpoint could not be written ({_first_line(exc)}); the previous file "
-                        "is unchanged: free some disk space or choose another --logdir") from None
+    write_checkpoint(path, {"epoch": epoch, "global_step": global_step, "best_acc": float(best_acc),
+                            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "scaler": precision.scaler.state_dict(),
+                            "config": config.to_dict(), "precision": precision.as_dict(),
+                            "model_card": dict(card) if card is not None else None})
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,12 +1,14 @@
-"""The training loop, readable on one page: ``run_training`` at the end of this module.
+"""The training loop, as torchvision's reference segmentation lays it out: ``fit`` at the end of this module.
 
     micro_batch_size crops per forward/backward pass, per device and precision
     train_step       one optimiser step over a batch, gradients accumulated over micro-batches
     train_one_epoch  one pass over the training crops (autocast, non-finite losses skipped)
     validate         sliding-window Dice per organ over the validation cases (blended as test.py does)
-    Run              what the loop carries from epoch to epoch, and writes into each checkpoint
-    run_training     start_run (resume, precision, model, data, loss), then per epoch: train_epoch,
-                     validate_and_save_best, replan (time budget), the last checkpoint; see command.py for the CLI
+    Run              what the loop carries from epoch to epoch; start_run builds it (resume, precision, model,
+                     data, loss)
+    fit              per epoch: seed, train_one_epoch, validate when due (model.pt, --keep_best files), the hooks
+                     (the time budget: budget.TimeBudget), model_final.pt; the checkpoint dict is written there
+    run_training     start_run, then fit with the budget's hook where one is asked for; see command.py for the CLI
 """
 
 from __future__ import annotations
@@ -16,17 +18,19 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from monai.data import DataLoader, MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Randomizable
 from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ..config.schema import Config, FastConfig
@@ -37,7 +41,7 @@ from ..distributed import Context, all_true, broadcast_object, gather_objects
 from ..errors import UserError
 from ..inference.evaluate import format_summary
 from ..inference.sliding_window import auto_sw_batch_size, window_settings
-from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io.checkpoint import load_checkpoint, write_checkpoint
 from ..logs import RunLog
 from ..metrics import nan_mean, overlap_scores, pixel_accuracy
 from ..model.build import build_model, describe_model_size
@@ -45,7 +49,7 @@ from ..model.speed import compile_if_asked, prepare_model
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import load_pretrained, load_weights
 from ..runtime.precision import Precision, resolve_precision
-from .budget import BudgetPlanner, budgeted_epochs
+from .budget import TimeBudget, budgeted_epochs
 from .card import data_facts, model_card
 from .loss import build_loss, unannotated_as_background
 from .optim import build_optimizer, build_scheduler
@@ -325,18 +329,12 @@ class Run:
     best_acc: float = -1.0
     last_validation: Validation | None = None
     validated_epoch: int | None = None
-    planner: BudgetPlanner | None = None  # --time_budget_min, unless the run resumed fixed its epochs
-
-    def save(self, path: Path, which: str, validation_epoch: int | None) -> None:
-        """Write the full training state to ``path``, its card reporting the ``which`` validation."""
-        card = checkpoint_card(self.facts, self.precision, self.last_validation, self.log.organs, which,
-                               validation_epoch, self.epoch, self.global_step)
-        save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.precision, self.epoch, self.global_step,
-                        self.best_acc, self.config, card)
+    epochs_fixed: bool = False  # resumed with the epoch count its time budget fixed: no re-planning
 
 
 def start_run(context: Context, config: Config, logdir: Path) -> Run:
-    """Resume state, precision, model, optimiser, schedule, data and loss of a run, ready for its first epoch."""
+    """Resume state, precision, model, optimiser, schedule, data and loss of a run, ready for its first epoch (or
+    the epoch after the checkpoint it resumes)."""
     state = load_training_state(config.train.checkpoint, config) if config.train.checkpoint else None
     fixed_epochs = budgeted_epochs(state, config)
     if fixed_epochs is not None:
@@ -359,9 +357,7 @@ def start_run(context: Context, config: Config, logdir: Path) -> Run:
     run = Run(config, logdir, model, compile_if_asked(net, config.fast), memory_format, optimizer, scheduler, precision,
               loss_fn, train_loader, val_loader, sampler,
               RunLog(logdir, context.is_main, class_names(config.data, config.model.out_channels)),
-              data_facts(config) if context.is_main else {}, *progress)
-    if config.train.time_budget_min is not None and fixed_epochs is None:
-        run.planner = BudgetPlanner(60 * config.train.time_budget_min, config.train.val_every)
+              data_facts(config) if context.is_main else {}, *progress, epochs_fixed=fixed_epochs is not None)
     if context.is_main:
         announce(run, context, class_weights)
     return run
@@ -390,69 +386,38 @@ def announce(run: Run, context: Context, class_weights: list[float] | None) -> N
     print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
 
 
-def train_epoch(run: Run, context: Context) -> tuple[float, bool]:
-    """One epoch of training and its schedule step; returns its seconds and whether --max_steps is reached."""
-    t = run.config.train
-    if t.seed is not None:  # a function of (seed, epoch): resuming replays the same crops
-        set_determinism(t.seed * 100_003 + run.epoch)
-        run.train_loader.dataset.transform.set_random_state(seed=(t.seed * 100_003 + run.epoch) % 2**32)
-    if run.sampler is not None:
-        run.sampler.set_epoch(run.epoch)
-    started = time.time()
-    loss, run.global_step = train_one_epoch(run.net, run.train_loader, run.loss_fn, run.optimizer, run.precision,
-                                            context, run.epoch, t.max_steps, run.global_step, run.config.fast,
-                                            run.memory_format)
-    epoch_s = time.time() - started
-    lr = run.optimizer.param_groups[0]["lr"]
-    run.scheduler.step()
-    run.epoch += 1
+def seed_epoch(dataset: Dataset, seed: int, epoch: int) -> None:
+    """Seed torch, numpy, Python and the random transforms of ``dataset`` (through ``Subset`` wrappers: a datalist
+    that names a case twice gives one) as a function of (seed, epoch): resuming replays the same crops."""
+    epoch_seed = seed * 100_003 + epoch
+    set_determinism(epoch_seed)
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    transform = getattr(dataset, "transform", None)
+    if isinstance(transform, Randomizable):
+        transform.set_random_state(seed=epoch_seed % 2**32)
+
+
+def report_epoch(run: Run, context: Context, loss: float, lr: float, epoch_s: float) -> None:
+    """Rank 0: the epoch's line and its scalars in the run's log."""
     if context.is_main:
-        print(f"epoch {run.epoch}/{t.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {run.global_step}  {epoch_s:.1f}s")
+        print(f"epoch {run.epoch}/{run.config.train.max_epochs}  loss {loss:.4f}  lr {lr:.3g}  step {run.global_step}  "
+              f"{epoch_s:.1f}s")
         run.log.scalars(run.epoch, {"train/loss": loss, "train/lr": lr})
-    return epoch_s, t.max_steps is not None and run.global_step >= t.max_steps
 
 
-def validate_and_save_best(run: Run, context: Context) -> float:
-    """Validate; rank 0 logs it and writes ``model.pt`` on a new best and the ``--keep_best`` files. Returns its
-    seconds."""
-    t = run.config.train
-    started = time.time()
-    run.last_validation, run.validated_epoch = validate(run.model, run.val_loader, run.config, run.precision,
-                                                        context), run.epoch
-    validation_s = time.time() - started
-    mean_dice = run.last_validation.mean_dice
+def record_validation(run: Run, context: Context, validation: Validation) -> bool:
+    """Keep ``validation`` as the run's last and its best score; rank 0 prints and logs it. Returns whether it is a
+    new best."""
+    run.last_validation, run.validated_epoch = validation, run.epoch
+    mean_dice = validation.mean_dice
     improved = mean_dice > run.best_acc
     run.best_acc = max(run.best_acc, mean_dice) if not math.isnan(mean_dice) else run.best_acc
-    if not context.is_main:
-        return validation_s
-    print(f"validation epoch {run.epoch}: mean organ Dice {mean_dice:.4f}"
-          f"{' (new best)' if improved else f'  (best {run.best_acc:.4f})'}")
-    run.log.validation(run.epoch, run.global_step, run.last_validation.organ_dice, mean_dice)
-    if t.save_checkpoint and improved:
-        run.save(run.logdir / "model.pt", "best", run.epoch)
-    if t.save_checkpoint and t.keep_best:
-        new, dropped = keep_best_plan(run.logdir, t.keep_best, run.epoch, mean_dice)
-        if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
-            run.save(new, "top-k", run.epoch)
-        for path in dropped:
-            path.unlink(missing_ok=True)
-    return validation_s
-
-
-def replan(run: Run, context: Context, epoch_s: float, validation_s: float | None, elapsed_s: float) -> None:
-    """Fit the epoch count to the time budget; a new count gets a schedule that spans it."""
-    planner = run.planner
-    # Rank 0's clock decides, so that every rank plans the same schedule.
-    planned = broadcast_object(planner.plan(run.epoch, epoch_s, validation_s, elapsed_s), context)
-    t = run.config.train
-    if planned == t.max_epochs:
-        return
     if context.is_main:
-        print(f"time budget {t.time_budget_min:g} min: {elapsed_s:.0f} s used after epoch {run.epoch}, epochs take "
-              f"{planner.steady_epoch_s():.1f} s and a validation {planner.validation_s:.1f} s, so {planned} epochs "
-              "in all (the learning-rate schedule spans them)")
-    run.config = dataclasses.replace(run.config, train=dataclasses.replace(t, max_epochs=planned))
-    run.scheduler = build_scheduler(run.optimizer, run.config.train, epochs_done=run.epoch)
+        print(f"validation epoch {run.epoch}: mean organ Dice {mean_dice:.4f}"
+              f"{' (new best)' if improved else f'  (best {run.best_acc:.4f})'}")
+        run.log.validation(run.epoch, run.global_step, validation.organ_dice, mean_dice)
+    return improved
 
 
 def finish(run: Run, context: Context) -> None:
@@ -464,10 +429,22 @@ def finish(run: Run, context: Context) -> None:
         print(f"done: best mean organ Dice {run.best_acc:.4f}; run folder {run.logdir}")
 
 
-def validation_due(run: Run, stop: bool) -> bool:
+class EpochHook(Protocol):
+    """Something the epoch loop calls after each epoch (the time budget, :class:`~.budget.TimeBudget`)."""
+
+    def validation_wanted(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (1-based) must be validated even where ``val_every`` would not."""
+
+    def after_epoch(self, run: Run, context: Context, epoch_s: float, validation_s: float | None,
+                    stop: bool) -> None:
+        """After the epoch and its validation, before the resumable state is written; may change ``run.config``
+        and ``run.scheduler``."""
+
+
+def validation_due(run: Run, stop: bool, hooks: Sequence[EpochHook]) -> bool:
     t = run.config.train
-    # A budget's first plan needs the time of one validation: the first epoch is validated.
-    return run.epoch % t.val_every == 0 or run.epoch == t.max_epochs or stop or (run.planner and run.epoch == 1)
+    return (run.epoch % t.val_every == 0 or run.epoch == t.max_epochs or stop
+            or any(hook.validation_wanted(run.epoch) for hook in hooks))
 
 
 def final_save_due(run: Run, stop: bool) -> bool:
@@ -475,17 +452,62 @@ def final_save_due(run: Run, stop: bool) -> bool:
     return t.save_checkpoint and (run.epoch % t.save_every == 0 or run.epoch >= t.max_epochs or stop)
 
 
-def run_training(context: Context, config: Config, logdir: Path) -> None:
-    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked)."""
-    run = start_run(context, config, logdir)
-    started = time.time()
+def fit(run: Run, context: Context, hooks: Sequence[EpochHook] = ()) -> None:
+    """The epoch loop: train an epoch, validate when due (``model.pt`` on a new best, the ``--keep_best`` files),
+    the hooks (the time budget may change the epoch count), then the resumable state (``model_final.pt``)."""
+
+    def checkpoint(which: str, validation_epoch: int | None) -> dict[str, Any]:
+        """Everything that resumes the run, and the card of the validation it reports (best, last, top-k)."""
+        return {"epoch": run.epoch, "global_step": run.global_step, "best_acc": float(run.best_acc),
+                "state_dict": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scheduler": run.scheduler.state_dict(), "scaler": run.precision.scaler.state_dict(),
+                "config": run.config.to_dict(), "precision": run.precision.as_dict(),
+                "model_card": checkpoint_card(run.facts, run.precision, run.last_validation, run.log.organs, which,
+                                              validation_epoch, run.epoch, run.global_step)}
+
     while run.epoch < run.config.train.max_epochs:
-        epoch_s, stop = train_epoch(run, context)
-        validation_s = validate_and_save_best(run, context) if validation_due(run, stop) else None
-        if run.planner is not None and run.planner.plans_after(run.epoch, validation_s is not None) and not stop:
-            replan(run, context, epoch_s, validation_s, time.time() - started)
+        t = run.config.train  # a hook may have changed the epoch count, never these settings
+        if t.seed is not None:
+            seed_epoch(run.train_loader.dataset, t.seed, run.epoch)
+        if run.sampler is not None:
+            run.sampler.set_epoch(run.epoch)
+        started = time.time()
+        loss, run.global_step = train_one_epoch(run.net, run.train_loader, run.loss_fn, run.optimizer, run.precision,
+                                                context, run.epoch, t.max_steps, run.global_step, run.config.fast,
+                                                run.memory_format)
+        epoch_s, lr = time.time() - started, run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()
+        run.epoch += 1
+        report_epoch(run, context, loss, lr, epoch_s)
+        stop = t.max_steps is not None and run.global_step >= t.max_steps
+
+        validation_s = None
+        if validation_due(run, stop, hooks):
+            started = time.time()
+            validation = validate(run.model, run.val_loader, run.config, run.precision, context)
+            validation_s = time.time() - started
+            improved = record_validation(run, context, validation)
+            if context.is_main and t.save_checkpoint and improved:
+                write_checkpoint(run.logdir / "model.pt", checkpoint("best", run.epoch))
+            if context.is_main and t.save_checkpoint and t.keep_best:
+                new, dropped = keep_best_plan(run.logdir, t.keep_best, run.epoch, run.last_validation.mean_dice)
+                if new is not None:  # written before the dropped files go: a crash leaves K + 1, never fewer
+                    write_checkpoint(new, checkpoint("top-k", run.epoch))
+                for path in dropped:
+                    path.unlink(missing_ok=True)
+
+        for hook in hooks:
+            hook.after_epoch(run, context, epoch_s, validation_s, stop)
         if context.is_main and final_save_due(run, stop):
-            run.save(run.logdir / "model_final.pt", "last", run.validated_epoch)
+            write_checkpoint(run.logdir / "model_final.pt", checkpoint("last", run.validated_epoch))
         if stop:
             break
     finish(run, context)
+
+
+def run_training(context: Context, config: Config, logdir: Path) -> None:
+    """Everything after the checks: resume, model, data, the epoch loop, checkpoints (the folder is locked); with
+    ``--time_budget_min`` the budget's hook (unless the run resumed fixed its epochs)."""
+    run = start_run(context, config, logdir)
+    budgeted = run.config.train.time_budget_min is not None and not run.epochs_fixed
+    fit(run, context, [TimeBudget.of(run.config)] if budgeted else [])
