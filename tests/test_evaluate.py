@@ -71,6 +71,20 @@ def test_a_class_absent_from_the_label_is_nan_even_when_predicted_and_distances_
     assert math.isnan(summary["organs"]["class 2"]["dice"])
 
 
+def test_training_validation_and_evaluate_score_alike():
+    """Both score with btcv_unetr.metrics: the same masks give the same Dice, IoU and accuracy, to the bit."""
+    import torch
+
+    from btcv_unetr.train.loop import case_scores
+    rng = np.random.default_rng(0)
+    predicted, label = rng.integers(0, 5, (12, 10, 8)), rng.integers(0, 4, (12, 10, 8))  # class 4 absent from label
+    dice, iou, accuracy = case_scores(torch.from_numpy(predicted)[None, None], torch.from_numpy(label)[None, None], 5)
+    scored = case_metrics("case", predicted.astype(np.uint8), label.astype(np.int16), (1, 1, 1), 5, distances=False)
+    np.testing.assert_array_equal(dice[0].numpy(), np.float32(scored.dice))  # NaN for class 4 in both
+    np.testing.assert_array_equal(iou[0].numpy(), np.float32(scored.iou))
+    assert math.isnan(scored.dice[3]) and float(accuracy[0]) == scored.accuracy == float(np.mean(predicted == label))
+
+
 def test_masks_of_different_shapes_are_refused_naming_the_case():
     with pytest.raises(UserError) as refused:
         case_metrics("img0035", np.zeros((4, 4, 2), np.int16), np.zeros((4, 4, 3), np.int16), (1, 1, 1), 3)

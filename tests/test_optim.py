@@ -57,14 +57,14 @@ def test_linear_warms_up_then_decays_linearly_to_zero_after_the_last_epoch():
                                                             1 / 6, 0.0], abs=1e-12)
     assert factor(12) == 0.0
     assert lr_factor(_train(lrschedule="linear", warmup_epochs=0, max_epochs=4))(0) == 1.0
-    # As run_training steps it, once after each epoch: the rate after the last epoch's step is exactly 0.
+    # As fit (train/loop.py) steps it, once after each epoch: the rate after the last epoch's step is exactly 0.
     config = _train(lrschedule="linear", warmup_epochs=2, max_epochs=5, optim_lr=1.0)
     optimizer = build_optimizer(torch.nn.Linear(2, 2), config)
     scheduler = build_scheduler(optimizer, config)
     lrs = []
     for _ in range(config.max_epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()  # no gradients: no update; the order run_training keeps
+        optimizer.step()  # no gradients: no update; the order fit keeps
         scheduler.step()
     assert lrs == pytest.approx([0.5, 1.0, 1.0, 2 / 3, 1 / 3]) and optimizer.param_groups[0]["lr"] == 0.0
 

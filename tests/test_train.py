@@ -108,6 +108,20 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(phantom_dir, tmp_path)
     assert torch.equal(resumed["optimizer"]["state"][0]["exp_avg"], straight["optimizer"]["state"][0]["exp_avg"])
 
 
+def test_seeding_reaches_the_transforms_through_a_subset():
+    """A datalist naming a case twice makes a torch Subset (data.datalist.make_dataset): each epoch's random
+    transforms are still a function of (seed, epoch)."""
+    from monai.data import Dataset
+    from monai.transforms import Compose, RandGaussianNoised
+    from torch.utils.data import Subset
+    dataset = Subset(Dataset([{"x": torch.zeros(1, 4, 4)}], Compose([RandGaussianNoised(keys="x", prob=1.0)])), [0, 0])
+    draws = []
+    for epoch in (3, 3, 4):
+        train.seed_epoch(dataset, 0, epoch)
+        draws.append(dataset[1]["x"])
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     config = tiny_config()
     model = build_model(config.model)
