@@ -9,7 +9,7 @@
 A written bundle runs with MONAI alone (``python -m monai.bundle run --config_file configs/inference.json``;
 btcv_unetr is never imported): its masks are ``test.py``'s up to interpolation ties. The two invert the
 preprocessing differently: MONAI's ``Invertd`` resamples the class probabilities back to the scan's grid
-transform by transform, ``test.py`` in one pass of its own (``infer.probabilities_to_scan``); both
+transform by transform, ``test.py`` in one pass of its own (``inference.inversion.probabilities_to_scan``); both
 interpolate trilinearly and take the argmax on the scan's grid.
 
 A bundle's configs are programs too (``$`` expressions are passed to ``eval``, ``_target_`` names any

@@ -1,2 +1,3 @@
-"""Training: the epoch loop (``loop``), its run folder (``run_folder``), time budget (``budget``), loss, optimiser and
-schedule (``loss``, ``optim``), cross-validation (``crossval``) and the command line (``command``)."""
+"""Training: the epoch loop (``loop``), its run folder (``run_folder``), the time budget's hook (``budget``), loss,
+optimiser and schedule (``loss``, ``optim``), the model card it writes into checkpoints (``card``), cross-validation
+(``crossval``) and the command line (``command``)."""
