@@ -1,10 +1,12 @@
 # The two commands a new user runs: `make demo` and `make test`.
 # Both create (or reuse) a virtual environment in .venv and install the project into it.
 #
-# TORCH is the PyTorch requirement installed before the project. The default, torch==2.13.0, is a
-# CPU wheel (what the development and CI machines use); on a GPU machine use e.g.
-#   make demo TORCH=torch
-# to get the CUDA build that pip picks for your platform.
+# TORCH is the PyTorch requirement installed before the project (one requirement, not pip options).
+# torch==2.13.0 is whatever build the package index serves: the CPU-only wheel on the development and CI
+# machines (their pip finds it in a local wheel folder; about 190 MB), the CUDA build from the default
+# index (PyPI) on Linux (several GB with its nvidia-* wheels). The CPU-only build from PyTorch's index:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make test TORCH=torch==2.13.0+cpu
+# An existing .venv keeps its torch: remove it first (rm -rf .venv) to change builds.
 
 PYTHON ?= python3
 VENV ?= .venv
