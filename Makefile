@@ -15,7 +15,7 @@ DEMO_DIR ?= demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo demo2d bench clean
+.PHONY: install test test-packaging demo demo2d bench clean
 
 install: $(STAMP)
 
@@ -26,15 +26,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Test files run over TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process, so its
-# fixtures are built once), each with one OpenMP thread: two processes of two threads on two cores spin against
-# each other (AMD EPYC, AVX2, 2 cores: 807 tests in 12.3 min with 2 processes, about 18 min in one). The slowest
-# tests are listed at the end (--durations). Test ids must not change between processes (no timestamps in them).
+# Tests run over TEST_WORKERS processes (pytest-xdist), each with one OpenMP thread (two processes of two threads
+# on two cores spin against each other). --dist loadgroup spreads the tests one by one, except the files marked
+# xdist_group (a server or a trained run of their own), whose tests stay in one process so that it is made once.
+# The slowest tests are listed at the end (--durations). Test ids must not change between processes (no
+# timestamps in them). `make test-packaging` builds the wheel and installs it into a fresh venv (CI runs it too).
 TEST_WORKERS ?= 2
 TEST_THREADS ?= 1
 
 test: $(STAMP)
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
+test-packaging: $(STAMP)
+	$(PY) -m pytest -m packaging
 
 # Phantoms (written once), a data check, training of configs/phantom_demo.yaml (run folder
 # runs/demo; the mean organ Dice of the held-out cases on the training's 4 mm grid is printed after

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny phantom dataset (written once per session) and the tiny test config.
+"""Shared fixtures: a tiny phantom dataset and a tiny trained run (each made once per test process), the tiny
+test config, and the service in the test's own process.
+
+Tests run over several processes (``--dist loadgroup``): a test file whose tests share an expensive module
+fixture (a server, a trained run of its own) marks itself ``pytestmark = pytest.mark.xdist_group("NAME")`` so
+that they stay in one process and the fixture is made once.
 
 The user's cache (the precision decisions, ``~/.cache/btcv-unetr``) is a temporary folder for the
 whole session, set in the environment before anything runs, so the processes the tests start
@@ -43,6 +48,19 @@ def tiny_config(data_dir: Path | str = "/nonexistent", **overrides) -> Config:
     layers = [read_yaml(CONFIG_DIR / "tiny.yaml"),
               {"data": {"data_dir": str(data_dir), "json_list": "dataset.json"}}, overrides]
     return build_config(layers)
+
+
+@pytest.fixture(scope="session")
+def trained_run(phantom_dir, tmp_path_factory) -> Path:
+    """A finished 2-epoch tiny training run in float32 (``model.pt`` the best validation, ``model_final.pt`` the
+    last epoch with the optimiser, scheduler and counters), trained once per test process: for every test that
+    needs a checkpoint as training writes it. Read it, never change it: copy what a test alters."""
+    from btcv_unetr import cli
+    logdir = tmp_path_factory.mktemp("trained") / "run"
+    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
+            "--logdir", str(logdir), "--precision", "fp32", "--max_epochs", "2", "--val_every", "1"]
+    assert cli.main(argv) == 0
+    return logdir
 
 
 @pytest.fixture

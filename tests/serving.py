@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import tiny_config
 
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
-from btcv_unetr.testing.server import free_port, serve_process  # noqa: F401  (free_port: for the tests' use)
+from btcv_unetr.testing.server import serve_process
 
 PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
 

@@ -25,7 +25,7 @@ import torch
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 pytest.importorskip("highdicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 
-from orthanc import free_port, orthanc_or_skip, running_orthanc  # noqa: E402
+from orthanc import orthanc_or_skip, running_orthanc  # noqa: E402
 from serving import running_server, tiny_checkpoint  # noqa: E402
 
 from btcv_unetr.config import CONFIG_DIR, build_config  # noqa: E402
@@ -38,6 +38,7 @@ from btcv_unetr.labels import ORGANS  # noqa: E402
 from btcv_unetr.model.build import build_model  # noqa: E402
 from btcv_unetr.serve import pacs  # noqa: E402
 from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402
+from btcv_unetr.testing.server import free_port  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.2.1125.7"
 STUDY_UID, SERIES_UID, FRAME_UID = f"{UID_ROOT}.1", f"{UID_ROOT}.2", f"{UID_ROOT}.3"

@@ -4,7 +4,6 @@ import functools
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from btcv_unetr.model.build import build_model
 from btcv_unetr.model.precision import Precision
 from btcv_unetr.train import loop as train
 from btcv_unetr.train.optim import build_optimizer
+from btcv_unetr.testing.server import free_port
 
 
 def _batch(rank: int) -> dict:
@@ -48,18 +48,13 @@ def _worker(context: Context, config, out: str) -> None:
                     "val_cases": len(val_loader.dataset)}, out)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_dir, tmp_path):
     content = json.loads((phantom_dir / "dataset.json").read_text())
     content["validation"] = content["validation"] + content["training"][:2]  # 3 cases: an uneven split
     (tmp_path / "three_val.json").write_text(json.dumps(content))
     config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
-                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"},
+                                            "dist_url": f"tcp://127.0.0.1:{free_port()}"},
                          data={"json_list": str(tmp_path / "three_val.json")}, train={"optim_lr": 1e-2})
     launch(functools.partial(_worker, out=str(tmp_path / "ddp.pt")), config)
     result = torch.load(tmp_path / "ddp.pt", weights_only=True)
@@ -104,7 +99,7 @@ def _failing_worker(context: Context, config) -> None:
 
 def test_an_error_in_one_rank_stops_every_rank(phantom_dir, capfd):
     config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
-                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"})
+                                            "dist_url": f"tcp://127.0.0.1:{free_port()}"})
     with pytest.raises(SystemExit) as stopped:
         launch(_failing_worker, config)
     assert stopped.value.code in (1, 2)  # 2 from rank 1's error, or 1 from rank 0 losing its peer first
@@ -119,7 +114,7 @@ def test_training_under_torchrun_takes_its_ranks_from_the_environment(phantom_di
     root = Path(__file__).resolve().parent.parent
     logdir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(root / "main.py"), "--config", "tiny.yaml", "--data_dir",
+               "--master_port", str(free_port()), str(root / "main.py"), "--config", "tiny.yaml", "--data_dir",
                str(phantom_dir), "--json_list", "dataset.json", "--logdir", str(logdir), "--max_epochs", "1",
                "--noamp"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
@@ -144,7 +139,7 @@ def test_two_processes_given_rank_variables_train_as_one_run_of_world_size_2(pha
     # Variables a surrounding launcher may have set would change the world this test builds.
     inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                  "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-    shared = {**inherited, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    shared = {**inherited, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
               "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
                               errors="replace", env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})

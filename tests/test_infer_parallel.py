@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from btcv_unetr.inference.evaluate import evaluate_folders, summarise
 from btcv_unetr.inference.parts import Part, mask_problem
 from btcv_unetr.synthetic.phantoms import generate_case
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
+from btcv_unetr.testing.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("scan_a", "scan_b", "scan_c", "scan_d")  # sorted: scan_a and scan_c are part 0/2, the others part 1/2
@@ -84,17 +84,12 @@ def _segmented(stdout: str) -> list[str]:
     return re.findall(r"^(\w+): \(.*\) in [\d.]+ s -> ", stdout, flags=re.MULTILINE)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_two_processes_under_torchrun_split_the_cases_and_write_the_same_bytes(world):
     """On the labelled split: the masks are one process's, and rank 0's report covers both ranks' cases."""
     out, logs = world["root"] / "torchrun", world["root"] / "torchrun_logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "--log_dir", str(logs), "--redirects", "1",
+               "--master_port", str(free_port()), "--log_dir", str(logs), "--redirects", "1",
                *_argv(world, out, labelled=True)]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=ENV,
                             cwd=world["root"], check=False)

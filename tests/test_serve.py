@@ -122,7 +122,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
 
 
 def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
-    from serving import free_port
+    from btcv_unetr.testing.server import free_port
 
     from btcv_unetr import cli
     assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port())]) == 2

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import socket
 import zipfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from btcv_unetr.errors import UserError
 from btcv_unetr.inference.export import export
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.torchscript import load_torchscript_weights, read_archive
+from btcv_unetr.testing.server import free_port
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 READS_CODE = "restores itself with its own code (__setstate__)"
@@ -68,11 +68,6 @@ def _scan(phantom_dir: Path) -> Path:
     return next((phantom_dir / "imagesTs").glob("*.nii.gz"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 COMMANDS = {
     "test.py": lambda f, tmp, data: ["infer", "--config", TINY, "--pretrained_dir", str(f.parent),
@@ -85,7 +80,7 @@ COMMANDS = {
     "export": lambda f, tmp, data: ["export", "--config", TINY, "--checkpoint", str(f), "--format", "torchscript",
                                     "--out", str(tmp / "exported.pt")],
     "serve": lambda f, tmp, data: ["serve", "--config", TINY, "--checkpoint", str(f), "--jobs_dir",
-                                   str(tmp / "jobs"), "--port", str(_free_port())],
+                                   str(tmp / "jobs"), "--port", str(free_port())],
 }
 
 
