@@ -75,3 +75,15 @@ def picture_server(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("served2d")
     with running_server(tiny_checkpoint(folder / "run", model=PICTURE_MODEL), folder / "jobs") as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def picture_service(tmp_path_factory):
+    """The same 2D service in the test's process (btcv_unetr.testing.app): for its routes, where no browser is
+    involved."""
+    from serving import PICTURE_MODEL, tiny_checkpoint
+
+    from btcv_unetr.testing.app import in_process_service
+    folder = tmp_path_factory.mktemp("served2d")
+    with in_process_service(tiny_checkpoint(folder / "run", model=PICTURE_MODEL), folder / "jobs") as client:
+        yield client

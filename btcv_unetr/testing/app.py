@@ -22,18 +22,18 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def in_process_service(checkpoint: Path, jobs_dir: Path, *flags: str) -> Iterator:
+def in_process_service(checkpoint: Path, jobs_dir: Path | None, *flags: str) -> Iterator:
     """The service for ``serve --checkpoint checkpoint --jobs_dir jobs_dir *flags`` (float32 on the CPU unless
     ``flags`` say otherwise), with the umask and upload spool that ``serve`` sets for its process, restored
-    afterwards."""
+    afterwards. ``jobs_dir`` None gives no ``--jobs_dir``: the default folder, as ``serve`` finds it."""
     from fastapi.testclient import TestClient
 
     from ..cli import build_parser
     from ..serve.command import build_app, settings_from_args
     from ..serve.jobs import SPOOL, open_jobs_folder
 
-    argv = ["serve", "--checkpoint", str(checkpoint), "--jobs_dir", str(jobs_dir), "--precision", "fp32",
-            "--device", "cpu", *flags]
+    folder = [] if jobs_dir is None else ["--jobs_dir", str(jobs_dir)]
+    argv = ["serve", "--checkpoint", str(checkpoint), *folder, "--precision", "fp32", "--device", "cpu", *flags]
     args = build_parser().parse_args(argv)
     settings = settings_from_args(args)
     open_jobs_folder(settings.jobs_dir)
