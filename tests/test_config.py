@@ -5,7 +5,6 @@ import yaml
 
 from btcv_unetr.config import (
     CONFIG_DIR,
-    FIELD_SECTION,
     PRESETS,
     SECTIONS,
     Config,
@@ -159,11 +158,6 @@ def test_round_trip_through_plain_dict_and_yaml(tmp_path):
     assert parse_config(["--config", str(path)]) == config
     with pytest.raises(ConfigError, match="unknown config key 'model.colour'"):
         config_from_dict({"model": {"colour": 1}})
-
-
-def test_field_names_are_unique_across_sections():
-    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(names) == len(set(names)) == len(FIELD_SECTION)
 
 
 def test_help_lists_every_flag(capsys):
