@@ -12,6 +12,7 @@ inherit it and nothing is written to the real one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -87,3 +88,29 @@ def picture_service(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served2d")
     with in_process_service(tiny_checkpoint(folder / "run", model=PICTURE_MODEL), folder / "jobs") as client:
         yield client
+
+
+REAL_SERVER_TOKEN = "web-test-token"
+
+
+@dataclasses.dataclass(frozen=True)
+class RealServer:
+    """The session's real server: its base URL, its token, and the file that holds its worker while it exists."""
+
+    url: str
+    token: str
+    hold: Path
+
+
+@pytest.fixture(scope="session")
+def real_server(tmp_path_factory) -> RealServer:
+    """One real ``btcv-unetr serve`` on loopback (tiny 3D model, random weights) for the tests where the real server
+    is the point: the browser tests (tests/test_web.py) and the gate that answers before the body is read
+    (tests/test_serve.py). A token, a queue of one waiting job, and a worker that holds each job in "running" while
+    ``hold`` exists. Its tests are in the xdist group "real_server", so one process starts it."""
+    from serving import held_server, tiny_checkpoint
+    folder = tmp_path_factory.mktemp("real_server")
+    hold = folder / "hold"
+    with held_server(tiny_checkpoint(folder / "run"), folder / "jobs", hold, "--token", REAL_SERVER_TOKEN,
+                     "--workers_queue", "1") as url:
+        yield RealServer(url, REAL_SERVER_TOKEN, hold)

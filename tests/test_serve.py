@@ -5,17 +5,16 @@ answers 401, 413 and 503 from the headers, while the body is still unsent (raw s
 
 In-process services: a default one (round trips, DICOM, bad inputs, concurrency), a strict one of each test's own
 (token, small upload limits, a queue of one, retention of two jobs, a worker the test holds) and a 2D one (pictures).
+The real server is the session's one (tests/conftest.py ``real_server``), shared with the browser tests.
 The helpers take a client (``httpx.Client`` API), so they serve a real server too: ``httpx.Client(base_url=url)``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import gzip
 import io
 import json
-import os
 import socket
 import time
 import zipfile
@@ -25,7 +24,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from serving import running_server, tiny_checkpoint
+from serving import tiny_checkpoint
 
 from btcv_unetr.serve.jobs import MARKER
 from btcv_unetr.testing.app import held_jobs, in_process_service
@@ -85,24 +84,6 @@ def _stale_jobs(jobs_dir: Path, scan: Path) -> dict[str, Path]:
     (folders["no_record"] / "upload.part").write_bytes(b"half an upload")
     jobs_dir.chmod(0o700)
     return folders
-
-
-HELD_WORKER = Path(__file__).resolve().parent / "held_worker"  # its sitecustomize.py holds the server's worker
-
-
-@pytest.fixture(scope="module")
-def gate(tmp_path_factory, checkpoint) -> tuple[str, Path]:
-    """A real server with the strict flags, and the path of a file that, while it exists, holds each job the
-    worker takes in "running" (tests/held_worker/sitecustomize.py), so that its queue fills whatever the machine's
-    speed."""
-    folder = tmp_path_factory.mktemp("gate")
-    hold = folder / "hold"
-    with contextlib.ExitStack() as stack:
-        with pytest.MonkeyPatch.context() as env:  # for the server's process only
-            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(HELD_WORKER), os.environ.get("PYTHONPATH")))))
-            env.setenv("BTCV_UNETR_TEST_HOLD", str(hold))
-            url = stack.enter_context(running_server(checkpoint, folder / "jobs", *STRICT_FLAGS))
-        yield url, hold
 
 
 def _submit(client, path: Path | None = None, content: bytes | None = None, name: str = "scan.nii.gz",
@@ -375,25 +356,27 @@ def _answer_before_the_body(url: str, headers: bytes, length: int = 200_000_000)
         return connection.recv(4096).decode("latin-1").split("\r\n")[0]
 
 
-def test_the_gate_refuses_before_the_body_is_read(gate, scan):
+@pytest.mark.xdist_group("real_server")  # the session's real server (tests/conftest.py), shared with test_web
+def test_the_gate_refuses_before_the_body_is_read(real_server, scan):
     """On a real server, from the headers alone, while the body is still unsent: 401 for a wrong token, 413 for a
-    Content-Length over --max_upload_mb, and 503 when the queue is full (one job held running, one waiting)."""
-    url, hold = gate
+    Content-Length over --max_upload_mb, and 503 when the queue (of one) is full: one job held running, one
+    waiting."""
+    url, auth = real_server.url, {"Authorization": f"Bearer {real_server.token}"}
     assert _answer_before_the_body(url, b"Authorization: Bearer wrong\r\n").startswith("HTTP/1.1 401")
-    right = f"Authorization: Bearer {TOKEN}\r\n".encode()
-    assert _answer_before_the_body(url, right).startswith("HTTP/1.1 413")
-    under_the_limit = 100_000  # 0.1 MB: a 413 cannot be the answer
+    right = f"Authorization: Bearer {real_server.token}\r\n".encode()
+    assert _answer_before_the_body(url, right, 2 * 1024 * 2**20).startswith("HTTP/1.1 413")  # over 1024 MB
+    under_the_limit = 100_000
     with httpx.Client(base_url=url, timeout=120) as client:
-        hold.touch()
+        real_server.hold.touch()
         try:
-            running = _submit(client, scan, headers=AUTH).json()
-            _wait(client, running["id"], AUTH, states=("running",))
-            waiting = _submit(client, scan, headers=AUTH)
+            running = _submit(client, scan, headers=auth).json()
+            _wait(client, running["id"], auth, states=("running",))
+            waiting = _submit(client, scan, headers=auth)
             assert waiting.status_code == 202 and waiting.json()["state"] == "queued", waiting.text
             assert _answer_before_the_body(url, right, under_the_limit).startswith("HTTP/1.1 503")
         finally:
-            hold.unlink(missing_ok=True)
-        assert [_wait(client, job_id, AUTH)["state"] for job_id in (running["id"], waiting.json()["id"])] == \
+            real_server.hold.unlink(missing_ok=True)
+        assert [_wait(client, job_id, auth)["state"] for job_id in (running["id"], waiting.json()["id"])] == \
             ["done", "done"]
         assert _answer_before_the_body(url, right, under_the_limit).startswith("HTTP/1.1 400")  # read: not a scan
 

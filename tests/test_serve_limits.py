@@ -21,8 +21,8 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from serving import tiny_checkpoint
-from test_serve import HELD_WORKER, _dicom_zip, _submit, _wait
+from serving import HELD_WORKER, tiny_checkpoint
+from test_serve import _dicom_zip, _submit, _wait
 
 from btcv_unetr.testing.app import held_jobs, in_process_service
 from btcv_unetr.testing.server import declared_nifti_gz, free_port, wait_until_healthy
