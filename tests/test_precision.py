@@ -125,7 +125,8 @@ def _train(phantom_dir, logdir, *flags):
     assert cli.main(argv) == 0
 
 
-def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, phantom_dir, tmp_path, capsys):
+def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, phantom_dir, trained_run, tmp_path,
+                                                                     capsys):
     machine(AVX2)
     _train(phantom_dir, tmp_path / "auto")
     line = "precision fp32: this CPU has no bfloat16 instructions (AVX2)"
@@ -136,10 +137,10 @@ def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, 
     state = torch.load(tmp_path / "auto" / "model_final.pt", weights_only=True)
     assert state["precision"] == {"name": "fp32", "reason": "this CPU has no bfloat16 instructions (AVX2)"}
 
-    # A run trained at an explicit fp32 on a machine where auto would pick bf16: inference keeps fp32 ...
+    # A run trained at an explicit fp32 (the session's trained run) on a machine where auto would pick bf16:
+    # inference keeps fp32 ...
     machine(ZEN5)
-    _train(phantom_dir, tmp_path / "fp32", "--precision", "fp32")
-    infer = {"pretrained_dir": str(tmp_path / "fp32"), "pretrained_model_name": "model_final.pt"}
+    infer = {"pretrained_dir": str(trained_run), "pretrained_model_name": "model_final.pt"}
     predictor = Predictor(tiny_config(phantom_dir, train=infer))
     assert (predictor.precision.name, predictor.precision.reason) == ("fp32", "the training run's setting, from its "
                                                                               "checkpoint")
