@@ -278,10 +278,14 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     general: GeneralConfig = field(default_factory=GeneralConfig)
+    # The keys a layer set (a YAML file, a flag, a --pretrained source), not left at their defaults: what a
+    # default chosen later for a model (inference/loader.py, weights without preprocessing) must not replace.
+    # Not a section: never saved, and configs compare equal whatever it holds.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain nested dict (YAML- and ``torch.load(weights_only=True)``-safe)."""
-        return dataclasses.asdict(self)
+        """Plain nested dict of the sections (YAML- and ``torch.load(weights_only=True)``-safe)."""
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -292,7 +296,8 @@ class Config:
         atomic_write_text(path, header + self.to_yaml())
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                             if f.name != "explicit"}
 # field name -> section; names are unique across sections so that flags can stay flat.
 FIELD_SECTION: dict[str, str] = {}
 for _section, _cls in SECTIONS.items():
@@ -422,8 +427,10 @@ def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
     """Apply nested ``{section: {key: value}}`` layers over the defaults (each migrated: older key names and
-    sections still count), check types and ranges."""
+    sections still count), check types and ranges. The keys the layers set are the config's ``explicit``."""
     layers = [migrate(layer) for layer in layers]
+    explicit = frozenset(key for layer in layers for section, values in layer.items() if isinstance(values, dict)
+                         for key in values if FIELD_SECTION.get(key) == section)
     sections = {}
     for section, cls in SECTIONS.items():
         values = {}
@@ -435,7 +442,7 @@ def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
                     value = layer[section][f.name]
             values[f.name] = _coerce(f.name, value, hints[f.name], f.metadata["choices"])
         sections[section] = cls(**values)
-    config = Config(**sections)
+    config = Config(**sections, explicit=explicit)
     validate(config)
     return config
 
