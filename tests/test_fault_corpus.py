@@ -7,7 +7,6 @@ and flags, run in-process) and a fragment of the expected message.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import json
 import pickle
@@ -103,14 +102,9 @@ def _flip_a_weight_byte(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the cases
-
-
-def check_missing_image(tmp, ctx):
-    return _dataset(tmp, image=tmp / "data" / "gone.nii.gz"), "gone.nii.gz: file not found"
-
-
-def check_missing_label(tmp, ctx):
-    return _dataset(tmp, label=tmp / "data" / "gone.nii.gz"), "gone.nii.gz: file not found"
+# Refusals whose home is a topic file, with their whole lines: files a datalist names that are missing
+# (test_checks.py::test_cli_exit_codes_and_output), a mask that fills the disk (test_disk_full.py), an altered
+# checkpoint (test_checkpoint.py), resuming into another run's folder (test_train.py).
 
 
 def check_truncated_gzip(tmp, ctx):
@@ -572,14 +566,6 @@ def export_onto_a_folder_with_overwrite(tmp, ctx):
             "--overwrite"], "is a folder"
 
 
-def infer_on_a_full_disk(tmp, ctx):
-    def full(image, path):  # nibabel's writer as the disk fills: part of the file, then ENOSPC
-        Path(path).write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    ctx["monkeypatch"].setattr(nib, "save", full)
-    return _infer(tmp, ctx["weights"], ctx["scan"]), "the disk is full"
-
-
 def serve_jobs_folder_holding_other_things(tmp, ctx):
     jobs = tmp / "jobs"
     (jobs / "experiment1").mkdir(parents=True)
@@ -594,7 +580,7 @@ CASES = [value for name, value in dict(globals()).items()
 
 
 # How many cases the module defines: a case renamed out of the prefixes above would drop out silently.
-NUMBER_OF_CASES = 68
+NUMBER_OF_CASES = 65
 assert len(CASES) == NUMBER_OF_CASES, f"{len(CASES)} cases collected, {NUMBER_OF_CASES} expected"
 
 
