@@ -114,3 +114,16 @@ def real_server(tmp_path_factory) -> RealServer:
     with held_server(tiny_checkpoint(folder / "run"), folder / "jobs", hold, "--token", REAL_SERVER_TOKEN,
                      "--workers_queue", "1") as url:
         yield RealServer(url, REAL_SERVER_TOKEN, hold)
+
+
+@pytest.fixture
+def serve_sandbox(tmp_path, monkeypatch):
+    """For a test that runs ``serve`` through ``cli.main`` in this process: the default jobs folder under
+    ``tmp_path`` (never the user's own), and the temporary folder and umask that ``serve`` sets for its process
+    restored afterwards (a refusal after the jobs folder opened would leave them to the tests that follow)."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)

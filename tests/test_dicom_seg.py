@@ -408,7 +408,7 @@ def test_pacs_job_mistakes_get_one_line(pacs_server, body, status, detail):
     assert (response.status_code, response.json()) == (status, {"detail": detail})
 
 
-def test_a_wrong_dicomweb_url_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_a_wrong_dicomweb_url_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, serve_sandbox):
     from btcv_unetr import cli
     for url in ("ftp://pacs/dicom-web", "http://user:secret@pacs/dicom-web", "pacs:8042"):
         assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port()),

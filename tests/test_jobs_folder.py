@@ -136,7 +136,7 @@ def test_a_new_jobs_folder_is_created_private_with_its_spool(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [SPOOL]
 
 
-def test_serve_refuses_such_a_folder_at_start_up_in_one_line(tmp_path, capsys):
+def test_serve_refuses_such_a_folder_at_start_up_in_one_line(tmp_path, capsys, serve_sandbox):
     """The command, before any model loads: exit 2, one line, the folder untouched (through ``cli.main``; the
     real ``python -m btcv_unetr serve`` process is tests/test_serve_limits.py's signal test)."""
     pytest.importorskip("uvicorn")  # the serve extra

@@ -110,7 +110,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
-def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
+def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, serve_sandbox):
     from btcv_unetr.testing.server import free_port
 
     from btcv_unetr import cli

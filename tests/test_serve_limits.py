@@ -200,7 +200,7 @@ def test_the_default_jobs_folder_is_private_and_under_the_users_data_folder(tmp_
     assert (folder / "input.nii.gz").read_bytes() == scan.read_bytes()
 
 
-def test_a_jobs_folder_others_can_write_is_refused(tmp_path, capsys):
+def test_a_jobs_folder_others_can_write_is_refused(tmp_path, capsys, serve_sandbox):
     """(A folder holding other files: the fault corpus and tests/test_jobs_folder.py.)"""
     from btcv_unetr import cli
     shared = tmp_path / "shared"

@@ -86,10 +86,11 @@ COMMANDS = {
 
 @pytest.mark.parametrize("kind", ["unetr", "module"])
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_no_command_runs_code_from_a_torchscript_file(command, kind, files, phantom_dir, tmp_path, capsys):
+def test_no_command_runs_code_from_a_torchscript_file(command, kind, files, phantom_dir, tmp_path, capsys, request):
     """Each command refuses the file in one line, before anything is written, and the marker never appears."""
     if command == "serve":
         pytest.importorskip("fastapi")
+        request.getfixturevalue("serve_sandbox")
     capsys.readouterr()
     status = cli.main(COMMANDS[command](files[kind], tmp_path, phantom_dir))
     out, err = capsys.readouterr()
