@@ -155,35 +155,42 @@ def _serve(checkpoint: Path, jobs_dir: Path, log: Path, hold: Path) -> tuple[sub
     return process, url
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_server_cleanly_and_keeps_the_queued_jobs(tmp_path, checkpoint, scan, stop):
-    """One job held running and one waiting when the signal comes: exit status 0, no traceback, both kept. After
-    SIGINT the next start queues them again (the same code keeps them whichever signal stopped the server)."""
-    jobs_dir, log, hold = tmp_path / "jobs", tmp_path / "server.log", tmp_path / "hold"
+def _stopped_cleanly(process: subprocess.Popen, stop: signal.Signals, log: Path) -> str:
+    """Send ``stop``; the server must exit with status 0, without a traceback. Returns its log."""
+    process.send_signal(stop)
+    assert process.wait(timeout=60) == 0, log.read_text()
+    text = log.read_text()
+    assert "terminate called" not in text and "Traceback" not in text, text
+    return text
+
+
+def test_sigint_and_sigterm_stop_the_server_cleanly_and_the_next_start_queues_the_kept_jobs(tmp_path, checkpoint,
+                                                                                            scan):
+    """One job held running and one waiting when SIGINT comes: exit status 0, no traceback, both kept. The next
+    start queues them again (still held: neither can finish), and SIGTERM then stops it as cleanly, keeping both."""
+    jobs_dir, hold = tmp_path / "jobs", tmp_path / "hold"
     hold.touch()
-    process, url = _serve(checkpoint, jobs_dir, log, hold)
+    process, url = _serve(checkpoint, jobs_dir, tmp_path / "first.log", hold)
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
             ids = [_submit(client, scan, name=f"scan{k}.nii.gz").json()["id"] for k in range(2)]
             _wait(client, ids[0], states=("running",))
             assert client.get(f"/jobs/{ids[1]}").json()["state"] == "queued"
-        process.send_signal(stop)
-        assert process.wait(timeout=60) == 0, log.read_text()
-    finally:
-        process.kill()
-    text = log.read_text()
-    assert "terminate called" not in text and "Traceback" not in text, text
-    assert "2 queued job(s) kept: they run at the next start" in text
-    if stop != signal.SIGINT:
-        return
-    process, url = _serve(checkpoint, jobs_dir, tmp_path / "again.log", hold)  # still held: nothing can finish
-    try:
-        states = {i: httpx.get(f"{url}/jobs/{i}").json()["state"] for i in ids}
-        assert states[ids[0]] in ("queued", "running") and states[ids[1]] == "queued"
-        assert "2 job(s) kept from the last stop are queued again" in (tmp_path / "again.log").read_text()
+        text = _stopped_cleanly(process, signal.SIGINT, tmp_path / "first.log")
     finally:
         process.kill()
         process.wait()
+    assert "2 queued job(s) kept: they run at the next start" in text
+    process, url = _serve(checkpoint, jobs_dir, tmp_path / "again.log", hold)
+    try:
+        assert "2 job(s) kept from the last stop are queued again" in (tmp_path / "again.log").read_text()
+        states = {i: httpx.get(f"{url}/jobs/{i}").json()["state"] for i in ids}
+        assert states[ids[0]] in ("queued", "running") and states[ids[1]] == "queued"
+        text = _stopped_cleanly(process, signal.SIGTERM, tmp_path / "again.log")
+    finally:
+        process.kill()
+        process.wait()
+    assert "2 queued job(s) kept: they run at the next start" in text
 
 
 def test_the_default_jobs_folder_is_private_and_under_the_users_data_folder(tmp_path, checkpoint, scan, monkeypatch):
