@@ -71,7 +71,8 @@ def tiny(phantom_dir) -> Config:
 
 @pytest.fixture(scope="module")
 def picture_server(tmp_path_factory) -> str:
-    """``btcv-unetr serve`` with a tiny 2D RGB model of 3 classes (random weights), no token."""
+    """A real ``btcv-unetr serve`` with a tiny 2D RGB model of 3 classes (random weights), no token: for the browser's
+    2D test (tests/test_web.py); the routes use ``picture_service``."""
     from serving import PICTURE_MODEL, running_server, tiny_checkpoint
     folder = tmp_path_factory.mktemp("served2d")
     with running_server(tiny_checkpoint(folder / "run", model=PICTURE_MODEL), folder / "jobs") as url:
