@@ -142,13 +142,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without a token: anyone who reaches this port can use the service "
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
     open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
-    os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only
-    # The web framework spools large uploads to the temporary folder: the private jobs folder's, not /tmp.
+    # Every file and folder written while serving (scans, masks, spooled uploads) is the user's only, and the web
+    # framework spools large uploads to the private jobs folder, not /tmp. Restored on the way out, so that a
+    # caller in the same process (cli.main in a test, a refusal while the model loads) is left as it was.
+    umask, spool = os.umask(0o077), tempfile.tempdir
     tempfile.tempdir = str(settings.jobs_dir / SPOOL)
-    app = build_app(args, settings)
-    print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
-    started = time.time()
-    serve_until_signal(uvicorn, app, args.host, args.port)
+    try:
+        app = build_app(args, settings)
+        print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
+        started = time.time()
+        serve_until_signal(uvicorn, app, args.host, args.port)
+    finally:
+        os.umask(umask)
+        tempfile.tempdir = spool
     print(f"stopped after {time.time() - started:.0f} s")
     return 0
 
