@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from conftest import tiny_config
 
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
-from btcv_unetr.testing.server import free_port, serve_process  # noqa: F401  (free_port: for the tests' use)
+from btcv_unetr.testing.server import serve_process
 
 PICTURE_MODEL = {"spatial_dims": 2, "in_channels": 3, "out_channels": 3, "roi_x": 64, "roi_y": 64}
 
@@ -28,3 +31,18 @@ def running_server(checkpoint: Path, jobs_dir: Path, *flags: str) -> Iterator[st
     flags = ["--precision", "fp32", "--device", "cpu", *flags]
     with serve_process(checkpoint, jobs_dir, flags, jobs_dir.parent / "server.log", threads=1) as server:
         yield server.url
+
+
+HELD_WORKER = Path(__file__).resolve().parent / "held_worker"  # its sitecustomize.py holds a real server's worker
+
+
+@contextlib.contextmanager
+def held_server(checkpoint: Path, jobs_dir: Path, hold: Path, *flags: str) -> Iterator[str]:
+    """:func:`running_server` whose worker holds each job it takes in "running" while the file ``hold`` exists
+    (tests/held_worker/sitecustomize.py; a DELETE, the time limit or the server's stop still end it)."""
+    with contextlib.ExitStack() as stack:
+        with pytest.MonkeyPatch.context() as env:  # for the server's process only
+            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(HELD_WORKER), os.environ.get("PYTHONPATH")))))
+            env.setenv("BTCV_UNETR_TEST_HOLD", str(hold))
+            url = stack.enter_context(running_server(checkpoint, jobs_dir, *flags))
+        yield url

@@ -33,12 +33,10 @@ def _train_argv(phantom_dir, logdir, *flags):
             "--logdir", str(logdir), "--precision", "fp32", *flags]
 
 
-@pytest.fixture(scope="module")
-def run(phantom_dir, tmp_path_factory):
-    """A 2-epoch tiny run (model_final.pt of the current version)."""
-    logdir = tmp_path_factory.mktemp("run") / "run"
-    assert cli.main(_train_argv(phantom_dir, logdir, "--max_epochs", "2", "--val_every", "1")) == 0
-    return logdir
+@pytest.fixture
+def run(trained_run):
+    """The session's 2-epoch tiny run (model_final.pt of the current version): read, never changed."""
+    return trained_run
 
 
 def _test_scan(phantom_dir: Path) -> Path:
@@ -168,14 +166,16 @@ def test_sigkill_at_random_moments_then_resume_continues_at_the_right_epoch_and_
     flags = ["--max_epochs", str(epochs), "--val_every", "100", "--warmup_epochs", "3", "--optim_lr", "1e-3",
              "--seed", "0"]
     last_epoch, kills = 0, 0
-    # Every other kill lands at start-up, the others a random moment after the run's second epoch ended (during its
-    # checkpoint write or the next epoch): the first epoch's checkpoint is then complete, so every such run
-    # makes progress, however fast the machine.
-    while kills < 6 or last_epoch < 2:
-        assert kills < 12, f"no progress after {kills} kills (last saved epoch {last_epoch})"
+    # The first kill lands a random moment after the run's second epoch ended (during its checkpoint write or the
+    # next epoch): the first epoch's checkpoint is then complete, so the run made progress, however fast the
+    # machine. The second kill lands at the resumed run's start-up, the third again after progress, now of a resumed
+    # run: the last state is one a resumed run saved. (That a resume goes on exactly as an uninterrupted run is
+    # test_train's test_resume_continues_exactly_as_an_uninterrupted_run.)
+    while kills < 3 or last_epoch < 2:
+        assert kills < 8, f"no progress after {kills} kills (last saved epoch {last_epoch})"
         resume = ["--checkpoint", str(logdir / "model_final.pt")] if (logdir / "model_final.pt").exists() else []
         training = Training(_train_argv(phantom_dir, logdir, *flags, *resume), tmp_path)
-        mark = "training on cpu" if kills % 2 == 0 else f"epoch {last_epoch + 2}/{epochs}"
+        mark = "training on cpu" if kills % 2 == 1 else f"epoch {last_epoch + 2}/{epochs}"
         if not training.wait_for(mark):
             pytest.fail("training ended before its kill: " + "".join(training.lines)[-2000:])
         time.sleep(rng.uniform(0.0, 0.3))
@@ -254,19 +254,35 @@ def _alter(state: dict, what: str) -> None:
         state["version"] = 1  # an older layout would skip the checks: the checksums still name it
 
 
+def _refusal(path: Path, what: str) -> str:
+    return (f"{path}: its stored {what} does not match the checksum saved with it: the file is corrupt or was "
+            "altered, and is not used; use another copy (model_final.pt / model.pt) or train again")
+
+
 @pytest.mark.parametrize("what", ["config", "optimiser state", "learning-rate schedule state", "model card",
                                   "epoch counter", "gradient-scaler state", "version"])
-def test_a_checkpoint_altered_anywhere_is_refused_for_inference_and_resume(what, run, phantom_dir, tmp_path, capsys):
+def test_a_checkpoint_altered_anywhere_is_refused_by_the_loader_naming_what_changed(what, run, tmp_path):
+    """The loader every command reads checkpoints through (inference, resume, export, serve)."""
     state = torch.load(run / "model_final.pt", weights_only=True)
     _alter(state, what)
     altered = tmp_path / "model_final.pt"
     torch.save(state, altered)
-    expected = (f"error: {altered}: its stored {what} does not match the checksum saved with it: the file is "
-                "corrupt or was altered, and is not used; use another copy (model_final.pt / model.pt) or train again")
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(altered)
+    assert str(refused.value) == _refusal(altered, what)
+
+
+def test_an_altered_checkpoint_is_refused_in_one_line_for_inference_and_resume(run, phantom_dir, tmp_path, capsys):
+    """The commands word the loader's refusal as their one line, and write nothing: no mask, no checkpoint."""
+    state = torch.load(run / "model_final.pt", weights_only=True)
+    _alter(state, "optimiser state")  # a part inference does not use: refused all the same
+    altered = tmp_path / "model_final.pt"
+    torch.save(state, altered)
+    expected = "error: " + _refusal(altered, "optimiser state")
     capsys.readouterr()
     assert cli.main(_infer_argv(altered, _test_scan(phantom_dir), tmp_path / "masks")) == 2
     assert capsys.readouterr().err.strip().splitlines() == [expected]
-    assert not list(tmp_path.glob("masks/*.nii.gz"))  # no mask from the altered file
+    assert not list(tmp_path.glob("masks/*.nii.gz"))
     assert cli.main(_train_argv(phantom_dir, tmp_path / "resumed", "--max_epochs", "3",
                                 "--checkpoint", str(altered))) == 2
     assert capsys.readouterr().err.strip().splitlines() == [expected]

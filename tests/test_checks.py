@@ -2,11 +2,13 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from btcv_unetr import cli
 from btcv_unetr.data.checks import check_data
 
 AFFINE = np.diag([-0.8, -0.8, 3.0, 1.0])
@@ -96,17 +98,20 @@ def test_empty_or_malformed_datalists(tmp_path, content, message):
     assert len(problems) == 1 and message in str(problems[0])
 
 
-def test_cli_exit_codes_and_output(phantom_dir, tmp_path):
-    command = [sys.executable, "-m", "btcv_unetr", "check-data", "--data_dir"]
-    ok = subprocess.run(command + [str(phantom_dir), "--json_list", "dataset.json"], capture_output=True, encoding="utf-8")
+def test_cli_exit_codes_and_output(phantom_dir, tmp_path, capsys):
+    """A clean dataset passes with status 0 through the installed ``btcv-unetr`` console script (the one child
+    process of the suite that proves the script's wiring); problems give status 1, each on its line."""
+    script = Path(sys.executable).with_name("btcv-unetr")
+    ok = subprocess.run([str(script), "check-data", "--data_dir", str(phantom_dir), "--json_list", "dataset.json"],
+                        capture_output=True, encoding="utf-8")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.strip() == "check-data: OK, 3 training, 1 validation, 1 test entries"
     (tmp_path / "d.json").write_text(json.dumps({"training": [{"image": "a.nii.gz", "label": "b.nii.gz"}]}))
-    bad = subprocess.run(command + [str(tmp_path), "--json_list", "d.json"], capture_output=True, encoding="utf-8")
-    assert bad.returncode == 1
-    assert bad.stdout.splitlines() == [f"{tmp_path}/a.nii.gz: file not found", f"{tmp_path}/b.nii.gz: file not found",
-                                       "check-data: 2 problem(s) found; fix them and run again"]
-    assert "Traceback" not in bad.stderr
+    assert cli.main(["check-data", "--data_dir", str(tmp_path), "--json_list", "d.json"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{tmp_path}/a.nii.gz: file not found", f"{tmp_path}/b.nii.gz: file not found",
+                                "check-data: 2 problem(s) found; fix them and run again"]
+    assert "Traceback" not in err
 
 
 def test_gzip_garbage_is_unreadable_not_a_crash(tmp_path, good_volume):
@@ -165,8 +170,8 @@ def _pictures(root, depths):
         sitk.WriteImage(sitk.GetImageFromArray(np.zeros((6, 8), np.uint8)), str(root / f"m{index}.png"))
         entries.append({"image": f"p{index}.png", "label": f"m{index}.png"})
     (root / "d.json").write_text(json.dumps({"training": entries}))
-    return [sys.executable, "-m", "btcv_unetr", "check-data", "--data_dir", str(root), "--json_list", "d.json",
-            "--spatial_dims", "2", "--in_channels", "1"]
+    return ["check-data", "--data_dir", str(root), "--json_list", "d.json", "--spatial_dims", "2",
+            "--in_channels", "1"]
 
 
 @pytest.mark.parametrize("depths, note", [
@@ -176,13 +181,14 @@ def _pictures(root, depths):
     ((8, 16, 16), ("note: 2 training picture(s) are 16-bit (e.g. {root}/p1.png), 1 of fewer bits: each picture is "
                    "scaled by its own bit depth")),
 ])
-def test_check_data_notes_16_bit_training_pictures_and_passes(tmp_path, depths, note):
-    result = subprocess.run(_pictures(tmp_path, depths), capture_output=True, encoding="utf-8", check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+def test_check_data_notes_16_bit_training_pictures_and_passes(tmp_path, depths, note, capsys):
+    status = cli.main(_pictures(tmp_path, depths))
+    stdout, stderr = capsys.readouterr()
+    assert status == 0, stdout + stderr
+    notes = [line for line in stdout.splitlines() if line.startswith("note:")]
     assert notes == ([] if note is None else [notes[0]]) and (note is None or notes[0].startswith(
         note.format(root=tmp_path)))
-    assert result.stdout.splitlines()[-1] == f"check-data: OK, {len(depths)} training, 0 validation, 0 test entries"
+    assert stdout.splitlines()[-1] == f"check-data: OK, {len(depths)} training, 0 validation, 0 test entries"
 
 
 def test_nan_and_both_infinities_are_counted_alike():

@@ -5,7 +5,7 @@ import yaml
 
 from btcv_unetr.config.flags import parse_config
 from btcv_unetr.config.load import CONFIG_DIR, PRESETS, build_config, config_from_dict
-from btcv_unetr.config.schema import FIELD_SECTION, SECTIONS, Config
+from btcv_unetr.config.schema import SECTIONS, Config
 from btcv_unetr.config.validation import ConfigError
 
 
@@ -152,11 +152,6 @@ def test_round_trip_through_plain_dict_and_yaml(tmp_path):
     assert parse_config(["--config", str(path)]) == config
     with pytest.raises(ConfigError, match="unknown config key 'model.colour'"):
         config_from_dict({"model": {"colour": 1}})
-
-
-def test_field_names_are_unique_across_sections():
-    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
-    assert len(names) == len(set(names)) == len(FIELD_SECTION)
 
 
 def test_help_lists_every_flag(capsys):

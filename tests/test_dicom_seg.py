@@ -1,5 +1,6 @@
 """DICOM Segmentation output (btcv_unetr/dicom_seg.py): ``test.py --output_format dicom_seg``, the service's
-``seg.dcm``, and a PACS round trip through a real Orthanc with its DICOMweb plugin (tests/orthanc.py).
+``seg.dcm`` (the service in the test's process), and a PACS round trip through a real Orthanc with its DICOMweb
+plugin (tests/orthanc.py) and a real ``btcv-unetr serve --dicomweb``.
 
 The oracle places every SEG frame on the series' grid by its ImagePositionPatient with SimpleITK's
 own physical-to-index transform (not this package's affine arithmetic), and compares with the
@@ -25,7 +26,7 @@ import torch
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 pytest.importorskip("highdicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 
-from orthanc import free_port, orthanc_or_skip, running_orthanc  # noqa: E402
+from orthanc import orthanc_or_skip, running_orthanc  # noqa: E402
 from serving import running_server, tiny_checkpoint  # noqa: E402
 
 from btcv_unetr.config.load import (  # noqa: E402
@@ -41,6 +42,10 @@ from btcv_unetr.labels import ORGANS  # noqa: E402
 from btcv_unetr.model.build import build_model  # noqa: E402
 from btcv_unetr.serve import pacs  # noqa: E402
 from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402
+from btcv_unetr.testing.app import in_process_service  # noqa: E402
+from btcv_unetr.testing.server import free_port  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("test_dicom_seg")  # one Orthanc and one PACS-connected server
 
 UID_ROOT = "1.2.826.0.1.3680043.2.1125.7"
 STUDY_UID, SERIES_UID, FRAME_UID = f"{UID_ROOT}.1", f"{UID_ROOT}.2", f"{UID_ROOT}.3"
@@ -309,34 +314,36 @@ def test_a_series_is_retrieved_from_the_pacs_whole_and_within_limits(orthanc, di
 # --- The service: a SEG for every DICOM job; jobs taken from the PACS and stored back --------------------
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    """``btcv-unetr serve`` without a PACS."""
+def server(tmp_path_factory):
+    """The service without a PACS, in the test's process (btcv_unetr.testing.app)."""
     folder = tmp_path_factory.mktemp("served")
-    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs") as url:
-        yield url
+    with in_process_service(tiny_checkpoint(folder / "run"), folder / "jobs") as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
-def pacs_server(tmp_path_factory, orthanc) -> str:
-    """``btcv-unetr serve --dicomweb`` pointed at the test's Orthanc."""
+def pacs_server(tmp_path_factory, orthanc):
+    """A real ``btcv-unetr serve --dicomweb`` pointed at the test's Orthanc (the round trip between two real
+    servers); a client on it."""
     folder = tmp_path_factory.mktemp("served_pacs")
-    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", "--dicomweb", orthanc) as url:
-        yield url
+    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs", "--dicomweb", orthanc) as url, \
+            httpx.Client(base_url=url, timeout=120) as client:
+        yield client
 
 
-def _wait(url: str, job_id: str, timeout: float = 180) -> dict:
+def _wait(client, job_id: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+        job = client.get(f"/jobs/{job_id}").json()
         if job["state"] in ("done", "failed"):
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} not finished after {timeout} s")
 
 
-def _mask_and_seg(url: str, job_id: str, folder: Path) -> tuple[np.ndarray, Path]:
-    (folder / "mask.nii.gz").write_bytes(httpx.get(f"{url}/jobs/{job_id}/mask", timeout=30).content)
-    response = httpx.get(f"{url}/jobs/{job_id}/seg", timeout=30)
+def _mask_and_seg(client, job_id: str, folder: Path) -> tuple[np.ndarray, Path]:
+    (folder / "mask.nii.gz").write_bytes(client.get(f"/jobs/{job_id}/mask").content)
+    response = client.get(f"/jobs/{job_id}/seg")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/dicom"
     (folder / "seg.dcm").write_bytes(response.content)
@@ -348,7 +355,7 @@ def test_an_uploaded_dicom_zip_gets_a_seg_equal_to_its_mask(server, dicom_case, 
     with zipfile.ZipFile(buffer, "w") as archive:
         for path in dicom_case["files"]:
             archive.write(path, f"series/{path.name}")
-    response = httpx.post(f"{server}/jobs", files={"file": ("series.zip", buffer.getvalue())}, timeout=120)
+    response = server.post("/jobs", files={"file": ("series.zip", buffer.getvalue())})
     assert response.status_code == 202, response.text
     job = _wait(server, response.json()["id"])
     assert job["state"] == "done" and job["kind"] == "dicom", job
@@ -360,20 +367,19 @@ def test_an_uploaded_dicom_zip_gets_a_seg_equal_to_its_mask(server, dicom_case, 
 
 def test_a_nifti_job_has_no_seg_and_a_server_without_pacs_refuses_uids(server, dicom_case):
     scan = dicom_case["nifti"]
-    response = httpx.post(f"{server}/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())}, timeout=120)
+    response = server.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
     job = _wait(server, response.json()["id"])
-    answer = httpx.get(f"{server}/jobs/{job['id']}/seg", timeout=30)
+    answer = server.get(f"/jobs/{job['id']}/seg")
     assert answer.status_code == 404
     assert answer.json()["detail"] == f"job {job['id']} has no seg: only DICOM inputs get one"
-    answer = httpx.post(f"{server}/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID}, timeout=30)
+    answer = server.post("/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID})
     assert answer.status_code == 400
     assert answer.json()["detail"] == ("this server has no PACS (start it with --dicomweb URL): send the image as "
                                        "the multipart form field 'file'")
 
 
 def test_a_pacs_job_takes_its_series_and_stores_its_seg_back(pacs_server, orthanc, dicom_case, tmp_path):
-    response = httpx.post(f"{pacs_server}/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID},
-                          timeout=120)
+    response = pacs_server.post("/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID})
     assert response.status_code == 202, response.text
     assert response.json()["kind"] == "dicom"
     assert response.json()["pacs"] == {"study_uid": STUDY_UID, "series_uid": SERIES_UID}
@@ -401,11 +407,11 @@ def test_a_pacs_job_takes_its_series_and_stores_its_seg_back(pacs_server, orthan
     ({"study_uid": STUDY_UID}, 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)'),
     ([1, 2], 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)')])
 def test_pacs_job_mistakes_get_one_line(pacs_server, body, status, detail):
-    response = httpx.post(f"{pacs_server}/jobs", json=body, timeout=60)
+    response = pacs_server.post("/jobs", json=body)
     assert (response.status_code, response.json()) == (status, {"detail": detail})
 
 
-def test_a_wrong_dicomweb_url_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+def test_a_wrong_dicomweb_url_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch, serve_sandbox):
     from btcv_unetr import cli
     for url in ("ftp://pacs/dicom-web", "http://user:secret@pacs/dicom-web", "pacs:8042"):
         assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port()),

@@ -1,10 +1,13 @@
 """Two CPU processes with gloo, launched as ``--distributed --nproc_per_node 2`` would launch them."""
 
+import contextlib
 import functools
 import json
 import math
 import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from btcv_unetr.model.build import build_model
 from btcv_unetr.runtime.precision import Precision
 from btcv_unetr.train import loop as train
 from btcv_unetr.train.optim import build_optimizer
+from btcv_unetr.testing.server import free_port
 
 
 def _batch(rank: int) -> dict:
@@ -33,6 +37,8 @@ def _loss():
 
 
 def _worker(context: Context, config, out: str) -> None:
+    """One DDP step and a validation on both ranks; rank 0 saves what they gave. Then rank 1 fails and rank 0
+    waits at a barrier it would wait at forever if nobody stopped it."""
     torch.manual_seed(0)
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.train)
@@ -46,24 +52,48 @@ def _worker(context: Context, config, out: str) -> None:
     if context.is_main:
         torch.save({"vectors": vectors, "organ_dice": organ_dice, "mean_dice": mean_dice,
                     "val_cases": len(val_loader.dataset)}, out)
+    dist.barrier()  # the result is saved before rank 1 fails
+    if context.rank == 1:
+        raise UserError("rank 1 cannot read its data")
+    dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """File descriptor 2, which the spawned ranks inherit, written to ``path`` (a module fixture has no capfd)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "w") as file:
+            os.dup2(file.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_dir, tmp_path):
+@pytest.fixture(scope="module")
+def gloo_run(phantom_dir, tmp_path_factory) -> dict:
+    """Two ranks spawned once (each imports torch, MONAI and the package: most of the time) for both tests: the
+    step and the validation, then the error in rank 1. 3 validation cases: an uneven split."""
+    folder = tmp_path_factory.mktemp("gloo")
     content = json.loads((phantom_dir / "dataset.json").read_text())
-    content["validation"] = content["validation"] + content["training"][:2]  # 3 cases: an uneven split
-    (tmp_path / "three_val.json").write_text(json.dumps(content))
+    content["validation"] = content["validation"] + content["training"][:2]
+    (folder / "three_val.json").write_text(json.dumps(content))
     config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
-                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"},
-                         data={"json_list": str(tmp_path / "three_val.json")}, train={"optim_lr": 1e-2})
-    launch(functools.partial(_worker, out=str(tmp_path / "ddp.pt")), config)
-    result = torch.load(tmp_path / "ddp.pt", weights_only=True)
+                                            "dist_url": f"tcp://127.0.0.1:{free_port()}"},
+                         data={"json_list": str(folder / "three_val.json")}, train={"optim_lr": 1e-2},
+                         infer={"infer_overlap": 0.0})  # the fewest windows: the Dice is compared, not its quality
+    with _stderr_to(folder / "stderr.txt"), pytest.raises(SystemExit) as stopped:
+        launch(functools.partial(_worker, out=str(folder / "ddp.pt")), config)
+    return {"config": config, "folder": folder, "exit_code": stopped.value.code,
+            "stderr": (folder / "stderr.txt").read_text(), "result": torch.load(folder / "ddp.pt", weights_only=True)}
 
+
+@pytest.mark.xdist_group("test_distributed")
+def test_two_gloo_processes_average_gradients_and_count_each_case_once(gloo_run, phantom_dir):
+    config, result, folder = gloo_run["config"], gloo_run["result"], gloo_run["folder"]
     rank0, rank1 = result["vectors"]
     assert torch.equal(rank0, rank1)  # replicas identical after the step
 
@@ -84,7 +114,8 @@ def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_d
 
     # Validation on one process over the same 3 cases gives the same Dice.
     vector_to_parameters(rank0, model.parameters())
-    single = tiny_config(phantom_dir, data={"json_list": str(tmp_path / "three_val.json")})
+    single = tiny_config(phantom_dir, data={"json_list": str(folder / "three_val.json")},
+                         infer={"infer_overlap": 0.0})
     context = Context(0, 1, 0, torch.device("cpu"))
     _, val_loader, _ = train.build_loaders(single, context)
     precision = Precision("fp32", "test")
@@ -96,32 +127,21 @@ def test_two_gloo_processes_average_gradients_and_count_each_case_once(phantom_d
         assert (math.isnan(ours) and math.isnan(theirs)) or math.isclose(ours, theirs, rel_tol=1e-6)
 
 
-def _failing_worker(context: Context, config) -> None:
-    if context.rank == 1:
-        raise UserError("rank 1 cannot read its data")
-    dist.barrier()  # rank 0 would wait here forever if nobody stopped it
-
-
-def test_an_error_in_one_rank_stops_every_rank(phantom_dir, capfd):
-    config = tiny_config(phantom_dir, dist={"distributed": True, "nproc_per_node": 2,
-                                            "dist_url": f"tcp://127.0.0.1:{_free_port()}"})
-    with pytest.raises(SystemExit) as stopped:
-        launch(_failing_worker, config)
-    assert stopped.value.code in (1, 2)  # 2 from rank 1's error, or 1 from rank 0 losing its peer first
-    assert "error: [rank 1] rank 1 cannot read its data" in capfd.readouterr().err
+@pytest.mark.xdist_group("test_distributed")
+def test_an_error_in_one_rank_stops_every_rank(gloo_run):
+    """Rank 0 waits at a barrier for a peer that has failed: the launcher stops it, the run ends with the error."""
+    assert gloo_run["exit_code"] in (1, 2)  # 2 from rank 1's error, or 1 from rank 0 losing its peer first
+    assert "error: [rank 1] rank 1 cannot read its data" in gloo_run["stderr"]
 
 
 def test_training_under_torchrun_takes_its_ranks_from_the_environment(phantom_dir, tmp_path):
     """``torchrun --nproc_per_node 2 main.py ...``: two ranks from RANK/WORLD_SIZE/LOCAL_RANK, one run folder."""
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     logdir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(root / "main.py"), "--config", "tiny.yaml", "--data_dir",
+               "--master_port", str(free_port()), str(root / "main.py"), "--config", "tiny.yaml", "--data_dir",
                str(phantom_dir), "--json_list", "dataset.json", "--logdir", str(logdir), "--max_epochs", "1",
-               "--noamp"]
+               "--max_steps", "1", "--infer_overlap", "0", "--noamp"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, encoding="utf-8", errors="replace",
                             timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -134,17 +154,15 @@ def test_training_under_torchrun_takes_its_ranks_from_the_environment(phantom_di
 def test_two_processes_given_rank_variables_train_as_one_run_of_world_size_2(phantom_dir, tmp_path):
     """Two ``main.py`` started by hand with RANK/WORLD_SIZE/LOCAL_RANK (no launcher): rank 0 alone reports
     ``x2`` and writes the one run folder; its checkpoint counts 2 steps, 3 cases shared between 2 ranks."""
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     logdir = tmp_path / "run"
     argv = [sys.executable, str(root / "main.py"), "--config", "tiny.yaml", "--data_dir", str(phantom_dir),
-            "--json_list", "dataset.json", "--logdir", str(logdir), "--max_epochs", "1", "--noamp"]
+            "--json_list", "dataset.json", "--logdir", str(logdir), "--max_epochs", "1", "--infer_overlap", "0",
+            "--noamp"]
     # Variables a surrounding launcher may have set would change the world this test builds.
     inherited = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                  "MASTER_PORT", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
-    shared = {**inherited, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    shared = {**inherited, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
               "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
                               errors="replace", env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)})

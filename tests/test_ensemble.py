@@ -10,13 +10,11 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from serving import running_server
 
 from btcv_unetr import cli
 from btcv_unetr.config.schema import Config
@@ -27,6 +25,7 @@ from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.io.card import NO_CARD, model_card_lines
 from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.serve.command import predictor_config
+from btcv_unetr.testing.app import in_process_service
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 # The members' preprocessing: at 10 mm a phantom is two 32^3 windows (18 at the tiny config's 6 mm), which keeps
@@ -220,22 +219,22 @@ def test_the_service_serves_a_run_folders_ensemble(members, scan, tmp_path):
         (run / f"fold_{fold}").mkdir(parents=True)
         shutil.copy(source, run / f"fold_{fold}" / "model.pt")
     checksums = [load_checkpoint(path)["checksum"] for path in members]
-    with running_server(run, tmp_path / "jobs") as url:
-        info = httpx.get(f"{url}/info").json()
+    with in_process_service(run, tmp_path / "jobs") as client:
+        info = client.get("/info").json()
         assert [m["weights_sha256"] for m in info["model_card"]["ensemble"]] == checksums
         assert info["provenance"]["ensemble_weights_sha256"] == checksums
         assert "  ensemble of 2 models, softmax probabilities averaged:" in info["model_card"]["lines"]
-        response = httpx.post(f"{url}/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())}, timeout=120)
+        response = client.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
         assert response.status_code == 202, response.text
         job = response.json()
         deadline = time.time() + 120
         while job["state"] not in ("done", "failed") and time.time() < deadline:
             time.sleep(0.1)
-            job = httpx.get(f"{url}/jobs/{job['id']}").json()
+            job = client.get(f"/jobs/{job['id']}").json()
         assert job["state"] == "done", job
         assert job["windows_done"] == job["windows_total"] > 0
         mask = tmp_path / "mask.nii.gz"
-        mask.write_bytes(httpx.get(f"{url}/jobs/{job['id']}/mask").content)
+        mask.write_bytes(client.get(f"/jobs/{job['id']}/mask").content)
     assert mask_provenance(mask)["ensemble_weights_sha256"] == checksums
     ensemble = Predictor(_config([run]))
     assert np.array_equal(np.asarray(nib.load(mask).dataobj), ensemble.segment(scan)[0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import nibabel as nib
@@ -18,11 +20,25 @@ from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 
+# The tests share a checkpoint and its TorchScript export (a trace takes seconds): one process makes them.
+pytestmark = pytest.mark.xdist_group("test_export")
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A training checkpoint of the tiny model with seeded random weights (agreement needs no accuracy)."""
     return seeded_checkpoint(tmp_path_factory.mktemp("run") / "model_final.pt", tiny_config())
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> dict:
+    """``export --format torchscript`` of the checkpoint into an empty folder, once: its exit status, what it
+    printed and the file."""
+    out = tmp_path_factory.mktemp("exported") / "unetr.pt"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = _export(checkpoint, out)
+    return {"status": status, "out": out, "printed": printed.getvalue()}
 
 
 def _checkpoint_model(path: Path) -> torch.nn.Module:
@@ -45,11 +61,12 @@ def _segment(tmp: Path, weights: Path, scan: Path, name: str, *flags: str) -> np
     return np.asarray(nib.load(out / scan.name.replace(".nii.gz", "_seg.nii.gz")).dataobj)
 
 
-def test_torchscript_export_gives_the_checkpoint_logits_and_the_same_masks(checkpoint, phantom_dir, tmp_path, capsys):
+def test_torchscript_export_gives_the_checkpoint_logits_and_the_same_masks(checkpoint, exported, phantom_dir,
+                                                                         tmp_path):
     """Exit 0, one file and no temporary beside it, the checkpoint model's float32 logits, and equal masks."""
-    out = tmp_path / "exported" / "unetr.pt"
-    assert _export(checkpoint, out) == 0
-    assert f"wrote torchscript model to {out}" in capsys.readouterr().out
+    out = exported["out"]
+    assert exported["status"] == 0
+    assert f"wrote torchscript model to {out}" in exported["printed"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["unetr.pt"]
 
     scripted = torch.jit.load(str(out))
@@ -67,24 +84,16 @@ def test_torchscript_export_gives_the_checkpoint_logits_and_the_same_masks(check
     assert np.array_equal(from_torchscript, from_checkpoint)
 
 
-def test_overwrite_replaces_an_earlier_export_with_a_working_one(checkpoint, tmp_path):
-    """--overwrite turns a stale --out into a loadable TorchScript model, with no temporary left."""
-    out = tmp_path / "unetr.pt"
-    out.write_bytes(b"an earlier export")
-    assert _export(checkpoint, out, "--overwrite") == 0
-    assert out.read_bytes() != b"an earlier export"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["unetr.pt"]
-    window = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert torch.allclose(torch.jit.load(str(out))(window), _checkpoint_model(checkpoint)(window), atol=1e-5)
-
-
-def test_a_torchscript_file_is_exported_again_through_the_unetr_built_from_the_flags(checkpoint, tmp_path, capsys):
-    """A TorchScript --checkpoint (as the released .pt) is not refused: its weights go into the flags' UNETR."""
-    first, second = tmp_path / "first.pt", tmp_path / "second.pt"
-    assert _export(checkpoint, first) == 0
-    assert _export(first, second, "--config", TINY) == 0
+def test_a_torchscript_file_is_exported_again_through_the_unetr_built_from_the_flags_over_an_earlier_export(
+        checkpoint, exported, tmp_path, capsys):
+    """A TorchScript --checkpoint (as the released .pt) is not refused: its weights go into the flags' UNETR. The
+    --out holds an earlier export: --overwrite turns it into a loadable TorchScript model, no temporary left."""
+    second = tmp_path / "second.pt"
+    second.write_bytes(b"an earlier export")
+    assert _export(exported["out"], second, "--config", TINY, "--overwrite") == 0
     assert "--resume_jit" not in capsys.readouterr().out
+    assert second.read_bytes() != b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["second.pt"]
     window = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.allclose(torch.jit.load(str(second))(window), _checkpoint_model(checkpoint)(window), atol=1e-5)

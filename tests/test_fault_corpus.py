@@ -7,10 +7,10 @@ and flags, run in-process) and a fragment of the expected message.
 
 from __future__ import annotations
 
-import errno
 import gzip
 import json
 import pickle
+import shutil
 import zlib
 from pathlib import Path
 from unittest import mock
@@ -101,14 +101,9 @@ def _flip_a_weight_byte(path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the cases
-
-
-def check_missing_image(tmp, ctx):
-    return _dataset(tmp, image=tmp / "data" / "gone.nii.gz"), "gone.nii.gz: file not found"
-
-
-def check_missing_label(tmp, ctx):
-    return _dataset(tmp, label=tmp / "data" / "gone.nii.gz"), "gone.nii.gz: file not found"
+# Refusals whose home is a topic file, with their whole lines: files a datalist names that are missing
+# (test_checks.py::test_cli_exit_codes_and_output), a mask that fills the disk (test_disk_full.py), an altered
+# checkpoint (test_checkpoint.py), resuming into another run's folder (test_train.py).
 
 
 def check_truncated_gzip(tmp, ctx):
@@ -196,7 +191,8 @@ def train_zero_heads(tmp, ctx):
 
 
 def train_roi_not_multiple_of_patch(tmp, ctx):
-    return _train(tmp, ctx["phantoms"], "--roi_x", "40"), "config key 'roi_x': 40 must be a positive multiple of 16"
+    return _train(tmp, ctx["phantoms"], "--roi_x", "40"), \
+        "config key 'roi_x': 40 must be a positive multiple of 16 (UNETR's patch size)"
 
 
 def train_missing_data_dir(tmp, ctx):
@@ -229,7 +225,7 @@ def train_resume_with_another_optimiser(tmp, ctx):
 
 def infer_other_architecture(tmp, ctx):
     weights = _weights(tmp, hidden_size=48, num_heads=4)
-    return _infer(tmp, weights, ctx["scan"]), "weights do not match the model built from the flags"
+    return _infer(tmp, weights, ctx["scan"]), f"{weights}: weights do not match the model built from the flags"
 
 
 def infer_wrong_in_channels(tmp, ctx):
@@ -312,7 +308,8 @@ def infer_all_nan_input(tmp, ctx):
 
 
 def infer_2d_input(tmp, ctx):
-    return _infer(tmp, ctx["weights"], _image(tmp / "flat.nii.gz", shape=(40, 40))), "image is 2D"
+    return (_infer(tmp, ctx["weights"], _image(tmp / "flat.nii.gz", shape=(40, 40))),
+            f"{tmp}/flat.nii.gz: image is 2D with shape (40, 40), expected a 3D volume")
 
 
 def infer_not_an_image(tmp, ctx):
@@ -550,40 +547,6 @@ def infer_torchscript_with_another_roi_shape(tmp, ctx):
                    "--roi_z", "16"), "run with the file's settings")
 
 
-def _altered_checkpoint(tmp: Path, ctx, alter) -> Path:
-    """The shared training checkpoint with one stored value changed, its checksums kept as they were."""
-    state = torch.load(ctx["checkpoint"], weights_only=False)
-    alter(state)
-    path = tmp / "altered" / "model.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
-
-
-def infer_checkpoint_with_an_altered_config(tmp, ctx):
-    def spacing(state):
-        state["config"]["data"]["space_x"] = 2 * state["config"]["data"]["space_x"]
-    path = _altered_checkpoint(tmp, ctx, spacing)
-    return _infer(tmp, path, ctx["scan"]), "its stored config does not match the checksum"
-
-
-def train_resume_with_altered_optimiser_state(tmp, ctx):
-    def moment(state):
-        first = next(iter(state["optimizer"]["state"].values()))
-        first["exp_avg"].view(-1)[0] += 1.0
-    path = _altered_checkpoint(tmp, ctx, moment)
-    return _train(tmp, ctx["phantoms"], "--checkpoint", str(path), "--logdir", str(path.parent)), "optimiser state"
-
-
-def train_resume_into_another_runs_folder(tmp, ctx):
-    other = tmp / "B"
-    other.mkdir()
-    (other / "model.pt").write_bytes(ctx["checkpoint"].read_bytes())
-    ctx["unchanged"] = [other / "model.pt"]
-    return _train(tmp, ctx["phantoms"], "--checkpoint", str(ctx["checkpoint"]), "--logdir", str(other)), \
-        "holds another run"
-
-
 def infer_lock_file_is_a_symlink(tmp, ctx):
     victim = tmp / "victim.txt"
     victim.write_text("the user's file")
@@ -602,14 +565,6 @@ def export_onto_a_folder_with_overwrite(tmp, ctx):
             "--overwrite"], "is a folder"
 
 
-def infer_on_a_full_disk(tmp, ctx):
-    def full(image, path):  # nibabel's writer as the disk fills: part of the file, then ENOSPC
-        Path(path).write_bytes(b"\0" * 100)
-        raise OSError(errno.ENOSPC, "No space left on device")
-    ctx["monkeypatch"].setattr(nib, "save", full)
-    return _infer(tmp, ctx["weights"], ctx["scan"]), "the disk is full"
-
-
 def serve_jobs_folder_holding_other_things(tmp, ctx):
     jobs = tmp / "jobs"
     (jobs / "experiment1").mkdir(parents=True)
@@ -623,14 +578,21 @@ CASES = [value for name, value in dict(globals()).items()
          if name.split("_")[0] in ("check", "train", "infer", "export", "evaluate", "serve") and callable(value)]
 
 
+# How many cases the module defines: a case renamed out of the prefixes above would drop out silently.
+NUMBER_OF_CASES = 65
+assert len(CASES) == NUMBER_OF_CASES, f"{len(CASES)} cases collected, {NUMBER_OF_CASES} expected"
+
+
 @pytest.fixture(scope="module")
-def shared(phantom_dir, tmp_path_factory):
-    """Files several cases use: a scan, tiny weights, a training checkpoint, a TorchScript model."""
+def shared(phantom_dir, trained_run, tmp_path_factory):
+    """Files several cases use: a scan, tiny weights, a training checkpoint (a copy of the session's trained
+    run's, so that a case that failed to refuse would not change it for other tests), a TorchScript model."""
     folder = tmp_path_factory.mktemp("shared")
     weights = _weights(folder)
     scan = _image(folder / "scan.nii.gz")
     run = folder / "run"
-    assert cli.main(_train(folder, phantom_dir, "--val_every", "1", "--max_steps", "1", "--precision", "fp32")) == 0
+    run.mkdir()
+    shutil.copy(trained_run / "model_final.pt", run / "model_final.pt")
     model = build_model(build_config([read_yaml(TINY)]).model).eval()
     torchscript = folder / "model.ts"
     torch.jit.trace(model, torch.zeros(1, 1, 32, 32, 32)).save(str(torchscript))

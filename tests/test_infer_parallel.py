@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from btcv_unetr import cli
 from btcv_unetr.config.load import build_config
 from btcv_unetr.config.validation import ConfigError
 from btcv_unetr.distributed import share_cpu_threads
@@ -31,19 +31,22 @@ from btcv_unetr.inference.evaluate import evaluate_folders, summarise
 from btcv_unetr.inference.parts import Part, mask_problem
 from btcv_unetr.synthetic.phantoms import generate_case
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
+from btcv_unetr.testing.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ("scan_a", "scan_b", "scan_c", "scan_d")  # sorted: scan_a and scan_c are part 0/2, the others part 1/2
 # The variables a surrounding launcher may have set would change the ranks a test starts.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                       "GROUP_RANK", "OMP_NUM_THREADS")
+pytestmark = pytest.mark.xdist_group("test_infer_parallel")  # the module's world: one checkpoint, one reference
+
 ENV = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}, "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:
     """A tiny checkpoint, four labelled phantom scans of different sizes (a folder, and a datalist of them), and
-    the folder one process makes of the scans."""
+    the folder one uninterrupted process makes of the scans (this one: the same command as test.py's)."""
     root = tmp_path_factory.mktemp("parallel")
     checkpoint = seeded_checkpoint(root / "run" / "model.pt", tiny_config())
     (root / "scans").mkdir()
@@ -55,8 +58,7 @@ def world(tmp_path_factory) -> dict:
     entries = [{"image": f"scans/{name}.nii.gz", "label": f"labels/{name}.nii.gz"} for name in CASES]
     (root / "dataset.json").write_text(json.dumps({"validation": entries}))
     made = {"root": root, "checkpoint": checkpoint, "scans": root / "scans"}
-    result = _test_py(made, root / "single")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert _in_process(made, root / "single") == 0
     assert _outputs(root / "single").keys() == {f"{name}_seg.nii.gz" for name in CASES}
     return made
 
@@ -70,9 +72,9 @@ def _argv(world: dict, out: Path, *flags: str, labelled: bool = False) -> list[s
             "--infer_overlap", "0", "--no-overlay", "--no_hd95", *flags]
 
 
-def _test_py(world: dict, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *_argv(world, out, *flags)], capture_output=True, encoding="utf-8",
-                          errors="replace", timeout=300, env=ENV, cwd=world["root"], check=False)
+def _in_process(world: dict, out: Path, *flags: str) -> int:
+    """test.py's command line (``_argv``) run by ``btcv-unetr infer`` in this process: its exit status."""
+    return cli.main(["infer", *_argv(world, out, *flags)[1:]])
 
 
 def _outputs(folder: Path) -> dict[str, bytes]:
@@ -85,17 +87,12 @@ def _segmented(stdout: str) -> list[str]:
     return re.findall(r"^(\w+): \(.*\) in [\d.]+ s -> ", stdout, flags=re.MULTILINE)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def test_two_processes_under_torchrun_split_the_cases_and_write_the_same_bytes(world):
     """On the labelled split: the masks are one process's, and rank 0's report covers both ranks' cases."""
     out, logs = world["root"] / "torchrun", world["root"] / "torchrun_logs"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), "--log_dir", str(logs), "--redirects", "1",
+               "--master_port", str(free_port()), "--log_dir", str(logs), "--redirects", "1",
                *_argv(world, out, labelled=True)]
     result = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=300, env=ENV,
                             cwd=world["root"], check=False)
@@ -114,22 +111,30 @@ def test_two_processes_under_torchrun_split_the_cases_and_write_the_same_bytes(w
                                                             nan_ok=True)
 
 
-def test_parts_of_a_job_array_together_equal_the_whole(world):
-    """Parts 0/2 and 1/2 run at the same time into one folder (they share its lock), without torch.distributed."""
+def test_parts_of_a_job_array_together_equal_the_whole(world, capsys):
+    """Parts 0/2 and 1/2 run at the same time into one folder (they share its lock), without torch.distributed:
+    part 1 in a child process, part 0 in this one meanwhile."""
     out = world["root"] / "parts"
-    parts = [subprocess.Popen([sys.executable, *_argv(world, out, "--num_parts", "2", "--part_id", str(part))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
-                              env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=world["root"]) for part in (0, 1)]
-    outputs = [process.communicate(timeout=300) for process in parts]
-    assert [process.returncode for process in parts] == [0, 0], outputs[0][1][-1500:] + outputs[1][1][-1500:]
-    assert [_segmented(stdout) for stdout, _ in outputs] == [["scan_a", "scan_c"], ["scan_b", "scan_d"]]
+    child = subprocess.Popen([sys.executable, *_argv(world, out, "--num_parts", "2", "--part_id", "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", errors="replace",
+                             env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=world["root"])
+    try:
+        capsys.readouterr()
+        assert _in_process(world, out, "--num_parts", "2", "--part_id", "0") == 0
+        mine = capsys.readouterr().out
+    finally:
+        stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr[-1500:]
+    assert [_segmented(mine), _segmented(stdout)] == [["scan_a", "scan_c"], ["scan_b", "scan_d"]]
     assert _outputs(out) == _outputs(world["root"] / "single")
 
 
-def test_a_killed_run_continued_gives_the_folder_of_an_uninterrupted_run(world):
+def test_a_killed_run_continued_gives_the_folder_of_an_uninterrupted_run(world, capsys):
+    """test.py killed (SIGKILL) once its first mask is there; the run continued (in this process) ends with the
+    folder of the uninterrupted run, byte for byte."""
     out = world["root"] / "killed"
     process = subprocess.Popen([sys.executable, *_argv(world, out)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=ENV, cwd=world["root"])
+                               stderr=subprocess.DEVNULL, env={**ENV, "OMP_NUM_THREADS": "1"}, cwd=world["root"])
     try:
         while process.poll() is None and not list(out.glob("*_seg.nii.gz")):
             time.sleep(0.02)
@@ -142,11 +147,12 @@ def test_a_killed_run_continued_gives_the_folder_of_an_uninterrupted_run(world):
     single = world["root"] / "single"
     (out / ".scan_d_seg.nii.gz.k1ll3d_.tmp.nii.gz").write_bytes(b"half")
     (out / "scan_d_seg.nii.gz").write_bytes((single / "scan_d_seg.nii.gz").read_bytes()[:300])
-    result = _test_py(world, out, "--continue")
-    assert result.returncode == 0, result.stderr[-2000:]
+    capsys.readouterr()
+    assert _in_process(world, out, "--continue") == 0
+    stdout = capsys.readouterr().out
     assert re.search(r"^scan_d: .*scan_d_seg.nii.gz is incomplete \(unreadable: .*\): segmenting it again$",
-                     result.stdout, flags=re.MULTILINE)
-    assert "scan_d" in _segmented(result.stdout)
+                     stdout, flags=re.MULTILINE)
+    assert "scan_d" in _segmented(stdout)
     assert _outputs(out) == _outputs(single)
 
 
@@ -189,10 +195,12 @@ def test_the_split_takes_every_case_once_and_parts_compose_with_ranks():
     assert shares[0] == [0, 6] and shares[1] == [3, 9] and shares[5] == [5]
 
 
-def test_bad_part_flags_are_one_line(world):
-    result = _test_py(world, world["root"] / "bad", "--num_parts", "2", "--part_id", "2")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
+def test_bad_part_flags_are_one_line(world, capsys):
+    capsys.readouterr()
+    assert _in_process(world, world["root"] / "bad", "--num_parts", "2", "--part_id", "2") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
         ("error: config keys 'part_id' and 'num_parts': part 2 of 2 does not exist; give --num_parts K >= 1 and "
          "--part_id 0 .. K-1")]
     assert not (world["root"] / "bad").exists()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -138,17 +136,20 @@ def test_a_new_jobs_folder_is_created_private_with_its_spool(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == [SPOOL]
 
 
-def test_serve_refuses_such_a_folder_at_start_up_in_one_line(tmp_path):
-    """The real command, before any model loads: exit 2, one line, the folder untouched."""
+def test_serve_refuses_such_a_folder_at_start_up_in_one_line(tmp_path, capsys, serve_sandbox):
+    """The command, before any model loads: exit 2, one line, the folder untouched (through ``cli.main``; the
+    real ``python -m btcv_unetr serve`` process is tests/test_serve_limits.py's signal test)."""
     pytest.importorskip("uvicorn")  # the serve extra
+    from btcv_unetr import cli
     checkpoint = seeded_checkpoint(tmp_path / "run" / "model.pt", tiny_config())
     root = _user_folder(tmp_path / "jobs")
     before = _tree(root)
-    argv = [sys.executable, "-m", "btcv_unetr.cli", "serve", "--checkpoint", str(checkpoint), "--jobs_dir", str(root),
-            "--port", str(free_port()), "--device", "cpu"]
-    result = subprocess.run(argv, capture_output=True, encoding="utf-8", timeout=300, check=False)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.splitlines() == [(f"error: --jobs_dir {root} holds files that are not this service's jobs "
-                                           "('experiment1', 'notes'): choose an empty or new folder; the service "
-                                           "never removes what it did not create")]
-    assert _tree(root) == before
+    capsys.readouterr()
+    argv = ["serve", "--checkpoint", str(checkpoint), "--jobs_dir", str(root), "--port", str(free_port()),
+            "--device", "cpu"]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [(f"error: --jobs_dir {root} holds files that are not this service's jobs "
+                                 "('experiment1', 'notes'): choose an empty or new folder; the service "
+                                 "never removes what it did not create")] and "Traceback" not in out
+    assert _tree(root) == before and stat.S_IMODE(root.stat().st_mode) == 0o750

@@ -7,6 +7,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.packaging  # make test-packaging (and CI); not make test
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = """

@@ -125,7 +125,8 @@ def _train(phantom_dir, logdir, *flags):
     assert cli.main(argv) == 0
 
 
-def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, phantom_dir, tmp_path, capsys):
+def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, phantom_dir, trained_run, tmp_path,
+                                                                     capsys):
     machine(AVX2)
     _train(phantom_dir, tmp_path / "auto")
     line = "precision fp32: this CPU has no bfloat16 instructions (AVX2)"
@@ -136,10 +137,10 @@ def test_training_prints_and_stores_the_choice_and_inference_reuses_it(machine, 
     state = torch.load(tmp_path / "auto" / "model_final.pt", weights_only=True)
     assert state["precision"] == {"name": "fp32", "reason": "this CPU has no bfloat16 instructions (AVX2)"}
 
-    # A run trained at an explicit fp32 on a machine where auto would pick bf16: inference keeps fp32 ...
+    # A run trained at an explicit fp32 (the session's trained run) on a machine where auto would pick bf16:
+    # inference keeps fp32 ...
     machine(ZEN5)
-    _train(phantom_dir, tmp_path / "fp32", "--precision", "fp32")
-    infer = {"pretrained_dir": str(tmp_path / "fp32"), "pretrained_model_name": "model_final.pt"}
+    infer = {"pretrained_dir": str(trained_run), "pretrained_model_name": "model_final.pt"}
     predictor = Predictor(tiny_config(phantom_dir, train=infer))
     assert (predictor.precision.name, predictor.precision.reason) == ("fp32", "the training run's setting, from its "
                                                                               "checkpoint")
@@ -159,12 +160,13 @@ def test_a_stored_precision_that_is_slow_here_falls_back_to_auto(machine, phanto
     assert predictor.precision.describe() == "precision fp32: this CPU has no bfloat16 instructions (AVX2)"
 
 
-def test_unknown_precision_is_one_line(tmp_path):
-    import subprocess
-    result = subprocess.run([sys.executable, "-m", "btcv_unetr", "train", "--precision", "fp8"],
-                            capture_output=True, encoding="utf-8", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "argument --precision: invalid choice: 'fp8'" in result.stderr.strip().splitlines()[-1]
+def test_unknown_precision_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--precision", "fp8"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "argument --precision: invalid choice: 'fp8'" in err.strip().splitlines()[-1]
 
 
 def _cache_file():

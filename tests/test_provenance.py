@@ -29,15 +29,10 @@ PHANTOM_WARNING = ("WARNING: this model was trained on synthetic phantoms (btcv-
                    "scans; its masks of real CT are mostly wrong")
 
 
-@pytest.fixture(scope="module")
-def run(phantom_dir, tmp_path_factory) -> Path:
-    """A 2-epoch tiny run on the phantoms (validated after each epoch), in float32 (training takes the GPU where
-    there is one, as ``main.py`` does)."""
-    logdir = tmp_path_factory.mktemp("run") / "run"
-    argv = ["train", "--config", "tiny.yaml", "--data_dir", str(phantom_dir), "--json_list", "dataset.json",
-            "--logdir", str(logdir), "--precision", "fp32"]
-    assert cli.main(argv) == 0
-    return logdir
+@pytest.fixture
+def run(trained_run) -> Path:
+    """The session's 2-epoch tiny run on the phantoms (validated after each epoch), in float32; read only."""
+    return trained_run
 
 
 def _infer_config(weights: Path, **infer):

@@ -1,17 +1,20 @@
-"""``btcv-unetr serve``: a real uvicorn process on a loopback port and a real HTTP client (httpx).
+"""``btcv-unetr serve``'s routes, uploads, refusals, job states and retention, on serve's own application in the
+test's process (btcv_unetr.testing.app: the request gate, the queue and the worker exactly as the server runs them),
+talked to with the httpx client API; and the one thing only a real uvicorn process on a loopback port shows: the gate
+answers 401, 413 and 503 from the headers, while the body is still unsent (raw sockets).
 
-Three servers: a default one (round trips, DICOM, bad inputs, concurrency), a strict one (token,
-small upload limits, a queue of one, retention of two jobs, a worker the tests can hold) and a 2D one (pictures).
+In-process services: a default one (round trips, DICOM, bad inputs, concurrency), a strict one of each test's own
+(token, small upload limits, a queue of one, retention of two jobs, a worker the test holds) and a 2D one (pictures).
+The real server is the session's one (tests/conftest.py ``real_server``), shared with the browser tests.
+The helpers take a client (``httpx.Client`` API), so they serve a real server too: ``httpx.Client(base_url=url)``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import gzip
 import io
 import json
-import os
 import socket
 import time
 import zipfile
@@ -21,12 +24,16 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from serving import running_server, tiny_checkpoint
+from serving import tiny_checkpoint
 
 from btcv_unetr.serve.jobs import MARKER
+from btcv_unetr.testing.app import held_jobs, in_process_service
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# A token, 0.2 MB uploads (0.1 MB for /segment), one waiting job at most, two finished jobs kept for an hour.
+STRICT_FLAGS = ("--token", TOKEN, "--max_upload_mb", "0.2", "--sync_max_mb", "0.1", "--workers_queue", "1",
+                "--keep_jobs", "2", "--keep_hours", "1")
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,23 @@ def scan(phantom_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("served")
-    with running_server(tiny_checkpoint(folder / "run"), folder / "jobs") as url:
-        yield url
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint):
+    """The default service, shared by the module's tests: each counts only the jobs it submitted itself."""
+    with in_process_service(checkpoint, tmp_path_factory.mktemp("served") / "jobs") as client:
+        yield client
+
+
+@pytest.fixture
+def strict(tmp_path, checkpoint):
+    """A strict service of the test's own, its jobs folder empty: what it counts (the queue, the jobs kept) is
+    only what the test did; ``held_jobs(strict.service)`` holds its worker."""
+    with in_process_service(checkpoint, tmp_path / "jobs", *STRICT_FLAGS) as client:
+        yield client
 
 
 def _stale_jobs(jobs_dir: Path, scan: Path) -> dict[str, Path]:
@@ -66,50 +86,19 @@ def _stale_jobs(jobs_dir: Path, scan: Path) -> dict[str, Path]:
     return folders
 
 
-HELD_WORKER = Path(__file__).resolve().parent / "held_worker"  # its sitecustomize.py holds the server's worker
-
-
-@pytest.fixture(scope="module")
-def strict(tmp_path_factory, scan) -> tuple[str, dict[str, Path], Path]:
-    """A token, 0.2 MB uploads (0.1 MB for /segment), one waiting job at most, two finished jobs kept for
-    an hour; and the path of a file that, while it exists, holds each job the worker takes in "running"
-    (tests/held_worker/sitecustomize.py), so that the queue behind it fills whatever the machine's speed."""
-    folder = tmp_path_factory.mktemp("strict")
-    stale = _stale_jobs(folder / "jobs", scan)
-    hold = folder / "hold"
-    flags = ("--token", TOKEN, "--max_upload_mb", "0.2", "--sync_max_mb", "0.1", "--workers_queue", "1",
-             "--keep_jobs", "2", "--keep_hours", "1")
-    with contextlib.ExitStack() as stack:
-        with pytest.MonkeyPatch.context() as env:  # for the server's process only
-            env.setenv("PYTHONPATH", os.pathsep.join(filter(None, (str(HELD_WORKER), os.environ.get("PYTHONPATH")))))
-            env.setenv("BTCV_UNETR_TEST_HOLD", str(hold))
-            url = stack.enter_context(running_server(tiny_checkpoint(folder / "run"), folder / "jobs", *flags))
-        yield url, stale, hold
-
-
-@contextlib.contextmanager
-def _held(hold: Path):
-    """The strict server's worker holds each job it takes until the block ends."""
-    hold.touch()
-    try:
-        yield
-    finally:
-        hold.unlink(missing_ok=True)
-
-
-def _submit(url: str, path: Path | None = None, content: bytes | None = None, name: str = "scan.nii.gz",
+def _submit(client, path: Path | None = None, content: bytes | None = None, name: str = "scan.nii.gz",
             headers: dict | None = None, route: str = "/jobs") -> httpx.Response:
     content = path.read_bytes() if content is None else content
-    return httpx.post(f"{url}{route}", files={"file": (name, content)}, headers=headers, timeout=120)
+    return client.post(route, files={"file": (name, content)}, headers=headers)
 
 
-def _wait(url: str, job_id: str, headers: dict | None = None, timeout: float = 120,
+def _wait(client, job_id: str, headers: dict | None = None, timeout: float = 120,
           states: tuple[str, ...] = ("done", "failed")) -> dict:
     """The job's record once its state is one of ``states`` (by default: finished); ``timeout`` only bounds a
     test that went wrong."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        job = httpx.get(f"{url}/jobs/{job_id}", headers=headers).json()
+        job = client.get(f"/jobs/{job_id}", headers=headers).json()
         if job["state"] in states:
             return job
         time.sleep(0.05)
@@ -121,8 +110,8 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
     return gzip.compress(image.to_bytes(), mtime=0)
 
 
-def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
-    from serving import free_port
+def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys, serve_sandbox):
+    from btcv_unetr.testing.server import free_port
 
     from btcv_unetr import cli
     assert cli.main(["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--port", str(free_port())]) == 2
@@ -136,8 +125,8 @@ def test_command_mistakes_are_one_line_before_the_model_loads(tmp_path, capsys):
 
 
 def test_health_and_info_describe_the_model(server):
-    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
-    info = httpx.get(f"{server}/info").json()
+    assert server.get("/health").json() == {"status": "ok"}
+    info = server.get("/info").json()
     assert info["spatial_dims"] == 3 and info["roi_size"] == [32, 32, 32] and info["precision"] == "fp32"
     assert [c["index"] for c in info["classes"]] == list(range(14))
     assert info["classes"][1]["name"] == "spleen" and info["classes"][1]["color"] == [220, 20, 60]
@@ -156,7 +145,7 @@ def test_a_scan_round_trip_gives_a_mask_in_its_own_geometry(server, scan, tmp_pa
     assert done["state"] == "done" and done["progress"] == 1.0, done
     assert done["windows_total"] > 0 and done["windows_done"] == done["windows_total"]
 
-    download = httpx.get(f"{server}/jobs/{job['id']}/mask")
+    download = server.get(f"/jobs/{job['id']}/mask")
     assert download.status_code == 200
     assert 'filename="passwd_Case_7_seg.nii.gz"' in download.headers["content-disposition"]
     (tmp_path / "mask.nii.gz").write_bytes(download.content)
@@ -165,21 +154,21 @@ def test_a_scan_round_trip_gives_a_mask_in_its_own_geometry(server, scan, tmp_pa
     assert mask.shape == original.shape and np.allclose(mask.affine, original.affine)
     assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) <= set(range(14))
 
-    volumes = httpx.get(f"{server}/jobs/{job['id']}/volumes").json()
+    volumes = server.get(f"/jobs/{job['id']}/volumes").json()
     assert volumes["unit"] == "mL" and [o["index"] for o in volumes["organs"]] == list(range(1, 14))
     voxel_ml = abs(np.linalg.det(original.affine[:3, :3])) / 1000
     for organ in volumes["organs"]:
         assert organ["voxels"] == int((labels == organ["index"]).sum())
         assert organ["volume_ml"] == pytest.approx(organ["voxels"] * voxel_ml, rel=1e-4)
 
-    overlay = httpx.get(f"{server}/jobs/{job['id']}/overlay.png")
+    overlay = server.get(f"/jobs/{job['id']}/overlay.png")
     assert overlay.headers["content-type"] == "image/png" and overlay.content.startswith(b"\x89PNG")
 
 
 def test_every_result_says_what_made_it(server, scan, tmp_path):
     """The job record, /info and the mask's header carry the version, weights checksum, precision, device,
     overlap and TTA; the same model, input and flags give the same mask bytes."""
-    info = httpx.get(f"{server}/info").json()
+    info = server.get("/info").json()
     expected = {"precision": "fp32", "device": "cpu", "overlap": 0.5, "tta": False}
     assert {key: info["provenance"][key] for key in expected} == expected
     assert len(info["provenance"]["weights_sha256"]) == 64 and info["provenance"]["package_version"] == info["version"]
@@ -187,7 +176,7 @@ def test_every_result_says_what_made_it(server, scan, tmp_path):
     for _ in range(2):
         job = _wait(server, _submit(server, scan).json()["id"])
         assert job["provenance"] == info["provenance"]
-        masks.append(httpx.get(f"{server}/jobs/{job['id']}/mask").content)
+        masks.append(server.get(f"/jobs/{job['id']}/mask").content)
     assert masks[0] == masks[1]
     (tmp_path / "mask.nii.gz").write_bytes(masks[0])
     from btcv_unetr.data.images import mask_provenance
@@ -197,7 +186,7 @@ def test_every_result_says_what_made_it(server, scan, tmp_path):
 
 
 def test_the_model_card_and_its_warning_are_in_info(server):
-    card = httpx.get(f"{server}/info").json()["model_card"]
+    card = server.get("/info").json()["model_card"]
     # The tests' checkpoint has seeded random weights: the card says so, and the page shows the warning.
     assert card["steps"] == 0 and card["warning"].startswith("WARNING: this model's weights are random")
     assert card["summary"] == card["lines"][0] and card["lines"][-1] == card["warning"]
@@ -259,7 +248,7 @@ def test_a_zipped_dicom_series_gets_a_nifti_mask_in_the_series_geometry(server, 
     assert response.json()["kind"] == "dicom"
     done = _wait(server, response.json()["id"])
     assert done["state"] == "done", done
-    (tmp_path / "mask.nii.gz").write_bytes(httpx.get(f"{server}/jobs/{done['id']}/mask").content)
+    (tmp_path / "mask.nii.gz").write_bytes(server.get(f"/jobs/{done['id']}/mask").content)
     mask, original = nib.load(tmp_path / "mask.nii.gz"), nib.load(scan)
     assert mask.shape == original.shape
     assert np.allclose(mask.affine, original.affine, atol=1e-3)
@@ -295,12 +284,12 @@ def test_a_zip_without_a_dicom_series_is_refused(server):
 
 
 def test_requests_without_a_file_or_for_unknown_jobs(server):
-    missing = httpx.post(f"{server}/jobs", data={"other": "field"})
+    missing = server.post("/jobs", data={"other": "field"})
     assert missing.status_code == 400 and "multipart form field 'file'" in missing.json()["detail"]
     for route in ("", "/mask", "/overlay.png", "/volumes", "/seg", "/geometry"):
-        unknown = httpx.get(f"{server}/jobs/{'0' * 32}{route}")
+        unknown = server.get(f"/jobs/{'0' * 32}{route}")
         assert unknown.status_code == 404 and "no job" in unknown.json()["detail"]
-    assert httpx.delete(f"{server}/jobs/{'0' * 32}").status_code == 404
+    assert server.delete(f"/jobs/{'0' * 32}").status_code == 404
 
 
 def test_several_clients_at_once_are_all_answered_one_inference_at_a_time(server, scan):
@@ -316,9 +305,9 @@ def test_several_clients_at_once_are_all_answered_one_inference_at_a_time(server
 
 def test_delete_removes_the_job_and_its_files(server, scan):
     job = _wait(server, _submit(server, scan).json()["id"])
-    assert httpx.delete(f"{server}/jobs/{job['id']}").status_code == 204
-    assert httpx.get(f"{server}/jobs/{job['id']}").status_code == 404
-    assert job["id"] not in [j["id"] for j in httpx.get(f"{server}/jobs").json()["jobs"]]
+    assert server.delete(f"/jobs/{job['id']}").status_code == 204
+    assert server.get(f"/jobs/{job['id']}").status_code == 404
+    assert job["id"] not in [j["id"] for j in server.get("/jobs").json()["jobs"]]
 
 
 def test_segment_answers_with_the_mask(server, scan, tmp_path):
@@ -326,114 +315,134 @@ def test_segment_answers_with_the_mask(server, scan, tmp_path):
     assert response.status_code == 200 and response.headers["content-type"] == "application/gzip"
     (tmp_path / "mask.nii.gz").write_bytes(response.content)
     assert nib.load(tmp_path / "mask.nii.gz").shape == nib.load(scan).shape
-    assert httpx.get(f"{server}/jobs/{response.headers['x-job-id']}").json()["state"] == "done"
+    assert server.get(f"/jobs/{response.headers['x-job-id']}").json()["state"] == "done"
 
 
-# First of the strict server's tests: the retention limit of two jobs would soon remove these.
-def test_on_start_expired_and_half_uploaded_jobs_are_removed_and_kept_jobs_run(strict):
-    url, stale, _ = strict
-    assert not stale["expired"].exists() and not stale["no_record"].exists()
-    died = httpx.get(f"{url}/jobs/{stale['unfinished'].name}", headers=AUTH).json()
-    assert died["state"] == "failed" and "the server stopped while this job ran" in died["error"]
-    kept = _wait(url, stale["queued"].name, AUTH)
-    assert kept["state"] == "done", kept  # a clean stop kept it queued: this start ran it
+def test_on_start_expired_and_half_uploaded_jobs_are_removed_and_kept_jobs_run(tmp_path, checkpoint, scan):
+    stale = _stale_jobs(tmp_path / "jobs", scan)
+    with in_process_service(checkpoint, tmp_path / "jobs", *STRICT_FLAGS) as client:
+        assert not stale["expired"].exists() and not stale["no_record"].exists()
+        died = client.get(f"/jobs/{stale['unfinished'].name}", headers=AUTH).json()
+        assert died["state"] == "failed" and "the server stopped while this job ran" in died["error"]
+        kept = _wait(client, stale["queued"].name, AUTH)
+        assert kept["state"] == "done", kept  # a clean stop kept it queued: this start ran it
 
 
 def test_the_token_is_required_everywhere_but_health_and_the_page(strict):
-    url, *_ = strict
-    assert httpx.get(f"{url}/health").status_code == 200
-    assert httpx.get(f"{url}/").status_code == 200
+    assert strict.get("/health").status_code == 200
+    assert strict.get("/").status_code == 200
     routes = (("GET", "/info"), ("GET", "/jobs"), ("POST", "/jobs"), ("POST", "/segment"), ("GET", f"/jobs/{'0' * 32}"),
               ("DELETE", f"/jobs/{'0' * 32}"), ("GET", "/docs"), ("GET", "/openapi.json"))
     for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}):
         for method, route in routes:
-            response = httpx.request(method, f"{url}{route}", headers=headers)
+            response = strict.request(method, route, headers=headers)
             assert response.status_code == 401, (method, route, headers)
             assert "Authorization: Bearer" in response.json()["detail"]
             assert response.headers["www-authenticate"] == "Bearer"
     for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme's name is case-insensitive (RFC 7235)
-        assert httpx.get(f"{url}/info", headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
-    assert httpx.get(f"{url}/openapi.json", headers=AUTH).json()["info"]["title"] == "btcv-unetr"
+        assert strict.get("/info", headers={"Authorization": f"{scheme} {TOKEN}"}).status_code == 200
+    assert strict.get("/openapi.json", headers=AUTH).json()["info"]["title"] == "btcv-unetr"
 
 
-def test_a_wrong_token_is_refused_before_the_body_is_read(strict):
-    """A 200 MB upload with a wrong token: the 401 comes after the headers, while the body is still unsent."""
-    url, *_ = strict
+def _answer_before_the_body(url: str, headers: bytes, length: int = 200_000_000) -> str:
+    """The status line a real server sends to a POST /jobs whose headers declare ``length`` bytes of body and of
+    which only the headers and 1000 bytes are sent: an answer at all means the gate did not wait for the body."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as connection:
-        connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-                           b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000000\r\n\r\n"
-                           + b"x" * 1000)
-        answer = connection.recv(4096).decode("latin-1")
-    assert answer.startswith("HTTP/1.1 401"), answer
+        connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\n" + headers
+                           + b"Content-Type: multipart/form-data; boundary=b\r\n"
+                           + f"Content-Length: {length}\r\n\r\n".encode() + b"x" * 1000)
+        return connection.recv(4096).decode("latin-1").split("\r\n")[0]
+
+
+@pytest.mark.xdist_group("real_server")  # the session's real server (tests/conftest.py), shared with test_web
+def test_the_gate_refuses_before_the_body_is_read(real_server, scan):
+    """On a real server, from the headers alone, while the body is still unsent: 401 for a wrong token, 413 for a
+    Content-Length over --max_upload_mb, and 503 when the queue (of one) is full: one job held running, one
+    waiting."""
+    url, auth = real_server.url, {"Authorization": f"Bearer {real_server.token}"}
+    assert _answer_before_the_body(url, b"Authorization: Bearer wrong\r\n").startswith("HTTP/1.1 401")
+    right = f"Authorization: Bearer {real_server.token}\r\n".encode()
+    assert _answer_before_the_body(url, right, 2 * 1024 * 2**20).startswith("HTTP/1.1 413")  # over 1024 MB
+    under_the_limit = 100_000
+    with httpx.Client(base_url=url, timeout=120) as client:
+        real_server.hold.touch()
+        try:
+            running = _submit(client, scan, headers=auth).json()
+            _wait(client, running["id"], auth, states=("running",))
+            waiting = _submit(client, scan, headers=auth)
+            assert waiting.status_code == 202 and waiting.json()["state"] == "queued", waiting.text
+            assert _answer_before_the_body(url, right, under_the_limit).startswith("HTTP/1.1 503")
+        finally:
+            real_server.hold.unlink(missing_ok=True)
+        assert [_wait(client, job_id, auth)["state"] for job_id in (running["id"], waiting.json()["id"])] == \
+            ["done", "done"]
+        assert _answer_before_the_body(url, right, under_the_limit).startswith("HTTP/1.1 400")  # read: not a scan
 
 
 def test_uploads_over_the_limits_get_413(strict, scan):
-    url, *_ = strict
-    big = _submit(url, content=b"\x1f\x8b" + b"\x00" * 300_000, name="big.nii.gz", headers=AUTH)
+    big = _submit(strict, content=b"\x1f\x8b" + b"\x00" * 300_000, name="big.nii.gz", headers=AUTH)
     assert big.status_code == 413 and "--max_upload_mb 0.2" in big.json()["detail"]
     assert scan.stat().st_size > 0.1 * 2**20  # over the /segment limit, under the /jobs one
-    synchronous = _submit(url, scan, route="/segment", headers=AUTH)
+    synchronous = _submit(strict, scan, route="/segment", headers=AUTH)
     assert synchronous.status_code == 413 and "POST /jobs instead" in synchronous.json()["detail"]
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_retention_keeps_two_jobs(strict, scan):
     """One job runs (held), one waits, the third is refused; of the finished jobs the newest two are kept."""
-    url, stale, hold = strict
-    _wait(url, stale["queued"].name, AUTH)  # the job kept from the last stop runs first
-    with _held(hold):
-        answers = [_submit(url, scan, headers=AUTH)]
+    with held_jobs(strict.service):
+        answers = [_submit(strict, scan, headers=AUTH)]
         assert answers[0].status_code == 202, answers[0].text
-        _wait(url, answers[0].json()["id"], AUTH, states=("running",))  # the worker took it: the queue is empty
-        answers += [_submit(url, scan, headers=AUTH) for _ in range(2)]
+        _wait(strict, answers[0].json()["id"], AUTH, states=("running",))  # the worker took it: the queue is empty
+        answers += [_submit(strict, scan, headers=AUTH) for _ in range(2)]
         assert [a.status_code for a in answers] == [202, 202, 503], [a.text for a in answers]
         assert "queue" in answers[2].json()["detail"] and int(answers[2].headers["retry-after"]) >= 1
         assert answers[1].json()["queue_position"] == 1
-        states = [httpx.get(f"{url}/jobs/{a.json()['id']}", headers=AUTH).json()["state"] for a in answers[:2]]
+        states = [strict.get(f"/jobs/{a.json()['id']}", headers=AUTH).json()["state"] for a in answers[:2]]
         assert states == ["running", "queued"]
-    accepted = [_wait(url, a.json()["id"], AUTH) for a in answers[:2]]
-    third = _wait(url, _submit(url, scan, headers=AUTH).json()["id"], AUTH)
+    accepted = [_wait(strict, a.json()["id"], AUTH) for a in answers[:2]]
+    third = _wait(strict, _submit(strict, scan, headers=AUTH).json()["id"], AUTH)
     assert all(job["state"] == "done" for job in accepted + [third])
-    kept = [job["id"] for job in httpx.get(f"{url}/jobs", headers=AUTH).json()["jobs"]]
-    assert kept == [third["id"], accepted[1]["id"]]  # newest first; the oldest and the stale ones are gone
-    assert httpx.get(f"{url}/jobs/{accepted[0]['id']}/mask", headers=AUTH).status_code == 404
+    kept = [job["id"] for job in strict.get("/jobs", headers=AUTH).json()["jobs"]]
+    assert kept == [third["id"], accepted[1]["id"]]  # newest first; the oldest is gone, its files too
+    assert strict.get(f"/jobs/{accepted[0]['id']}/mask", headers=AUTH).status_code == 404
+    assert not (strict.service.settings.jobs_dir / accepted[0]["id"]).exists()
 
 
 def test_deleting_a_waiting_job_answers_the_segment_call_that_waits_for_it(strict, scan):
-    url, _, hold = strict
     noise = np.random.default_rng(0).integers(-500, 500, (24, 24, 24)).astype(np.int16)
     small = _nifti_bytes(noise, np.diag([6.0, 6.0, 6.0, 1.0]))
     assert len(small) < 0.1 * 2**20  # under the /segment limit
-    with _held(hold), concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = _submit(url, scan, headers=AUTH).json()
-        _wait(url, running["id"], AUTH, states=("running",))
-        waiting = pool.submit(_submit, url, None, small, "small.nii.gz", AUTH, "/segment")
+    with held_jobs(strict.service), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = _submit(strict, scan, headers=AUTH).json()
+        _wait(strict, running["id"], AUTH, states=("running",))
+        waiting = pool.submit(_submit, strict, None, small, "small.nii.gz", AUTH, "/segment")
         deadline = time.time() + 120  # only bounds a test that went wrong: the held job keeps it queued
-        while not (queued := [j for j in httpx.get(f"{url}/jobs", headers=AUTH).json()["jobs"]
+        while not (queued := [j for j in strict.get("/jobs", headers=AUTH).json()["jobs"]
                               if j["state"] == "queued"]):
             assert time.time() < deadline, "the /segment job never waited in the queue"
             time.sleep(0.05)
-        assert httpx.delete(f"{url}/jobs/{queued[0]['id']}", headers=AUTH).status_code == 204
+        assert strict.delete(f"/jobs/{queued[0]['id']}", headers=AUTH).status_code == 204
         answer = waiting.result(timeout=120)
-        assert httpx.get(f"{url}/jobs/{running['id']}", headers=AUTH).json()["state"] == "running"
+        assert strict.get(f"/jobs/{running['id']}", headers=AUTH).json()["state"] == "running"
     assert answer.status_code == 410 and answer.json()["detail"] == "deleted before it ran"
-    assert _wait(url, running["id"], AUTH)["state"] == "done"
+    assert _wait(strict, running["id"], AUTH)["state"] == "done"
 
 
-def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_server, tmp_path):
+def test_a_picture_round_trip_gives_a_png_mask_of_its_size(picture_service, tmp_path):
     import SimpleITK as sitk
     rgb = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)  # 48 rows, 80 columns
     path = tmp_path / "photo.png"
     sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
-    assert httpx.get(f"{picture_server}/info").json()["inputs"] == [".png", ".jpg", ".jpeg"]
-    job = _wait(picture_server, _submit(picture_server, path, name="photo.png").json()["id"])
+    assert picture_service.get("/info").json()["inputs"] == [".png", ".jpg", ".jpeg"]
+    job = _wait(picture_service, _submit(picture_service, path, name="photo.png").json()["id"])
     assert job["state"] == "done" and job["kind"] == "picture" and job["shape"] == [80, 48], job
-    mask = httpx.get(f"{picture_server}/jobs/{job['id']}/mask")
+    mask = picture_service.get(f"/jobs/{job['id']}/mask")
     assert mask.headers["content-type"] == "image/png"
     (tmp_path / "mask.png").write_bytes(mask.content)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.png")))
     assert labels.shape == (48, 80) and set(np.unique(labels).tolist()) <= {0, 1, 2}
-    volumes = httpx.get(f"{picture_server}/jobs/{job['id']}/volumes").json()
+    volumes = picture_service.get(f"/jobs/{job['id']}/volumes").json()
     assert volumes["unit"] == "pixels" and sum(o["voxels"] for o in volumes["organs"]) == int((labels > 0).sum())
-    scan = _submit(picture_server, content=_nifti_bytes(np.zeros((8, 8, 8), np.int16)), name="ct.nii.gz")
+    scan = _submit(picture_service, content=_nifti_bytes(np.zeros((8, 8, 8), np.int16)), name="ct.nii.gz")
     assert scan.status_code == 400 and "this model takes a PNG or JPEG picture" in scan.json()["detail"]

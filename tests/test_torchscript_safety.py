@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import socket
 import zipfile
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from btcv_unetr.inference.export import export
 from btcv_unetr.io.torchscript import read_archive
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.torchscript import load_torchscript_weights
+from btcv_unetr.testing.server import free_port
 
 TINY = str(CONFIG_DIR / "tiny.yaml")
 READS_CODE = "restores itself with its own code (__setstate__)"
@@ -69,11 +69,6 @@ def _scan(phantom_dir: Path) -> Path:
     return next((phantom_dir / "imagesTs").glob("*.nii.gz"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 COMMANDS = {
     "test.py": lambda f, tmp, data: ["infer", "--config", TINY, "--pretrained_dir", str(f.parent),
@@ -86,16 +81,17 @@ COMMANDS = {
     "export": lambda f, tmp, data: ["export", "--config", TINY, "--checkpoint", str(f), "--format", "torchscript",
                                     "--out", str(tmp / "exported.pt")],
     "serve": lambda f, tmp, data: ["serve", "--config", TINY, "--checkpoint", str(f), "--jobs_dir",
-                                   str(tmp / "jobs"), "--port", str(_free_port())],
+                                   str(tmp / "jobs"), "--port", str(free_port())],
 }
 
 
 @pytest.mark.parametrize("kind", ["unetr", "module"])
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_no_command_runs_code_from_a_torchscript_file(command, kind, files, phantom_dir, tmp_path, capsys):
+def test_no_command_runs_code_from_a_torchscript_file(command, kind, files, phantom_dir, tmp_path, capsys, request):
     """Each command refuses the file in one line, before anything is written, and the marker never appears."""
     if command == "serve":
         pytest.importorskip("fastapi")
+        request.getfixturevalue("serve_sandbox")
     capsys.readouterr()
     status = cli.main(COMMANDS[command](files[kind], tmp_path, phantom_dir))
     out, err = capsys.readouterr()

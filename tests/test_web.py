@@ -12,7 +12,8 @@ left-posterior-superior, raw uint16 with an intercept of -1024) whose three mark
 the patient's left must show on the screen's right, anterior at the top (axial) and on the left
 (sagittal), superior at the top; a window change, a zoom and a pan must move the drawn pixels; a
 click in one view must move the other two views' slices. Without Chromium the browser tests are
-skipped (``.ci/run`` installs it where it can); the route tests and the viewer's reading run anyway.
+skipped (``.ci/run`` installs it where it can); the route tests (on the service in the test's process,
+btcv_unetr.testing.app) and the viewer's reading run anyway.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the service is the optional serve extra")
-from serving import running_server, tiny_checkpoint  # noqa: E402
+from conftest import REAL_SERVER_TOKEN  # noqa: E402
+from serving import tiny_checkpoint  # noqa: E402
 
 from btcv_unetr.serve.viewer import VolumeCache, read_viewer_volume  # noqa: E402
+from btcv_unetr.testing.app import in_process_service  # noqa: E402
 
 try:  # selenium is in the project's test extra; without it only the browser tests are skipped
     from selenium import webdriver
@@ -48,19 +51,19 @@ needs_chromium = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER and webdriver),
     reason="no Chromium or selenium: apt-get install chromium chromium-driver (.ci/run does this)")
 
-TOKEN = "web-test-token"
+TOKEN = REAL_SERVER_TOKEN
 # The tiny model segments a 64-voxel phantom in seconds on CPU; the margin is for a loaded CI machine.
 SEGMENT_TIMEOUT_S = 120
 PAGE_TIMEOUT_S = 20
 VIEWS = ("axial", "coronal", "sagittal")
 
+pytestmark = pytest.mark.xdist_group("real_server")  # the session's real server, shared with test_serve's gate test
+
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> str:
-    """One server for the module, with a token so that every fetch of the page must carry it."""
-    folder = tmp_path_factory.mktemp("web")
-    with running_server(tiny_checkpoint(folder), folder / "jobs", "--token", TOKEN) as url:
-        yield url
+def server(real_server) -> str:
+    """The session's real server (tests/conftest.py), with a token so that every fetch of the page must carry it."""
+    return real_server.url
 
 
 @pytest.fixture
@@ -128,19 +131,38 @@ def write_marker_scan(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def marker_job(server, tmp_path_factory) -> str:
-    """The marker scan segmented once for the module's viewer tests (sent without the page)."""
-    scan = write_marker_scan(tmp_path_factory.mktemp("marker") / "markers.nii.gz")
+def segmented_marker(client, folder: Path) -> str:
+    """The marker scan sent to the service behind ``client`` (without the page); the id of its finished job."""
+    scan = write_marker_scan(folder / "markers.nii.gz")
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    job = httpx.post(f"{server}/jobs", headers=headers,
-                     files={"file": (scan.name, scan.read_bytes(), "application/gzip")}).json()
+    job = client.post("/jobs", headers=headers, files={"file": (scan.name, scan.read_bytes(), "application/gzip")}).json()
     deadline = time.monotonic() + SEGMENT_TIMEOUT_S
     while job["state"] not in ("done", "failed") and time.monotonic() < deadline:
         time.sleep(0.2)
-        job = httpx.get(f"{server}/jobs/{job['id']}", headers=headers).json()
+        job = client.get(f"/jobs/{job['id']}", headers=headers).json()
     assert job["state"] == "done", job
     return job["id"]
+
+
+@pytest.fixture(scope="module")
+def marker_job(server, tmp_path_factory) -> str:
+    """The marker scan segmented once on the real server, for the module's browser tests of the viewer."""
+    with httpx.Client(base_url=server, timeout=60) as client:
+        return segmented_marker(client, tmp_path_factory.mktemp("marker"))
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    """The same service (token and all) in the test's process, for the slice routes: no browser, no socket."""
+    folder = tmp_path_factory.mktemp("web_in_process")
+    with in_process_service(tiny_checkpoint(folder), folder / "jobs", "--token", TOKEN) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def served_marker(service, tmp_path_factory) -> str:
+    """The marker scan segmented once by the in-process service."""
+    return segmented_marker(service, tmp_path_factory.mktemp("marker_in_process"))
 
 
 # ---------- page helpers ----------
@@ -198,8 +220,10 @@ def assert_no_script_errors(driver) -> None:
     assert not errors, errors
 
 
-def server_get(server: str, path: str, token: str | None = None) -> httpx.Response:
-    response = httpx.get(server + path, headers={"Authorization": f"Bearer {token}"} if token else None)
+def server_get(server, path: str, token: str | None = None) -> httpx.Response:
+    """GET ``path`` from ``server``: a real server's URL, or a client on the service (``httpx.Client`` API)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    response = httpx.get(server + path, headers=headers) if isinstance(server, str) else server.get(path, headers=headers)
     assert response.status_code == 200, response.text[:200]
     return response
 
@@ -551,7 +575,7 @@ def test_page_shows_a_2d_result_as_its_overlay_picture(browser, picture_server, 
 
 # ---------- the slice routes ----------
 
-def get_slice(server: str, job_id: str, axis: str, index: int) -> tuple[np.ndarray, np.ndarray, httpx.Response]:
+def get_slice(server, job_id: str, axis: str, index: int) -> tuple[np.ndarray, np.ndarray, httpx.Response]:
     """HU and labels of one slice, decoded by the contract: little-endian values then uint8 labels."""
     response = server_get(server, f"/jobs/{job_id}/slice?axis={axis}&index={index}", TOKEN)
     shape = tuple(int(n) for n in response.headers["X-Shape"].split(","))
@@ -562,14 +586,14 @@ def get_slice(server: str, job_id: str, axis: str, index: int) -> tuple[np.ndarr
     return hu, labels, response
 
 
-def test_slices_are_the_files_hu_and_mask_at_full_resolution_in_ras_order(server, marker_job, tmp_path):
+def test_slices_are_the_files_hu_and_mask_at_full_resolution_in_ras_order(service, served_marker, tmp_path):
     canonical = nib.as_closest_canonical(nib.load(write_marker_scan(tmp_path / "markers.nii.gz")))
     hu = np.asanyarray(canonical.dataobj)   # nibabel applies the intercept
     mask = nib.as_closest_canonical(nib.Nifti1Image.from_bytes(gzip.decompress(
-        server_get(server, f"/jobs/{marker_job}/mask", TOKEN).content)))
+        server_get(service, f"/jobs/{served_marker}/mask", TOKEN).content)))
     labels = np.asanyarray(mask.dataobj)
 
-    geometry = server_get(server, f"/jobs/{marker_job}/geometry", TOKEN).json()
+    geometry = server_get(service, f"/jobs/{served_marker}/geometry", TOKEN).json()
     assert geometry["shape"] == list(MARKER_SHAPE) and geometry["spacing"] == list(MARKER_SPACING)
     assert np.allclose(geometry["affine"], canonical.affine)
     assert all(0 <= index < n for index, n in zip(geometry["start"], MARKER_SHAPE))
@@ -577,23 +601,23 @@ def test_slices_are_the_files_hu_and_mask_at_full_resolution_in_ras_order(server
     for axis, take, spacing in (("sagittal", np.s_[7, :, :], (5.0, 6.0)), ("coronal", np.s_[:, 33, :], (4.0, 6.0)),
                                 ("axial", np.s_[:, :, 29], (4.0, 5.0))):
         index = next(i for i in take if isinstance(i, int))
-        slice_hu, slice_labels, response = get_slice(server, marker_job, axis, index)
+        slice_hu, slice_labels, response = get_slice(service, served_marker, axis, index)
         assert response.headers["X-Dtype"] == "int16"   # whole HU: two bytes a voxel
         assert [float(s) for s in response.headers["X-Spacing"].split(",")] == list(spacing)
         np.testing.assert_array_equal(slice_hu, hu[take])
         np.testing.assert_array_equal(slice_labels, labels[take])
 
 
-def test_slice_routes_need_the_token_and_say_what_is_wrong(server, marker_job):
-    base = f"{server}/jobs/{marker_job}"
-    assert httpx.get(f"{base}/slice?axis=axial&index=0").status_code == 401
-    assert httpx.get(f"{base}/geometry").status_code == 401
+def test_slice_routes_need_the_token_and_say_what_is_wrong(service, served_marker):
+    base = f"/jobs/{served_marker}"
+    assert service.get(f"{base}/slice?axis=axial&index=0").status_code == 401
+    assert service.get(f"{base}/geometry").status_code == 401
     headers = {"Authorization": f"Bearer {TOKEN}"}
     for query, words in (("axis=oblique&index=0", "axis must be one of"), ("axis=axial&index=30", "0 to 29"),
                          ("axis=axial&index=-1", "whole number"), ("axis=axial", "whole number")):
-        response = httpx.get(f"{base}/slice?{query}", headers=headers)
+        response = service.get(f"{base}/slice?{query}", headers=headers)
         assert response.status_code == 400 and words in response.json()["detail"], (query, response.text)
-    assert httpx.get(f"{server}/jobs/0123abcd/geometry", headers=headers).status_code == 404
+    assert service.get("/jobs/0123abcd/geometry", headers=headers).status_code == 404
 
 
 def test_the_viewer_reads_full_resolution_and_scaled_hu(tmp_path):

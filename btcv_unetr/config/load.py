@@ -53,8 +53,10 @@ def read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
 
 def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
     """Apply nested ``{section: {key: value}}`` layers over the defaults (each migrated: older key names and
-    sections still count), check types and ranges."""
+    sections still count), check types and ranges. The keys the layers set are the config's ``explicit``."""
     layers = [migrate(layer) for layer in layers]
+    explicit = frozenset(key for layer in layers for section, values in layer.items() if isinstance(values, dict)
+                         for key in values if FIELD_SECTION.get(key) == section)
     sections = {}
     for section, cls in SECTIONS.items():
         values = {}
@@ -66,7 +68,7 @@ def build_config(layers: list[dict[str, dict[str, Any]]]) -> Config:
                     value = layer[section][f.name]
             values[f.name] = coerce(f.name, value, hints[f.name], f.metadata["choices"])
         sections[section] = cls(**values)
-    config = Config(**sections)
+    config = Config(**sections, explicit=explicit)
     validate(config)
     return config
 

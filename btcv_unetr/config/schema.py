@@ -271,10 +271,14 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     fast: FastConfig = field(default_factory=FastConfig)
     general: GeneralConfig = field(default_factory=GeneralConfig)
+    # The keys a layer set (a YAML file, a flag, a --pretrained source), not left at their defaults: what a
+    # default chosen later for a model (inference/loader.py, weights without preprocessing) must not replace.
+    # Not a section: never saved, and configs compare equal whatever it holds.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (YAML- and ``torch.load(weights_only=True)``-safe)."""
-        return dataclasses.asdict(self)
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -285,7 +289,8 @@ class Config:
         atomic_write_text(path, header + self.to_yaml())
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                             if f.name != "explicit"}
 # field name -> section; names are unique across sections so that flags can stay flat.
 FIELD_SECTION: dict[str, str] = {}
 for _section, _cls in SECTIONS.items():

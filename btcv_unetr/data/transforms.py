@@ -125,8 +125,10 @@ def preprocessing(config: Config, keys: Sequence[str] = IMAGE_LABEL) -> list[mt.
         crop = mt.CropForegroundd(keys=keys, source_key="image", select_fn=Above(data.a_min), allow_smaller=True,
                                   start_coord_key=None, end_coord_key=None)
         return [*load, crop, resample, window]
-    # Reference order. Air is below a_min, so after windowing it is b_min and the crop keeps the body.
-    crop = mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True,
+    # Reference order. Air is below a_min, so after windowing it is b_min and the crop keeps the body. The
+    # criterion is MONAI's default (x > 0), but a scan with nothing above it is kept whole: the default crops an
+    # all-air scan to an empty image (weights without stored preprocessing take this order: inference/loader.py).
+    crop = mt.CropForegroundd(keys=keys, source_key="image", select_fn=Above(0.0), allow_smaller=True,
                               start_coord_key=None, end_coord_key=None)
     return [*load, resample, window, crop]
 

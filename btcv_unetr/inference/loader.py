@@ -6,13 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..config.schema import PREPROCESSING, Config
+from ..config.schema import PREPROCESSING, SECTIONS, Config
 from ..io.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
 from ..model.build import build_model
+from ..model.pretrained import REFERENCE_INFERENCE, REFERENCE_PREPROCESSING
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import extract_state_dict, load_weights
 from ..runtime.precision import runs_natively
@@ -26,6 +28,49 @@ def with_weights_file(config: Config, path: Path) -> Config:
     return dataclasses.replace(
         config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
         infer=dataclasses.replace(config.infer, saved_checkpoint=saved))
+
+
+# What weights without stored preprocessing are run with: the reference recipe's (MONAI research-contributions
+# UNETR/BTCV), which its released weights were trained and evaluated with, per section.
+REFERENCE_SETTINGS: dict[str, dict[str, Any]] = {"data": REFERENCE_PREPROCESSING, "infer": REFERENCE_INFERENCE}
+# What the reference's values mean, for the line that says they were applied.
+_MEANING = {"crop_before_resampling": "the whole scan resampled first", "mode": "windows weighed equally"}
+
+
+def _override_flag(section: str, key: str) -> str:
+    """The flag that gives ``key`` this project's default back (``--crop_before_resampling``, ``--mode gaussian``)."""
+    default = getattr(SECTIONS[section](), key)
+    if isinstance(default, bool):
+        return f"--{key}" if default else f"--no-{key}"
+    return f"--{key} {default}"
+
+
+def with_reference_settings(config: Config, path: Path) -> Config:
+    """``config`` for weights that store no preprocessing (a bare state dict, as the released reference weights
+    are): the reference recipe's settings where this project's defaults differ from them (it resamples the whole
+    scan before cropping the body, and blends windows with constant weights), said in one line.
+
+    Only keys still at their default are replaced: a value the user set (a flag, a YAML file) or a
+    ``--pretrained`` source stated (``config.explicit``) wins. 2D models are left alone: the recipe is for CT
+    volumes, and a picture is resized to one window, so neither setting applies.
+    """
+    if config.model.spatial_dims != 3:
+        return config
+    applied: dict[str, dict[str, Any]] = {}
+    for section, reference in REFERENCE_SETTINGS.items():
+        current, default = getattr(config, section), SECTIONS[section]()
+        applied[section] = {key: value for key, value in reference.items() if key not in config.explicit
+                            and getattr(current, key) == getattr(default, key) != value}
+    changes = [(section, key, value) for section, values in applied.items() for key, value in values.items()]
+    if not changes:
+        return config
+    settings = ", ".join(f"{key} {value}" + (f" ({_MEANING[key]})" if key in _MEANING else "")
+                         for _, key, value in changes)
+    flags = " ".join(_override_flag(section, key) for section, key, _ in changes)
+    print(f"{path} stores no preprocessing (a bare state dict, as the released reference weights are): using the "
+          f"reference recipe's, which such weights were trained with: {settings}; to override, give {flags}")
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **values)
+                                          for section, values in applied.items() if values})
 
 
 @dataclass
@@ -52,6 +97,8 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
     its weights to this project's UNETR built from the flags, read from its archive without running any of its
     code (``io/torchscript.py``); an architecture the file records that differs from the flags is refused.
+    A bare state dict stores no preprocessing: it runs with the reference recipe's where the user set none
+    (:func:`with_reference_settings`).
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
@@ -69,6 +116,8 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
         config = dataclasses.replace(config, model=trained.model, train=train,
                                      data=dataclasses.replace(config.data, **preprocessing))
         print(f"using the architecture and preprocessing stored in {path}")
+    else:
+        config = with_reference_settings(config, path)
     model = build_model(config.model)
     load_weights(model, extract_state_dict(content, str(path)), str(path))
     stored = content.get("checksum") if isinstance(content, dict) else None  # verified by load_checkpoint

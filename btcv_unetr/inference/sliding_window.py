@@ -25,9 +25,10 @@ LARGE_SCAN_WINDOWS = 64
 _BYTES_PER_WINDOW_VOXEL_FEATURE = 64
 
 
-def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int, int], feature_size: int,
+def auto_sw_batch_size(requested: int, device: torch.device, roi: Sequence[int], feature_size: int,
                        precision: str, limit: int = 8) -> int:
-    """Windows per forward pass: ``requested`` if > 0, else chosen for the device.
+    """Windows per forward pass: ``requested`` if > 0, else chosen for the device. ``roi`` is the window's
+    size, one number per spatial dimension (2 for a 2D model, 3 for a 3D one).
 
     CPU: 4 with AMX (its matrix units are fed better by 4 windows: 6% less time per UNETR-B
     window under bf16 on a 2-core Xeon), else 2 (per UNETR-B window, 15% less time than 1 under
@@ -40,7 +41,7 @@ def auto_sw_batch_size(requested: int, device: torch.device, roi: tuple[int, int
     if device.type != "cuda":
         return 4 if cpu_features().amx_bf16 and precision == "bf16" else 2
     free, _ = torch.cuda.mem_get_info(device)
-    per_window = roi[0] * roi[1] * roi[2] * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE
+    per_window = math.prod(roi) * feature_size * _BYTES_PER_WINDOW_VOXEL_FEATURE  # voxels or pixels alike
     return max(1, min(limit, int(0.5 * free // per_window)))
 
 

@@ -285,7 +285,7 @@ NEUTRAL_ARGUMENTS = {"qkv_bias": False, "save_attn": None}
 @dataclass
 class BundleModel:
     """What a UNETR bundle says: its weights file, and config values (``section -> {key: value}``) for the
-    architecture (``model``) and the preprocessing it found (``data``)."""
+    architecture (``model``), the preprocessing (``data``) and the blending of windows (``infer``) it found."""
 
     folder: Path
     weights: Path
@@ -377,14 +377,17 @@ def _model_values(network: Mapping[str, Any], content: Mapping[str, Any], where:
 
 def _preprocessing_values(content: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Orientation, spacing and intensity window from the bundle's ``preprocessing`` transforms, where they are
-    plain values; the rest of ``preprocessing`` is this project's own chain (``transforms.preprocessing``)."""
+    plain values, and whether the body is cropped before resampling, where it names both steps; the rest of
+    ``preprocessing`` is this project's own chain (``transforms.preprocessing``)."""
     transforms = (content.get("preprocessing") or {}).get("transforms") if isinstance(
         content.get("preprocessing"), Mapping) else None
     values: dict[str, Any] = {}
+    order: list[str] = []
     for index, step in enumerate(transforms if isinstance(transforms, list) else []):
         if not isinstance(step, Mapping):
             continue
         name = str(step.get("_target_", "")).rsplit(".", 1)[-1]
+        order.append(name)
         at = f"{where}::preprocessing::transforms::{index}"
         if name == "Spacingd" and "pixdim" in step:
             pixdim = _plain(step["pixdim"], content, f"{at}::pixdim")
@@ -394,7 +397,23 @@ def _preprocessing_values(content: Mapping[str, Any], where: str) -> dict[str, A
                            for key in ("a_min", "a_max", "b_min", "b_max") if key in step})
         elif name == "Orientationd" and "axcodes" in step:
             values["axcodes"] = _plain(step["axcodes"], content, f"{at}::axcodes")
+    if "Spacingd" in order and "CropForegroundd" in order:  # the order a bundle written by export states
+        values["crop_before_resampling"] = order.index("CropForegroundd") < order.index("Spacingd")
     return values
+
+
+def _blending_values(content: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The blending of overlapping windows (``mode``) the bundle's sliding-window ``inferer`` states: MONAI's
+    default, constant, where it names none; nothing for another inferer, or a value that is not plain."""
+    inferer = content.get("inferer")
+    if not isinstance(inferer, Mapping) or \
+            str(inferer.get("_target_", "")).rsplit(".", 1)[-1] != "SlidingWindowInferer":
+        return {}
+    try:
+        mode = _plain(inferer.get("mode", "constant"), content, f"{where}::inferer::mode")
+    except UserError:  # an expression: the blending is only a default here, not worth refusing the bundle for
+        return {}
+    return {"mode": mode} if mode in ("gaussian", "constant") else {}
 
 
 def read_bundle(folder: str | Path) -> BundleModel:
@@ -409,5 +428,6 @@ def read_bundle(folder: str | Path) -> BundleModel:
     if not isinstance(network, Mapping):
         raise UserError(f"{path}: no network_def mapping: the model zoo's bundles define their network there")
     values = {"model": _model_values(network, content, f"{folder.name}/{where}"),
-              "data": _preprocessing_values(content, f"{folder.name}/{path.relative_to(folder)}")}
+              "data": _preprocessing_values(content, f"{folder.name}/{path.relative_to(folder)}"),
+              "infer": _blending_values(content, f"{folder.name}/{path.relative_to(folder)}")}
     return BundleModel(folder, folder / "models" / "model.pt", path, values)

@@ -17,6 +17,7 @@ a file that is not those weights is refused whatever its checksum.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ REFERENCE_PREPROCESSING = {"a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max
                            "space_y": 1.5, "space_z": 2.0, "axcodes": "RAS",
                            # the reference recipe crops the body after resampling (CropForegroundd after Spacingd)
                            "crop_before_resampling": False}
+# The reference's blending of overlapping windows: its test.py calls sliding_window_inference without a mode, so
+# MONAI's default, "constant" (every window weighs the same; this project's default is "gaussian").
+REFERENCE_INFERENCE = {"mode": "constant"}
 
 
 @dataclass(frozen=True)
@@ -113,12 +117,17 @@ def resolve_pretrained(config: Config, command: str) -> Config:
     source = locate(value)
     layered = config.to_dict()
     for section, values in source.values.items():
-        layered[section].update(values)
+        # The weights need their architecture and preprocessing; the blending of windows is the user's to choose.
+        layered[section].update({key: value for key, value in values.items()
+                                 if section != "infer" or key not in config.explicit})
     layered["train"].update(pretrained_dir=str(source.weights.parent), pretrained_model_name=source.weights.name,
                             resume_ckpt=command == "train" or train.resume_ckpt)
-    resolved = config_from_dict(layered)
+    # What the user set stays explicit, and what the source states becomes so: the loader's defaults for weights
+    # without preprocessing (inference/loader.py) replace neither.
+    stated = {key for values in source.values.values() for key in values}
+    resolved = dataclasses.replace(config_from_dict(layered), explicit=config.explicit | stated)
     print(f"pretrained weights: {source.description}; file {source.weights}")
-    changed = [f"{key} {getattr(getattr(resolved, section), key)}" for section in ("model", "data")
+    changed = [f"{key} {getattr(getattr(resolved, section), key)}" for section in ("model", "data", "infer")
                for key in source.values.get(section, {})
                if getattr(getattr(config, section), key) != getattr(getattr(resolved, section), key)]
     if changed:

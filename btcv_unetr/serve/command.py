@@ -148,19 +148,31 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.token:
         print(f"warning: serving on {args.host} without a token: anyone who reaches this port can use the service "
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
-    from ..inference.predictor import Predictor
-    from .app import create_app
     open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
-    os.umask(0o077)  # every file and folder this process writes (scans, masks, spooled uploads) is the user's only
-    predictor = Predictor(predictor_config(config_from_args(args)))
-    app = create_app(predictor, settings)
-    # The web framework spools large uploads to the temporary folder: the private jobs folder's, not /tmp.
+    # Every file and folder written while serving (scans, masks, spooled uploads) is the user's only, and the web
+    # framework spools large uploads to the private jobs folder, not /tmp. Restored on the way out, so that a
+    # caller in the same process (cli.main in a test, a refusal while the model loads) is left as it was.
+    umask, spool = os.umask(0o077), tempfile.tempdir
     tempfile.tempdir = str(settings.jobs_dir / SPOOL)
-    print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
-    started = time.time()
-    serve_until_signal(uvicorn, app, args.host, args.port)
+    try:
+        app = build_app(args, settings)
+        print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
+        started = time.time()
+        serve_until_signal(uvicorn, app, args.host, args.port)
+    finally:
+        os.umask(umask)
+        tempfile.tempdir = spool
     print(f"stopped after {time.time() - started:.0f} s")
     return 0
+
+
+def build_app(args: argparse.Namespace, settings: ServeSettings):
+    """The FastAPI application for parsed ``serve`` flags: the model loaded once, the job queue ready to start
+    with the application. The process-wide settings (umask, spool folder) are :func:`run`'s, so that tests
+    can build the same application in their own process (``btcv_unetr.testing.app``)."""
+    from ..inference.predictor import Predictor
+    from .app import create_app
+    return create_app(Predictor(predictor_config(config_from_args(args))), settings)
 
 
 def serve_until_signal(uvicorn, app, host: str, port: int) -> None:

@@ -2,8 +2,8 @@
 
 Python imports ``sitecustomize`` at start-up from its path, so a server that tests/test_serve.py starts
 with this folder on ``PYTHONPATH`` runs this first. With ``BTCV_UNETR_TEST_HOLD`` set to a file name, a job
-that reaches the worker waits, in state "running", while that file exists (or until the job is cancelled,
-so a server stopped mid-test still ends): a test fills the queue behind it, whatever the machine's speed,
+that reaches the worker waits, in state "running", while that file exists (or until the job is cancelled or its
+time limit passes, so a server stopped mid-test still ends): a test fills the queue behind it, whatever the machine's speed,
 then removes the file. Without the variable this does nothing.
 """
 
@@ -20,7 +20,8 @@ if _HOLD:
     _run_job = worker.Segmenter.__call__
 
     def _held(self, job):
-        while Path(_HOLD).exists() and job.cancel_reason is None:
+        while Path(_HOLD).exists():
+            job.check_cancelled()  # a DELETE, the time limit or the server's stop ends a held job too
             time.sleep(0.02)
         return _run_job(self, job)
 
