@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import tiny_config
 from monai.losses import DiceCELoss
+from monai.transforms import ResizeWithPadOrCropd
 
 from btcv_unetr import cli
 from btcv_unetr.config.flags import parse_config
 from btcv_unetr.config.schema import FastConfig
-from btcv_unetr.data.transforms import infer_transforms
+from btcv_unetr.data.transforms import infer_transforms, val_transforms
 from btcv_unetr.distributed import Context
 from btcv_unetr.inference import sliding_window
 from btcv_unetr.inference.inversion import class_map, probabilities_to_scan
@@ -42,27 +43,37 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
 
 
+# The tests that share the trained model stay in one process, which trains it once.
+TRAINED = pytest.mark.xdist_group("test_fastpath")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny UNETR fitted for 80 steps to one phantom crop: confident logits, as a trained model has."""
+    """A tiny UNETR fitted for 40 steps to the middle 32^3 window of one phantom as the tiny config preprocesses it
+    (6 mm, windowed): confident logits on the phantoms these tests segment, as a trained model has, and masks of
+    several organs. Untrained weights would not do: their near-tied logits flip under bf16 (0.8% of the voxels of
+    test_fast_windows_match_the_reference_path, where 0.1% is allowed); these flip 0.03%."""
     torch.manual_seed(0)
     config = tiny_config()
-    case = generate_case(seed=5, index=1, size=48)
-    image = torch.from_numpy(np.asarray(case.image.dataobj, np.float32))[None, None, :32, :32, :32]
-    label = torch.from_numpy(np.asarray(case.label.dataobj, np.float32))[None, None, :32, :32, :32]
-    image = ((image + 175) / 425).clamp(0, 1)
+    folder = tmp_path_factory.mktemp("trained")
+    case = generate_case(seed=5, index=1, size=64)
+    nib.save(case.image, folder / "image.nii.gz")
+    nib.save(case.label, folder / "label.nii.gz")
+    scan = val_transforms(config)({"image": str(folder / "image.nii.gz"), "label": str(folder / "label.nii.gz")})
+    window = ResizeWithPadOrCropd(keys=["image", "label"], spatial_size=config.model.roi_size)(scan)
+    image, label = window["image"].as_tensor()[None], window["label"].as_tensor()[None]
     model = build_model(config.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    for _ in range(80):
+    for _ in range(40):
         optimizer.zero_grad()
         loss_fn(model(image), label).backward()
         optimizer.step()
-    folder = tmp_path_factory.mktemp("trained")
     torch.save(model.state_dict(), folder / "w.pth")
     return model.eval(), image, folder
 
 
+@TRAINED
 def test_sdpa_gives_the_same_output(trained):
     model, image, _ = trained
     model = copy.deepcopy(model)
@@ -111,6 +122,7 @@ def test_attention_kernel_per_class(sdpa, device, precision, expected):
     assert sdpa_for(FastConfig(sdpa=sdpa), torch.device(device), precision) is expected
 
 
+@TRAINED
 def test_channels_last_layout_swaps_the_norms(trained):
     model = copy.deepcopy(trained[0])
     norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
@@ -121,6 +133,7 @@ def test_channels_last_layout_swaps_the_norms(trained):
     assert model.out.conv.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@TRAINED
 def test_fast_windows_match_the_reference_path(trained, tmp_path):
     """This machine's precision + SDPA + allocator switch vs float32 on one image: logits close, argmax agrees on > 99.9%."""
     _, _, folder = trained
@@ -138,6 +151,7 @@ def test_fast_windows_match_the_reference_path(trained, tmp_path):
     assert (ref - fast_p).abs().max() < 0.05
 
 
+@TRAINED
 def test_fast_masks_match_the_reference_path_in_the_scan_geometry(trained, tmp_path):
     """The whole fast path (crop before resampling, one-step inversion, ...) vs the reference-style one."""
     _, _, folder = trained
@@ -211,6 +225,7 @@ def test_fused_optimizer_takes_the_same_step(tiny):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@TRAINED
 def test_one_pass_inversion_equals_monai_inverse_transforms(trained, tmp_path):
     """Separable trilinear resampling over the covered box == MONAI's per-channel inverse chain, voxel for
     voxel, for the class map and for the probabilities ``--save_probabilities`` writes."""
@@ -235,6 +250,7 @@ def test_one_pass_inversion_equals_monai_inverse_transforms(trained, tmp_path):
         assert np.array_equal(probabilities_to_scan(probabilities, image)[0], ours)
 
 
+@TRAINED
 def test_tilted_scans_take_the_one_pass_inversion_too(trained, tmp_path):
     """MONAI's Spacing keeps a tilted scan's direction, so the map stays separable and the masks equal."""
     _, _, folder = trained
