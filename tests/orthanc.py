@@ -24,6 +24,11 @@ PLUGIN_PLACES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/o
 START_TIMEOUT_S = 60.0
 
 
+
+def _end_of(log: Path) -> str:
+    """The last 2000 characters of Orthanc's log (whatever bytes it wrote)."""
+    return log.read_text(encoding="utf-8", errors="replace")[-2000:]
+
 def orthanc_or_skip() -> tuple[str, str] | str:
     """``(program, plugin)`` paths, or a one-line reason why the PACS tests cannot run here."""
     program = shutil.which("Orthanc")
@@ -78,11 +83,11 @@ def _wait_until_up(process: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited with {process.returncode}: {log.read_text()[-2000:]}")
+            raise RuntimeError(f"Orthanc exited with {process.returncode}: {_end_of(log)}")
         try:
             if httpx.get(f"{url}/dicom-web/studies", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"Orthanc did not answer within {START_TIMEOUT_S:.0f} s: {_end_of(log)}")

@@ -88,7 +88,8 @@ def gloo_run(phantom_dir, tmp_path_factory) -> dict:
     with _stderr_to(folder / "stderr.txt"), pytest.raises(SystemExit) as stopped:
         launch(functools.partial(_worker, out=str(folder / "ddp.pt")), config)
     return {"config": config, "folder": folder, "exit_code": stopped.value.code,
-            "stderr": (folder / "stderr.txt").read_text(), "result": torch.load(folder / "ddp.pt", weights_only=True)}
+            "stderr": (folder / "stderr.txt").read_text(encoding="utf-8", errors="replace"),
+            "result": torch.load(folder / "ddp.pt", weights_only=True)}
 
 
 @pytest.mark.xdist_group("test_distributed")

@@ -100,7 +100,8 @@ def test_two_processes_under_torchrun_split_the_cases_and_write_the_same_bytes(w
     single = _outputs(world["root"] / "single")
     assert {name: data for name, data in _outputs(out).items() if name.endswith("_seg.nii.gz")} == single
     # Each rank's stdout (torchrun's log folder, LOCAL_RANK/stdout.log): case i went to rank i mod 2, once.
-    by_rank = {int(log.parent.name): _segmented(log.read_text()) for log in logs.rglob("stdout.log")}
+    by_rank = {int(log.parent.name): _segmented(log.read_text(encoding="utf-8", errors="replace"))
+               for log in logs.rglob("stdout.log")}
     assert by_rank == {0: ["scan_a", "scan_c"], 1: ["scan_b", "scan_d"]}
     # The report: every case, in one process's order, scored as one process scores the same masks.
     expected = evaluate_folders(world["root"] / "single", world["root"] / "dataset.json", 14, distances=False)

@@ -158,8 +158,8 @@ def _serve(checkpoint: Path, jobs_dir: Path, log: Path, hold: Path) -> tuple[sub
 def _stopped_cleanly(process: subprocess.Popen, stop: signal.Signals, log: Path) -> str:
     """Send ``stop``; the server must exit with status 0, without a traceback. Returns its log."""
     process.send_signal(stop)
-    assert process.wait(timeout=60) == 0, log.read_text()
-    text = log.read_text()
+    assert process.wait(timeout=60) == 0, log.read_text(encoding="utf-8", errors="replace")
+    text = log.read_text(encoding="utf-8", errors="replace")
     assert "terminate called" not in text and "Traceback" not in text, text
     return text
 
@@ -183,7 +183,8 @@ def test_sigint_and_sigterm_stop_the_server_cleanly_and_the_next_start_queues_th
     assert "2 queued job(s) kept: they run at the next start" in text
     process, url = _serve(checkpoint, jobs_dir, tmp_path / "again.log", hold)
     try:
-        assert "2 job(s) kept from the last stop are queued again" in (tmp_path / "again.log").read_text()
+        again = (tmp_path / "again.log").read_text(encoding="utf-8", errors="replace")
+        assert "2 job(s) kept from the last stop are queued again" in again
         states = {i: httpx.get(f"{url}/jobs/{i}").json()["state"] for i in ids}
         assert states[ids[0]] in ("queued", "running") and states[ids[1]] == "queued"
         text = _stopped_cleanly(process, signal.SIGTERM, tmp_path / "again.log")

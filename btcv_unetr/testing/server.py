@@ -53,7 +53,7 @@ def wait_until_healthy(process: subprocess.Popen, url: str, log_path: Path, star
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
             raise ServerStartError(f"btcv-unetr serve did not start (exit status {process.poll()}); end of "
-                                   f"{log_path}:\n{log_path.read_text()[-3000:]}")
+                                   f"{log_path}:\n{log_path.read_text(encoding='utf-8', errors='replace')[-3000:]}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return

@@ -3,8 +3,8 @@
 Python imports ``sitecustomize`` at start-up from its path, so a server that tests/test_serve.py starts
 with this folder on ``PYTHONPATH`` runs this first. With ``BTCV_UNETR_TEST_HOLD`` set to a file name, a job
 that reaches the worker waits, in state "running", while that file exists (or until the job is cancelled or its
-time limit passes, so a server stopped mid-test still ends): a test fills the queue behind it, whatever the machine's speed,
-then removes the file. Without the variable this does nothing.
+time limit passes, so a server stopped mid-test still ends): a test fills the queue behind it, whatever the
+machine's speed, then removes the file. Without the variable this does nothing.
 """
 
 import os
