@@ -33,9 +33,10 @@ $(STAMP): pyproject.toml Makefile
 # timestamps in them). `make test-packaging` builds the wheel and installs it into a fresh venv (CI runs it too).
 TEST_WORKERS ?= 2
 TEST_THREADS ?= 1
+PYTEST_FLAGS ?=  # more pytest flags, e.g. PYTEST_FLAGS="--durations=0 -k serve"
 
 test: $(STAMP)
-	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_FLAGS)
 
 test-packaging: $(STAMP)
 	$(PY) -m pytest -m packaging
