@@ -1,8 +1,10 @@
 """The configuration's schema: one dataclass per section, each field with its default, help text and flags.
 
-The defaults of every field are the values of the reference UNETR/BTCV recipe (MONAI
-research-contributions), and every field's command-line flag has the reference name
-(``--feature_size``, ``--RandFlipd_prob``, ``--dist-url`` ...), so reference commands keep working.
+Every field's command-line flag has the reference UNETR/BTCV recipe's name (MONAI research-contributions:
+``--feature_size``, ``--RandFlipd_prob``, ``--dist-url`` ...), so reference commands keep working. Most defaults
+are the reference's; those that differ (precision, crop_before_resampling, mode, the fast-path switches, ...) are
+listed in the README ("Which defaults differ from the reference recipe"). Weights that store no preprocessing get
+the reference's (inference/loader.py).
 The YAML file groups the same names into sections::
 
     model: {feature_size: 16, roi_x: 96}
