@@ -47,7 +47,9 @@ CPU = torch.device("cpu")
 TRAINED = pytest.mark.xdist_group("test_fastpath")
 
 
-@pytest.fixture(scope="module")
+# Session scope: pytest-xdist may run another file's test between two of the group's, and a module fixture is then
+# torn down and fitted again (20-30 s); the tests copy the model before changing it.
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """A tiny UNETR fitted for 40 steps to the middle 32^3 window of one phantom as the tiny config preprocesses it
     (6 mm, windowed): confident logits on the phantoms these tests segment, as a trained model has, and masks of
