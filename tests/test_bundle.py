@@ -115,8 +115,15 @@ def test_verify_metadata_passes_and_fails_without_a_mandatory_key(bundle, tmp_pa
     metadata = bundle / "configs" / "metadata.json"
     assert json.loads(metadata.read_text())["schema"] == METADATA_SCHEMA
     schema = _minimal_schema(tmp_path / "schema.json")
-    with caplog.at_level(logging.INFO):
-        verify_metadata(meta_file=str(metadata), filepath=str(schema))
+    # MONAI's logger need not propagate to the root logger (it depends on what configured it first in this process):
+    # caplog's handler goes on it directly.
+    monai_logger = logging.getLogger("monai.bundle.scripts")
+    monai_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="monai.bundle.scripts"):
+            verify_metadata(meta_file=str(metadata), filepath=str(schema))
+    finally:
+        monai_logger.removeHandler(caplog.handler)
     assert "metadata is verified with no error" in caplog.text
     broken = json.loads(metadata.read_text())
     del broken["network_data_format"]["outputs"]["pred"]["channel_def"]
