@@ -141,10 +141,10 @@ def test_a_job_over_its_time_limit_fails_with_the_reason(tmp_path, checkpoint, s
 
 
 def _serve(checkpoint: Path, jobs_dir: Path, log: Path, hold: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m btcv_unetr serve`` (the entry point's wiring, in a real process), its worker held while
-    ``hold`` exists (tests/held_worker/sitecustomize.py)."""
+    """The installed ``btcv-unetr`` console script's ``serve`` (the suite's one child process of the script: its
+    wiring), its worker held while ``hold`` exists (tests/held_worker/sitecustomize.py)."""
     port = free_port()
-    argv = [sys.executable, "-m", "btcv_unetr", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+    argv = [str(Path(sys.executable).with_name("btcv-unetr")), "serve", "--checkpoint", str(checkpoint), "--port", str(port),
             "--precision", "fp32", "--device", "cpu", "--jobs_dir", str(jobs_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BTCV_UNETR_TEST_HOLD": str(hold),
            "PYTHONPATH": os.pathsep.join(filter(None, (str(HELD_WORKER), os.environ.get("PYTHONPATH"))))}
