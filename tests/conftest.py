@@ -124,11 +124,5 @@ def real_server(tmp_path_factory) -> RealServer:
 @pytest.fixture
 def serve_sandbox(tmp_path, monkeypatch):
     """For a test that runs ``serve`` through ``cli.main`` in this process: the default jobs folder under
-    ``tmp_path`` (never the user's own), and the temporary folder and umask that ``serve`` sets for its process
-    restored afterwards (a refusal after the jobs folder opened would leave them to the tests that follow)."""
+    ``tmp_path``, never the user's own (``serve`` itself restores the umask and temporary folder it sets)."""
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    yield
-    os.umask(umask)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..config.flags import CommandFlags, add_config_arguments, config_from_args
@@ -149,21 +151,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {args.host} without a token: anyone who reaches this port can use the service "
               f"(set --token or {TOKEN_VARIABLE})", file=sys.stderr)
     open_jobs_folder(settings.jobs_dir)  # before the model loads: that takes seconds
-    # Every file and folder written while serving (scans, masks, spooled uploads) is the user's only, and the web
-    # framework spools large uploads to the private jobs folder, not /tmp. Restored on the way out, so that a
-    # caller in the same process (cli.main in a test, a refusal while the model loads) is left as it was.
-    umask, spool = os.umask(0o077), tempfile.tempdir
-    tempfile.tempdir = str(settings.jobs_dir / SPOOL)
-    try:
+    with private_files(settings.jobs_dir):
         app = build_app(args, settings)
         print(f"serving on http://{args.host}:{args.port} (jobs in {settings.jobs_dir})", flush=True)
         started = time.time()
         serve_until_signal(uvicorn, app, args.host, args.port)
+    print(f"stopped after {time.time() - started:.0f} s")
+    return 0
+
+
+@contextlib.contextmanager
+def private_files(jobs_dir: Path) -> Iterator[None]:
+    """While the block runs, every file and folder this process writes (scans, masks, spooled uploads) is the
+    user's only, and the web framework spools large uploads to the private jobs folder, not /tmp. Both are
+    restored afterwards, so that a caller in the same process (cli.main in a test, a refusal while the model
+    loads, the in-process service of the tests) is left as it was."""
+    umask, spool = os.umask(0o077), tempfile.tempdir
+    tempfile.tempdir = str(jobs_dir / SPOOL)
+    try:
+        yield
     finally:
         os.umask(umask)
         tempfile.tempdir = spool
-    print(f"stopped after {time.time() - started:.0f} s")
-    return 0
 
 
 def build_app(args: argparse.Namespace, settings: ServeSettings):

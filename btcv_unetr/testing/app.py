@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +27,8 @@ def in_process_service(checkpoint: Path, jobs_dir: Path | None, *flags: str) -> 
     afterwards. ``jobs_dir`` None gives no ``--jobs_dir``: the default folder, as ``serve`` finds it."""
     from fastapi.testclient import TestClient
 
-    from ..serve.command import add_arguments, build_app, settings_from_args
-    from ..serve.jobs import SPOOL, open_jobs_folder
+    from ..serve.command import add_arguments, build_app, private_files, settings_from_args
+    from ..serve.jobs import open_jobs_folder
 
     folder = [] if jobs_dir is None else ["--jobs_dir", str(jobs_dir)]
     argv = ["--checkpoint", str(checkpoint), *folder, "--precision", "fp32", "--device", "cpu", *flags]
@@ -39,16 +37,11 @@ def in_process_service(checkpoint: Path, jobs_dir: Path | None, *flags: str) -> 
     args = parser.parse_args(argv)
     settings = settings_from_args(args)
     open_jobs_folder(settings.jobs_dir)
-    umask, spool = os.umask(0o077), tempfile.tempdir
-    tempfile.tempdir = str(settings.jobs_dir / SPOOL)
-    try:
+    with private_files(settings.jobs_dir):
         app = build_app(args, settings)
         with TestClient(app, base_url="http://127.0.0.1") as client:
             client.service = app.state.service
             yield client
-    finally:
-        os.umask(umask)
-        tempfile.tempdir = spool
 
 
 @contextlib.contextmanager
