@@ -154,7 +154,7 @@ def test_crossval_trains_scores_resumes_and_skips_folds(phantom_dir, tmp_path, c
     datalist.write_text(json.dumps({**content, "training": entries, "validation": []}))
     run_dir = tmp_path / "cv"
     flags = ["--data_dir", str(phantom_dir), "--json_list", str(datalist), "--logdir", str(run_dir),
-             "--max_epochs", "1", "--no_hd95", "--no-overlay"]
+             "--max_epochs", "1", "--no_hd95", "--no-overlay", "--infer_overlap", "0"]
 
     assert crossval(*flags, "--folds", "0") == 0  # one fold per process or node
     assert "the report waits for fold(s) 1" in capsys.readouterr().out

@@ -149,6 +149,10 @@ def _logits(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
         return model(window)
 
 
+# The files take seconds to script and trace: the tests that read them share one process (--dist loadgroup).
+SAVED = pytest.mark.xdist_group("torchscript_saved")
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
     """The tiny UNETR of seed 0 as TorchScript: scripted, traced (with and without its example input, as older
@@ -163,6 +167,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
+@SAVED
 @pytest.mark.parametrize("how", ["script", "trace", "export"])
 def test_a_real_tiny_unetr_loads_with_the_eager_logits(how, saved, capsys):
     """Scripted, traced and exported files: every weight read, the eager model's logits exactly."""
@@ -181,6 +186,7 @@ ROI = (["--roi_x", "64", "--roi_y", "32", "--roi_z", "16"],
        "was built with --roi_x 32 --roi_y 32 --roi_z 32, the flags say --roi_x 64 --roi_y 32 --roi_z 16")
 
 
+@SAVED
 @pytest.mark.parametrize("how, flags, message", [
     ("script", *HEADS), ("export", *HEADS), ("script", *ROI), ("export", *ROI), ("trace", *ROI),
     ("trace_without_inputs", ["--roi_x", "64", "--roi_y", "64", "--roi_z", "64"],
@@ -198,6 +204,7 @@ def test_an_architecture_the_file_records_must_be_the_flags(how, flags, message,
     assert not list(tmp_path.rglob("*_seg.nii.gz"))
 
 
+@SAVED
 def test_what_a_bare_trace_cannot_show_is_named_not_assumed(saved, capsys):
     """A trace without example inputs (older PyTorch) shows neither heads nor the ROI's shape: a warning says so,
     with the values taken from the flags; the patch count is still checked (above)."""
@@ -209,6 +216,7 @@ def test_what_a_bare_trace_cannot_show_is_named_not_assumed(saved, capsys):
             "(--roi_x 64 --roi_y 32 --roi_z 16; only its number of patches is checked)") in err
 
 
+@SAVED
 def test_serve_takes_a_torchscript_checkpoint_as_torchscript(saved):
     """serve --checkpoint an exported file: read as TorchScript (not refused as 'use --resume_jit'), exact weights."""
     from btcv_unetr.inference.loader import load_members

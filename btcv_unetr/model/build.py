@@ -70,8 +70,20 @@ def build_model(config: ModelConfig) -> UNETR:
 def model_size(config: ModelConfig) -> tuple[int, int]:
     """Parameters and FLOPs of one forward pass of a batch of one ROI-sized input (a multiply-add is 2).
 
-    Counted on PyTorch's meta device: no memory, no arithmetic, a fraction of a second even for ViT-L.
+    Counted on PyTorch's meta device: no memory, no arithmetic. Still most of a second of Python dispatch even
+    for the tiny test model, paid at every training start and model load: counted once per architecture and
+    process.
     """
+    key = repr(config)  # every field: anything that changes the network changes the count
+    if key not in _MODEL_SIZES:
+        _MODEL_SIZES[key] = _count_model_size(config)
+    return _MODEL_SIZES[key]
+
+
+_MODEL_SIZES: dict[str, tuple[int, int]] = {}
+
+
+def _count_model_size(config: ModelConfig) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = build_model(config)
