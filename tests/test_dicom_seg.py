@@ -34,10 +34,11 @@ from btcv_unetr.config.load import (  # noqa: E402
     build_config,
     read_yaml,  # noqa: E402
 )
-from btcv_unetr.data.images import dicom_series, write_dicom_series_as_nifti  # noqa: E402
+from btcv_unetr.data import dicom as reader  # noqa: E402
+from btcv_unetr.data.dicom import LPS_TO_RAS  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
 from btcv_unetr.inference.batch import run_inference  # noqa: E402
-from btcv_unetr.inference.dicom_seg import EXTRA_LINE, require_highdicom, series_files, write_dicom_seg  # noqa: E402
+from btcv_unetr.inference.dicom_seg import EXTRA_LINE, require_highdicom, write_dicom_seg  # noqa: E402
 from btcv_unetr.labels import ORGANS  # noqa: E402
 from btcv_unetr.model.build import build_model  # noqa: E402
 from btcv_unetr.serve import pacs  # noqa: E402
@@ -129,21 +130,38 @@ def dicom_case(tmp_path_factory) -> dict:
     image, label = phantom_on_lefthanded_grid(folder / "nifti")
     files = write_series(sitk.ReadImage(str(image)), folder / "series")
     grid = read_series(folder / "series")
-    (series,) = dicom_series(folder / "series")
+    (series,) = reader.find_series(folder / "series")
+    volume = reader.read_series(series, "series")
     converted = folder / "converted.nii.gz"
-    write_dicom_series_as_nifti(folder / "series", series, converted)
+    reader.write_series_as_nifti(volume, converted)
     organs = sitk.Resample(sitk.ReadImage(str(label)), grid, sitk.Transform(), sitk.sitkNearestNeighbor)
     labels = sitk.GetArrayFromImage(organs).transpose(2, 1, 0).astype(np.uint8)
     return {"folder": folder / "series", "files": files, "grid": grid, "nifti": converted, "labels": labels,
-            "series": series}
+            "volume": volume}
 
 
 def test_the_series_is_read_in_reverse_slice_order(dicom_case):
     """The left-handed storage is what makes the slice matching matter: file k is not slice k."""
     grid = dicom_case["grid"]
     assert grid.GetDirection()[8] < 0
-    assert series_files(dicom_case["folder"], dicom_case["series"])[0].name == \
-        dicom_case["files"][grid.GetDepth() - 1].name
+    assert dicom_case["volume"].slices[0].path.name == dicom_case["files"][grid.GetDepth() - 1].name
+
+
+def test_the_reader_gives_simpleitks_grid_and_voxels(dicom_case):
+    """btcv_unetr.data.dicom (positions from pydicom, pixels from GDCM) against SimpleITK's own series reader."""
+    grid, converted = dicom_case["grid"], nib.load(dicom_case["nifti"])
+    expected = LPS_TO_RAS @ _sitk_affine(grid)
+    np.testing.assert_allclose(converted.affine, expected, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(converted.dataobj),
+                                  sitk.GetArrayFromImage(grid).transpose(2, 1, 0).astype(np.float32))
+
+
+def _sitk_affine(image) -> np.ndarray:
+    """SimpleITK's voxel-to-LPS affine of ``image``."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return affine
 
 
 def test_a_seg_of_the_phantom_organs_has_them_voxel_for_voxel_with_codes_and_references(dicom_case, tmp_path):
@@ -194,9 +212,9 @@ def test_a_series_that_is_not_the_grid_is_refused_in_one_line(dicom_case, tmp_pa
     wrong[2, 3] += 0.5 * wrong[2, 2]  # half a slice off
     with pytest.raises(UserError, match="is not a slice of the series' grid"):
         write_dicom_seg(dicom_case["labels"], wrong, dicom_case["files"], list(ORGANS), tmp_path / "x.dcm")
-    with pytest.raises(UserError, match="instances for"):
-        write_dicom_seg(dicom_case["labels"], nib.load(dicom_case["nifti"]).affine, dicom_case["files"][1:],
-                        list(ORGANS), tmp_path / "x.dcm")
+    with pytest.raises(UserError, match="two instances at one slice position"):
+        write_dicom_seg(dicom_case["labels"], nib.load(dicom_case["nifti"]).affine,
+                        [*dicom_case["files"], dicom_case["files"][0]], list(ORGANS), tmp_path / "x.dcm")
     unplaced = []
     for path in dicom_case["files"]:  # a series without a frame of reference (GDCM writes none by default)
         dataset = pydicom.dcmread(str(path))

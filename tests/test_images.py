@@ -17,10 +17,10 @@ import pytest
 import SimpleITK as sitk
 from monai.transforms import LoadImage
 
+from btcv_unetr.data.dicom import find_series, read_series, write_series_as_nifti
 from btcv_unetr.data.images import (
     SimpleITKReader,
     check_picture_size,
-    dicom_series,
     image_shape,
     image_suffix,
     is_nifti,
@@ -30,7 +30,6 @@ from btcv_unetr.data.images import (
     picture_header,
     picture_scale,
     read_volume,
-    write_dicom_series_as_nifti,
     write_mask,
 )
 from btcv_unetr.errors import UserError
@@ -157,8 +156,9 @@ def test_a_dicom_series_is_found_and_converted_with_its_geometry(tmp_path):
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(tmp_path / f"{k}.dcm"))
         writer.Execute(plane)
-    assert dicom_series(tmp_path) == [f"{uid}.2"]
-    write_dicom_series_as_nifti(tmp_path, f"{uid}.2", tmp_path / "series.nii.gz")
+    (series,) = find_series(tmp_path)  # btcv_unetr.data.dicom on files GDCM wrote
+    assert series.uid == f"{uid}.2" and series.modality == "CT" and len(series.slices) == image.GetDepth()
+    write_series_as_nifti(read_series(series, "series"), tmp_path / "series.nii.gz")
     volume = read_volume(tmp_path / "series.nii.gz")
     assert volume.shape == SHAPE
     assert np.allclose(np.linalg.norm(volume.affine[:3, :3], axis=0), (0.8, 1.25, 2.5), atol=1e-4)

@@ -280,7 +280,7 @@ def test_a_zip_without_a_dicom_series_is_refused(server):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("readme.txt", "no images here")
     response = _submit(server, content=buffer.getvalue(), name="nothing.zip")
-    assert response.status_code == 400 and "no DICOM series" in response.json()["detail"]
+    assert response.status_code == 400 and "no DICOM image series" in response.json()["detail"]
 
 
 def test_requests_without_a_file_or_for_unknown_jobs(server):

@@ -168,8 +168,8 @@ def test_a_zip_of_anything_but_one_series_is_400(tmp_path):
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("readme.txt", "no images here")
     status, detail = _refusal(tmp_path, buffer.getvalue())
-    assert status == 400 and detail == "scan: the zip holds no DICOM series; send exactly one series (its .dcm " \
-                                       "files) per job"
+    assert status == 400 and detail == ("scan: no DICOM image series that can be stacked into a volume (no DICOM "
+                                        "image files): expected the slices of one CT series")
 
 
 def test_a_picture_for_a_2d_model_is_sized_from_its_header_and_stored(tmp_path):

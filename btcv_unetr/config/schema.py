@@ -210,6 +210,10 @@ class InferConfig:
                                                "the argmax; replaces pretrained_dir/pretrained_model_name")
     input: str | None = _opt(None, "an image file (NIfTI, NRRD, MHA/MHD; PNG, JPEG, BMP for 2D models), a folder "
                                    "of them, or a DICOM series folder (default: the datalist's --split)")
+    series_uid: str | None = _opt(None, "the DICOM series to segment when the --input folder holds several (default: "
+                                        "the CT series with the most slices; every series found is listed)")
+    any_modality: bool = _opt(False, "segment a DICOM series of another modality than the model's (CT): its "
+                                     "intensities mean something else, so expect poor masks")
     split: str = _opt("validation", "datalist split to segment without --input",
                       choices=("training", "validation", "test"))
     output_dir: str = _opt("./outputs", "folder for masks, reports and pictures")

@@ -7,7 +7,6 @@ pictures (PNG, JPEG, BMP) by SimpleITK.
     read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
     picture_scale     what a picture's brightest value is (255 for 8-bit, 65535 for 16-bit): its own bit depth
     SimpleITKReader   the same for MONAI's ``LoadImage`` (MONAI reads the ITK formats only with ``itk``)
-    dicom_series      the DICOM series of a folder; write_dicom_series_as_nifti converts one
     mask_path         where a case's mask goes: ``CASE_seg`` with the input's own format
     write_mask        labels on the input's voxel grid, written with the input's geometry and provenance, atomically
     mask_provenance   the provenance a mask's header carries (NIfTI extension, NRRD/MHA metadata), or None
@@ -329,21 +328,6 @@ class SimpleITKReader(ImageReader):
                 # MONAI casts the voxels to float32: a picture's bit depth is kept here for its scaling to 0..1.
                 PICTURE_SCALE_KEY: picture_scale(array.dtype)}
         return array, meta
-
-
-def dicom_series(folder: Path) -> list[str]:
-    """The DICOM series UIDs of the files in ``folder`` (GDCM through SimpleITK)."""
-    import SimpleITK as sitk
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
-
-
-def write_dicom_series_as_nifti(folder: Path, series: str, path: Path) -> None:
-    """Series ``series`` of ``folder`` written to ``path`` as NIfTI with its geometry; SimpleITK's RuntimeError
-    for a series it cannot read."""
-    import SimpleITK as sitk
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series))
-    sitk.WriteImage(reader.Execute(), str(path))
 
 
 def mask_path(out_dir: Path, case: str, image: Path) -> Path:

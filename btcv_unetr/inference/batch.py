@@ -71,10 +71,13 @@ def write_case_outputs(predictor: Predictor, case: Case, labels: np.ndarray, pro
     mask_file = outputs["mask"]
     provenance = predictor.provenance()
     write_mask(labels, case.image, mask_file, provenance=provenance)
-    if config.infer.output_format == "dicom_seg":  # case.image is SimpleITK's NIfTI of the series: the labels' grid
+    if config.infer.output_format == "dicom_seg":  # case.image is the reader's NIfTI of the series: the labels' grid
         names = class_names(config.data, predictor.config.model.out_channels)
-        write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
-                        outputs["seg"], provenance=provenance)
+        try:
+            write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
+                            outputs["seg"], provenance=provenance)
+        except UserError as exc:  # the mask is the result; a series a SEG cannot reference only costs the SEG
+            print(f"warning: {case.name}: no DICOM SEG written: {exc}", file=sys.stderr)
     if probabilities is not None:  # the temporary's name ends in .npz: numpy adds nothing to it
         atomic_write(outputs["probabilities"], lambda tmp: np.savez_compressed(tmp, probabilities=probabilities))
     return mask_file

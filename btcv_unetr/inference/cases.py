@@ -3,6 +3,7 @@ names of the outputs each case writes."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,20 +12,19 @@ import numpy as np
 from ..config.schema import Config
 from ..data.checks import Expected, dimension_problems
 from ..data.datalist import case_name, load_config_split
+from ..data.dicom import check_modality, choose_series, find_series, read_series, write_series_as_nifti
 from ..data.images import (
     IMAGE_SUFFIXES,
     Volume,
     check_picture_size,
-    dicom_series,
     image_shape,
     is_image_file,
     is_picture,
     mask_path,
     read_volume,
-    write_dicom_series_as_nifti,
 )
 from ..errors import UserError
-from .dicom_seg import SEG_SUFFIX, require_highdicom, series_files
+from .dicom_seg import SEG_SUFFIX, require_highdicom
 from .parts import mask_problem
 
 
@@ -51,15 +51,25 @@ def find_cases(config: Config, scratch: Path) -> list[Case]:
     files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
     if files:
         return [Case(case_name(p), p) for p in files]
-    series = dicom_series(path)
-    if not series:
-        raise UserError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
-    cases = []
-    for uid in series:  # each series as NIfTI (SimpleITK keeps its geometry): the rest of the pipeline sees files
-        nifti = scratch / f"{path.name}{'_' + uid[-8:] if len(series) > 1 else ''}.nii.gz"
-        write_dicom_series_as_nifti(path, uid, nifti)
-        cases.append(Case(case_name(nifti), nifti, dicom=tuple(series_files(path, uid))))
-    return cases
+    return [dicom_case(path, scratch, config.infer.series_uid, config.infer.any_modality)]
+
+
+def dicom_case(folder: Path, scratch: Path, series_uid: str | None = None, any_modality: bool = False) -> Case:
+    """The DICOM series of ``folder`` to segment (btcv_unetr.data.dicom: chosen, checked, stacked by position) as a
+    NIfTI case in ``scratch``; the choice among several series and every repair of its geometry are printed."""
+    found = find_series(folder)
+    if not found:
+        raise UserError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series in this folder")
+    series, listing = choose_series(found, str(folder), series_uid)
+    if listing:
+        print(listing, file=sys.stderr)
+    check_modality(series, str(folder), allowed=any_modality)
+    volume = read_series(series, str(folder))
+    for note in volume.notes:
+        print(f"note: {note}", file=sys.stderr)
+    nifti = scratch / f"{folder.name}.nii.gz"
+    write_series_as_nifti(volume, nifti)
+    return Case(case_name(nifti), nifti, dicom=tuple(dict.fromkeys(s.path for s in volume.slices)))
 
 
 def check_seg_inputs(cases: list[Case]) -> None:

@@ -1,7 +1,6 @@
 """DICOM Segmentation objects (highdicom) for masks of DICOM series: what PACS viewers (OHIF, 3D Slicer) show.
 
     require_highdicom  the ``dicom`` extra, or one line that says how to install it
-    series_files       the files of one series of a folder, in SimpleITK's slice order
     organ_codes        SNOMED CT code (and laterality) of an organ name; generic where none exists
     slice_indices      which slice of the mask's grid each SOP instance of the series is
     write_dicom_seg    labels on the series' grid -> one SEG file referencing the series, atomically
@@ -43,12 +42,6 @@ def require_highdicom(what: str = "--output_format dicom_seg") -> None:
         import highdicom  # noqa: F401
     except ImportError:
         raise UserError(EXTRA_LINE.replace("--output_format dicom_seg", what, 1)) from None
-
-
-def series_files(folder: Path, series: str) -> list[Path]:
-    """The files of series UID ``series`` in ``folder``, in the slice order SimpleITK reads them (GDCM)."""
-    import SimpleITK as sitk
-    return [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)]
 
 
 def organ_codes(name: str) -> tuple[Code, Code | None]:
@@ -99,8 +92,9 @@ def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance:
 
 def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, int], display: str) -> list[int]:
     """For each source dataset (pydicom, pixels not needed), the slice ``k`` of the ``shape`` = ``(X, Y, Z)``
-    grid with RAS ``affine`` that it is; a one-line :class:`UserError` naming ``display`` when the series
-    is not exactly that grid's slices (columns along X, rows along Y, one instance per slice)."""
+    grid with RAS ``affine`` that it is; a one-line :class:`UserError` naming ``display`` when an instance is not
+    one of that grid's slices (columns along X, rows along Y) or two are the same slice. Planes may lack an
+    instance: those the reader interpolated over missing slices."""
     lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)  # the same flip takes RAS back to LPS
     to_voxel = np.linalg.inv(lps)
     axes = lps[:3, :2] / np.linalg.norm(lps[:3, :2], axis=0)
@@ -116,10 +110,27 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
             raise UserError(f"{display}: instance {dataset.SOPInstanceUID} is not a slice of the series' grid: a SEG "
                             "needs one series of parallel slices of one size; the mask is written as NIfTI only")
         indices.append(k)
-    if sorted(indices) != list(range(shape[2])):
-        raise UserError(f"{display}: the series has {len(indices)} instances for {shape[2]} slices (repeated or "
-                        "missing positions): a SEG cannot reference it; the mask is written as NIfTI only")
+    if len(set(indices)) != len(indices):
+        raise UserError(f"{display}: the series has two instances at one slice position: a SEG cannot reference "
+                        "it; the mask is written as NIfTI only")
+    # A plane without an instance was interpolated over a gap in the series (btcv_unetr.data.dicom): no frame there.
     return indices
+
+
+def _with_uids(dataset, path: Path, display: str):
+    """``dataset`` with its SOP Class and Instance UIDs, taken from the file meta header where an anonymiser emptied
+    them in the dataset (a SEG references each source image by both); one line when neither place has them."""
+    meta = getattr(dataset, "file_meta", None)
+    for keyword, meta_keyword in (("SOPClassUID", "MediaStorageSOPClassUID"),
+                                  ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
+        if str(dataset.get(keyword) or "").strip():
+            continue
+        value = str(meta.get(meta_keyword) or "").strip() if meta is not None else ""
+        if not value:
+            raise UserError(f"{display}: {path.name} has no {keyword} (emptied by an anonymiser?), which a SEG "
+                            "needs to reference it; the mask is written as NIfTI only")
+        setattr(dataset, keyword, value)
+    return dataset
 
 
 def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequence[Path], names: Sequence[str],
@@ -149,7 +160,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         raise ValueError(f"labels {labels.shape} with classes up to {int(labels.max(initial=0))}: expected (X, Y, Z) "
                          f"with classes 0..{len(names)}")
     display = str(Path(source_files[0]).parent)
-    sources = [pydicom.dcmread(str(name), stop_before_pixels=True) for name in source_files]
+    sources = [_with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
+               for name in source_files]
     indices = slice_indices(sources, affine, labels.shape, display)
     if not getattr(sources[0], "FrameOfReferenceUID", None):
         # A SEG is placed on its images through their frame of reference: one made up here would not match.
@@ -165,8 +177,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
             instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
             software_versions=__version__, device_serial_number="none",
             content_description="abdominal organs (UNETR, BTCV classes)", series_description="UNETR organ segmentation")
-    except ValueError as exc:  # highdicom's checks of the source images' attributes
-        why = (str(exc).strip().splitlines() or [""])[0]
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom's checks of the sources' attributes
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0] or type(exc).__name__
         raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \
             from None
     if provenance:

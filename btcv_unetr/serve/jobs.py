@@ -63,6 +63,7 @@ class Job:
     provenance: dict | None = None  # version, weights checksum, precision, device, overlap, TTA of the result
     pacs: dict | None = None  # {"study_uid", "series_uid"}: a series taken from the --dicomweb PACS
     stored_to_pacs: bool | str | None = None  # such a job's SEG: True once stored back (STOW-RS), else why not
+    notes: list[str] = field(default_factory=list)  # what the input needed (a DICOM series chosen, repaired; no SEG)
     finished_event: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
     # Set by a client's DELETE, the time limit or the server's shutdown; the worker checks it at each window.
     cancel_reason: str | None = field(default=None, repr=False, compare=False)

@@ -25,7 +25,7 @@ from .jobs import Job, JobQueue, JobStore, QueueFull
 from .limits import GB, Declared, job_memory_bytes
 from .pacs import PacsError, check_uid, retrieve_series
 from .settings import MB, ServeSettings
-from .uploads import MAX_ZIP_EXPANSION, BadUpload, safe_name, store_series, store_upload
+from .uploads import MAX_ZIP_EXPANSION, BadUpload, input_notes, safe_name, store_series, store_upload
 from .worker import Segmenter
 
 SEGMENT_POLL_S = 0.05
@@ -114,7 +114,7 @@ class Service:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
-                   [round(float(s), 4) for s in declared.spacing])
+                   [round(float(s), 4) for s in declared.spacing], notes=input_notes(folder))
 
     def receive_from_pacs(self, body: object) -> Job:
         """Series ``{"study_uid", "series_uid"}`` of the ``--dicomweb`` PACS in a new job folder's ``dicom/``, checked
@@ -146,7 +146,7 @@ class Service:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         job = Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
-                  [round(float(s), 4) for s in declared.spacing])
+                  [round(float(s), 4) for s in declared.spacing], notes=input_notes(folder))
         job.pacs = {"study_uid": study, "series_uid": series}
         return job
 
@@ -213,7 +213,8 @@ class Service:
                 "name": job.name, "kind": job.kind, "shape": job.shape, "spacing": job.spacing,
                 "created": job.created, "started": job.started, "finished": job.finished, "seconds": job.seconds,
                 "queue_position": self.queue.position(job.id) if job.state == "queued" else None, "links": links,
-                "pacs": job.pacs, "stored_to_pacs": job.stored_to_pacs, "provenance": job.provenance}
+                "pacs": job.pacs, "stored_to_pacs": job.stored_to_pacs, "provenance": job.provenance,
+                "notes": job.notes}
 
 
 def service(request: Request) -> Service:

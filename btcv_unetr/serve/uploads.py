@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import math
 import re
 import shutil
@@ -22,14 +23,18 @@ import nibabel as nib
 import numpy as np
 
 from ..data.checks import Expected, dimension_problems
-from ..data.images import (
-    Volume,
-    dicom_series,
-    picture_header,
-    read_volume,
-    voxel_spacing,
-    write_dicom_series_as_nifti,
+from ..data.dicom import (
+    Series,
+    check_modality,
+    choose_series,
+    find_series,
+    planned_grid,
+    read_series,
+    write_series_as_nifti,
 )
+from ..data.images import Volume, picture_header, read_volume, voxel_spacing
+from ..errors import UserError
+from ..files import atomic_write_json
 from .limits import Declared, JobLimits, limit_problem
 from .settings import MB
 
@@ -171,37 +176,47 @@ def _header_information(path: Path):
     return reader
 
 
-def _declared_series(dicom: Path, display: str) -> tuple[str, Declared]:
-    """The one series in ``dicom``: its UID and its size from every file's header (rows, columns, the
-    number of slices, the slice spacing from their positions)."""
-    series = dicom_series(dicom)
-    if len(series) != 1:
-        found = "no DICOM series" if not series else f"{len(series)} DICOM series"
-        raise BadUpload(400, f"{display}: the zip holds {found}; send exactly one series (its .dcm files) per job")
-    import SimpleITK as sitk
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dicom), series[0])
-    columns = rows = 0
-    positions = []
-    try:
-        for name in files:
-            reader = _header_information(Path(name))
-            size = reader.GetSize()
-            columns, rows = max(columns, size[0]), max(rows, size[1])
-            positions.append(reader.GetOrigin())
-        spacing, direction = reader.GetSpacing(), np.reshape(reader.GetDirection(), (3, 3))
-    except RuntimeError as exc:
-        raise BadUpload(400, f"{display}: a DICOM header cannot be read ({_first_line(exc)})") from None
-    along = np.asarray(positions) @ direction[:, 2]
-    step = (along.max() - along.min()) / (len(files) - 1) if len(files) > 1 else spacing[2]
-    return series[0], Declared((columns, rows, len(files)), (spacing[0], spacing[1], float(step) or spacing[2]))
+SERIES_RECORD = "series.json"  # in the job folder: the stacked files (for the SEG) and the reader's notes
 
 
-def _series_to_nifti(dicom: Path, series: str, out: Path, display: str) -> None:
-    """Series ``series`` of ``dicom`` as NIfTI with its geometry."""
+def _declared_series(dicom: Path, display: str) -> tuple[Series, Declared, list[str]]:
+    """The series to segment in ``dicom`` (btcv_unetr.data.dicom: the CT series with the most slices; localizers
+    and secondary captures never stacked) and the grid it will be read onto, from the headers alone."""
     try:
-        write_dicom_series_as_nifti(dicom, series, out)
-    except RuntimeError as exc:
-        raise BadUpload(400, f"{display}: the DICOM series cannot be read ({_first_line(exc)})") from None
+        series, listing = choose_series(find_series(dicom), display)
+        check_modality(series, display, hint="this service segments CT only")
+    except UserError as exc:
+        raise BadUpload(400, str(exc).replace(str(dicom), display)) from None
+    shape, spacing = planned_grid(series)
+    return series, Declared(shape, spacing), [listing] if listing else []
+
+
+def _series_to_nifti(series: Series, dicom: Path, folder: Path, display: str, notes: list[str]) -> Path:
+    """``series`` stacked by position (repairs said in the notes) as ``folder/input.nii.gz``; the stacked files and the
+    notes in ``folder/series.json``."""
+    try:
+        volume = read_series(series, display)
+    except UserError as exc:
+        raise BadUpload(400, str(exc).replace(str(dicom), display)) from None
+    path = folder / "input.nii.gz"
+    write_series_as_nifti(volume, path)
+    files = [str(p.relative_to(dicom)) for p in dict.fromkeys(s.path for s in volume.slices)]
+    atomic_write_json(folder / SERIES_RECORD, {"files": files, "notes": [*notes, *volume.notes]})
+    return path
+
+
+def input_notes(folder: Path) -> list[str]:
+    """The notes :func:`store_series` left for a job's input (none for other inputs)."""
+    record = folder / SERIES_RECORD
+    return list(json.loads(record.read_text())["notes"]) if record.is_file() else []
+
+
+def series_record_files(folder: Path) -> list[Path] | None:
+    """The DICOM files a job's volume was stacked from (for its SEG), or None for a job without the record."""
+    record = folder / SERIES_RECORD
+    if not record.is_file():
+        return None
+    return [folder / "dicom" / name for name in json.loads(record.read_text())["files"]]
 
 
 def _declared_picture(path: Path, display: str, expected: Expected) -> Declared:
@@ -242,10 +257,9 @@ def store_series(dicom: Path, folder: Path, display: str, limits: JobLimits,
                  memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
     """The one series in ``dicom`` (an unzipped upload, or a series fetched from the PACS), checked against the
     limits from its headers, then converted to ``folder/input.nii.gz``; returns ``("dicom", path, declared)``."""
-    series, declared = _declared_series(dicom, display)
+    series, declared, notes = _declared_series(dicom, display)
     _refuse_over_limits(declared, display, limits, memory_of)
-    path = folder / "input.nii.gz"
-    _series_to_nifti(dicom, series, path, display)
+    path = _series_to_nifti(series, dicom, folder, display, notes)
     return "dicom", path, declared
 
 

@@ -15,14 +15,15 @@ import nibabel as nib
 import numpy as np
 
 from ..data.datalist import class_names
-from ..data.images import dicom_series, read_volume, write_mask
+from ..data.images import read_volume, write_mask
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..inference.dicom_seg import series_files, write_dicom_seg
+from ..inference.dicom_seg import write_dicom_seg
 from ..inference.plots import class_colours, save_case_overlay
 from ..labels import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
+from .uploads import series_record_files
 
 
 def organ_volumes(labels: np.ndarray, affine: np.ndarray | None, names: list[str]) -> dict:
@@ -94,15 +95,15 @@ class Segmenter:
         written (no dicom extra, a series that is not one stack of parallel slices) leaves the job done
         without it: the mask is the job's result."""
         dicom = folder / "dicom"
-        series = dicom_series(dicom) if dicom.is_dir() else []
-        if len(series) != 1:  # exactly one was checked on arrival; a job kept from an older version has none
+        files = series_record_files(folder)
+        if not files:  # a job kept from an older version, which recorded no stacked files
             return
         try:
-            write_dicom_seg(labels, affine, series_files(dicom, series[0]), self.names, folder / "seg.dcm",
-                            provenance=job.provenance)
+            write_dicom_seg(labels, affine, files, self.names, folder / "seg.dcm", provenance=job.provenance)
         except UserError as exc:
             why = str(exc).replace(str(dicom), job.name)  # never the server's paths
             print(f"job {job.id}: no SEG: {why}", file=sys.stderr)
+            job.notes.append(f"no DICOM SEG was written: {why}")  # the mask is still the job's result
             if job.pacs is not None:
                 job.stored_to_pacs = f"no SEG was written: {why}"
             return
