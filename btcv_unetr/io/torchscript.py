@@ -60,6 +60,11 @@ class NeedsCode(Unreadable):
     """The archive holds something only running its code could rebuild (what)."""
 
 
+# What damaged bytes raise in the interpreter below or in what reads its values (names that are not UTF-8, a list
+# or an object where a dict key or a number belongs, sizes beyond any tensor): the file is damaged, whatever the type.
+DAMAGE = (UnicodeDecodeError, TypeError, ValueError, OverflowError, KeyError, IndexError, struct.error)
+
+
 @dataclass
 class ScriptObject:
     """An object of a TorchScript class (``__torch__.monai.networks.nets.unetr.UNETR``), never instantiated:
@@ -160,14 +165,16 @@ class _Unpickler:
         self.memo: dict[int, Any] = {}
 
     def read(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
+        start = self.pos
+        end = start + n
+        if end > len(self.data):
             raise Unreadable("a pickle cut short")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
+        self.pos = end
+        return self.data[start:end]
 
     def unpack(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        layout = _LAYOUTS[fmt]
+        return layout.unpack(self.read(layout.size))[0]
 
     def line(self) -> str:
         end = self.data.find(b"\n", self.pos)
@@ -187,14 +194,23 @@ class _Unpickler:
         return self.stack.pop()
 
     def load(self) -> Any:
+        data = self.data
         while True:
-            opcode = self.read(1)
+            at = self.pos
+            if at >= len(data):
+                raise Unreadable("a pickle cut short")
+            opcode = data[at:at + 1]
+            self.pos = at + 1
             if opcode == b".":  # STOP
                 return self.pop()
             handler = _OPCODES.get(opcode)
             if handler is None:
                 raise Unreadable(f"pickle opcode {opcode!r}, which TorchScript does not write")
-            handler(self)
+            try:
+                handler(self)
+            except DAMAGE as exc:  # damaged bytes: a name that is not UTF-8, a list as a dict key, a huge size
+                raise Unreadable(f"a damaged pickle (opcode {opcode!r} at byte {at}: {exc.__class__.__name__})") \
+                    from None
 
     # Values.
     def push(self, value: Any) -> None:
@@ -265,6 +281,9 @@ class _Unpickler:
             raise Unreadable("a damaged pickle (unknown memo entry)")
         self.push(self.memo[key])
 
+
+# The binary layouts the opcodes below read, compiled once (the interpreter reads tens of thousands per file).
+_LAYOUTS = {fmt: struct.Struct(fmt) for fmt in ("<B", "<H", "<I", "<i", "<Q", ">d")}
 
 _OPCODES: dict[bytes, Callable[[_Unpickler], None]] = {
     b"\x80": lambda u: u.read(1),  # PROTO
@@ -516,6 +535,9 @@ def read_archive(path: str | Path) -> ScriptArchive:
         raise UserError(f"{path}: not a readable TorchScript file ({exc}); use another copy") from None
     except RecursionError:
         raise UserError(f"{path}: not a readable TorchScript file (values nested too deeply)") from None
+    except DAMAGE as exc:  # read from a damaged pickle's values: what a module holds is not what it should
+        raise UserError(f"{path}: not a readable TorchScript file (damaged values: {exc.__class__.__name__}); use "
+                        "another copy") from None
     except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise UserError(f"{path}: not a readable TorchScript file ({exc.__class__.__name__}: {first})") from None
