@@ -222,3 +222,33 @@ def test_a_dataset_caches_each_listed_file_once(tmp_path):
     assert sorted(seen) == ["/d/a.nii.gz", "/d/b.nii.gz"]  # each cached once
     assert len(dataset) == 6 and [dataset[i]["image"] for i in range(6)] == ["/d/a.nii.gz", "/d/b.nii.gz"] + \
         ["/d/a.nii.gz"] * 4
+
+
+def test_a_sheared_scan_is_a_problem_to_segment_and_a_note_to_train_on(tmp_path, good_volume):
+    """Training and validation resample a sheared scan onto perpendicular axes: a note. In 'test', test.py would
+    segment it and cannot map the mask back: a problem, as test.py refuses it (its axes 11 degrees apart)."""
+    from btcv_unetr.data.checks import SPLITS, data_notes
+    from btcv_unetr.data.datalist import read_datalist, split_entries
+    sheared = np.array([[-0.8, -0.16, 0, 0], [0, -0.8, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1.0]])
+    image, label = good_volume
+    _save(tmp_path / "imagesTr/tilted.nii.gz", image, sheared)
+    _save(tmp_path / "labelsTr/tilted.nii.gz", label, sheared)
+    entry = {"image": "imagesTr/tilted.nii.gz", "label": "labelsTr/tilted.nii.gz"}
+    why = "its affine is sheared (voxel axes 11 degrees from perpendicular, a tilted acquisition exported as is)"
+    (tmp_path / "train.json").write_text(json.dumps({"training": [entry]}))
+    assert check_data(str(tmp_path), "train.json", num_classes=14)[0] == []
+    content = read_datalist(tmp_path / "train.json")
+    notes = data_notes([(split, e) for split in SPLITS for e in split_entries(content, split, tmp_path)])
+    assert len(notes) == 1 and notes[0].startswith(f"{tmp_path}/imagesTr/tilted.nii.gz: test.py refuses this scan, "
+                                                   f"training and validation resample it: {why}"), notes
+    (tmp_path / "test.json").write_text(json.dumps({"training": [entry], "test": [{"image": entry["image"]}]}))
+    problems = [str(p) for p in check_data(str(tmp_path), "test.json", num_classes=14)[0]]
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path}/imagesTr/tilted.nii.gz: {why}"), problems
+
+
+@pytest.mark.parametrize("shape, three_d", [((8, 8, 6), True), ((8, 8, 6, 1), True), ((8, 8, 6, 1, 1), False),
+                                           ((8, 8, 6, 2), False), ((8, 8), False)])
+def test_a_volume_is_3d_with_at_most_one_singleton_axis_after_its_three(shape, three_d):
+    """MONAI reads (X, Y, Z, 1) as a channel; a 5th axis, even of 1, fails its Orientation."""
+    from btcv_unetr.data.checks import is_3d
+    assert is_3d(shape) == three_d

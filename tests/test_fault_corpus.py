@@ -574,12 +574,128 @@ def serve_jobs_folder_holding_other_things(tmp, ctx):
         "holds files that are not this service's jobs"
 
 
+# ---------------------------------------------------------------- issue 27: files from the wild, late header failures
+
+
+def _no_window(ctx) -> None:
+    """The case must be refused before any sliding window runs: running one fails the test."""
+    ctx["stack"].enter_context(mock.patch("btcv_unetr.inference.predictor.Predictor.probabilities",
+                                          side_effect=AssertionError("a window ran before the refusal")))
+
+
+def _header_edited(path: Path, shape=(40, 40, 24), affine=AFFINE, **fields) -> Path:
+    """An int16 scan whose header ``fields`` (``scl_slope=...``) are set as written, whatever nibabel would say."""
+    image = nib.Nifti1Image(np.random.default_rng(0).integers(-200, 300, shape).astype(np.int16), affine)
+    for key, value in fields.items():
+        image.header[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+    return path
+
+
+SHEARED = np.array([[1.5, 0.3, 0.0, 0.0], [0.0, 1.5, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+INFINITE_INTER = "its header scales the stored values by scl_slope 1 and scl_inter inf, which no scanner's values take"
+HUGE_SLOPE = "its header scales the stored values by scl_slope 1e+30 and scl_inter 0, which no scanner's values take"
+
+
+def infer_scl_inter_infinite(tmp, ctx):
+    _no_window(ctx)  # nibabel refused it only when MONAI loaded it: "LoadImage cannot find a suitable reader"
+    scan = _header_edited(tmp / "inter.nii.gz", scl_slope=1.0, scl_inter=np.inf)
+    return _infer(tmp, ctx["weights"], scan), f"inter.nii.gz: {INFINITE_INTER}"
+
+
+def check_scl_inter_infinite(tmp, ctx):
+    image = _header_edited(tmp / "data" / "img.nii.gz", scl_slope=1.0, scl_inter=np.inf)
+    return _dataset(tmp, image=image), f"img.nii.gz: {INFINITE_INTER}"
+
+
+def infer_scl_slope_1e30(tmp, ctx):
+    _no_window(ctx)  # segmented without a word before: every voxel far above the intensity window
+    scan = _header_edited(tmp / "slope.nii.gz", scl_slope=1e30, scl_inter=0.0)
+    return _infer(tmp, ctx["weights"], scan), f"slope.nii.gz: {HUGE_SLOPE}"
+
+
+def check_scl_slope_1e30(tmp, ctx):
+    image = _header_edited(tmp / "data" / "img.nii.gz", scl_slope=1e30, scl_inter=0.0)
+    return _dataset(tmp, image=image), f"img.nii.gz: {HUGE_SLOPE}"
+
+
+def infer_5d_with_singleton_4th_and_5th_axes(tmp, ctx):
+    _no_window(ctx)  # MONAI's Orientation failed on it: "axcodes must match data_array spatially"
+    scan = _image(tmp / "five.nii.gz", shape=(40, 40, 24, 1, 1))
+    return _infer(tmp, ctx["weights"], scan), "five.nii.gz: image is 5D with shape (40, 40, 24, 1, 1), expected a 3D"
+
+
+def check_5d_with_singleton_4th_and_5th_axes(tmp, ctx):
+    image = _image(tmp / "data" / "img.nii.gz", shape=(40, 40, 24, 1, 1))
+    return _dataset(tmp, image=image), "img.nii.gz: image is 5D with shape (40, 40, 24, 1, 1), expected a 3D volume"
+
+
+def infer_sheared_nifti(tmp, ctx):
+    _no_window(ctx)  # it ran every window, then: "RuntimeError: the preprocessed grid is rotated against the scan's"
+    scan = _image(tmp / "tilted.nii.gz", affine=SHEARED)
+    return _infer(tmp, ctx["weights"], scan), "tilted.nii.gz: its affine is sheared (voxel axes 11 degrees from"
+
+
+def check_sheared_nifti_to_segment(tmp, ctx):
+    # In 'test' test.py segments it: a problem. Training and validation resample it (a note: test_checks.py).
+    data = tmp / "data"
+    _image(data / "img.nii.gz"), _label(data / "lab.nii.gz"), _image(data / "tilted.nii.gz", affine=SHEARED)
+    content = {"training": [{"image": "img.nii.gz", "label": "lab.nii.gz"}], "test": [{"image": "tilted.nii.gz"}]}
+    return _dataset(tmp, content=content), f"{data / 'tilted.nii.gz'}: its affine is sheared (voxel axes 11 degrees"
+
+
+def infer_sheared_slicer_nrrd(tmp, ctx):
+    _no_window(ctx)
+    from test_wild_images import slicer_nrrd
+    scan = tmp / "tilted.nrrd"
+    steps = np.array([[0.9, 0.0, 0.0], [0.0, 0.9, -0.6], [0.0, 0.05, 2.4]])  # 'space directions', not perpendicular
+    slicer_nrrd(scan, np.zeros((40, 36, 20), np.int16), "left-posterior-superior", steps, (0.0, 0.0, 0.0))
+    ctx["absent"] = [tmp / "out" / "tilted_seg.nrrd"]
+    return _infer(tmp, ctx["weights"], scan), "tilted.nrrd: its affine is sheared (voxel axes 11 degrees from"
+
+
+def infer_mha_with_a_singleton_4th_axis(tmp, ctx):
+    _no_window(ctx)  # SimpleITK read it without its geometry; the mask's writer then failed in library words
+    scan = tmp / "four.mha"
+    header = ["ObjectType = Image", "NDims = 4", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+              "CompressedData = False", "TransformMatrix = 1 0 0 0 0 1 0 0 0 0 1 0 0 0 0 1", "Offset = 0 0 0 0",
+              "ElementSpacing = 1.5 1.5 2 1", "DimSize = 40 40 24 1", "ElementType = MET_SHORT",
+              "ElementDataFile = LOCAL"]
+    scan.write_bytes(("\n".join(header) + "\n").encode() + bytes(40 * 40 * 24 * 2))
+    ctx["absent"] = [tmp / "out" / "four_seg.mha"]
+    return (_infer(tmp, ctx["weights"], scan),
+            "four.mha: image is 4D with shape (40, 40, 24, 1): save it as a 3D volume (an MHA or NRRD with more")
+
+
+def infer_nibabels_example4d_as_shipped(tmp, ctx):
+    from nibabel.testing import data_path
+    _no_window(ctx)
+    return (_infer(tmp, ctx["weights"], Path(data_path) / "example4d.nii.gz"),
+            "example4d.nii.gz: image is 4D with shape (128, 96, 24, 2), expected a 3D volume")
+
+
+def infer_nibabels_spm_resampled_file_with_nan(tmp, ctx):
+    # nibabel's resampled_anat_moved.nii: SPM's resampling leaves NaN outside the moved field of view.
+    from nibabel.testing import data_path
+    return (_infer(tmp, ctx["weights"], Path(data_path) / "resampled_anat_moved.nii"),
+            "resampled_anat_moved.nii: the image has 153 NaN or infinite voxels (153 NaN, 0 infinite)")
+
+
+def infer_case_names_with_newlines_in_the_per_case_lines(tmp, ctx):
+    # Two cases: each failure has its own line ("NAME: failed: ..."), which printed the name raw.
+    ctx["forged"] = FORGED
+    for first in "ab":
+        _image(tmp / "in" / f"{first}\n{FORGED}.nii.gz", shape=(40, 40))
+    return _infer(tmp, ctx["weights"], tmp / "in"), "2 of 2 case(s) failed (listed above)"
+
+
 CASES = [value for name, value in dict(globals()).items()
          if name.split("_")[0] in ("check", "train", "infer", "export", "evaluate", "serve") and callable(value)]
 
 
 # How many cases the module defines: a case renamed out of the prefixes above would drop out silently.
-NUMBER_OF_CASES = 65
+NUMBER_OF_CASES = 78
 assert len(CASES) == NUMBER_OF_CASES, f"{len(CASES)} cases collected, {NUMBER_OF_CASES} expected"
 
 

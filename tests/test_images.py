@@ -269,3 +269,97 @@ def test_a_16_bit_pictures_overlay_is_the_8_bit_ones(tmp_path):
     save_picture_overlay(picture, labels, tmp_path / "o8.png")
     save_picture_overlay(picture.astype(np.uint16) * 257, labels, tmp_path / "o16.png")
     assert np.array_equal(read_volume(tmp_path / "o8.png").data, read_volume(tmp_path / "o16.png").data)
+
+
+def _sheared_affines(count: int, seed: int) -> list[np.ndarray]:
+    """Affines near the shear the way back to the grid takes: a random turn (or an axis permutation), one shear of
+    3e-8 to 3e-5 between two axes, voxels of 0.5 to 5 mm; stored as float32, as a NIfTI's sform is."""
+    from scipy.spatial.transform import Rotation
+    rng, affines = np.random.default_rng(seed), []
+    for trial in range(count):
+        turn = Rotation.random(random_state=seed + trial).as_matrix() if trial % 2 else np.eye(3)[:, rng.permutation(3)]
+        shear = np.eye(3)
+        i, j = rng.choice(3, 2, replace=False)
+        shear[i, j] = 10 ** rng.uniform(-7.5, -4.5) * rng.choice([-1, 1])
+        affine = np.eye(4)
+        affine[:3, :3] = turn @ shear @ np.diag(rng.uniform(0.5, 5.0, 3))
+        affines.append(affine.astype(np.float32).astype(np.float64))
+    return affines
+
+
+@pytest.mark.parametrize("pixdim", [(1.5, 1.5, 2.0), (0.8, 3.0, 5.0)])
+def test_the_shear_check_refuses_exactly_what_the_way_back_to_the_scan_cannot_map(pixdim, tmp_path):
+    """grid_shear over SHEAR_TOLERANCE against the real thing: MONAI's preprocessing of a scan of that affine, then
+    the inversion's voxel map (which raises for a grid it cannot map axis by axis), on 24 affines around the limit
+    (both outcomes occur)."""
+    from btcv_unetr.config.load import CONFIG_DIR, build_config, read_yaml
+    from btcv_unetr.data.images import SHEAR_TOLERANCE, grid_shear
+    from btcv_unetr.data.transforms import infer_transforms
+    from btcv_unetr.inference.inversion import _voxel_map
+    config = build_config([read_yaml(CONFIG_DIR / "tiny.yaml"), {"data": dict(zip(("space_x", "space_y", "space_z"),
+                                                                                 pixdim))}])
+    preprocess, outcomes = infer_transforms(config), []
+    for index, affine in enumerate(_sheared_affines(24, seed=len(pixdim) + int(pixdim[2]))):
+        path = tmp_path / f"s{index}.nii"
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.int16), affine), path)
+        try:
+            _voxel_map(preprocess({"image": str(path)})["image"])
+            mapped = True
+        except RuntimeError:
+            mapped = False
+        assert mapped == (grid_shear(nib.load(path).affine, pixdim) <= SHEAR_TOLERANCE), affine
+        outcomes.append(mapped)
+    assert any(outcomes) and not all(outcomes)
+
+
+def test_a_turned_scans_affine_is_not_sheared_and_a_sheared_one_says_its_angle():
+    from btcv_unetr.data.images import shear_problem
+    turn = math.radians(30)
+    turned = np.diag([0.8, 1.25, 2.5, 1.0])
+    turned[:2, :3] = np.array([[math.cos(turn), -math.sin(turn), 0], [math.sin(turn), math.cos(turn), 0]]) @ \
+        np.diag([0.8, 1.25, 2.5])
+    assert shear_problem(turned.astype(np.float32)) is None
+    sheared = np.diag([1.0, 1.0, 1.0, 1.0])
+    sheared[0, 2] = math.tan(math.radians(3))  # z steps 3 degrees off perpendicular
+    assert shear_problem(sheared).startswith("its affine is sheared (voxel axes 3 degrees from perpendicular")
+    assert shear_problem(np.diag([1.0, 0.0, 1.0, 1.0])).startswith("its affine has voxel sizes (1.0, 0.0, 1.0) mm")
+
+
+@pytest.mark.parametrize("slope, inter, refused", [
+    (1.0, 0.0, False), (1.0, -1024.0, False), (0.0, np.inf, False), (np.nan, 5.0, False), (2.5e-3, 0.0, False),
+    (1.0, np.inf, True), (1.0, np.nan, True), (np.inf, 0.0, True), (-np.inf, 0.0, True), (1e30, 0.0, True),
+    (1.0, -2e6, True)])
+def test_a_nifti_scaling_is_applied_only_when_finite_and_of_a_scanners_size(slope, inter, refused):
+    """scl_slope 0 or NaN: no scaling (the standard, nibabel, ITK); else both finite and at most 1e6 in size."""
+    from btcv_unetr.data.images import scaling_problem
+    assert (scaling_problem(slope, inter) is not None) == refused
+
+
+def test_a_nifti_header_nibabel_will_not_load_is_read_alone(tmp_path):
+    from btcv_unetr.data.images import read_nifti_header
+    image = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, np.inf
+    nib.save(image, tmp_path / "inter.nii.gz")
+    with pytest.raises(nib.spatialimages.HeaderDataError):
+        nib.load(tmp_path / "inter.nii.gz")
+    header = read_nifti_header(tmp_path / "inter.nii.gz")
+    assert header.get_data_shape() == (4, 5, 6) and math.isinf(header["scl_inter"])
+    nib.save(nib.Nifti2Image(np.zeros((3, 2, 1), np.float32), np.eye(4)), tmp_path / "two.nii")
+    assert isinstance(read_nifti_header(tmp_path / "two.nii"), nib.Nifti2Header)
+    (tmp_path / "short.nii").write_bytes(b"\x5c\x01" + bytes(100))
+    with pytest.raises(ValueError, match="102 bytes, shorter than a NIfTI header"):
+        read_nifti_header(tmp_path / "short.nii")
+
+
+def test_sform_and_qform_apart_by_more_than_a_voxel_are_a_note():
+    from btcv_unetr.data.images import sform_qform_note
+    image = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), None)
+    image.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=2)
+    moved = np.diag([2.0, 2.0, 2.0, 1.0])
+    for shift, code, noted in ((1.5, 1, False), (2.5, 1, True), (2.5, 0, False)):
+        moved[2, 3] = shift
+        image.set_qform(moved, code=code)
+        assert (sform_qform_note(image.header) is not None) == noted, (shift, code)
+    image.set_qform(moved, code=1)
+    assert sform_qform_note(image.header).startswith("its sform (code 2) and qform (code 1) place voxels up to 2.5 mm "
+                                                     "apart (1.2 voxels): the sform is used")

@@ -128,6 +128,41 @@ def test_uploads_that_are_not_a_whole_finite_volume_are_400_in_one_line(tmp_path
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == []  # nothing stored as the job's input
 
 
+def _nifti_with(shape=(8, 8, 8), affine=np.diag([1.5, 1.5, 2.0, 1.0]), **fields) -> bytes:
+    """A gzipped int16 NIfTI whose header ``fields`` are set as written (nibabel keeps them on saving)."""
+    image = nib.Nifti1Image(np.zeros(shape, np.int16), affine)
+    for key, value in fields.items():
+        image.header[key] = value
+    return gzip.compress(image.to_bytes(), mtime=0)
+
+
+SHEARED = np.array([[1.5, 0.3, 0, 0], [0, 1.5, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
+TILTED = np.eye(4)  # turned 0.2 rad about x, axes still perpendicular: an oblique scan, taken
+TILTED[1:3, 1:3] = np.array([[np.cos(0.2), -np.sin(0.2)], [np.sin(0.2), np.cos(0.2)]]) @ np.diag([1.5, 2.0])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (_nifti_with(scl_slope=1.0, scl_inter=np.inf), "scan: its header scales the stored values by scl_slope 1 and "
+                                                   "scl_inter inf, which no scanner's values take"),
+    (_nifti_with(scl_slope=1e30, scl_inter=0.0), "scan: its header scales the stored values by scl_slope 1e+30"),
+    (_nifti_with(scl_slope=np.inf, scl_inter=0.0), "scan: its header scales the stored values by scl_slope inf"),
+    (_nifti_with(shape=(8, 8, 8, 1, 1)), "scan: image is 5D with shape (8, 8, 8, 1, 1), expected a 3D volume"),
+    (_nifti_with(affine=SHEARED), "scan: its affine is sheared (voxel axes 11 degrees from perpendicular"),
+], ids=["scl_inter_inf", "scl_slope_1e30", "scl_slope_inf", "5d_singletons", "sheared"])
+def test_nifti_headers_that_failed_late_are_400_from_the_header(tmp_path, content, expected):
+    """What nibabel or MONAI failed on after the upload was taken, or segmented without a word: one line, 400."""
+    status, detail = _refusal(tmp_path, content)
+    assert status == 400 and detail.startswith(expected), detail
+
+
+@pytest.mark.parametrize("content", [
+    _nifti_with(scl_slope=1.0, scl_inter=-1024.0), _nifti_with(scl_slope=np.nan, scl_inter=5.0),
+    _nifti_with(shape=(8, 8, 8, 1)), _nifti_with(affine=TILTED)],
+    ids=["ct_scaling", "no_scaling", "singleton_4th_axis", "tilted_perpendicular_axes"])
+def test_nifti_headers_that_keep_their_geometry_are_taken(tmp_path, content):
+    assert _store(tmp_path, content)[0] == "nifti"
+
+
 @pytest.mark.parametrize("limits, memory, expected", [
     (JobLimits(max_voxels=500, max_job_memory_gb=1), 0, "scan: 10 x 10 x 10 voxels (0 million) exceed this "
                                                         "server's --max_voxels 0.0005 million"),

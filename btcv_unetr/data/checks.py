@@ -25,7 +25,19 @@ from ..config.schema import MAX_PIXELS, Config
 from ..config.validation import parse_label_map
 from ..errors import UserError, one_line
 from .datalist import annotated_classes, base_dir_for, read_datalist, resolve_datalist, split_entries
-from .images import Volume, check_picture_size, is_picture, picture_header, read_volume
+from .images import (
+    Volume,
+    check_picture_size,
+    header_affine,
+    is_nifti,
+    is_picture,
+    nifti_header_problem,
+    picture_header,
+    read_nifti_header,
+    read_volume,
+    sform_qform_note,
+    shear_problem,
+)
 
 SPLITS = ("training", "validation", "test")
 AFFINE_TOLERANCE_MM = 1e-3
@@ -45,8 +57,9 @@ class Problem:
 
 
 def is_3d(shape: tuple[int, ...]) -> bool:
-    """A 3D volume, possibly with trailing singleton axes (X, Y, Z, 1)."""
-    return len(shape) == 3 or (len(shape) > 3 and all(s == 1 for s in shape[3:]))
+    """A 3D volume, possibly with one trailing singleton axis (X, Y, Z, 1), which MONAI reads as its channel; a fifth
+    axis, even of 1, it cannot read (NIfTI's 5th is for vectors)."""
+    return len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +70,10 @@ class Expected:
     channels: int = 1
     label_map: dict[int, int] | None = None
     max_pixels: int = MAX_PIXELS
+    # The grid the model's preprocessing resamples onto (mm, axis codes): how sheared an affine it can map back
+    # (:func:`~btcv_unetr.data.images.shear_problem`; None: isotropic voxels).
+    pixdim: tuple[float, float, float] | None = None
+    axcodes: str = "RAS"
 
 
 def dimension_problems(path: Path, volume: Volume, expected: Expected, is_label: bool) -> list[Problem]:
@@ -77,10 +94,55 @@ def dimension_problems(path: Path, volume: Volume, expected: Expected, is_label:
     return []
 
 
+def axes_problem(path: Path, spatial_shape: tuple[int, ...]) -> str | None:
+    """An MHA or NRRD of more than 3 axes, a 4th of 1 included (SimpleITK reads it without its geometry, and no
+    mask can be written in it), as one line; None for others (NIfTI's (X, Y, Z, 1) reads as MONAI reads it)."""
+    if is_nifti(path) or is_picture(path) or len(spatial_shape) <= 3:
+        return None
+    return (f"image is {len(spatial_shape)}D with shape {tuple(spatial_shape)}: save it as a 3D volume (an MHA or "
+            "NRRD with more than 3 axes is read without its geometry)")
+
+
+def header_problem(path: Path) -> str | None:
+    """What a NIfTI's header declares that would fail late in library words or be read wrongly (its scaling:
+    :func:`~btcv_unetr.data.images.nifti_header_problem`), read from its header alone; None for other files and
+    for headers no reader takes (reading the file says why)."""
+    if not is_nifti(path):
+        return None
+    try:
+        header = read_nifti_header(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    return nifti_header_problem(header)
+
+
+def geometry_notes(path: Path) -> list[str]:
+    """What is worth knowing about a NIfTI's geometry (its sform and qform apart by more than a voxel), one line
+    each; none for other files or unreadable headers."""
+    if not is_nifti(path):
+        return []
+    try:
+        note = sform_qform_note(read_nifti_header(path))
+    except (OSError, ValueError, EOFError):
+        return []
+    return [note] if note else []
+
+
+def scan_geometry_problem(path: Path, expected: Expected) -> str | None:
+    """A 3D scan whose header's affine test.py could not map the mask back onto (sheared:
+    :func:`~btcv_unetr.data.images.shear_problem`) as one line; None for pictures and 2D models."""
+    if expected.spatial_dims != 3 or is_picture(path):
+        return None
+    return shear_problem(header_affine(path), expected.pixdim, expected.axcodes)
+
+
 def _volume_problems(path: Path, expected: Expected = Expected(), is_label: bool = False) -> tuple[Volume | None,
                                                                                                 list[Problem]]:
     if not path.exists():
         return None, [Problem(str(path), "file not found")]
+    problem = header_problem(path)
+    if problem:  # before the voxels: nibabel fails on some, applies others as they are
+        return None, [Problem(str(path), problem)]
     try:
         if is_picture(path):  # its size from its header: a decoder allocates what the header declares
             check_picture_size(path, expected.max_pixels)
@@ -91,9 +153,9 @@ def _volume_problems(path: Path, expected: Expected = Expected(), is_label: bool
         detail = (str(exc).strip().splitlines() or [""])[0]
         return None, [Problem(str(path), f"unreadable or truncated file ({exc.__class__.__name__}: {detail})")]
     problems = dimension_problems(path, volume, expected, is_label)
-    problem = non_finite_problem(volume.data)
-    if problem:
-        problems.append(Problem(str(path), problem))
+    for problem in (axes_problem(path, volume.spatial_shape), non_finite_problem(volume.data)):
+        if problem:
+            problems.append(Problem(str(path), problem))
     return volume, problems
 
 
@@ -176,7 +238,22 @@ def check_data(data_dir: str, json_list: str, num_classes: int, workers: int = 4
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for found in pool.map(lambda entry: check_entry(entry, num_classes, expected), unique):
             problems.extend(found)
+    # test.py segments the 'test' split: a scan it cannot map a mask back onto is a problem there (training and
+    # validation resample it: data_notes says so).
+    segmented = {_same_file(entry["image"]): entry["image"] for split, entry in entries if split == "test"}
+    for path in segmented.values():
+        problem = _readable_geometry_problem(Path(path), expected)
+        if problem:
+            problems.append(Problem(path, problem))
     return problems, counts
+
+
+def _readable_geometry_problem(path: Path, expected: Expected) -> str | None:
+    """:func:`scan_geometry_problem` of a file whose header reads; None for others (the checks say why)."""
+    try:
+        return scan_geometry_problem(path, expected) if path.is_file() else None
+    except Exception:  # nibabel and SimpleITK raise many types for unreadable files
+        return None
 
 
 def _same_file(path: str) -> str:
@@ -207,9 +284,10 @@ def duplicate_problems(entries: list[tuple[str, dict[str, str]]]) -> list[Proble
     return problems
 
 
-def data_notes(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
-    """What is allowed but worth knowing, one line each: images in both training and validation, and 16-bit
-    training pictures (read from their headers).
+def data_notes(entries: list[tuple[str, dict[str, str]]], expected: Expected = Expected()) -> list[str]:
+    """What is allowed but worth knowing, one line each: images in both training and validation, 16-bit
+    training pictures, NIfTI files whose sform and qform disagree, and training or validation scans test.py could
+    not segment for their sheared axes (all read from their headers).
 
     Pictures of mixed bit depths are a note, not a problem: each is scaled by its own bit depth (0..65535 or
     0..255 to 0..1), so an 8-bit and a 16-bit copy of one picture give the model the same input. A 16-bit file
@@ -237,7 +315,23 @@ def data_notes(entries: list[tuple[str, dict[str, str]]]) -> list[str]:
         notes.append(f"{depths[16]} training picture(s) are 16-bit (e.g. {example}){mixed}: each picture is scaled "
                      "by its own bit depth (0..65535 or 0..255 to 0..1); one whose values fill fewer bits (a 12-bit "
                      "0..4095) looks dark to the model: stretch it to the full range")
-    return [one_line(note) for note in notes]
+    return [one_line(note) for note in notes + geometry_data_notes(entries, expected)]
+
+
+def geometry_data_notes(entries: list[tuple[str, dict[str, str]]], expected: Expected = Expected()) -> list[str]:
+    """Each NIfTI of the datalist whose sform and qform disagree (:func:`geometry_notes`), and each sheared scan of
+    training or validation (they are resampled there; test.py refuses such a scan, as check-data does in 'test'), as
+    ``PATH: note`` lines, from their headers."""
+    notes = []
+    files = {_same_file(entry[key]): entry[key] for _, entry in entries for key in ("image", "label") if key in entry}
+    for path in files.values():
+        notes += [f"{path}: {note}" for note in geometry_notes(Path(path))]
+    resampled = {_same_file(e["image"]): e["image"] for split, e in entries if split in ("training", "validation")}
+    for path in resampled.values():
+        problem = _readable_geometry_problem(Path(path), expected)
+        if problem:
+            notes.append(f"{path}: test.py refuses this scan, training and validation resample it: {problem}")
+    return notes
 
 
 def config_data_notes(config: Config) -> list[str]:
@@ -248,12 +342,19 @@ def config_data_notes(config: Config) -> list[str]:
         base_dir = base_dir_for(config.data.data_dir, datalist)
     except UserError:
         return []
-    return data_notes([(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)])
+    return data_notes([(split, entry) for split in SPLITS for entry in split_entries(content, split, base_dir)],
+                      config_expected(config))
+
+
+def config_expected(config: Config) -> Expected:
+    """What the config's model takes (:class:`Expected`), its preprocessed grid included."""
+    label_map = parse_label_map(config.data.label_map) if config.data.label_map else None
+    return Expected(config.model.spatial_dims, config.model.in_channels, label_map, config.data.max_pixels,
+                    config.data.pixdim, config.data.axcodes)
 
 
 def check_config_data(config: Config) -> tuple[list[Problem], dict]:
-    label_map = parse_label_map(config.data.label_map) if config.data.label_map else None
-    expected = Expected(config.model.spatial_dims, config.model.in_channels, label_map, config.data.max_pixels)
+    expected = config_expected(config)
     return check_data(config.data.data_dir, config.data.json_list, config.model.out_channels,
                       workers=min(4, max(1, config.data.workers)), expected=expected)
 

@@ -2,6 +2,8 @@
 pictures (PNG, JPEG, BMP) by SimpleITK.
 
     image_shape       the voxel shape from the header only
+    header_affine     the RAS affine from the header only; shear_problem: one the way back to the scan cannot follow
+    read_nifti_header a NIfTI header alone (whatever its scaling); scaling_problem, sform_qform_note: what it says
     picture_header    a PNG's, JPEG's or BMP's size and bit depth from its first bytes (nothing decoded)
     check_picture_size  refuse a picture over --max_pixels from its header, before it is decoded
     read_volume       any accepted file -> voxels (X, Y, Z) and the RAS affine (checks, overlays, metrics)
@@ -18,7 +20,9 @@ as nibabel's and MONAI's are.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +151,138 @@ def _itk_read(path: str | Path, information_only: bool = False):
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise RuntimeError(itk_message(str(exc))) from None
+
+
+def header_affine(path: str | Path) -> np.ndarray:
+    """The 4x4 voxel-to-RAS affine a volume's header declares, no voxel read: nibabel's for a NIfTI (its sform when
+    sform_code > 0, else its qform), SimpleITK's origin, spacing and direction for the ITK formats (identity for
+    other than 3D ones, as :func:`ras_affine`)."""
+    if is_nifti(path):
+        return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+    return ras_affine(_itk_read(path, information_only=True))
+
+
+# Beyond this ratio of a sheared voxel axis's offset to the grid's voxel size the way back to the scan's grid
+# (inference/inversion.py, its tolerance) cannot map the model's grid onto the scan's axis by axis.
+SHEAR_TOLERANCE = 1e-6
+# MONAI's Orientation labels: RAS+ axis codes, as the preprocessing builds them (data/transforms.py).
+AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def grid_shear(affine: np.ndarray, pixdim: Sequence[float] | None = None, axcodes: str = "RAS") -> float:
+    """How sheared the model's preprocessed grid finds a scan of ``affine`` (4x4, mm): 0 for perpendicular voxel axes,
+    else the largest offset of one grid axis along another, as a share of the largest voxel step (both in grid
+    voxels of ``pixdim`` mm, isotropic if None).
+
+    The preprocessing reorients the scan to ``axcodes`` (nibabel's ``io_orientation``, as MONAI's Orientation does),
+    then resamples it onto ``rotation @ diag(pixdim)``, the rotation of the Cholesky factorisation of the reoriented
+    axes (MONAI's ``zoom_affine``): a shear stays in the factor ``R`` (upper triangular), which the way back to the
+    scan takes within :data:`SHEAR_TOLERANCE` of its largest entry, as this measures it.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    linear = affine[:3, :3]
+    start = nib.orientations.io_orientation(affine)
+    order = nib.orientations.ornt_transform(start, nib.orientations.axcodes2ornt(axcodes, AXIS_LABELS))[:, 0]
+    reoriented = np.empty_like(linear)
+    reoriented[:, order.astype(int)] = linear  # the scan's axis j becomes the grid's axis order[j]
+    factor = np.linalg.cholesky(reoriented.T @ reoriented).T
+    grid = factor / np.asarray(pixdim if pixdim is not None else (1.0, 1.0, 1.0), dtype=np.float64)[:, None]
+    return float(np.abs(np.triu(grid, 1)).max() / np.abs(grid).max())
+
+
+def axes_from_perpendicular(affine: np.ndarray) -> float:
+    """The largest angle, in degrees, by which two voxel axes of ``affine`` miss being perpendicular."""
+    columns = np.asarray(affine, dtype=np.float64)[:3, :3]
+    unit = columns / np.linalg.norm(columns, axis=0)
+    cosines = np.clip(np.abs(unit.T @ unit)[np.triu_indices(3, 1)], 0.0, 1.0)
+    return float(np.degrees(np.arcsin(cosines.max())))
+
+
+def shear_problem(affine: np.ndarray, pixdim: Sequence[float] | None = None, axcodes: str = "RAS") -> str | None:
+    """One line when a scan of ``affine`` has voxel axes too far from perpendicular for the way back to its grid
+    (:func:`grid_shear` over :data:`SHEAR_TOLERANCE`), or axes of no length; else None."""
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = voxel_spacing(affine)
+    if not np.isfinite(affine).all() or not all(size > 0 for size in spacing):
+        return f"its affine has voxel sizes {tuple(round(s, 4) for s in spacing)} mm: fix the header's geometry"
+    try:
+        shear = grid_shear(affine, pixdim, axcodes)
+    except np.linalg.LinAlgError:  # two axes along one line: no grid to resample onto
+        shear = math.inf
+    if shear <= SHEAR_TOLERANCE:
+        return None
+    return (f"its affine is sheared (voxel axes {axes_from_perpendicular(affine):.2g} degrees from perpendicular, a "
+            "tilted acquisition exported as is): the model's grid cannot be mapped back onto it; resample it onto "
+            "perpendicular axes (e.g. 3D Slicer's Resample Scalar Volume, or dcm2niix's tilt correction from the "
+            "DICOM series) and run again")
+
+
+# A NIfTI's scl_slope and scl_inter beyond this magnitude scale no scanner's values (a CT's are 1 and -1024 or 0).
+MAX_SCALING = 1e6
+
+
+def scaling_problem(slope: float, inter: float) -> str | None:
+    """One line when a NIfTI header's scaling ``value * scl_slope + scl_inter`` is not one to apply; else None.
+
+    ``scl_slope`` 0 or NaN means no scaling (the NIfTI standard, as nibabel and ITK read it: ``scl_inter`` is then
+    ignored); otherwise both must be finite and within :data:`MAX_SCALING` in magnitude. nibabel refuses an infinite
+    ``scl_inter`` in library words, ignores an infinite ``scl_slope`` that ITK applies, and applies ``1e30`` as is.
+    """
+    slope, inter = float(slope), float(inter)
+    if slope == 0 or math.isnan(slope):
+        return None
+    if math.isfinite(slope) and math.isfinite(inter) and abs(slope) <= MAX_SCALING and abs(inter) <= MAX_SCALING:
+        return None
+    return (f"its header scales the stored values by scl_slope {slope:g} and scl_inter {inter:g}, which no scanner's "
+            f"values take (both finite and at most {MAX_SCALING:g} in magnitude; a CT's are 1 and -1024 or 0): fix the "
+            "scaling, or set scl_slope 1 and scl_inter 0")
+
+
+def read_nifti_header(path: str | Path):
+    """The NIfTI-1 or NIfTI-2 header of ``path`` (``.nii`` or ``.nii.gz``, either byte order), read alone: unlike
+    ``nib.load`` it is read whatever its scaling says; ``ValueError`` or ``OSError`` for what is no NIfTI header."""
+    from nibabel.openers import ImageOpener
+    with ImageOpener(str(path)) as stream:
+        head = stream.read(540)
+    if len(head) < 348:
+        raise ValueError(f"{len(head)} bytes, shorter than a NIfTI header")
+    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+    header_class = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+    try:
+        return header_class.from_fileobj(io.BytesIO(head), check=False)
+    except Exception as exc:  # nibabel raises several types for what is not its header
+        raise ValueError(f"{exc.__class__.__name__}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+
+
+def nifti_header_problem(header) -> str | None:
+    """One line when a NIfTI-1 or NIfTI-2 ``header`` declares what nibabel or MONAI would read wrongly or fail on
+    late, in library words: its scaling (:func:`scaling_problem`); else None."""
+    return scaling_problem(header["scl_slope"], header["scl_inter"])
+
+
+def sform_qform_note(header) -> str | None:
+    """One line when a NIfTI header's sform and qform (both codes above 0) place a corner voxel more than a voxel
+    apart; else None. The sform is used, as nibabel and MONAI choose it (sform_code > 0); ITK (ITK-SNAP, SimpleITK)
+    takes the qform unless the sform_code is 1 (scanner), so viewers built on it show the scan elsewhere."""
+    try:
+        sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+        sform, qform = np.asarray(header.get_sform(), np.float64), np.asarray(header.get_qform(), np.float64)
+    except Exception:  # nibabel raises several types for a qform it cannot turn into an affine: the checks say why
+        return None
+    if sform_code <= 0 or qform_code <= 0 or not (np.isfinite(sform).all() and np.isfinite(qform).all()):
+        return None
+    shape = [max(1, int(n)) for n in header.get_data_shape()[:3]] + [1] * (3 - len(header.get_data_shape()[:3]))
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)]).T
+    apart = float(np.linalg.norm((sform - qform) @ corners, axis=0).max())
+    voxel = min(voxel_spacing(sform))
+    if not apart > voxel:
+        return None
+    others = "ITK-based tools (ITK-SNAP) read it too" if sform_code == 1 else \
+        "ITK-based tools (ITK-SNAP) read the qform and show the scan elsewhere"
+    return (f"its sform (code {sform_code}) and qform (code {qform_code}) place voxels up to {apart:.3g} mm apart "
+            f"({apart / voxel:.2g} voxels): the sform is used, as nibabel and MONAI do, and the mask carries it as "
+            f"both; {others}")
 
 
 def image_shape(path: str | Path) -> tuple[int, ...]:

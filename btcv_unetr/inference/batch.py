@@ -31,7 +31,7 @@ from ..data.checks import Expected
 from ..data.datalist import class_names
 from ..data.images import image_shape, mask_path, read_volume, voxel_spacing, write_mask
 from ..distributed import Context, barrier, gather_objects
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..files import DiskFull, atomic_write, remove_stale_temporaries
 from .cases import (
     Case,
@@ -98,7 +98,7 @@ def segment_case(predictor: Predictor, case: Case, out_dir: Path, config: Config
     seconds = time.time() - started
     if config.infer.overlay:
         write_case_overlay(case, labels, class_names(config.data, predictor.config.model.out_channels), out_dir)
-    print(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}")
+    print(one_line(f"{case.name}: {labels.shape} in {seconds:.1f} s -> {mask_file}"))
     if case.label is None:
         return None
     result = score_case(case, labels, predictor.config, config.infer.hd95)
@@ -143,18 +143,20 @@ def segment_cases(predictor: Predictor | None, todo: list[Case], out_dir: Path, 
                   stop_on_error: bool, progress: bool) -> tuple[list[CaseMetrics], list[str]]:
     """Segment ``todo``; returns the metrics of the labelled cases and the one-line errors of the failed ones
     (``stop_on_error``: the first error is raised)."""
-    # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels.
-    expected = Expected(predictor.config.model.spatial_dims, predictor.config.model.in_channels,
-                        max_pixels=config.data.max_pixels) if todo else None
+    # The model's own config (a checkpoint carries it) says what it takes: 2D or 3D, colour channels, its grid.
+    model = predictor.config if todo else None
+    expected = Expected(model.model.spatial_dims, model.model.in_channels, max_pixels=config.data.max_pixels,
+                        pixdim=model.data.pixdim, axcodes=model.data.axcodes) if model else None
     results, failures = [], []
     for case in tqdm(todo, desc="cases", unit="case", disable=len(todo) < 2 or not progress):
         try:
-            check_image(case.image, expected)
+            for note in check_image(case.image, expected):  # tqdm.write: a line of its own under the progress bar
+                tqdm.write(one_line(f"note: {case.image}: {note}"), file=sys.stderr)
             result = segment_case(predictor, case, out_dir, config)
         except UserError as exc:
             if stop_on_error or isinstance(exc, DiskFull):  # a full disk fails every case after it too
                 raise
-            print(f"{case.name}: failed: {exc}", file=sys.stderr)
+            tqdm.write(f"{one_line(case.name)}: failed: {exc}", file=sys.stderr)
             failures.append(str(exc))
             continue
         if result is not None:

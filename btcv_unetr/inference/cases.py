@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config.schema import Config
-from ..data.checks import Expected, dimension_problems
+from ..data.checks import (
+    Expected,
+    axes_problem,
+    dimension_problems,
+    geometry_notes,
+    header_problem,
+    scan_geometry_problem,
+)
 from ..data.datalist import case_name, load_config_split
 from ..data.dicom import check_modality, choose_series, find_series, read_series, write_series_as_nifti
 from ..data.images import (
@@ -81,14 +88,19 @@ def check_seg_inputs(cases: list[Case]) -> None:
                             "files); for this file use --output_format nifti")
 
 
-def check_image(path: Path, expected: Expected) -> None:
-    """A readable image of an accepted format with the dimensions and colour channels the model takes,
-    or a one-line error naming the file."""
+def check_image(path: Path, expected: Expected) -> list[str]:
+    """A readable image of an accepted format with the dimensions and colour channels the model takes, a header
+    whose scaling and geometry the model's way back to the scan can use, or a one-line error naming the file;
+    checked from the header (pictures: read whole), before any window runs. Returns what is worth knowing about the
+    file (its sform and qform apart), one line each."""
     if not is_image_file(path):
         raise UserError(f"{path}: not an accepted image format ({', '.join(IMAGE_SUFFIXES)}); convert it, "
                         "or give a DICOM series as its folder")
     if is_picture(path):  # its size from its header first: a decoder allocates what the header declares
         check_picture_size(path, expected.max_pixels)
+    problem = header_problem(path)  # nibabel fails late on some scalings and applies others as they are
+    if problem:
+        raise UserError(f"{path}: {problem}")
     try:
         volume = read_volume(path) if is_picture(path) else None  # pictures are small: read them whole
         shape = volume.shape if volume is not None else image_shape(path)
@@ -99,6 +111,13 @@ def check_image(path: Path, expected: Expected) -> None:
     problems = dimension_problems(path, volume, expected, is_label=False)
     if problems:
         raise UserError(str(problems[0]))
+    try:
+        problem = axes_problem(path, volume.spatial_shape) or scan_geometry_problem(path, expected)
+    except Exception as exc:  # the header read above: only a file changed since could fail here
+        raise UserError(f"{path}: unreadable image ({exc.__class__.__name__}: {exc})") from None
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return geometry_notes(path)
 
 
 # The outputs besides the mask: file name after the case's output stem (see :func:`case_outputs`).

@@ -32,7 +32,14 @@ from ..data.dicom import (
     read_series,
     write_series_as_nifti,
 )
-from ..data.images import Volume, picture_header, read_volume, voxel_spacing
+from ..data.images import (
+    Volume,
+    nifti_header_problem,
+    picture_header,
+    read_volume,
+    shear_problem,
+    voxel_spacing,
+)
 from ..errors import UserError
 from ..files import atomic_write_json
 from .limits import Declared, JobLimits, limit_problem
@@ -111,6 +118,11 @@ def _declared_nifti(header, display: str, expected: Expected) -> tuple[Declared,
     spacing = voxel_spacing(affine)
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise BadUpload(400, f"{display}: the header's voxel spacing {spacing} is not positive: fix the header")
+    # What nibabel would fail on late (an infinite scl_inter) or apply as is (scl_slope 1e30), and an affine the
+    # way back to the scan cannot follow: refused from the header, as test.py and check-data refuse them.
+    problem = nifti_header_problem(header) or shear_problem(affine, expected.pixdim, expected.axcodes)
+    if problem:
+        raise BadUpload(400, f"{display}: {problem}")
     return Declared(shape[:3], spacing, 1, header.get_data_dtype().itemsize), affine
 
 
