@@ -74,8 +74,9 @@ def soft_tissue_grey(hu: np.ndarray, window: tuple[float, float] = WINDOW) -> np
 
 
 def _line_height(rows: int) -> int:
-    """Pixel height of one text line on an image of ``rows`` rows: about 1/40 of it, never below 10 (legible)."""
-    return max(10, int(round(rows / 40)))
+    """Pixel height of one text line on an image of ``rows`` rows: 1/32 of it (16 on a 512 slice), never below 10
+    (legible on a 128 one)."""
+    return max(10, int(round(rows / 32)))
 
 
 def _ink(lines: Sequence[str], height: int) -> list[np.ndarray]:
