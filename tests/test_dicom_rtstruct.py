@@ -22,6 +22,7 @@ from test_dicom_wild import _ct_slices, _write  # noqa: E402
 
 from btcv_unetr.data import dicom as reader  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
+from btcv_unetr.inference import dicom_rtstruct  # noqa: E402
 from btcv_unetr.inference.dicom_rtstruct import (  # noqa: E402
     EXTRA_LINE,
     RT_STRUCTURE_SET_STORAGE,
@@ -157,7 +158,7 @@ def test_the_file_is_valid_dicom_and_without_a_warning_says_none(tmp_path):
         rtstruct = pydicom.dcmread(str(path))
         rtstruct.walk(lambda dataset, element: element.value)
     assert rtstruct.preamble == b"\0" * 128
-    assert rtstruct.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert rtstruct.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian
     assert rtstruct.file_meta.MediaStorageSOPInstanceUID == rtstruct.SOPInstanceUID
     present = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
                "ReferringPhysicianName", "AccessionNumber", "OperatorsName", "Manufacturer", "StructureSetDate",
@@ -169,6 +170,21 @@ def test_the_file_is_valid_dicom_and_without_a_warning_says_none(tmp_path):
     assert [len(r.ContourSequence) for r in rtstruct.ROIContourSequence] == [2]  # planes 1 and 2
     square = np.asarray(rtstruct.ROIContourSequence[0].ContourSequence[0].ContourData, dtype=float).reshape(-1, 3)
     assert len(square) == 8  # a square's staircase is cut to its corners: 2 points per side, none collinear
+
+
+def test_a_contour_past_64_kib_is_written_whole(tmp_path, monkeypatch):
+    """Explicit VR gives a DS value at most 64 KiB (about 2,500 points): a large organ on a fine grid passes it."""
+    circle = 60 + 50 * np.exp(2j * np.pi * np.arange(9000) / 9000)  # 9,000 points of a circle, voxel coordinates
+    monkeypatch.setattr(dicom_rtstruct, "plane_contours", lambda plane: [np.c_[circle.real, circle.imag]])
+    volume = _series(tmp_path / "ct", count=2)
+    labels = np.zeros(volume.voxels.shape, dtype=np.uint8)
+    labels[50:60, 50:60, 0] = 1
+    path = tmp_path / "rtstruct.dcm"
+    _write_rtstruct(volume, labels, path)
+    contour = pydicom.dcmread(str(path)).ROIContourSequence[0].ContourSequence[0]
+    assert contour.NumberOfContourPoints == 9000 and len(contour.ContourData) == 27000
+    assert contour["ContourData"].VR == "DS"  # not turned into UN bytes, as pydicom does in explicit VR
+    assert sum(len(str(v)) + 1 for v in contour.ContourData) > 65536
 
 
 def test_planes_interpolated_over_missing_slices_get_no_contour(tmp_path):

@@ -82,14 +82,16 @@ def warning_label(warning: str | None, plain: str) -> str:
 def plane_contours(plane: np.ndarray) -> list[np.ndarray]:
     """Closed polygons around the True voxels of a boolean ``(X, Y)`` plane: each ``(points, 2)`` float64 of
     ``(x, y)`` voxel coordinates, once around, its first point not repeated (DICOM closes CLOSED_PLANAR contours
-    itself). Outer boundaries and hole boundaries alike (fill even-odd). Points on straight runs of the voxel
-    staircase are dropped: the polygon is the same, the file smaller."""
-    from skimage.measure import approximate_polygon, find_contours
+    itself). Outer boundaries and hole boundaries alike (fill even-odd). Only corners are kept: the points in the
+    middle of a straight run of the voxel staircase change nothing but the file's size."""
+    from skimage.measure import find_contours
     padded = np.pad(plane.astype(np.float32), 1)  # background all round: every contour closes
     polygons = []
     for contour in find_contours(padded, 0.5):
-        contour = approximate_polygon(contour, tolerance=1e-3)  # only points on the line of their neighbours
-        polygons.append(contour[:-1] - 1.0)  # undo the padding
+        ring = contour[:-1]  # find_contours repeats the first point at the end of a closed contour
+        before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
+        corner = np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9  # the path turns there
+        polygons.append(ring[corner] - 1.0)  # undo the padding
     return polygons
 
 
@@ -134,6 +136,7 @@ def _code_item(code) -> object:
 
 
 def _image_reference(dataset) -> object:
+    """A Contour Image Sequence item: the SOP Class and Instance UIDs of one source image."""
     from pydicom.dataset import Dataset
     item = Dataset()
     item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = dataset.SOPClassUID, dataset.SOPInstanceUID
@@ -243,7 +246,7 @@ def _structure_set(first, sources: Sequence, rois: list[tuple], description: str
     """The RT Structure Set dataset (with its file meta) of ``rois``, on the series of ``first``."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
     now = datetime.now()
     dataset = Dataset()
     dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: copied names keep their letters whatever the source's set
@@ -272,19 +275,21 @@ def _structure_set(first, sources: Sequence, rois: list[tuple], description: str
     dataset.ApprovalStatus = "UNAPPROVED"  # an automatic result: a person reviews it before any plan uses it
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = dataset.SOPClassUID, dataset.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # Implicit VR: its 32-bit lengths hold a contour of any size (explicit VR gives DS values 64 KiB, about 2,500
+    # points, which a large organ on a fine grid can pass); every DICOM system reads it, being DICOM's default.
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     dataset.file_meta = meta
     return dataset
 
 
 def _save(dataset, path: Path) -> None:
-    """``dataset`` as a DICOM file (preamble, file meta, explicit VR little endian) at ``path``."""
+    """``dataset`` as a DICOM file (preamble, file meta, implicit VR little endian) at ``path``."""
     import pydicom
     if int(pydicom.__version__.split(".")[0]) >= 3:
         pydicom.dcmwrite(str(path), dataset, enforce_file_format=True)
     else:  # pydicom 2.4 (the oldest the project allows) says the encoding on the dataset
-        dataset.is_little_endian, dataset.is_implicit_VR = True, False
+        dataset.is_little_endian, dataset.is_implicit_VR = True, True
         dataset.save_as(str(path), write_like_original=False)
 
 
