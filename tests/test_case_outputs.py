@@ -58,12 +58,15 @@ def test_two_formats_of_one_case_name_give_two_of_every_output(tmp_path):
 def test_nifti_and_picture_cases_keep_their_plain_output_names(tmp_path):
     out = tmp_path / "out"
     assert case_output_names(Case("img0035", Path("/in/img0035.nii.gz")), out) == [
-        "img0035_seg.nii.gz", "img0035_seg.dcm", "img0035_probabilities.npz", "img0035_overlay.png"]
+        "img0035_seg.nii.gz", "img0035_seg.dcm", "img0035_rtstruct.dcm", "img0035_overlay_dcm",
+        "img0035_probabilities.npz", "img0035_overlay.png"]
     assert case_output_names(Case("cat", Path("/in/cat.jpg")), out) == [
-        "cat_seg.png", "cat_seg.dcm", "cat_probabilities.npz", "cat_overlay.png"]
+        "cat_seg.png", "cat_seg.dcm", "cat_rtstruct.dcm", "cat_overlay_dcm", "cat_probabilities.npz",
+        "cat_overlay.png"]
     # An .mhd header's mask is one .mha file: its other outputs follow the mask, not the input.
     assert case_output_names(Case("ct", Path("/in/ct.mhd")), out) == [
-        "ct_seg.mha", "ct.mha_seg.dcm", "ct.mha_probabilities.npz", "ct.mha_overlay.png"]
+        "ct_seg.mha", "ct.mha_seg.dcm", "ct.mha_rtstruct.dcm", "ct.mha_overlay_dcm", "ct.mha_probabilities.npz",
+        "ct.mha_overlay.png"]
 
 
 def test_inputs_whose_other_outputs_would_meet_are_refused_in_one_line(tmp_path):

@@ -42,6 +42,7 @@ from btcv_unetr.inference.dicom_seg import EXTRA_LINE, require_highdicom, write_
 from btcv_unetr.labels import ORGANS  # noqa: E402
 from btcv_unetr.model.build import build_model  # noqa: E402
 from btcv_unetr.serve import pacs  # noqa: E402
+from btcv_unetr.serve.service import PACS_REQUEST  # noqa: E402
 from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402
 from btcv_unetr.testing.app import in_process_service  # noqa: E402
 from btcv_unetr.testing.server import free_port  # noqa: E402
@@ -400,7 +401,7 @@ def test_a_pacs_job_takes_its_series_and_stores_its_seg_back(pacs_server, orthan
     response = pacs_server.post("/jobs", json={"study_uid": STUDY_UID, "series_uid": SERIES_UID})
     assert response.status_code == 202, response.text
     assert response.json()["kind"] == "dicom"
-    assert response.json()["pacs"] == {"study_uid": STUDY_UID, "series_uid": SERIES_UID}
+    assert response.json()["pacs"] == {"study_uid": STUDY_UID, "series_uid": SERIES_UID, "store": ["seg"]}
     job = _wait(pacs_server, response.json()["id"])
     assert job["state"] == "done" and job["stored_to_pacs"] is True, job
     mask, seg = _mask_and_seg(pacs_server, job["id"], tmp_path)
@@ -417,13 +418,44 @@ def test_a_pacs_job_takes_its_series_and_stores_its_seg_back(pacs_server, orthan
     assert [s.SegmentLabel for s in stored.SegmentSequence] == list(ORGANS)
 
 
+def test_a_pacs_job_stores_the_rtstruct_and_the_overlay_series_it_asks_for(pacs_server, orthanc, dicom_case,
+                                                                           tmp_path):
+    """``store: ["rtstruct", "overlay"]``: both written and stored (the SEG written, not stored), each marked as the
+    output of a model not for clinical use (the served tiny model's weights are random: its card says so)."""
+    request = {"study_uid": STUDY_UID, "series_uid": SERIES_UID, "store": ["rtstruct", "overlay"]}
+    response = pacs_server.post("/jobs", json=request)
+    assert response.status_code == 202, response.text
+    job = _wait(pacs_server, response.json()["id"])
+    assert job["state"] == "done" and job["stored_to_pacs"] is True, job
+    assert {"seg", "rtstruct", "overlay_series"} <= set(job["links"])
+    base = orthanc.removesuffix("/dicom-web")
+
+    def stored(modality: str) -> list:
+        found = httpx.post(f"{base}/tools/find", json={"Level": "Instance", "Query": {
+            "StudyInstanceUID": STUDY_UID, "Modality": modality}}, timeout=30).json()
+        return [pydicom.dcmread(io.BytesIO(httpx.get(f"{base}/instances/{i}/file", timeout=30).content))
+                for i in found]
+
+    (rtstruct,) = stored("RTSTRUCT")
+    assert rtstruct.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0] \
+        .RTReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+    overlays = stored("OT")
+    assert len(overlays) == len(dicom_case["files"]) and len({o.SeriesInstanceUID for o in overlays}) == 1
+    for dataset in (rtstruct, overlays[0]):
+        assert dataset.SeriesDescription.startswith("NOT FOR CLINICAL USE"), dataset.SeriesDescription
+    archive = zipfile.ZipFile(io.BytesIO(pacs_server.get(f"/jobs/{job['id']}/overlay_series").content))
+    assert sorted(archive.namelist()) == sorted(f"overlay_{k:04d}.dcm" for k in range(1, len(overlays) + 1))
+    assert pacs_server.get(f"/jobs/{job['id']}/rtstruct").content[128:132] == b"DICM"
+
+
 @pytest.mark.parametrize("body, status, detail", [
     ({"study_uid": STUDY_UID, "series_uid": f"{UID_ROOT}.99"}, 404,
      f"series {UID_ROOT}.99 of study {STUDY_UID} is not on the PACS"),
     ({"study_uid": STUDY_UID, "series_uid": "1.2.x"}, 400,
      "series_uid must be a DICOM UID (digits and dots, at most 64 characters), got '1.2.x'"),
-    ({"study_uid": STUDY_UID}, 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)'),
-    ([1, 2], 400, 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)')])
+    ({"study_uid": STUDY_UID}, 400, PACS_REQUEST), ([1, 2], 400, PACS_REQUEST),
+    ({"study_uid": STUDY_UID, "series_uid": SERIES_UID, "store": ["seg", "nifti"]}, 400,
+     f"'store' must be a list of seg, rtstruct, overlay: {PACS_REQUEST}")])
 def test_pacs_job_mistakes_get_one_line(pacs_server, body, status, detail):
     response = pacs_server.post("/jobs", json=body)
     assert (response.status_code, response.json()) == (status, {"detail": detail})

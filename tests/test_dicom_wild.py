@@ -252,3 +252,34 @@ def test_a_series_no_seg_can_reference_still_gets_its_mask_and_one_line(weights,
     assert warnings == [f"warning: bare: no DICOM SEG written: {tmp_path / 'bare'}: 0000.dcm has no SOPInstanceUID "
                         "(emptied by an anonymiser?), which a SEG needs to reference it; the mask is written as NIfTI "
                         "only"]
+
+
+def test_test_py_writes_every_dicom_output_marked_with_the_phantom_warning(trained_run, tmp_path, capsys):
+    """``--output_format dicom_seg,dicom_rtstruct,dicom_overlay`` with a model trained on the phantoms: the SEG,
+    the RTSTRUCT and the overlay series each say the model is not for clinical use; a rerun keeps them."""
+    pytest.importorskip("highdicom")
+    pytest.importorskip("skimage")
+    pytest.importorskip("matplotlib")
+    from btcv_unetr import cli
+    _write(_ct_slices(4), tmp_path / "ct")
+    argv = ["infer", "--pretrained_dir", str(trained_run), "--pretrained_model_name", "model.pt", "--input",
+            str(tmp_path / "ct"), "--output_dir", str(tmp_path / "out"), "--output_format",
+            "dicom_seg,dicom_rtstruct,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0"]
+    assert cli.main(argv) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ct_overlay_dcm", "ct_rtstruct.dcm", "ct_seg.dcm",
+                                                     "ct_seg.nii.gz"]
+    overlays = sorted((out / "ct_overlay_dcm").iterdir())
+    assert len(overlays) == 4
+    for path in (out / "ct_seg.dcm", out / "ct_rtstruct.dcm", overlays[0]):
+        assert pydicom.dcmread(str(path)).SeriesDescription.startswith("NOT FOR CLINICAL USE"), path
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert f"ct: {out / 'ct_seg.nii.gz'} exists, skipped" in capsys.readouterr().out
+
+
+def test_an_unknown_output_format_is_one_line(capsys):
+    from btcv_unetr import cli
+    assert cli.main(["infer", "--output_format", "dicom_seg,pdf", "--input", "x"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: config key 'output_format': 'dicom_seg,pdf': give nifti or any of "
+                                               "dicom_seg, dicom_rtstruct, dicom_overlay separated by commas")

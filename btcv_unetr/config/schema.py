@@ -235,9 +235,19 @@ class InferConfig:
     overlay: bool = _opt(True, "write CASE_overlay.png (needs matplotlib: pip install 'btcv-unetr[plot]')")
     sw_progress: bool = _opt(False, "progress bar over the windows of every scan (on by itself for large scans)")
     output_format: str = _opt("nifti", "nifti: CASE_seg in the input's own format (.nii.gz for NIfTI and DICOM, "
-                                       ".nrrd, .mha, .png for pictures); dicom_seg: also "
-                                       "CASE_seg.dcm, a DICOM Segmentation referencing the input series (DICOM "
-                                       "inputs only; needs the dicom extra)", choices=("nifti", "dicom_seg"))
+                                       ".nrrd, .mha, .png for pictures), always written; for a DICOM series input "
+                                       "also, comma-separated: dicom_seg (CASE_seg.dcm, a DICOM Segmentation), "
+                                       "dicom_rtstruct (CASE_rtstruct.dcm, contours for radiotherapy systems), "
+                                       "dicom_overlay (CASE_overlay_dcm/, the slices with the organs in colour as a "
+                                       "new series); needs the dicom extra")
+
+
+DICOM_OUTPUT_FORMATS = ("dicom_seg", "dicom_rtstruct", "dicom_overlay")
+
+
+def output_formats(infer: InferConfig) -> tuple[str, ...]:
+    """The formats ``--output_format`` names (``nifti``, ``dicom_seg,dicom_rtstruct`` ...), stripped of spaces."""
+    return tuple(name.strip() for name in infer.output_format.split(",") if name.strip())
 
 
 @dataclass

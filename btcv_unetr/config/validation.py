@@ -8,7 +8,7 @@ import typing
 from typing import Any
 
 from ..errors import UserError
-from .schema import Config
+from .schema import DICOM_OUTPUT_FORMATS, Config, output_formats
 
 
 class ConfigError(UserError):
@@ -103,6 +103,10 @@ def validate(config: Config) -> None:
     if i.max_windows_factor != 0 and i.max_windows_factor < 1:
         raise ConfigError(f"config key 'max_windows_factor': {i.max_windows_factor} must be >= 1 (times the windows "
                           "of overlap 0.5), or 0 for no bound")
+    unknown = [name for name in output_formats(i) if name not in ("nifti", *DICOM_OUTPUT_FORMATS)]
+    if unknown or not output_formats(i):
+        raise ConfigError(f"config key 'output_format': {i.output_format!r}: give nifti or any of "
+                          f"{', '.join(DICOM_OUTPUT_FORMATS)} separated by commas")
     if d.max_pixels < 1:
         raise ConfigError(f"config key 'max_pixels': {d.max_pixels} must be >= 1")
     positive = {"in_channels": m.in_channels, "out_channels": m.out_channels, "num_samples": d.num_samples,

@@ -33,18 +33,19 @@ from ..data.images import image_shape, mask_path, read_volume, voxel_spacing, wr
 from ..distributed import Context, barrier, gather_objects
 from ..errors import UserError, one_line
 from ..files import DiskFull, atomic_write, remove_stale_temporaries
+from ..io.card import card_warning
 from .cases import (
     Case,
     case_output_names,
     case_outputs,
     cases_to_segment,
+    check_dicom_output_inputs,
     check_distinct_outputs,
     check_image,
-    check_seg_inputs,
     find_cases,
     written_outputs,
 )
-from .dicom_seg import write_dicom_seg
+from .dicom_outputs import wanted_outputs, write_dicom_output
 from .evaluate import CaseMetrics, case_metrics, format_summary, map_values, summarise, write_reports
 from .parts import Part, held_output_folder
 from .predictor import Predictor, keep_largest_components
@@ -65,19 +66,23 @@ def predict_case(predictor: Predictor, case: Case, config: Config) -> tuple[np.n
 
 def write_case_outputs(predictor: Predictor, case: Case, labels: np.ndarray, probabilities: np.ndarray | None,
                        out_dir: Path, config: Config) -> Path:
-    """The mask (with its provenance), the DICOM SEG and the probabilities the flags ask for; returns the mask's path.
-    Each file is written under a temporary name and renamed; every name follows the mask's (:func:`case_outputs`)."""
+    """The mask (with its provenance), the DICOM outputs and the probabilities the flags ask for; returns the mask's
+    path. Each file is written under a temporary name and renamed; every name follows the mask's
+    (:func:`case_outputs`)."""
     outputs = case_outputs(case, out_dir)
     mask_file = outputs["mask"]
     provenance = predictor.provenance()
     write_mask(labels, case.image, mask_file, provenance=provenance)
-    if config.infer.output_format == "dicom_seg":  # case.image is the reader's NIfTI of the series: the labels' grid
+    dicom = wanted_outputs(config.infer)
+    if dicom:  # case.image is the reader's NIfTI of the series: the labels' grid
         names = class_names(config.data, predictor.config.model.out_channels)
-        try:
-            write_dicom_seg(labels, nib.load(str(case.image)).affine, case.dicom, names,
-                            outputs["seg"], provenance=provenance)
-        except UserError as exc:  # the mask is the result; a series a SEG cannot reference only costs the SEG
-            print(f"warning: {case.name}: no DICOM SEG written: {exc}", file=sys.stderr)
+        affine, warning = nib.load(str(case.image)).affine, card_warning(predictor.model_card)
+        for output in dicom:
+            try:
+                write_dicom_output(output, labels, affine, case.dicom, names, outputs[output.kind],
+                                   provenance=provenance, warning=warning)
+            except UserError as exc:  # the mask is the result; a series a format cannot reference costs that file
+                print(one_line(f"warning: {case.name}: no {output.what} written: {exc}"), file=sys.stderr)
     if probabilities is not None:  # the temporary's name ends in .npz: numpy adds nothing to it
         atomic_write(outputs["probabilities"], lambda tmp: np.savez_compressed(tmp, probabilities=probabilities))
     return mask_file
@@ -222,8 +227,7 @@ def run_inference(config: Config, predictor: Predictor | None = None, context: C
     with held_output_folder(out_dir, part, context), tempfile.TemporaryDirectory() as scratch:
         cases = find_cases(config, Path(scratch))
         check_distinct_outputs(cases, out_dir, written_outputs(config))
-        if config.infer.output_format == "dicom_seg":
-            check_seg_inputs(cases)
+        check_dicom_output_inputs(cases, wanted_outputs(config.infer))
         remove_part_temporaries(out_dir, part, cases, context)
         todo, kept = cases_to_segment(part.mine(cases), out_dir, config)
         predictor = load_predictor_if_needed(predictor, todo, kept, config, context)

@@ -30,8 +30,9 @@ from ..data.images import (
     mask_path,
     read_volume,
 )
-from ..errors import UserError
-from .dicom_seg import SEG_SUFFIX, require_highdicom
+from ..errors import UserError, one_line
+from .dicom_outputs import DICOM_OUTPUTS, DicomOutput, wanted_outputs
+from .dicom_seg import require_highdicom
 from .parts import mask_problem
 
 
@@ -79,12 +80,15 @@ def dicom_case(folder: Path, scratch: Path, series_uid: str | None = None, any_m
     return Case(case_name(nifti), nifti, dicom=tuple(dict.fromkeys(s.path for s in volume.slices)))
 
 
-def check_seg_inputs(cases: list[Case]) -> None:
-    """``--output_format dicom_seg``: the dicom extra is installed and every case is a DICOM series, or one line."""
-    require_highdicom()
+def check_dicom_output_inputs(cases: list[Case], outputs: list[DicomOutput]) -> None:
+    """DICOM outputs asked for: the dicom extra is installed and every case is a DICOM series, or one line."""
+    if not outputs:
+        return
+    formats = ",".join(o.format for o in outputs)
+    require_highdicom(f"--output_format {formats}")
     for case in cases:
         if not case.dicom:
-            raise UserError(f"{case.image}: --output_format dicom_seg needs a DICOM series input (its folder of "
+            raise UserError(f"{case.image}: --output_format {formats} needs a DICOM series input (its folder of "
                             "files); for this file use --output_format nifti")
 
 
@@ -121,7 +125,8 @@ def check_image(path: Path, expected: Expected) -> list[str]:
 
 
 # The outputs besides the mask: file name after the case's output stem (see :func:`case_outputs`).
-OUTPUT_ENDINGS = {"seg": SEG_SUFFIX, "probabilities": "_probabilities.npz", "overlay": "_overlay.png"}
+OUTPUT_ENDINGS = {**{o.kind: o.ending for o in DICOM_OUTPUTS.values()}, "probabilities": "_probabilities.npz",
+                  "overlay": "_overlay.png"}
 PLAIN_MASK_SUFFIXES = (".nii.gz", ".png")  # masks whose case's other outputs keep the plain case name
 
 
@@ -135,7 +140,8 @@ def output_stem(case: Case, out_dir: Path) -> str:
 
 def case_outputs(case: Case, out_dir: Path) -> dict[str, Path]:
     """Every file :func:`~btcv_unetr.inference.batch.segment_case` may write for ``case``: ``mask`` (in the
-    input's format, :func:`mask_path`), ``seg`` (DICOM SEG), ``probabilities`` and ``overlay``."""
+    input's format, :func:`mask_path`), the DICOM outputs (``seg``, ``rtstruct``, ``overlay_series``: a folder),
+    ``probabilities`` and ``overlay``."""
     stem = output_stem(case, out_dir)
     return {"mask": mask_path(out_dir, case.name, case.image),
             **{kind: out_dir / f"{stem}{ending}" for kind, ending in OUTPUT_ENDINGS.items()}}
@@ -149,8 +155,9 @@ def case_output_names(case: Case, out_dir: Path) -> list[str]:
 def written_outputs(config: Config) -> tuple[str, ...]:
     """The kinds of :func:`case_outputs` that the flags have a run write."""
     infer = config.infer
-    wanted = {"mask": True, "seg": infer.output_format == "dicom_seg", "probabilities": infer.save_probabilities,
-              "overlay": infer.overlay}
+    dicom = {o.kind for o in wanted_outputs(infer)}
+    wanted = {"mask": True, **{o.kind: o.kind in dicom for o in DICOM_OUTPUTS.values()},
+              "probabilities": infer.save_probabilities, "overlay": infer.overlay}
     return tuple(kind for kind, written in wanted.items() if written)
 
 
@@ -168,22 +175,22 @@ def check_distinct_outputs(cases: list[Case], out_dir: Path, kinds: tuple[str, .
 
 
 def cases_to_segment(cases: list[Case], out_dir: Path, config: Config) -> tuple[list[Case], list[Case]]:
-    """``(to segment, kept)``: a case whose outputs exist (mask, and SEG with dicom_seg) is kept unless
+    """``(to segment, kept)``: a case whose outputs exist (mask, and the DICOM outputs asked for) is kept unless
     ``--overwrite``; with ``--continue`` only when its mask is complete too (:func:`mask_problem`)."""
     infer = config.infer
-    seg = infer.output_format == "dicom_seg"
+    dicom = [o.kind for o in wanted_outputs(infer)]
     todo, kept = [], []
     for case in cases:
         outputs = case_outputs(case, out_dir)
         mask = outputs["mask"]
-        written = mask.exists() and (not seg or outputs["seg"].exists())
+        written = mask.exists() and all(outputs[kind].exists() for kind in dicom)
         problem = mask_problem(mask, case.image) if written and infer.continue_prediction else None
         if written and problem is None and not config.general.overwrite:
-            print(f"{case.name}: {mask} is complete, kept (--continue)" if infer.continue_prediction else
-                  f"{case.name}: {mask} exists, skipped (--overwrite replaces it)")
+            print(one_line(f"{case.name}: {mask} is complete, kept (--continue)" if infer.continue_prediction else
+                           f"{case.name}: {mask} exists, skipped (--overwrite replaces it)"))
             kept.append(case)
         else:
             if problem is not None:
-                print(f"{case.name}: {mask} is incomplete ({problem}): segmenting it again")
+                print(one_line(f"{case.name}: {mask} is incomplete ({problem}): segmenting it again"))
             todo.append(case)
     return todo, kept

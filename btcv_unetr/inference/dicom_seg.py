@@ -28,7 +28,6 @@ from ..files import atomic_write
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
 
-SEG_SUFFIX = "_seg.dcm"
 EXTRA_LINE = "--output_format dicom_seg needs the dicom extra: pip install 'btcv-unetr[dicom]'"
 # A slice farther than this from a voxel plane of the grid (in voxels), or in-plane cosines farther
 # apart than COSINE_TOLERANCE, is not on the grid: NIfTI stores its affine in float32.
@@ -117,6 +116,16 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
     return indices
 
 
+NOT_CLINICAL = "NOT FOR CLINICAL USE"
+
+
+def _labelled(text: str, warning: str | None, limit: int = 64) -> str:
+    """``text`` as a DICOM LO value (at most ``limit`` characters), marked "NOT FOR CLINICAL USE" when the model
+    card warns (a viewer shows the series description in its series list: the warning must be seen there)."""
+    marked = f"{NOT_CLINICAL}: {text}" if warning else text
+    return marked[:limit]
+
+
 def _with_uids(dataset, path: Path, display: str):
     """``dataset`` with its SOP Class and Instance UIDs, taken from the file meta header where an anonymiser emptied
     them in the dataset (a SEG references each source image by both); one line when neither place has them."""
@@ -134,7 +143,8 @@ def _with_uids(dataset, path: Path, display: str):
 
 
 def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequence[Path], names: Sequence[str],
-                    path: Path, colours: np.ndarray | None = None, provenance: Mapping | None = None) -> None:
+                    path: Path, colours: np.ndarray | None = None, provenance: Mapping | None = None,
+                    warning: str | None = None) -> None:
     """Write ``labels`` as a DICOM Segmentation to ``path`` (temporary name, then rename).
 
     Args:
@@ -145,6 +155,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
         provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): the segments'
             algorithm parameters, and as JSON in the SEG's Image Comments.
+        warning: the model card's warning (a phantom-trained or untrained model), or None: the series description
+            and the content description then start "NOT FOR CLINICAL USE", and the Image Comments hold it whole.
 
     One BINARY segment per class (described even when empty, so segment numbers are the class
     indices); frames without any voxel of a segment are left out.
@@ -176,11 +188,15 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
             series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
             software_versions=__version__, device_serial_number="none",
-            content_description="abdominal organs (UNETR, BTCV classes)", series_description="UNETR organ segmentation")
+            content_description=_labelled("abdominal organs (UNETR, BTCV classes)", warning),
+            series_description=_labelled("UNETR organ segmentation", warning))
     except (ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom's checks of the sources' attributes
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0] or type(exc).__name__
         raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \
             from None
+    comments = [warning] if warning else []
     if provenance:
-        seg.ImageComments = json.dumps(dict(provenance), sort_keys=True)
+        comments.append(json.dumps(dict(provenance), sort_keys=True))
+    if comments:
+        seg.ImageComments = "\n".join(comments)
     atomic_write(path, lambda tmp: seg.save_as(str(tmp)))

@@ -101,6 +101,25 @@ def seg(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     return svc.output(job, "seg", "application/dicom", f"{job.name}_seg.dcm")
 
 
+@api.get("/jobs/{job_id}/rtstruct", response_model=None)
+def rtstruct(job_id: str, svc: Service = Depends(service)) -> FileResponse:
+    """A DICOM job's mask as a DICOM RT Structure Set (contours) referencing its series."""
+    job = svc.finished(job_id)
+    if job.kind != "dicom":
+        raise HTTPException(404, f"job {job.id} has no rtstruct: only DICOM inputs get one")
+    return svc.output(job, "rtstruct", "application/dicom", f"{job.name}_rtstruct.dcm")
+
+
+@api.get("/jobs/{job_id}/overlay_series", response_model=None)
+def overlay_series(job_id: str, svc: Service = Depends(service)) -> Response:
+    """A PACS job's coloured overlay series (asked for with ``store: ["overlay"]``) as a zip of its DICOM files."""
+    job = svc.finished(job_id)
+    if job.kind != "dicom" or "overlay_series" not in job.outputs:
+        raise HTTPException(404, f"job {job.id} has no overlay_series: a PACS job writes one when its request "
+                                 "asks to store \"overlay\"")
+    return svc.zipped(job, "overlay_series", f"{job.name}_overlay_dcm.zip")
+
+
 @api.get("/jobs/{job_id}/overlay.png", response_model=None)
 def overlay(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     job = svc.finished(job_id)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import secrets
 import shutil
+import zipfile
 
 from fastapi import Header, HTTPException, Request, UploadFile
 from fastapi.responses import FileResponse, Response
@@ -29,7 +31,9 @@ from .uploads import MAX_ZIP_EXPANSION, BadUpload, input_notes, safe_name, store
 from .worker import Segmenter
 
 SEGMENT_POLL_S = 0.05
-PACS_REQUEST = 'send {"study_uid": "...", "series_uid": "..."} (the series to segment)'
+PACS_REQUEST = ('send {"study_uid": "...", "series_uid": "..."} (the series to segment), optionally with "store": '
+                '["seg", "rtstruct", "overlay"] (what to store back; default ["seg"])')
+STORABLE = ("seg", "rtstruct", "overlay")
 DELETE_WAIT_S = 10.0  # a DELETE of a running job waits this long for it to stop at its next window
 TOKEN_REFUSAL = "missing or wrong token: send the header 'Authorization: Bearer <token>'"
 
@@ -126,6 +130,9 @@ class Service:
             raise HTTPException(400, PACS_REQUEST)
         if self.expected.spatial_dims != 3:
             raise HTTPException(400, "this model takes pictures, not DICOM series: send a PNG or JPEG file")
+        store = body.get("store", ["seg"])
+        if not isinstance(store, list) or not all(isinstance(s, str) and s in STORABLE for s in store):
+            raise HTTPException(400, f"'store' must be a list of {', '.join(STORABLE)}: {PACS_REQUEST}")
         try:
             study, series = check_uid(body["study_uid"], "study_uid"), check_uid(body["series_uid"], "series_uid")
         except PacsError as exc:
@@ -147,7 +154,7 @@ class Service:
             raise
         job = Job(job_id, display, kind, path.name, [int(n) for n in declared.shape],
                   [round(float(s), 4) for s in declared.spacing], notes=input_notes(folder))
-        job.pacs = {"study_uid": study, "series_uid": series}
+        job.pacs = {"study_uid": study, "series_uid": series, "store": list(dict.fromkeys(store))}
         return job
 
     def queue_full(self) -> HTTPException:
@@ -199,6 +206,16 @@ class Service:
         headers = {"Content-Disposition": f'attachment; filename="{download}"'} if download else None
         return FileResponse(self.store.folder(job.id) / name, media_type=media_type, headers=headers)
 
+    def zipped(self, job: Job, key: str, download: str) -> Response:
+        """The folder output ``key`` of a job as one zip (stored: DICOM images compress little), in memory."""
+        folder = self.store.folder(job.id) / job.outputs[key]
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted(folder.iterdir()):
+                archive.write(path, path.name)
+        return Response(buffer.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{download}"'})
+
     def mask(self, job: Job) -> FileResponse:
         picture = job.outputs["mask"].endswith(".png")
         suffix = ".png" if picture else ".nii.gz"
@@ -207,7 +224,7 @@ class Service:
     def view(self, job: Job) -> dict:
         base = f"/jobs/{job.id}"
         links = {"mask": f"{base}/mask", "overlay": f"{base}/overlay.png", "volumes": f"{base}/volumes",
-                 **({"seg": f"{base}/seg"} if job.kind == "dicom" else {})}
+                 **({kind: f"{base}/{kind}" for kind in ("seg", "rtstruct", "overlay_series") if kind in job.outputs})}
         return {"id": job.id, "state": job.state, "progress": round(job.progress, 4),
                 "windows_done": job.windows_done, "windows_total": job.windows_total, "error": job.error,
                 "name": job.name, "kind": job.kind, "shape": job.shape, "spacing": job.spacing,

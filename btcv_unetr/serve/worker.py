@@ -18,8 +18,9 @@ from ..data.datalist import class_names
 from ..data.images import read_volume, write_mask
 from ..errors import UserError
 from ..files import atomic_write_text
-from ..inference.dicom_seg import write_dicom_seg
+from ..inference.dicom_outputs import BY_SHORT_NAME, dicom_files, write_dicom_output
 from ..inference.plots import class_colours, save_case_overlay
+from ..io.card import card_warning
 from ..labels import PLAUSIBLE_VOLUMES_ML, volume_flag
 from .jobs import Job, JobStore
 from .pacs import PacsError, store_instance
@@ -87,37 +88,49 @@ class Segmenter:
         atomic_write_text(folder / "volumes.json", json.dumps(organ_volumes(labels, affine, self.names)))
         job.outputs = {"mask": mask.name, "volumes": "volumes.json"}
         if job.kind == "dicom":
-            self._write_seg(job, folder, affine, labels)
+            self._write_dicom_outputs(job, folder, affine, labels)
 
-    def _write_seg(self, job: Job, folder: Path, affine: np.ndarray, labels: np.ndarray) -> None:
-        """``seg.dcm``: ``labels`` ``(X, Y, Z)`` (on the grid of RAS ``affine``) as a DICOM Segmentation of the
-        job's series in ``folder/dicom``; stored back on the PACS for a job taken from it. A SEG that cannot be
-        written (no dicom extra, a series that is not one stack of parallel slices) leaves the job done
-        without it: the mask is the job's result."""
+    def _write_dicom_outputs(self, job: Job, folder: Path, affine: np.ndarray, labels: np.ndarray) -> None:
+        """``labels`` ``(X, Y, Z)`` (on the grid of RAS ``affine``) as DICOM objects of the job's series in
+        ``folder/dicom``: SEG and RTSTRUCT for every DICOM job, and what a PACS job asks to store (``store``, the
+        overlay series too), stored back. One that cannot be written (no dicom extra, a series it cannot
+        reference) leaves the job done without it, with a note: the mask is the job's result."""
         dicom = folder / "dicom"
         files = series_record_files(folder)
         if not files:  # a job kept from an older version, which recorded no stacked files
             return
-        try:
-            write_dicom_seg(labels, affine, files, self.names, folder / "seg.dcm", provenance=job.provenance)
-        except UserError as exc:
-            why = str(exc).replace(str(dicom), job.name)  # never the server's paths
-            print(f"job {job.id}: no SEG: {why}", file=sys.stderr)
-            job.notes.append(f"no DICOM SEG was written: {why}")  # the mask is still the job's result
-            if job.pacs is not None:
-                job.stored_to_pacs = f"no SEG was written: {why}"
-            return
-        job.outputs["seg"] = "seg.dcm"
-        if job.pacs is None:
-            return
+        store = list((job.pacs or {}).get("store") or ["seg"]) if job.pacs is not None else []
+        warning = card_warning(self.predictor.model_card)
+        problems = []
+        for short in dict.fromkeys(["seg", "rtstruct", *store]):
+            output = BY_SHORT_NAME[short]
+            path = folder / f"{output.short}{'.dcm' if output.ending.endswith('.dcm') else '_dcm'}"
+            try:
+                write_dicom_output(output, labels, affine, files, self.names, path, provenance=job.provenance,
+                                   warning=warning)
+            except (UserError, ImportError) as exc:
+                why = str(exc).replace(str(dicom), job.name)  # never the server's paths
+                print(f"job {job.id}: no {output.what}: {why}", file=sys.stderr)
+                job.notes.append(f"no {output.what} was written: {why}")  # the mask is still the job's result
+                if short in store:
+                    problems.append(f"no {output.what} was written: {why}")
+                continue
+            job.outputs[output.kind] = path.name
+            if short in store:
+                problems.extend(self._store(path, output))
+        if job.pacs is not None:
+            job.stored_to_pacs = "; ".join(problems) if problems else True
+
+    def _store(self, path: Path, output) -> list[str]:
+        """STOW-RS of the files of one output; what went wrong, one line each."""
         if not self.dicomweb:  # a PACS job kept over a restart without --dicomweb
-            job.stored_to_pacs = "not stored: this server runs without --dicomweb now"
-            return
+            return [f"{output.what} not stored: this server runs without --dicomweb now"]
         try:
-            store_instance(self.dicomweb, folder / "seg.dcm")
-            job.stored_to_pacs = True
+            for file in dicom_files(path):
+                store_instance(self.dicomweb, file)
         except PacsError as exc:
-            job.stored_to_pacs = exc.detail
+            return [f"{output.what}: {exc.detail}"]
+        return []
 
     def draw_overlay(self, job: Job) -> Path | None:
         """``overlay.png`` of a done job, drawn on first request (outside the inference worker: matplotlib
