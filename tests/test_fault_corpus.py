@@ -690,12 +690,67 @@ def infer_case_names_with_newlines_in_the_per_case_lines(tmp, ctx):
     return _infer(tmp, ctx["weights"], tmp / "in"), "2 of 2 case(s) failed (listed above)"
 
 
+# ---- DICOM folders as scanners and anonymisers leave them (issue 27): series built from pydicom's GE CT slice ----
+
+
+def _ct_series(folder: Path, count: int = 4, **edits) -> list:
+    """``count`` copies of pydicom's CT_small.dcm 2 mm apart in ``folder`` (tests/test_dicom_wild.py builds them)."""
+    from test_dicom_wild import _ct_slices, _write
+    slices = _ct_slices(count, **edits)
+    _write(slices, folder)
+    return slices
+
+
+def infer_dicom_folder_of_another_modality(tmp, ctx):
+    _ct_series(tmp / "mr", Modality="MR")
+    return (_infer(tmp, ctx["weights"], tmp / "mr"),
+            f"{tmp}/mr: a MR series, and this model segments CT: its intensities mean something else (give "
+            "--any_modality to segment it anyway)")
+
+
+def infer_dicom_two_different_slices_at_one_position(tmp, ctx):
+    slices = _ct_series(tmp / "mixed")
+    slices[2].ImagePositionPatient = list(slices[1].ImagePositionPatient)
+    slices[2].save_as(str(tmp / "mixed" / "0002.dcm"), enforce_file_format=False)
+    return (_infer(tmp, ctx["weights"], tmp / "mixed"),
+            f"{tmp}/mixed: two different slices at one position")
+
+
+def infer_dicom_gantry_tilt(tmp, ctx):
+    slices = _ct_series(tmp / "tilted")
+    for k, ds in enumerate(slices):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 1.0 * k, z]
+        ds.save_as(str(tmp / "tilted" / f"{k:04d}.dcm"), enforce_file_format=False)
+    return (_infer(tmp, ctx["weights"], tmp / "tilted"), f"{tmp}/tilted: a gantry tilt of about 26.6 degrees")
+
+
+def infer_dicom_slice_that_cannot_be_decoded(tmp, ctx):
+    _ct_series(tmp / "cut")
+    data = (tmp / "cut" / "0001.dcm").read_bytes()
+    (tmp / "cut" / "0001.dcm").write_bytes(data[:len(data) - 5000])  # the pixel data cut short
+    return (_infer(tmp, ctx["weights"], tmp / "cut"),
+            f"{tmp}/cut: 0001.dcm: the pixels of this DICOM file (Explicit VR Little Endian) cannot be decoded")
+
+
+def infer_dicom_only_a_localizer(tmp, ctx):
+    _ct_series(tmp / "scout", count=2, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    return (_infer(tmp, ctx["weights"], tmp / "scout"),
+            f"{tmp}/scout: no DICOM image series that can be stacked into a volume (found: ")
+
+
+def infer_dicom_series_uid_not_in_the_folder(tmp, ctx):
+    _ct_series(tmp / "study")
+    return (_infer(tmp, ctx["weights"], tmp / "study", "--series_uid", "1.2.3.4"),
+            f"{tmp}/study: no stackable DICOM series with --series_uid 1.2.3.4 (found: ")
+
+
 CASES = [value for name, value in dict(globals()).items()
          if name.split("_")[0] in ("check", "train", "infer", "export", "evaluate", "serve") and callable(value)]
 
 
 # How many cases the module defines: a case renamed out of the prefixes above would drop out silently.
-NUMBER_OF_CASES = 78
+NUMBER_OF_CASES = 84
 assert len(CASES) == NUMBER_OF_CASES, f"{len(CASES)} cases collected, {NUMBER_OF_CASES} expected"
 
 
