@@ -814,3 +814,15 @@ def test_the_window_count_is_printed_before_each_case_runs(shared, tmp_path, cap
     lines = capsys.readouterr().out.splitlines()
     counted = lines.index("long.nii.gz: 18 sliding windows (overlap 0.75)")
     assert counted < next(index for index, line in enumerate(lines) if line.startswith("long: (96, 40, 32) in "))
+
+
+def test_a_segmented_case_named_with_a_newline_prints_no_line_of_its_own(shared, tmp_path, capsys):
+    """A valid scan whose name holds a newline: every line that names it (windows, kept, done) shows it escaped."""
+    scan = tmp_path / "in" / f"a\n{FORGED}.nii.gz"
+    scan.parent.mkdir()
+    shutil.copy(shared["scan"], scan)
+    argv = _infer(tmp_path, shared["weights"], tmp_path / "in", "--infer_overlap", "0")
+    for _ in range(2):  # segmented, then kept
+        assert cli.main(argv) == 0
+        out, err = capsys.readouterr()
+        assert "a\\n" in out and not any(line.startswith(FORGED) for line in (out + err).splitlines()), out + err

@@ -19,7 +19,7 @@ from ..config.schema import Config
 from ..data.images import check_picture_size, is_picture
 from ..data.transforms import NonFiniteVoxels, infer_transforms
 from ..distributed import pick_device
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..io.card import model_card_lines
 from ..model.build import describe_model_size
 from ..model.speed import compile_if_asked, prepare_model
@@ -174,8 +174,9 @@ class Predictor:
         image = self.prepare(path)
         self.check_windows(image, path)
         windows = self.window_count(image)
-        print(f"{Path(path).name}: {windows:,} sliding window{'s' if windows != 1 else ''} (overlap "
-              f"{self.config.infer.infer_overlap:g}{f', {self.passes()} passes' if self.passes() > 1 else ''})")
+        passes = f", {self.passes()} passes" if self.passes() > 1 else ""
+        print(one_line(f"{Path(path).name}: {windows:,} sliding window{'s' if windows != 1 else ''} (overlap "
+                       f"{self.config.infer.infer_overlap:g}{passes})"))
         return self.to_scan(self.probabilities(image), image, keep_probabilities)
 
     def provenance(self) -> dict:
