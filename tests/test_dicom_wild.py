@@ -173,6 +173,48 @@ def test_monochrome1_padding_and_rescale_give_hounsfield_units(tmp_path):
     assert (volume.voxels[:4, :4] == -1024).all()
 
 
+def _enhanced_ct(slices, path: Path) -> None:
+    """The slices as one Enhanced CT Image (multi-frame): orientation, spacing and rescale in the shared functional
+    groups, each frame's position in its own, the frames in the order of ``slices``."""
+    from pydicom.dataset import Dataset
+    first = copy.deepcopy(slices[0])
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+                    "RescaleIntercept", "RescaleSlope", "SliceLocation", "InstanceNumber"):
+        if keyword in first:
+            delattr(first, keyword)
+    first.SOPClassUID = first.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+    first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    first.NumberOfFrames, first.ImageType = len(slices), ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    shared, measures, orientation, rescale = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = slices[0].PixelSpacing, STEP
+    orientation.ImageOrientationPatient = slices[0].ImageOrientationPatient
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = slices[0].RescaleIntercept, 1, "HU"
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    shared.PixelValueTransformationSequence = [rescale]
+    first.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for item in slices:
+        frame, position = Dataset(), Dataset()
+        position.ImagePositionPatient = item.ImagePositionPatient
+        frame.PlanePositionSequence = [position]
+        frames.append(frame)
+    first.PerFrameFunctionalGroupsSequence = frames
+    first.PixelData = b"".join(item.PixelData for item in slices)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first.save_as(str(path), enforce_file_format=False)
+
+
+def test_an_enhanced_multiframe_ct_is_the_volume_of_its_single_frame_series(tmp_path):
+    """Frames stored in reverse order, placed by their per-frame positions; rescale from the shared groups."""
+    slices = _ct_slices(5)
+    _write(slices, tmp_path / "single")
+    _enhanced_ct(slices[::-1], tmp_path / "enhanced" / "ct.dcm")
+    enhanced, single = _read(tmp_path / "enhanced"), _read(tmp_path / "single")
+    assert enhanced.voxels.shape == (128, 128, 5) and [s.frame for s in enhanced.slices] == [4, 3, 2, 1, 0]
+    np.testing.assert_array_equal(enhanced.voxels, single.voxels)
+    np.testing.assert_allclose(enhanced.affine, single.affine)
+
+
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
                                   "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"])
 def test_every_lossless_transfer_syntax_decodes_to_the_uncompressed_pixels(name):
@@ -283,3 +325,18 @@ def test_an_unknown_output_format_is_one_line(capsys):
     assert cli.main(["infer", "--output_format", "dicom_seg,pdf", "--input", "x"]) == 2
     assert capsys.readouterr().err.strip() == ("error: config key 'output_format': 'dicom_seg,pdf': give nifti or any of "
                                                "dicom_seg, dicom_rtstruct, dicom_overlay separated by commas")
+
+
+def test_an_enhanced_ct_gets_its_mask_and_overlay_and_one_line_for_the_seg(weights, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    _enhanced_ct(_ct_slices(3), tmp_path / "enhanced" / "ct.dcm")
+    from btcv_unetr import cli
+    argv = ["infer", "--config", "tiny.yaml", "--pretrained_dir", str(weights), "--pretrained_model_name", "w.pth",
+            "--input", str(tmp_path / "enhanced"), "--output_dir", str(tmp_path / "out"), "--output_format",
+            "dicom_seg,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert nib.load(tmp_path / "out" / "enhanced_seg.nii.gz").shape == (128, 128, 3)
+    assert len(list((tmp_path / "out" / "enhanced_overlay_dcm").iterdir())) == 3
+    assert not (tmp_path / "out" / "enhanced_seg.dcm").exists()
+    assert f"warning: enhanced: no DICOM SEG written: {tmp_path / 'enhanced'}: a multi-frame (enhanced) image" in err

@@ -174,6 +174,9 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
     display = str(Path(source_files[0]).parent)
     sources = [_with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
                for name in source_files]
+    if any(int(str(s.get("NumberOfFrames") or 1)) > 1 for s in sources):
+        raise UserError(f"{display}: a multi-frame (enhanced) image: a SEG of one is not written yet; the mask is "
+                        "written as NIfTI only (--output_format dicom_overlay draws it)")
     indices = slice_indices(sources, affine, labels.shape, display)
     if not getattr(sources[0], "FrameOfReferenceUID", None):
         # A SEG is placed on its images through their frame of reference: one made up here would not match.
