@@ -23,11 +23,11 @@ from test_dicom_wild import _ct_slices, _write  # noqa: E402
 from btcv_unetr.data import dicom as reader  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
 from btcv_unetr.inference import dicom_rtstruct  # noqa: E402
+from btcv_unetr.inference.dicom_outputs import warning_label  # noqa: E402
 from btcv_unetr.inference.dicom_rtstruct import (  # noqa: E402
     EXTRA_LINE,
     RT_STRUCTURE_SET_STORAGE,
     plane_contours,
-    warning_label,
     write_dicom_rtstruct,
 )
 from btcv_unetr.inference.plots import class_colours  # noqa: E402

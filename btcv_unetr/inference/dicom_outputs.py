@@ -3,6 +3,7 @@
     DICOM_OUTPUTS      format name (``--output_format``) -> :class:`DicomOutput` (its file name, its writer)
     wanted_outputs     the DICOM outputs the flags ask for
     write_dicom_output one output of one case; a series the format cannot reference is one :class:`UserError` line
+    warning_label      a description marked "NOT FOR CLINICAL USE: ..." when the model card warns (every writer's)
 
 Each writer takes the labels ``(X, Y, Z)`` on the series' grid (as btcv_unetr.data.dicom reads it), that grid's RAS
 affine, the series files stacked into it, the class names, the provenance of the mask and the model card's warning
@@ -39,6 +40,26 @@ DICOM_OUTPUTS: dict[str, DicomOutput] = {o.format: o for o in (
     DicomOutput("dicom_overlay", "overlay", "overlay_series", "_overlay_dcm", "dicom_overlay:write_dicom_overlay",
                 "DICOM overlay series"),
 )}
+
+
+LO_LIMIT = 64  # characters of a DICOM LO value (SeriesDescription, ContentDescription)
+
+
+def warning_label(warning: str | None, plain: str) -> str:
+    """``plain`` without a warning; with one, its gist after "NOT FOR CLINICAL USE: ", cut to 64 characters (an LO
+    such as SeriesDescription): what a PACS shows in its series list."""
+    if not warning:
+        return plain[:LO_LIMIT]
+    text = warning.lower()
+    if "phantom" in text:
+        gist = "phantom-trained"
+    elif "synthetic" in text:
+        gist = "trained on synthetic data"
+    elif "random" in text or "never trained" in text:
+        gist = "untrained weights"
+    else:
+        gist = warning.removeprefix("WARNING:").strip()
+    return f"NOT FOR CLINICAL USE: {gist}"[:LO_LIMIT]
 
 
 BY_SHORT_NAME = {o.short: o for o in DICOM_OUTPUTS.values()}

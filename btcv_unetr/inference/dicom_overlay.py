@@ -35,6 +35,7 @@ from ..data import dicom as reader
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
+from .dicom_outputs import warning_label
 from .dicom_seg import COSINE_TOLERANCE, POSITION_TOLERANCE
 from .plots import class_colours, legend_entries
 
@@ -316,7 +317,7 @@ def _texts(warning: str | None, provenance: Mapping | None) -> dict[str, str]:
     comments = [warning.strip()] if warned else []
     if provenance:
         comments.append(json.dumps(dict(provenance), sort_keys=True))
-    return {"series": ("NOT FOR CLINICAL USE - " if warned else "") + "UNETR organ overlay",
+    return {"series": warning_label(warning if warned else None, "UNETR organ overlay"),
             "derivation": (f"CT slice in a soft-tissue window (W {WINDOW[1]:g}, L {WINDOW[0]:g}) with the organs "
                            f"segmented by btcv-unetr {__version__} (UNETR) blended in colour (alpha {ALPHA:g}), "
                            "outlines opaque, a legend of the organs on the slice"

@@ -1,7 +1,6 @@
 """DICOM RT Structure Sets (RTSTRUCT) of masks of DICOM series: the contours radiotherapy systems and many PACS show.
 
     require_skimage        scikit-image (the ``post`` extra), or one line that says how to install it
-    warning_label          a model card's warning shortened for a 64-character description ("NOT FOR CLINICAL USE: ...")
     plane_contours         closed polygons around the voxels of one plane of one class, in voxel coordinates
     write_dicom_rtstruct   labels on the series' grid -> one RTSTRUCT file referencing the series, atomically
 
@@ -36,6 +35,7 @@ from .. import __version__
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
+from .dicom_outputs import warning_label
 from .dicom_seg import _with_uids, organ_codes, slice_indices
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -45,7 +45,7 @@ STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
 EXTRA_LINE = "--output_format dicom_rtstruct needs scikit-image to trace contours: pip install 'btcv-unetr[post]'"
 NIFTI_ONLY = "the mask is written as NIfTI only"
 SPACING_TOLERANCE = 1e-3  # relative: PixelSpacing against the affine's in-plane steps (stored as float32)
-ST_LIMIT, LO_LIMIT = 1024, 64  # characters of the value representations ST and LO
+ST_LIMIT, LO_LIMIT = 1024, 64  # characters of the value representations ST and LO (LO: dicom_outputs too)
 
 PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
@@ -60,23 +60,6 @@ def require_skimage() -> None:
         import skimage.measure  # noqa: F401
     except ImportError:
         raise UserError(EXTRA_LINE) from None
-
-
-def warning_label(warning: str | None, plain: str) -> str:
-    """``plain`` without a warning; with one, its gist after "NOT FOR CLINICAL USE: ", cut to 64 characters (an LO
-    such as SeriesDescription): what a PACS shows in its series list."""
-    if not warning:
-        return plain[:LO_LIMIT]
-    text = warning.lower()
-    if "phantom" in text:
-        gist = "phantom-trained"
-    elif "synthetic" in text:
-        gist = "trained on synthetic data"
-    elif "random" in text or "never trained" in text:
-        gist = "untrained weights"
-    else:
-        gist = warning.removeprefix("WARNING:").strip()
-    return f"NOT FOR CLINICAL USE: {gist}"[:LO_LIMIT]
 
 
 def plane_contours(plane: np.ndarray) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ from .. import __version__
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
+from .dicom_outputs import warning_label
 
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
@@ -116,16 +117,6 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
     return indices
 
 
-NOT_CLINICAL = "NOT FOR CLINICAL USE"
-
-
-def _labelled(text: str, warning: str | None, limit: int = 64) -> str:
-    """``text`` as a DICOM LO value (at most ``limit`` characters), marked "NOT FOR CLINICAL USE" when the model
-    card warns (a viewer shows the series description in its series list: the warning must be seen there)."""
-    marked = f"{NOT_CLINICAL}: {text}" if warning else text
-    return marked[:limit]
-
-
 def _with_uids(dataset, path: Path, display: str):
     """``dataset`` with its SOP Class and Instance UIDs, taken from the file meta header where an anonymiser emptied
     them in the dataset (a SEG references each source image by both); one line when neither place has them."""
@@ -191,8 +182,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
             series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
             software_versions=__version__, device_serial_number="none",
-            content_description=_labelled("abdominal organs (UNETR, BTCV classes)", warning),
-            series_description=_labelled("UNETR organ segmentation", warning))
+            content_description=warning_label(warning, "abdominal organs (UNETR, BTCV classes)"),
+            series_description=warning_label(warning, "UNETR organ segmentation"))
     except (ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom's checks of the sources' attributes
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0] or type(exc).__name__
         raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \
