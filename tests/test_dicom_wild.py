@@ -219,14 +219,14 @@ def test_an_enhanced_multiframe_ct_is_the_volume_of_its_single_frame_series(tmp_
                                   "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm"])
 def test_every_lossless_transfer_syntax_decodes_to_the_uncompressed_pixels(name):
     reference = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array
-    decoded = reader._decode(Path(get_testdata_file(name)), "mr")
+    decoded = reader.decode_frames(Path(get_testdata_file(name)), "mr")
     np.testing.assert_array_equal(decoded, reference[None].astype(np.float32))
 
 
 def test_12_bit_jpeg_and_jpeg_2000_from_other_writers_decode(tmp_path):
-    extended = reader._decode(Path(get_testdata_file("JPGExtended.dcm")), "nm")  # pydicom alone cannot: 12-bit
+    extended = reader.decode_frames(Path(get_testdata_file("JPGExtended.dcm")), "nm")  # pydicom alone cannot: 12-bit
     assert extended.shape == (1, 1024, 256) and 0 < extended.max() < 4096 and extended.std() > 0
-    ct_j2k = reader._decode(Path(get_testdata_file("693_J2KI.dcm")), "ct")  # a 512^2 CT slice, JPEG 2000
+    ct_j2k = reader.decode_frames(Path(get_testdata_file("693_J2KI.dcm")), "ct")  # a 512^2 CT slice, JPEG 2000
     assert ct_j2k.shape == (1, 512, 512) and ct_j2k.std() > 0
 
 
@@ -236,7 +236,7 @@ def test_12_bit_jpeg_and_jpeg_2000_from_other_writers_decode(tmp_path):
                                          "cannot be decoded")])
 def test_a_file_nobody_can_decode_is_one_line_naming_it(name, says):
     with pytest.raises(UserError, match=None) as refused:
-        reader._decode(Path(get_testdata_file(name)), "series")
+        reader.decode_frames(Path(get_testdata_file(name)), "series")
     assert says in str(refused.value) and "\n" not in str(refused.value)
 
 
@@ -309,8 +309,8 @@ def test_test_py_writes_every_dicom_output_marked_with_the_phantom_warning(train
             "dicom_seg,dicom_rtstruct,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0"]
     assert cli.main(argv) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["ct_overlay_dcm", "ct_rtstruct.dcm", "ct_seg.dcm",
-                                                     "ct_seg.nii.gz"]
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert written == ["ct_overlay_dcm", "ct_rtstruct.dcm", "ct_seg.dcm", "ct_seg.nii.gz"]
     overlays = sorted((out / "ct_overlay_dcm").iterdir())
     assert len(overlays) == 4
     for path in (out / "ct_seg.dcm", out / "ct_rtstruct.dcm", overlays[0]):
@@ -323,8 +323,9 @@ def test_test_py_writes_every_dicom_output_marked_with_the_phantom_warning(train
 def test_an_unknown_output_format_is_one_line(capsys):
     from btcv_unetr import cli
     assert cli.main(["infer", "--output_format", "dicom_seg,pdf", "--input", "x"]) == 2
-    assert capsys.readouterr().err.strip() == ("error: config key 'output_format': 'dicom_seg,pdf': give nifti or any of "
-                                               "dicom_seg, dicom_rtstruct, dicom_overlay separated by commas")
+    assert capsys.readouterr().err.strip() == (
+        "error: config key 'output_format': 'dicom_seg,pdf': give nifti or any of dicom_seg, dicom_rtstruct, "
+        "dicom_overlay separated by commas")
 
 
 def test_an_enhanced_ct_gets_its_mask_and_overlay_and_one_line_for_the_seg(weights, tmp_path, capsys):

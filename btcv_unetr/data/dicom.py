@@ -6,6 +6,8 @@
     read_series       voxels ``(X, Y, Z)`` float32 in modality units (Hounsfield for CT) and a RAS affine, from the
                       positions the files declare; what was repaired is said in ``notes``
     write_series_as_nifti   the same, written atomically as NIfTI (the rest of the pipeline reads files)
+    read_header, header_text, sop_class_uid, sop_instance_uid, frame_geometry, decode_frames
+                      one file's header and pixels, for the DICOM writers that place their objects on the series
 
 Headers are read by pydicom (tolerant of missing meta headers, implicit VR, big endian, empty UIDs); pixels are
 decoded by GDCM through SimpleITK, which reads every transfer syntax scanners send (uncompressed, deflate, RLE, JPEG
@@ -94,22 +96,22 @@ class SeriesVolume:
     notes: list[str]
 
 
-def _text(dataset, keyword: str) -> str:
+def header_text(dataset, keyword: str) -> str:
     value = dataset.get(keyword, "")
     return str(value).strip() if value is not None else ""
 
 
-def _sop_class(dataset) -> str:
+def sop_class_uid(dataset) -> str:
     """The SOP Class UID of the dataset, else the file meta header's (anonymisers empty the dataset's)."""
-    uid = _text(dataset, "SOPClassUID")
+    uid = header_text(dataset, "SOPClassUID")
     meta = getattr(dataset, "file_meta", None)
-    return uid or (_text(meta, "MediaStorageSOPClassUID") if meta is not None else "")
+    return uid or (header_text(meta, "MediaStorageSOPClassUID") if meta is not None else "")
 
 
-def _instance_uid(dataset) -> str:
-    uid = _text(dataset, "SOPInstanceUID")
+def sop_instance_uid(dataset) -> str:
+    uid = header_text(dataset, "SOPInstanceUID")
     meta = getattr(dataset, "file_meta", None)
-    return uid or (_text(meta, "MediaStorageSOPInstanceUID") if meta is not None else "")
+    return uid or (header_text(meta, "MediaStorageSOPInstanceUID") if meta is not None else "")
 
 
 def _floats(value, count: int) -> np.ndarray | None:
@@ -120,7 +122,7 @@ def _floats(value, count: int) -> np.ndarray | None:
     return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
 
 
-def _frame_geometry(dataset, frame: int | None) -> tuple[np.ndarray | None, np.ndarray | None, tuple | None]:
+def frame_geometry(dataset, frame: int | None) -> tuple[np.ndarray | None, np.ndarray | None, tuple | None]:
     """(position, orientation, pixel spacing) of a single-frame image, or of one frame of an enhanced multi-frame
     image (per-frame functional groups, else the shared ones)."""
     if frame is None:
@@ -144,7 +146,7 @@ def _frame_geometry(dataset, frame: int | None) -> tuple[np.ndarray | None, np.n
 
 def _image_kind(dataset, sop_class: str) -> str | None:
     """What an image file is for stacking; None for what is not an image at all (SR, RT plans, SEG ...)."""
-    modality = _text(dataset, "Modality").upper()
+    modality = header_text(dataset, "Modality").upper()
     if modality in NOT_IMAGES or "Rows" not in dataset or "Columns" not in dataset:
         return None
     if sop_class.startswith(SECONDARY_CAPTURE):
@@ -155,7 +157,7 @@ def _image_kind(dataset, sop_class: str) -> str | None:
     return "volume"
 
 
-def _read_header(path: Path):
+def read_header(path: Path):
     """pydicom's dataset of ``path`` without its pixels, or None for a file that is not DICOM."""
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -179,25 +181,25 @@ def find_series(folder: Path) -> list[Series]:
     UID holds images of different orientations or sizes (a localizer sent with its CT) or kinds."""
     groups: dict[tuple, Series] = {}
     for path in _files_under(folder):
-        dataset = _read_header(path)
+        dataset = read_header(path)
         if dataset is None:
             continue
-        kind = _image_kind(dataset, _sop_class(dataset))
+        kind = _image_kind(dataset, sop_class_uid(dataset))
         if kind is None:
             continue
         frames = int(dataset.get("NumberOfFrames") or 1) if str(dataset.get("NumberOfFrames") or "1").isdigit() else 1
         for frame in ([None] if frames == 1 else range(frames)):
-            position, orientation, spacing = _frame_geometry(dataset, frame)
+            position, orientation, spacing = frame_geometry(dataset, frame)
             frame_kind = kind if position is not None and orientation is not None else "no geometry"
-            uid = _text(dataset, "SeriesInstanceUID")
+            uid = header_text(dataset, "SeriesInstanceUID")
             key = (uid, frame_kind, None if orientation is None else tuple(np.round(orientation, 3)),
                    int(dataset.Rows), int(dataset.Columns))
-            series = groups.setdefault(key, Series(uid, _text(dataset, "Modality").upper(),
-                                                   _text(dataset, "SeriesDescription"), frame_kind))
+            series = groups.setdefault(key, Series(uid, header_text(dataset, "Modality").upper(),
+                                                   header_text(dataset, "SeriesDescription"), frame_kind))
             series.slices.append(Slice(path, frame, position if position is not None else np.zeros(3),
                                        orientation if orientation is not None else np.array([1., 0, 0, 0, 1, 0]),
                                        tuple(spacing) if spacing is not None else (1.0, 1.0),
-                                       int(dataset.Rows), int(dataset.Columns), _instance_uid(dataset)))
+                                       int(dataset.Rows), int(dataset.Columns), sop_instance_uid(dataset)))
     return sorted(groups.values(), key=lambda s: (s.kind != "volume", -len(s.slices), s.uid))
 
 
@@ -247,14 +249,14 @@ def planned_grid(series: Series) -> tuple[tuple[int, int, int], tuple[float, flo
     return (first.columns, first.rows, len(grid)), (first.pixel_spacing[1], first.pixel_spacing[0], step)
 
 
-def _decode(path: Path, display: str) -> np.ndarray:
+def decode_frames(path: Path, display: str) -> np.ndarray:
     """All frames of ``path`` as ``(frames, rows, columns)`` float32 in modality units (rescale slope and intercept
     applied), as stored: MONOCHROME1 is not inverted (GDCM inverts it for display; the units are the same)."""
     import SimpleITK as sitk
     try:
         image = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
     except RuntimeError as exc:
-        dataset = _read_header(path)
+        dataset = read_header(path)
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         named = f" ({syntax.name})" if syntax is not None and getattr(syntax, "name", "") else ""
         last = (str(exc).strip().splitlines() or ["cannot be read"])[-1].split(": ")[-1]
@@ -267,8 +269,8 @@ def _decode(path: Path, display: str) -> np.ndarray:
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)
     if voxels.ndim == 2:
         voxels = voxels[None]
-    dataset = _read_header(path)
-    if _text(dataset, "PhotometricInterpretation").upper() == "MONOCHROME1":
+    dataset = read_header(path)
+    if header_text(dataset, "PhotometricInterpretation").upper() == "MONOCHROME1":
         # GDCM stored max - value (bitwise NOT for signed pixels) before the rescale: undone here.
         slope = float(dataset.get("RescaleSlope") or 1.0)
         intercept = float(dataset.get("RescaleIntercept") or 0.0)
@@ -283,7 +285,7 @@ def _pixels(slices: Sequence[Slice], display: str) -> list[np.ndarray]:
     out = []
     for item in slices:
         if item.path not in decoded:
-            decoded[item.path] = _decode(item.path, display)
+            decoded[item.path] = decode_frames(item.path, display)
         frames = decoded[item.path]
         out.append(frames[item.frame or 0])
     return out
@@ -391,7 +393,7 @@ def read_series(series: Series, display: str) -> SeriesVolume:
 
 def series_slice_thickness(item: Slice) -> float | None:
     """SpacingBetweenSlices, else SliceThickness, of a one-slice series (its only hint of a third spacing)."""
-    dataset = _read_header(item.path)
+    dataset = read_header(item.path)
     for keyword in ("SpacingBetweenSlices", "SliceThickness"):
         value = _floats([dataset.get(keyword)] if dataset is not None and dataset.get(keyword) else [], 1)
         if value is not None and value[0] > 0:

@@ -200,13 +200,13 @@ def _sources(source_files: Sequence[Path], affine: np.ndarray, shape: tuple[int,
     found: dict[int, _Source] = {}
     for name in source_files:
         path = Path(name)
-        dataset = reader._read_header(path)
+        dataset = reader.read_header(path)
         if dataset is None:
             raise _refuse(display, f"{path.name} is not a DICOM file")
         frames_text = str(dataset.get("NumberOfFrames") or "1")
         frames = int(frames_text) if frames_text.isdigit() and int(frames_text) > 1 else 1
         for frame in [None] if frames == 1 else range(frames):
-            position, orientation, spacing = reader._frame_geometry(dataset, frame)
+            position, orientation, spacing = reader.frame_geometry(dataset, frame)
             if position is None or orientation is None or spacing is None:
                 raise _refuse(display, f"{path.name} has no position, orientation or pixel spacing, which place an "
                                        "overlay image on its slice")
@@ -229,7 +229,7 @@ def _study_uids(first: _Source, display: str) -> tuple[str, str]:
     uids = []
     for keyword, why in (("StudyInstanceUID", "which an overlay series needs to join its study"),
                          ("FrameOfReferenceUID", "which places an overlay series on the CT")):
-        value = reader._text(first.dataset, keyword)
+        value = reader.header_text(first.dataset, keyword)
         if not value:
             raise _refuse(display, f"the series has no {keyword} ({first.path.name}; emptied by an anonymiser?), "
                                    f"{why}")
@@ -293,8 +293,8 @@ def _overlay_dataset(source: _Source, rgb: np.ndarray, uids: dict[str, str], num
     # Once lossy, always said so (PS3.3 C.7.6.1.1.5); the overlay itself is stored uncompressed.
     ds.LossyImageCompression = "01" if str(first.get("LossyImageCompression") or "") == "01" else "00"
     reference = Dataset()
-    reference.ReferencedSOPClassUID = reader._sop_class(first)
-    reference.ReferencedSOPInstanceUID = reader._instance_uid(first)
+    reference.ReferencedSOPClassUID = reader.sop_class_uid(first)
+    reference.ReferencedSOPInstanceUID = reader.sop_instance_uid(first)
     if source.frame is not None:
         reference.ReferencedFrameNumber = source.frame + 1
     if reference.ReferencedSOPClassUID and reference.ReferencedSOPInstanceUID:
@@ -376,7 +376,7 @@ def write_dicom_overlay(labels: np.ndarray, affine: np.ndarray, source_files: Se
     decoded: dict[Path, np.ndarray] = {}
     for index, source in enumerate(sources, start=1):
         if source.path not in decoded:
-            decoded = {source.path: reader._decode(source.path, display)}  # one file's frames at a time
+            decoded = {source.path: reader.decode_frames(source.path, display)}  # one file's frames at a time
         hu = decoded[source.path][source.frame or 0]
         rgb = draw_slice(hu, labels[:, :, source.plane].T, colours, names, name_ink, warning_ink)
         dataset = _overlay_dataset(source, rgb, uids, index, texts)

@@ -36,7 +36,7 @@ from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
 from .dicom_outputs import warning_label
-from .dicom_seg import _with_uids, organ_codes, slice_indices
+from .dicom_seg import organ_codes, slice_indices, with_uids
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # The SOP class RT objects conventionally give the study they reference (Detached Study Management, retired but
@@ -282,7 +282,7 @@ def _read_sources(source_files: Sequence[Path], display: str) -> list:
     sources = []
     for name in source_files:
         try:
-            sources.append(_with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name),
+            sources.append(with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name),
                                       display))
         except UserError as exc:
             raise _fail(exc) from None

@@ -117,7 +117,7 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
     return indices
 
 
-def _with_uids(dataset, path: Path, display: str):
+def with_uids(dataset, path: Path, display: str):
     """``dataset`` with its SOP Class and Instance UIDs, taken from the file meta header where an anonymiser emptied
     them in the dataset (a SEG references each source image by both); one line when neither place has them."""
     meta = getattr(dataset, "file_meta", None)
@@ -163,7 +163,7 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         raise ValueError(f"labels {labels.shape} with classes up to {int(labels.max(initial=0))}: expected (X, Y, Z) "
                          f"with classes 0..{len(names)}")
     display = str(Path(source_files[0]).parent)
-    sources = [_with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
+    sources = [with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
                for name in source_files]
     if any(int(str(s.get("NumberOfFrames") or 1)) > 1 for s in sources):
         raise UserError(f"{display}: a multi-frame (enhanced) image: a SEG of one is not written yet; the mask is "
