@@ -230,6 +230,23 @@ def test_12_bit_jpeg_and_jpeg_2000_from_other_writers_decode(tmp_path):
     assert ct_j2k.shape == (1, 512, 512) and ct_j2k.std() > 0
 
 
+def test_jpeg_lossless_process_14_decodes_to_the_pixels_written(tmp_path):
+    """The most common lossless syntax in PACS archives; pydicom ships no greyscale file in it, so GDCM's writer
+    (SimpleITK) makes one from the GE CT slice's HU; pydicom alone could not decode it here."""
+    import SimpleITK as sitk
+    source = sitk.Cast(sitk.ReadImage(get_testdata_file("CT_small.dcm")), sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.SetFileName(str(tmp_path / "jpeg_lossless.dcm"))
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(source)
+    syntax = pydicom.dcmread(str(tmp_path / "jpeg_lossless.dcm"), stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert syntax == "1.2.840.10008.1.2.4.70"  # JPEG Lossless, first-order prediction (process 14, SV1)
+    np.testing.assert_array_equal(reader.decode_frames(tmp_path / "jpeg_lossless.dcm", "ct"),
+                                  sitk.GetArrayFromImage(source).astype(np.float32))
+
+
 @pytest.mark.parametrize("name, says", [("MR_truncated.dcm", "MR_truncated.dcm: the pixels of this DICOM file "
                                          "(Explicit VR Little Endian) cannot be decoded"),
                                         ("JPEG2000-embedded-sequence-delimiter.dcm", "(JPEG 2000 Image Compression) "
