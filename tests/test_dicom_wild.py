@@ -358,3 +358,32 @@ def test_an_enhanced_ct_gets_its_mask_and_overlay_and_one_line_for_the_seg(weigh
     assert len(list((tmp_path / "out" / "enhanced_overlay_dcm").iterdir())) == 3
     assert not (tmp_path / "out" / "enhanced_seg.dcm").exists()
     assert f"warning: enhanced: no DICOM SEG written: {tmp_path / 'enhanced'}: a multi-frame (enhanced) image" in err
+
+
+def test_the_service_takes_a_zip_of_several_series_and_a_series_uid(tmp_path):
+    """A zip holding two CT series: the longer one is segmented and both are the job's notes; the form field
+    ``series_uid`` picks the other; a malformed one is a 400."""
+    pytest.importorskip("fastapi")
+    import io
+    import zipfile
+
+    from serving import tiny_checkpoint
+
+    from btcv_unetr.testing.app import in_process_service
+    long, short = _ct_slices(5), _ct_slices(3, SeriesDescription="thin")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for k, ds in enumerate([*long, *short]):
+            ds.save_as(str(tmp_path / f"{k}"), enforce_file_format=False)
+            archive.write(tmp_path / f"{k}", f"DICOM/IM{k}")
+    upload = {"file": ("study.zip", buffer.getvalue())}
+    with in_process_service(tiny_checkpoint(tmp_path / "run"), tmp_path / "jobs") as client:
+        job = client.post("/jobs", files=upload).json()
+        assert job["shape"] == [128, 128, 5]
+        assert job["notes"][0].startswith(f"study: 2 DICOM series: used: {long[0].SeriesInstanceUID} (CT, 5 slices); ")
+        assert job["notes"][0].endswith("; the form field series_uid picks another")
+        assert str(tmp_path) not in " ".join(job["notes"])
+        picked = client.post("/jobs", files=upload, data={"series_uid": short[0].SeriesInstanceUID}).json()
+        assert picked["shape"] == [128, 128, 3]
+        refused = client.post("/jobs", files=upload, data={"series_uid": "1.2.x"})
+        assert refused.status_code == 400 and refused.json()["detail"].startswith("series_uid must be a DICOM UID")

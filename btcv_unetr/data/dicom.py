@@ -203,8 +203,10 @@ def find_series(folder: Path) -> list[Series]:
     return sorted(groups.values(), key=lambda s: (s.kind != "volume", -len(s.slices), s.uid))
 
 
-def choose_series(found: Sequence[Series], display: str, series_uid: str | None = None) -> tuple[Series, str | None]:
-    """The series to segment and, where the folder holds more than one, a line naming every series and the choice.
+def choose_series(found: Sequence[Series], display: str, series_uid: str | None = None,
+                  how_to_pick: str = "--series_uid UID picks another") -> tuple[Series, str | None]:
+    """The series to segment and, where the folder holds more than one, a line naming every series and the choice
+    (ending in ``how_to_pick``).
 
     ``series_uid`` picks one; otherwise the stackable series with the most slices (CT first). Localizers and
     secondary captures are never stacked into the volume.
@@ -226,7 +228,7 @@ def choose_series(found: Sequence[Series], display: str, series_uid: str | None 
     if len(found) == 1:
         return series, None
     listed = "; ".join(("used: " if s is series else "") + s.summary() for s in found)
-    return series, f"{display}: {len(found)} DICOM series: {listed}; --series_uid UID picks another"
+    return series, f"{display}: {len(found)} DICOM series: {listed}; {how_to_pick}"
 
 
 def check_modality(series: Series, display: str, expected: str = "CT", allowed: bool = False,

@@ -13,7 +13,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -49,9 +49,10 @@ def info(svc: Service = Depends(service)) -> dict:
 
 
 @api.post("/jobs", status_code=202)
-async def submit(request: Request, file: UploadFile | None = File(None), svc: Service = Depends(service)) -> dict:
-    if file is not None:
-        job = await run_in_threadpool(svc.receive, file)
+async def submit(request: Request, file: UploadFile | None = File(None), series_uid: str | None = Form(None),
+                 svc: Service = Depends(service)) -> dict:
+    if file is not None:  # series_uid: the series of a DICOM zip that holds several
+        job = await run_in_threadpool(svc.receive, file, series_uid)
     elif request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
         try:
             body = await request.json()

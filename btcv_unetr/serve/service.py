@@ -100,8 +100,14 @@ class Service:
         lines = model_card_lines(card)
         return {**(card or {}), "warning": card_warning(card), "summary": lines[0], "lines": lines}
 
-    def receive(self, upload: UploadFile) -> Job:
-        """The upload in a new job folder as a checked ``input.*`` (blocking: call it in a worker thread)."""
+    def receive(self, upload: UploadFile, series_uid: str | None = None) -> Job:
+        """The upload in a new job folder as a checked ``input.*`` (blocking: call it in a worker thread);
+        ``series_uid`` picks the series of a DICOM zip that holds several."""
+        if series_uid is not None:
+            try:
+                check_uid(series_uid, "series_uid")
+            except PacsError as exc:
+                raise HTTPException(exc.status, exc.detail) from None
         job_id, folder = self.store.new_folder()
         display = safe_name(upload.filename)
         try:
@@ -110,7 +116,7 @@ class Service:
                 shutil.copyfileobj(upload.file, out, MB)
             kind, path, declared = store_upload(part, folder, display, self.expected,
                                                 int(self.settings.max_upload_mb * MB), self.settings.limits,
-                                                self.job_memory)
+                                                self.job_memory, series_uid)
         except BadUpload as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(exc.status, exc.detail) from None

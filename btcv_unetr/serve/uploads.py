@@ -191,11 +191,14 @@ def _header_information(path: Path):
 SERIES_RECORD = "series.json"  # in the job folder: the stacked files (for the SEG) and the reader's notes
 
 
-def _declared_series(dicom: Path, display: str) -> tuple[Series, Declared, list[str]]:
-    """The series to segment in ``dicom`` (btcv_unetr.data.dicom: the CT series with the most slices; localizers
-    and secondary captures never stacked) and the grid it will be read onto, from the headers alone."""
+def _declared_series(dicom: Path, display: str, series_uid: str | None = None
+                     ) -> tuple[Series, Declared, list[str]]:
+    """The series to segment in ``dicom`` (btcv_unetr.data.dicom: ``series_uid``, else the CT series with the most
+    slices; localizers and secondary captures never stacked) and the grid it will be read onto, from the headers
+    alone."""
     try:
-        series, listing = choose_series(find_series(dicom), display)
+        series, listing = choose_series(find_series(dicom), display, series_uid,
+                                        how_to_pick="the form field series_uid picks another")
         check_modality(series, display, hint="this service segments CT only")
     except UserError as exc:
         raise BadUpload(400, str(exc).replace(str(dicom), display)) from None
@@ -266,23 +269,26 @@ def _refuse_over_limits(declared: Declared, display: str, limits: JobLimits,
 
 
 def store_series(dicom: Path, folder: Path, display: str, limits: JobLimits,
-                 memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
-    """The one series in ``dicom`` (an unzipped upload, or a series fetched from the PACS), checked against the
-    limits from its headers, then converted to ``folder/input.nii.gz``; returns ``("dicom", path, declared)``."""
-    series, declared, notes = _declared_series(dicom, display)
+                 memory_of: Callable[[Declared], int], series_uid: str | None = None) -> tuple[str, Path, Declared]:
+    """The series of ``dicom`` (an unzipped upload, or a series fetched from the PACS) to segment: ``series_uid``,
+    else the CT series with the most slices; checked against the limits from its headers, then converted to
+    ``folder/input.nii.gz``; returns ``("dicom", path, declared)``."""
+    series, declared, notes = _declared_series(dicom, display, series_uid)
     _refuse_over_limits(declared, display, limits, memory_of)
     path = _series_to_nifti(series, dicom, folder, display, notes)
     return "dicom", path, declared
 
 
 def store_upload(upload: Path, folder: Path, display: str, expected: Expected, limit_bytes: int,
-                 limits: JobLimits, memory_of: Callable[[Declared], int]) -> tuple[str, Path, Declared]:
+                 limits: JobLimits, memory_of: Callable[[Declared], int],
+                 series_uid: str | None = None) -> tuple[str, Path, Declared]:
     """Identify ``upload`` by its bytes, check it and move it to ``folder/input.*``; returns the kind, the path
     and what its header declares.
 
     ``kind``: ``nifti`` (``.nii``/``.nii.gz``), ``dicom`` (a zipped series, kept in ``folder/dicom`` and
     converted to NIfTI) or ``picture`` (PNG/JPEG, 2D models). ``display`` names the file in messages;
-    ``memory_of`` estimates a job's peak memory for :func:`limit_problem`. Sizes are checked from the
+    ``memory_of`` estimates a job's peak memory for :func:`limit_problem`; ``series_uid`` picks the series of a
+    zip that holds several. Sizes are checked from the
     header before the voxels are read (413); the voxels are then read once, in chunks, for short data
     and non-finite values (400).
     """
@@ -307,7 +313,7 @@ def store_upload(upload: Path, folder: Path, display: str, expected: Expected, l
     if kind == "zip":
         dicom = _unzip_series(upload, folder, display, limit_bytes, limits.max_dicom_files)
         upload.unlink()
-        return store_series(dicom, folder, display, limits, memory_of)
+        return store_series(dicom, folder, display, limits, memory_of, series_uid)
     if kind in ("png", "jpeg"):
         path = folder / ("input.png" if kind == "png" else "input.jpg")
         upload.replace(path)
