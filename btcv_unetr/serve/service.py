@@ -50,8 +50,9 @@ class Service:
         self.segmenter = Segmenter(predictor, self.store, settings.dicomweb)
         self.queue = JobQueue(self.store, self.segmenter, settings.workers_queue, settings.job_timeout_s)
         self._requeue(waiting)
-        model = predictor.config.model
-        self.expected = Expected(model.spatial_dims, model.in_channels)
+        model, data = predictor.config.model, predictor.config.data
+        # The model's preprocessed grid: how sheared a scan's affine may be and still map back (as test.py checks).
+        self.expected = Expected(model.spatial_dims, model.in_channels, pixdim=data.pixdim, axcodes=data.axcodes)
 
     def _requeue(self, waiting: list[Job]) -> None:
         """The jobs a clean stop kept, in their order; beyond a lowered --workers_queue they fail."""
