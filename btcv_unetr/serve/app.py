@@ -93,22 +93,24 @@ def mask(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     return svc.mask(svc.finished(job_id))
 
 
+def _dicom_object(job_id: str, svc: Service, kind: str) -> FileResponse:
+    """The DICOM object ``kind`` (``seg``, ``rtstruct``) of a finished DICOM job, as a download."""
+    job = svc.finished(job_id)
+    if job.kind != "dicom":
+        raise HTTPException(404, f"job {job.id} has no {kind}: only DICOM inputs get one")
+    return svc.output(job, kind, "application/dicom", f"{job.name}_{kind}.dcm")
+
+
 @api.get("/jobs/{job_id}/seg", response_model=None)
 def seg(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     """A DICOM job's mask as a DICOM Segmentation referencing its series."""
-    job = svc.finished(job_id)
-    if job.kind != "dicom":
-        raise HTTPException(404, f"job {job.id} has no seg: only DICOM inputs get one")
-    return svc.output(job, "seg", "application/dicom", f"{job.name}_seg.dcm")
+    return _dicom_object(job_id, svc, "seg")
 
 
 @api.get("/jobs/{job_id}/rtstruct", response_model=None)
 def rtstruct(job_id: str, svc: Service = Depends(service)) -> FileResponse:
     """A DICOM job's mask as a DICOM RT Structure Set (contours) referencing its series."""
-    job = svc.finished(job_id)
-    if job.kind != "dicom":
-        raise HTTPException(404, f"job {job.id} has no rtstruct: only DICOM inputs get one")
-    return svc.output(job, "rtstruct", "application/dicom", f"{job.name}_rtstruct.dcm")
+    return _dicom_object(job_id, svc, "rtstruct")
 
 
 @api.get("/jobs/{job_id}/overlay_series", response_model=None)
