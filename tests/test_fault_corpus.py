@@ -701,6 +701,13 @@ def _ct_series(folder: Path, count: int = 4, **edits) -> list:
     return slices
 
 
+def check_dicom_series_folder_as_a_datalist_image(tmp, ctx):
+    _ct_series(tmp / "data" / "series")
+    return (_dataset(tmp, image=tmp / "data" / "series"),
+            "series: a folder, not an image file: a datalist names image files (NIfTI, NRRD, MHA); convert a "
+            "DICOM series to NIfTI first (test.py --input FOLDER segments one as it is)")
+
+
 def infer_dicom_folder_of_another_modality(tmp, ctx):
     _ct_series(tmp / "mr", Modality="MR")
     return (_infer(tmp, ctx["weights"], tmp / "mr"),
@@ -750,7 +757,7 @@ CASES = [value for name, value in dict(globals()).items()
 
 
 # How many cases the module defines: a case renamed out of the prefixes above would drop out silently.
-NUMBER_OF_CASES = 84
+NUMBER_OF_CASES = 85
 assert len(CASES) == NUMBER_OF_CASES, f"{len(CASES)} cases collected, {NUMBER_OF_CASES} expected"
 
 

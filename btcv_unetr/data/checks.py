@@ -140,6 +140,10 @@ def _volume_problems(path: Path, expected: Expected = Expected(), is_label: bool
                                                                                                 list[Problem]]:
     if not path.exists():
         return None, [Problem(str(path), "file not found")]
+    if path.is_dir():  # a DICOM series is a folder: test.py and the service read it, the training loader does not
+        return None, [Problem(str(path), "a folder, not an image file: a datalist names image files (NIfTI, NRRD, "
+                                         "MHA); convert a DICOM series to NIfTI first (test.py --input FOLDER "
+                                         "segments one as it is)")]
     problem = header_problem(path)
     if problem:  # before the voxels: nibabel fails on some, applies others as they are
         return None, [Problem(str(path), problem)]
