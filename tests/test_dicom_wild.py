@@ -247,6 +247,27 @@ def test_jpeg_lossless_process_14_decodes_to_the_pixels_written(tmp_path):
                                   sitk.GetArrayFromImage(source).astype(np.float32))
 
 
+def test_files_without_a_meta_header_or_preamble_read_as_the_same_series(tmp_path):
+    """As old archives and some anonymisers store them: no 128-byte preamble, no file meta, implicit VR."""
+    slices = _ct_slices(4)
+    _write(slices, tmp_path / "full")
+    (tmp_path / "bare").mkdir()
+    for k, ds in enumerate(slices):
+        bare = copy.deepcopy(ds)
+        del bare.file_meta
+        bare.preamble = None
+        pydicom.dcmwrite(str(tmp_path / "bare" / f"{k}"), bare, implicit_vr=True, little_endian=True,
+                         enforce_file_format=False)
+    assert (tmp_path / "bare" / "0").read_bytes()[128:132] != b"DICM"
+    np.testing.assert_array_equal(_read(tmp_path / "bare").voxels, _read(tmp_path / "full").voxels)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_dcmtk.dcm", "SC_rgb_rle.dcm", "examples_ybr_color.dcm"])
+def test_a_colour_image_is_one_line(name):
+    with pytest.raises(UserError, match=f"{name}: a colour DICOM image \\(3 channels\\): the model takes grey-level"):
+        reader.decode_frames(Path(get_testdata_file(name)), "series")
+
+
 @pytest.mark.parametrize("name, says", [("MR_truncated.dcm", "MR_truncated.dcm: the pixels of this DICOM file "
                                          "(Explicit VR Little Endian) cannot be decoded"),
                                         ("JPEG2000-embedded-sequence-delimiter.dcm", "(JPEG 2000 Image Compression) "
