@@ -366,19 +366,28 @@ def test_an_unknown_output_format_is_one_line(capsys):
         "dicom_overlay separated by commas")
 
 
-def test_an_enhanced_ct_gets_its_mask_and_overlay_and_one_line_for_the_seg(weights, tmp_path, capsys):
+def test_an_enhanced_ct_gets_its_mask_seg_and_overlay(weights, tmp_path, capsys):
+    """The SEG of a multi-frame source references its frames (in the file's frame order, here reversed)."""
     pytest.importorskip("matplotlib")
-    _enhanced_ct(_ct_slices(3), tmp_path / "enhanced" / "ct.dcm")
+    pytest.importorskip("highdicom")
+    slices = _ct_slices(3)
+    _enhanced_ct(slices[::-1], tmp_path / "enhanced" / "ct.dcm")
     from btcv_unetr import cli
     argv = ["infer", "--config", "tiny.yaml", "--pretrained_dir", str(weights), "--pretrained_model_name", "w.pth",
             "--input", str(tmp_path / "enhanced"), "--output_dir", str(tmp_path / "out"), "--output_format",
             "dicom_seg,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0"]
     assert cli.main(argv) == 0
-    err = capsys.readouterr().err
-    assert nib.load(tmp_path / "out" / "enhanced_seg.nii.gz").shape == (128, 128, 3)
+    assert "warning:" not in capsys.readouterr().err
+    mask = np.asarray(nib.load(tmp_path / "out" / "enhanced_seg.nii.gz").dataobj)
+    assert mask.shape == (128, 128, 3) and mask.any()
     assert len(list((tmp_path / "out" / "enhanced_overlay_dcm").iterdir())) == 3
-    assert not (tmp_path / "out" / "enhanced_seg.dcm").exists()
-    assert f"warning: enhanced: no DICOM SEG written: {tmp_path / 'enhanced'}: a multi-frame (enhanced) image" in err
+    seg = pydicom.dcmread(str(tmp_path / "out" / "enhanced_seg.dcm"))
+    stored = seg.pixel_array.reshape(-1, 128, 128)
+    for item, frame in zip(seg.PerFrameFunctionalGroupsSequence, stored):
+        referenced = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber
+        plane = 3 - int(referenced)  # frame 1 of the file is the last slice
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        np.testing.assert_array_equal(frame.astype(bool), (mask[:, :, plane] == number).T)
 
 
 def test_the_service_takes_a_zip_of_several_series_and_a_series_uid(tmp_path):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
+from ..data.dicom import frame_geometry
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
@@ -90,6 +91,23 @@ def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance:
     return descriptions
 
 
+def _planes(sources: Sequence, display: str) -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]:
+    """``(name, position, orientation, (columns, rows))`` of every image plane of ``sources``: each single-frame
+    instance, or each frame of a multi-frame (enhanced) image, in the order a SEG's frames follow them."""
+    planes = []
+    for dataset in sources:
+        frames = int(str(dataset.get("NumberOfFrames") or 1))
+        size = (int(dataset.Columns), int(dataset.Rows))
+        for frame in ([None] if frames == 1 else range(frames)):
+            position, orientation, _ = frame_geometry(dataset, frame)
+            name = f"instance {dataset.SOPInstanceUID}" + ("" if frame is None else f" frame {frame + 1}")
+            if position is None or orientation is None:
+                raise UserError(f"{display}: {name} has no position or orientation: a SEG cannot place it; the mask "
+                                "is written as NIfTI only")
+            planes.append((name, position, orientation, size))
+    return planes
+
+
 def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, int], display: str) -> list[int]:
     """For each source dataset (pydicom, pixels not needed), the slice ``k`` of the ``shape`` = ``(X, Y, Z)``
     grid with RAS ``affine`` that it is; a one-line :class:`UserError` naming ``display`` when an instance is not
@@ -99,16 +117,15 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
     to_voxel = np.linalg.inv(lps)
     axes = lps[:3, :2] / np.linalg.norm(lps[:3, :2], axis=0)
     indices = []
-    for dataset in sources:
-        voxel = to_voxel @ np.append(np.asarray(dataset.ImagePositionPatient, dtype=np.float64), 1.0)
+    for name, position, orientation, size in _planes(sources, display):
+        voxel = to_voxel @ np.append(position, 1.0)
         k = int(round(voxel[2]))
-        cosines = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64).reshape(2, 3).T
+        cosines = orientation.reshape(2, 3).T
         on_grid = np.abs(voxel[:3] - (0.0, 0.0, k)).max() < POSITION_TOLERANCE and \
-            np.abs(cosines - axes).max() < COSINE_TOLERANCE and 0 <= k < shape[2] and \
-            (int(dataset.Columns), int(dataset.Rows)) == shape[:2]
+            np.abs(cosines - axes).max() < COSINE_TOLERANCE and 0 <= k < shape[2] and size == shape[:2]
         if not on_grid:
-            raise UserError(f"{display}: instance {dataset.SOPInstanceUID} is not a slice of the series' grid: a SEG "
-                            "needs one series of parallel slices of one size; the mask is written as NIfTI only")
+            raise UserError(f"{display}: {name} is not a slice of the series' grid: a SEG needs one series of "
+                            "parallel slices of one size; the mask is written as NIfTI only")
         indices.append(k)
     if len(set(indices)) != len(indices):
         raise UserError(f"{display}: the series has two instances at one slice position: a SEG cannot reference "
@@ -165,15 +182,16 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
     display = str(Path(source_files[0]).parent)
     sources = [with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
                for name in source_files]
-    if any(int(str(s.get("NumberOfFrames") or 1)) > 1 for s in sources):
-        raise UserError(f"{display}: a multi-frame (enhanced) image: a SEG of one is not written yet; the mask is "
-                        "written as NIfTI only (--output_format dicom_overlay draws it)")
+    if len(sources) > 1 and any(int(str(s.get("NumberOfFrames") or 1)) > 1 for s in sources):
+        raise UserError(f"{display}: several multi-frame images in one series: a SEG references one multi-frame "
+                        "image or single-frame instances; the mask is written as NIfTI only")
     indices = slice_indices(sources, affine, labels.shape, display)
     if not getattr(sources[0], "FrameOfReferenceUID", None):
         # A SEG is placed on its images through their frame of reference: one made up here would not match.
         raise UserError(f"{display}: the series has no FrameOfReferenceUID, which a SEG needs to be placed on it; "
                         "the mask is written as NIfTI only")
-    frames = np.ascontiguousarray(labels.transpose(2, 1, 0)[indices])  # (instances, rows, columns)
+    # (instances, or the frames of one multi-frame image, rows, columns), in the sources' order
+    frames = np.ascontiguousarray(labels.transpose(2, 1, 0)[indices])
     first = sources[0]
     try:
         seg = hd.seg.Segmentation(
