@@ -17,7 +17,7 @@ from btcv_unetr.cli import CONFIG_FLAGS
 from btcv_unetr.config.flags import parse_config
 from btcv_unetr.config.load import build_config
 from btcv_unetr.config.migration import migrate
-from btcv_unetr.config.schema import PREPROCESSING, SECTIONS, FastConfig, ModelConfig
+from btcv_unetr.config.schema import PREPROCESSING, SECTIONS, FastConfig
 from btcv_unetr.config.validation import ConfigError
 from btcv_unetr.inference.command import REFERENCE_TEST_EXTRAS
 
@@ -35,7 +35,9 @@ def test_an_old_yaml_file_loads_with_each_moved_key_in_its_new_section(tmp_path)
 
 
 def test_migrate_moves_keys_and_a_value_given_in_the_new_place_wins():
-    assert migrate(OLD_KEYS) == {"model": {"feature_size": 8}, "fast": {"compile": False}, "infer": {"tta": True},
+    # model_name, dropped while UNETR was the only network, is kept again (issue 28): an old file's "unetr" stands.
+    assert migrate(OLD_KEYS) == {"model": {"model_name": "unetr", "feature_size": 8}, "fast": {"compile": False},
+                                 "infer": {"tta": True},
                                  "data": {"crop_before_resampling": False}, "general": {"overwrite": True}}
     both = migrate({"fast": {"crop_before_resampling": False}, "data": {"crop_before_resampling": True}})
     assert both["data"] == {"crop_before_resampling": True}
@@ -73,15 +75,15 @@ def test_overwrite_keeps_its_flag_in_the_general_section(command):
 
 
 @pytest.mark.parametrize("command", ["train", "infer", "export", "serve", "crossval"])
-def test_model_name_is_a_reference_flag_that_only_takes_unetr(command, capsys):
+def test_model_name_is_the_reference_flag_that_chooses_the_network(command, capsys):
     parser = cli.build_parser()
-    args, unknown = parser.parse_known_args([command, "--model_name", "unetr"])
-    assert not unknown and args.model_name == "unetr"
+    args, unknown = parser.parse_known_args([command, "--model_name", "segresnet"])
+    assert not unknown and args.model_name == "segresnet"
     with pytest.raises(SystemExit):
-        parser.parse_args([command, "--model_name", "swinunetr"])
+        parser.parse_args([command, "--model_name", "swinunetr"])  # the reference's spelling is swin_unetr
     assert "invalid choice: 'swinunetr'" in capsys.readouterr().err
-    assert "model_name" not in {f.name for f in dataclasses.fields(ModelConfig)}
     assert parse_config(["--model_name", "unetr"]) == parse_config([])
+    assert parse_config(["--model_name", "swin_unetr"]).model.model_name == "swin_unetr"
 
 
 def test_reference_test_extras_are_named_per_section_and_marked_unused_in_infers_help():

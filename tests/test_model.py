@@ -117,7 +117,7 @@ def test_each_preset_builds_with_its_printed_parameter_count(preset, parameters)
 
 
 def test_a_deeper_vit_feeds_the_decoder_from_a_quarter_half_and_three_quarters_of_its_depth():
-    from btcv_unetr.model.build import DeeperUNETR
+    from btcv_unetr.model.unetr import DeeperUNETR
     model = build_model(tiny_config(model={"num_layers": 8}).model).eval()
     assert isinstance(model, DeeperUNETR) and len(model.vit.blocks) == 8
     blocks, skips = {}, {}

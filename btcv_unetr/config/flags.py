@@ -64,12 +64,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, wanted: CommandFlags =
             for alias, value in f.metadata["aliases"]:
                 group.add_argument(alias, dest=f.name, action="store_const", const=value, default=argparse.SUPPRESS,
                                    help=f"sets {f.name} to {value} (reference flag)")
-        if section == "model" and len(fields) == len(dataclasses.fields(cls)):
-            # The reference's --model_name chose the network; UNETR is the only one here, so the value is
-            # checked and not stored (a file's model.model_name is dropped by migrate).
-            group.add_argument("--model_name", choices=("unetr",), default=argparse.SUPPRESS,
-                               help="the reference's network choice, accepted so that its commands keep working: "
-                                    "UNETR is the only network")
 
 
 def _flags_of(f: dataclasses.Field, hint: Any) -> list[str]:

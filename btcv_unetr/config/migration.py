@@ -14,7 +14,6 @@ RENAMED_KEYS: dict[tuple[str, str], tuple[str, Any]] = {
 # Keys removed since: dropped silently from files and checkpoints that still carry them.
 REMOVED_KEYS: set[tuple[str, str]] = {
     ("infer", "fast_invert"),  # the one-pass inversion became the only inversion path
-    ("model", "model_name"),  # always "unetr"; --model_name stays a reference flag (add_config_arguments)
 }
 
 # Keys moved to another section since: (old section, key) -> new section (a value given there too wins).

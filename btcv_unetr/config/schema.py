@@ -41,9 +41,25 @@ def _opt(default: Any, help: str, *, choices: tuple | None = None, flags: tuple[
     return field(default=default, metadata={"help": help, "choices": choices, "flags": flags, "aliases": aliases})
 
 
+ARCHITECTURE_NAMES = ("unetr", "swin_unetr", "segresnet", "dynunet", "mednext")
+# The settings of ModelConfig that only some networks use; a foreign one given by the user is refused (validate).
+MODEL_SETTINGS = {
+    "hidden_size": ("unetr",), "mlp_dim": ("unetr",), "num_heads": ("unetr",), "num_layers": ("unetr",),
+    "pos_embed": ("unetr",), "conv_block": ("unetr",), "res_block": ("unetr",), "dropout_rate": ("unetr",),
+    "feature_size": ("unetr", "swin_unetr"), "norm_name": ("unetr", "swin_unetr", "dynunet"),
+    "dropout_path_rate": ("swin_unetr",), "use_checkpoint": ("swin_unetr",), "use_v2": ("swin_unetr",),
+    "init_filters": ("segresnet", "dynunet"), "blocks_down": ("segresnet",), "blocks_up": ("segresnet",),
+    "mednext_size": ("mednext",), "kernel_size": ("mednext",),
+}
+
+
 @dataclass
 class ModelConfig:
-    """UNETR architecture (MONAI ``monai.networks.nets.UNETR``)."""
+    """The network (``model_name``: MONAI's UNETR by default) and its settings; :data:`MODEL_SETTINGS` says which
+    settings belong to which network."""
+
+    model_name: str = _opt("unetr", "network: unetr (the reference), swin_unetr, segresnet, dynunet (planned as "
+                                    "nnU-Net plans it), mednext", choices=ARCHITECTURE_NAMES)
 
     spatial_dims: int = _opt(3, "3 for volumes (CT: NIfTI, NRRD, MHA, DICOM), 2 for pictures and slices (PNG, JPEG, "
                                 "BMP): the model, transforms, inference and reports follow", choices=(2, 3))
@@ -63,6 +79,15 @@ class ModelConfig:
     conv_block: bool = _opt(True, "convolutional blocks in the decoder skip paths")
     res_block: bool = _opt(True, "residual blocks in the decoder")
     dropout_rate: float = _opt(0.0, "dropout rate in the ViT")
+    dropout_path_rate: float = _opt(0.0, "Swin UNETR: stochastic depth rate")
+    use_checkpoint: bool = _opt(False, "Swin UNETR: gradient checkpointing (less memory, slower steps)")
+    use_v2: bool = _opt(False, "Swin UNETR: the v2 blocks (a residual convolution per stage)")
+    init_filters: int | None = _opt(None, "SegResNet, DynUNet: filters of the first level (unset: 16 for SegResNet, "
+                                          "32 for DynUNet as nnU-Net)")
+    blocks_down: str = _opt("1,2,2,4", "SegResNet: residual blocks per encoder level, comma-separated")
+    blocks_up: str = _opt("1,1,1", "SegResNet: blocks per decoder level, comma-separated")
+    mednext_size: str = _opt("S", "MedNeXt: the paper's size S, B, M or L", choices=("S", "B", "M", "L"))
+    kernel_size: int = _opt(3, "MedNeXt: convolution kernel size (3 or 5 in the paper)")
 
     @property
     def roi_size(self) -> tuple[int, ...]:

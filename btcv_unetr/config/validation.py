@@ -8,7 +8,7 @@ import typing
 from typing import Any
 
 from ..errors import UserError
-from .schema import DICOM_OUTPUT_FORMATS, Config, output_formats
+from .schema import DICOM_OUTPUT_FORMATS, MODEL_SETTINGS, Config, ModelConfig, output_formats
 
 
 class ConfigError(UserError):
@@ -71,10 +71,19 @@ def validate(config: Config) -> None:
     for key, value in sizes.items():
         if value < 1:
             raise ConfigError(f"config key '{key}': {value} must be >= 1")
-    for key in ("roi_x", "roi_y", "roi_z")[:m.spatial_dims]:
-        size = getattr(m, key)
-        if size < 16 or size % 16:
-            raise ConfigError(f"config key '{key}': {size} must be a positive multiple of 16 (UNETR's patch size)")
+    # A file or flag that sets another network's setting to a value of its own (the recipe file holds every key at
+    # its default; a checkpoint's config holds them all) is refused: the network would silently ignore it.
+    defaults = ModelConfig()
+    foreign = sorted(key for key, owners in MODEL_SETTINGS.items() if key in config.explicit
+                     and m.model_name not in owners and getattr(m, key) != getattr(defaults, key))
+    if foreign:
+        raise ConfigError(f"config key '{foreign[0]}': a setting of {', '.join(MODEL_SETTINGS[foreign[0]])}, not of "
+                          f"--model_name {m.model_name}: drop it")
+    if m.model_name == "unetr":
+        for key in ("roi_x", "roi_y", "roi_z")[:m.spatial_dims]:
+            size = getattr(m, key)
+            if size < 16 or size % 16:
+                raise ConfigError(f"config key '{key}': {size} must be a positive multiple of 16 (UNETR's patch size)")
     if m.num_layers < 4 or m.num_layers % 4:
         raise ConfigError(f"config key 'num_layers': {m.num_layers} must be a positive multiple of 4")
     if m.hidden_size % m.num_heads:

@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..files import atomic_write
 from ..io.bundle import check_bundle_target, write_bundle
 from ..io.torchscript import ARCHITECTURE_FILE
+from ..model.architectures import require_unetr
 from ..model.pretrained import resolve_pretrained
 from .loader import load_model, with_weights_file
 
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_pretrained(config, "export")
     path = weights_path(config)
     if args.bundle is not None:
+        require_unetr(load_model(with_weights_file(config, path), torch.device("cpu")).config.model,
+                      "export --bundle")
         export_bundle(config, path, Path(args.bundle))
         return 0
     out = Path(args.out)
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     # how it becomes an ONNX model.
     loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
     model, config = loaded.model, loaded.config
+    require_unetr(config.model, f"export --format {args.format}")
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
     export(model, example, args.format, out, config.model)
     print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config.schema import PREPROCESSING, SECTIONS, Config
 from ..io.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
+from ..model.architectures import require_unetr
 from ..model.build import build_model
 from ..model.pretrained import REFERENCE_INFERENCE, REFERENCE_PREPROCESSING
 from ..model.torchscript import load_torchscript_weights
@@ -101,7 +102,9 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     (:func:`with_reference_settings`).
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
-    model = build_model(config.model) if config.infer.saved_checkpoint == "torchscript" else None
+    if config.infer.saved_checkpoint == "torchscript":
+        require_unetr(config.model, "--saved_checkpoint torchscript")
+    model = build_model(config.model, config.data.pixdim) if config.infer.saved_checkpoint == "torchscript" else None
     if model is not None:
         load_torchscript_weights(model, config.model, path)
         return LoadedModel(model.to(device).eval(), config, None, weights_checksum(model.state_dict()))
@@ -118,7 +121,7 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
         print(f"using the architecture and preprocessing stored in {path}")
     else:
         config = with_reference_settings(config, path)
-    model = build_model(config.model)
+    model = build_model(config.model, config.data.pixdim)
     load_weights(model, extract_state_dict(content, str(path)), str(path))
     stored = content.get("checksum") if isinstance(content, dict) else None  # verified by load_checkpoint
     checksum = stored if isinstance(stored, str) else weights_checksum(model.state_dict())

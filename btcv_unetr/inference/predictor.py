@@ -55,7 +55,7 @@ class Predictor:
         self.precision = resolve_precision(requested, self.device, self.config.model,
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
-        print(describe_model_size(self.config.model))
+        print(describe_model_size(self.config.model, self.config.data.pixdim))
         self.models: list[nn.Module] = []
         for member in members:
             prepared, self.memory_format = prepare_model(member.model, config.fast, self.device, self.precision.name,

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io.checkpoint import load_checkpoint
-from .build import UNUSED_PARAMETERS
+from .unetr import UNUSED_PARAMETERS
 
 # Keys of UNETR state dicts written by MONAI 0.6-0.8 (the released BTCV weights) that the current
 # UNETR no longer has. None of them ever affected the output: the class token was unused without

@@ -334,6 +334,10 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
     features = features or cpu_features()
     if not features.native_bf16:
         return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
+    name = getattr(model, "model_name", "unetr")
+    if name != "unetr":  # the probe times UNETR's layer shapes; another network's are not measured yet
+        return Precision("fp32", f"float32: the bfloat16 probe measures UNETR's layers, not {name}'s "
+                                 "(--precision bf16 asks for it)")
     shape = probe_shape(model)
     key = decision_key(features, shape)
     cache = DecisionCache.default()

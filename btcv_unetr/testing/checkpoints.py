@@ -17,7 +17,7 @@ def seeded_checkpoint(path: Path, config: Config, seed: int = 0) -> Path:
     """A checkpoint of ``config``'s model with weights drawn from ``seed``, written as training writes one
     (config, optimiser, scheduler and an untrained model card included), where accuracy does not matter."""
     torch.manual_seed(seed)
-    model = build_model(config.model)
+    model = build_model(config.model, config.data.pixdim)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

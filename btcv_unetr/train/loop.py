@@ -247,7 +247,7 @@ def build_loaders(config: Config, context: Context) -> tuple[DataLoader, DataLoa
 
 
 def build_trainable_model(config: Config, context: Context) -> nn.Module:
-    model = build_model(config.model)
+    model = build_model(config.model, config.data.pixdim)
     pretrained = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     if config.train.resume_jit:
         load_torchscript_weights(model, config.model, pretrained, warn=context.is_main)
@@ -382,7 +382,7 @@ def announce(run: Run, context: Context, class_weights: list[float] | None) -> N
     crops = micro_batch_size(config.fast, context.device, config.data.num_samples * config.train.batch_size,
                              run.precision.name)
     layout = "channels-last" if run.memory_format == torch.channels_last_3d else "contiguous"
-    print(describe_model_size(config.model))
+    print(describe_model_size(config.model, config.data.pixdim))
     print(f"training on {context.device} x{context.world_size}, {crops} crop(s) per forward pass, {layout} layout")
 
 

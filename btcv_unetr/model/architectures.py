@@ -1,0 +1,150 @@
+"""The networks a config can name (``--model_name``), in the spirit of nnU-Net's network-from-plans: one table maps a
+name to how MONAI builds it from the config, the ROI it needs and the settings it owns.
+
+    ARCHITECTURES      name -> :class:`Architecture`
+    architecture_of    the :class:`Architecture` of a ModelConfig
+    build_network      the ``nn.Module`` of a ModelConfig (the UNETR builder stays in ``build.py``)
+    roi_problem        why an ROI does not suit the network (Swin UNETR: multiples of 32; DynUNet: its strides), or None
+    plan_dynunet       nnU-Net-style kernel sizes and strides from the ROI and the voxel spacing
+    require_unetr      one line where a file format is built for UNETR alone so far (exports, TorchScript input)
+
+Every network maps ``(B, in_channels, *roi)`` to ``(B, out_channels, *roi)`` logits. Which settings belong to which
+network is :data:`btcv_unetr.config.schema.MODEL_SETTINGS` (the config refuses a foreign one in one line).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..config.schema import ModelConfig
+from ..errors import UserError
+from .unetr import build_unetr
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    title: str  # for the model card, the SEG's algorithm name, messages
+    build: Callable[[ModelConfig, tuple[float, ...]], nn.Module]  # (config, voxel spacing in mm) -> network
+    roi_multiple: Callable[[ModelConfig, tuple[float, ...]], tuple[int, ...]]  # what each ROI side must divide by
+    roi_factor: int = 1  # each side at least this many multiples (the deepest stage must keep more than one voxel)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _swin_unetr(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
+    from monai.networks.nets import SwinUNETR
+    return SwinUNETR(in_channels=config.in_channels, out_channels=config.out_channels,
+                     feature_size=config.feature_size, norm_name=config.norm_name, drop_rate=0.0,
+                     attn_drop_rate=0.0, dropout_path_rate=config.dropout_path_rate,
+                     use_checkpoint=config.use_checkpoint, spatial_dims=config.spatial_dims, use_v2=config.use_v2)
+
+
+def _segresnet(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
+    from monai.networks.nets import SegResNet
+    if config.init_filters is not None and (config.init_filters < 8 or config.init_filters % 8):
+        raise UserError(f"config: init_filters {config.init_filters} must be a multiple of 8 for SegResNet (its group "
+                        "norms have 8 groups)")
+    return SegResNet(spatial_dims=config.spatial_dims, init_filters=config.init_filters or 16,
+                     in_channels=config.in_channels, out_channels=config.out_channels,
+                     blocks_down=_int_list(config.blocks_down), blocks_up=_int_list(config.blocks_up))
+
+
+def plan_dynunet(roi: tuple[int, ...], spacing: tuple[float, ...], max_levels: int = 6
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+    """Kernel sizes and strides as nnU-Net plans them: an axis is pooled (stride 2) only while its spacing is
+    within a factor 2 of the finest current spacing and its size stays >= 8 voxels; a kernel is 1 along an axis
+    still much coarser than the others (3 once it is pooled level). The first level never pools."""
+    sizes, current = list(roi), list(spacing)
+    kernels = [[3 if current[d] <= 2 * min(current) else 1 for d in range(len(roi))]]
+    strides = [[1] * len(roi)]
+    for _ in range(max_levels - 1):
+        finest = min(current)
+        stride = [2 if current[d] <= 2 * finest and sizes[d] >= 16 else 1 for d in range(len(roi))]
+        if not any(s == 2 for s in stride):
+            break
+        sizes = [s // t for s, t in zip(sizes, stride)]
+        current = [c * t for c, t in zip(current, stride)]
+        kernels.append([3 if current[d] <= 2 * min(current) else 1 for d in range(len(roi))])
+        strides.append(stride)
+    return kernels, strides
+
+
+def _dynunet_strides(config: ModelConfig, spacing: tuple[float, ...]) -> tuple[int, ...]:
+    _, strides = plan_dynunet(config.roi_size, spacing)
+    return tuple(math.prod(s[d] for s in strides) for d in range(config.spatial_dims))
+
+
+def _dynunet(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
+    from monai.networks.nets import DynUNet
+    kernels, strides = plan_dynunet(config.roi_size, spacing)
+    # nnU-Net's filters: 32 doubling per level, capped at 320 (3D) or 512 (2D).
+    cap = 320 if config.spatial_dims == 3 else 512
+    filters = [min((config.init_filters or 32) * 2 ** level, cap) for level in range(len(strides))]
+    return DynUNet(spatial_dims=config.spatial_dims, in_channels=config.in_channels,
+                   out_channels=config.out_channels, kernel_size=kernels, strides=strides,
+                   upsample_kernel_size=strides[1:], filters=filters, norm_name=config.norm_name, res_block=True)
+
+
+def _mednext(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
+    from monai.networks.nets.mednext import create_mednext
+    return create_mednext(config.mednext_size, spatial_dims=config.spatial_dims, in_channels=config.in_channels,
+                          out_channels=config.out_channels, kernel_size=config.kernel_size)
+
+
+def _unetr(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
+    return build_unetr(config)
+
+
+def _fixed(multiple: int) -> Callable[[ModelConfig, tuple[float, ...]], tuple[int, ...]]:
+    return lambda config, spacing: (multiple,) * config.spatial_dims
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("unetr", "UNETR", _unetr, _fixed(16)),  # its 16-voxel patches
+    # 5 stages of 2x patch merging; at 32 voxels the bottleneck is one voxel, which instance norm cannot train on
+    Architecture("swin_unetr", "Swin UNETR", _swin_unetr, _fixed(32), roi_factor=2),
+    Architecture("segresnet", "SegResNet", _segresnet,
+                 lambda config, spacing: (2 ** (len(_int_list(config.blocks_down)) - 1),) * config.spatial_dims),
+    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides),
+    Architecture("mednext", "MedNeXt", _mednext, _fixed(16)),  # 4 downsamplings
+)}
+
+
+def architecture_of(config: ModelConfig) -> Architecture:
+    return ARCHITECTURES[config.model_name]
+
+
+def build_network(config: ModelConfig, spacing: tuple[float, ...] | None = None) -> nn.Module:
+    """The network ``config`` names; ``spacing`` (mm per voxel of the preprocessed grid) plans DynUNet. An ROI the
+    network cannot take is one :class:`UserError` line."""
+    spacing = tuple(spacing or (1.0,) * config.spatial_dims)[:config.spatial_dims]
+    problem = roi_problem(config, spacing)
+    if problem:
+        raise UserError(f"config: {problem}: set --roi_x/--roi_y/--roi_z accordingly")
+    return architecture_of(config).build(config, spacing)
+
+
+def roi_problem(config: ModelConfig, spacing: tuple[float, ...] | None = None) -> str | None:
+    """Why the ROI does not suit the network, naming the flags; None when it does."""
+    arch = architecture_of(config)
+    multiples = arch.roi_multiple(config, spacing or (1.0,) * config.spatial_dims)
+    names = ("roi_x", "roi_y", "roi_z")[:config.spatial_dims]
+    for name, size, multiple in zip(names, config.roi_size, multiples):
+        if size < multiple * arch.roi_factor or size % multiple:
+            least = f" of at least {multiple * arch.roi_factor}" if arch.roi_factor > 1 else ""
+            return f"{name} {size} must be a multiple of {multiple}{least} for {arch.title}"
+    return None
+
+
+def require_unetr(config: ModelConfig, what: str) -> None:
+    """One :class:`UserError` line where ``what`` (an export format, a file kind) is built for UNETR alone so far."""
+    if config.model_name != "unetr":
+        raise UserError(f"{what} supports UNETR only so far, not {architecture_of(config).title} (--model_name "
+                        f"{config.model_name}); its checkpoint (.pt) works everywhere else")
