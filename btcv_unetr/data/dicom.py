@@ -6,7 +6,7 @@
     read_series       voxels ``(X, Y, Z)`` float32 in modality units (Hounsfield for CT) and a RAS affine, from the
                       positions the files declare; what was repaired is said in ``notes``
     write_series_as_nifti   the same, written atomically as NIfTI (the rest of the pipeline reads files)
-    read_header, header_text, sop_class_uid, sop_instance_uid, frame_geometry, decode_frames
+    read_header, header_text, sop_class_uid, sop_instance_uid, frame_count, frame_geometry, decode_frames
                       one file's header and pixels, for the DICOM writers that place their objects on the series
 
 Headers are read by pydicom (tolerant of missing meta headers, implicit VR, big endian, empty UIDs); pixels are
@@ -122,6 +122,14 @@ def _floats(value, count: int) -> np.ndarray | None:
     return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
 
 
+def frame_count(dataset) -> int:
+    """The frames of an image header: NumberOfFrames, 1 when it is absent or not a positive number."""
+    try:
+        return max(1, int(str(dataset.get("NumberOfFrames") or 1)))
+    except ValueError:
+        return 1
+
+
 def frame_geometry(dataset, frame: int | None) -> tuple[np.ndarray | None, np.ndarray | None, tuple | None]:
     """(position, orientation, pixel spacing) of a single-frame image, or of one frame of an enhanced multi-frame
     image (per-frame functional groups, else the shared ones)."""
@@ -187,7 +195,7 @@ def find_series(folder: Path) -> list[Series]:
         kind = _image_kind(dataset, sop_class_uid(dataset))
         if kind is None:
             continue
-        frames = int(dataset.get("NumberOfFrames") or 1) if str(dataset.get("NumberOfFrames") or "1").isdigit() else 1
+        frames = frame_count(dataset)
         for frame in ([None] if frames == 1 else range(frames)):
             position, orientation, spacing = frame_geometry(dataset, frame)
             frame_kind = kind if position is not None and orientation is not None else "no geometry"
@@ -271,12 +279,15 @@ def decode_frames(path: Path, display: str) -> np.ndarray:
     voxels = sitk.GetArrayFromImage(image).astype(np.float32)
     if voxels.ndim == 2:
         voxels = voxels[None]
-    dataset = read_header(path)
-    if header_text(dataset, "PhotometricInterpretation").upper() == "MONOCHROME1":
+    # The header GDCM read with the pixels (no second read of the file): "group|element" -> text.
+    def tag(key: str, default: str) -> str:
+        return image.GetMetaData(key).strip() if image.HasMetaDataKey(key) else default
+
+    if tag("0028|0004", "").upper() == "MONOCHROME1":
         # GDCM stored max - value (bitwise NOT for signed pixels) before the rescale: undone here.
-        slope = float(dataset.get("RescaleSlope") or 1.0)
-        intercept = float(dataset.get("RescaleIntercept") or 0.0)
-        top = -1.0 if int(dataset.get("PixelRepresentation") or 0) == 1 else float(2 ** int(dataset.BitsStored) - 1)
+        slope, intercept = float(tag("0028|1053", "") or 1.0), float(tag("0028|1052", "") or 0.0)
+        signed = tag("0028|0103", "0") == "1"
+        top = -1.0 if signed else float(2 ** int(tag("0028|0101", "16")) - 1)
         voxels = np.float32(slope * top + 2 * intercept) - voxels
     return voxels
 

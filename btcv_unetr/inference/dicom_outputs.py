@@ -29,16 +29,17 @@ class DicomOutput:
     short: str  # its name in a service request (``store: ["seg", "rtstruct", "overlay"]``)
     kind: str  # its key among a case's outputs and a job's outputs
     ending: str  # CASE{ending}: a file, or a folder for a series of images
+    job_file: str  # its name in a service job's folder
     writer: str  # "module:function" in btcv_unetr.inference
     what: str  # for messages
 
 
 DICOM_OUTPUTS: dict[str, DicomOutput] = {o.format: o for o in (
-    DicomOutput("dicom_seg", "seg", "seg", "_seg.dcm", "dicom_seg:write_dicom_seg", "DICOM SEG"),
-    DicomOutput("dicom_rtstruct", "rtstruct", "rtstruct", "_rtstruct.dcm", "dicom_rtstruct:write_dicom_rtstruct",
-                "DICOM RTSTRUCT"),
-    DicomOutput("dicom_overlay", "overlay", "overlay_series", "_overlay_dcm", "dicom_overlay:write_dicom_overlay",
-                "DICOM overlay series"),
+    DicomOutput("dicom_seg", "seg", "seg", "_seg.dcm", "seg.dcm", "dicom_seg:write_dicom_seg", "DICOM SEG"),
+    DicomOutput("dicom_rtstruct", "rtstruct", "rtstruct", "_rtstruct.dcm", "rtstruct.dcm",
+                "dicom_rtstruct:write_dicom_rtstruct", "DICOM RTSTRUCT"),
+    DicomOutput("dicom_overlay", "overlay", "overlay_series", "_overlay_dcm", "overlay_dcm",
+                "dicom_overlay:write_dicom_overlay", "DICOM overlay series"),
 )}
 
 

@@ -203,8 +203,7 @@ def _sources(source_files: Sequence[Path], affine: np.ndarray, shape: tuple[int,
         dataset = reader.read_header(path)
         if dataset is None:
             raise _refuse(display, f"{path.name} is not a DICOM file")
-        frames_text = str(dataset.get("NumberOfFrames") or "1")
-        frames = int(frames_text) if frames_text.isdigit() and int(frames_text) > 1 else 1
+        frames = reader.frame_count(dataset)
         for frame in [None] if frames == 1 else range(frames):
             position, orientation, spacing = reader.frame_geometry(dataset, frame)
             if position is None or orientation is None or spacing is None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..data.dicom import frame_count
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
@@ -78,16 +79,11 @@ def plane_contours(plane: np.ndarray) -> list[np.ndarray]:
     return polygons
 
 
-def _fail(exc: UserError) -> UserError:
-    """A line of :mod:`.dicom_seg`'s source checks, said of the structure set."""
-    return UserError(str(exc).replace("a SEG", "an RTSTRUCT"))
-
-
 def _plane_geometry(dataset, path: Path, display: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(origin, column step, row step)`` in LPS mm of a single-frame image: the centre of its first pixel, and the
     moves to the next column (along X) and the next row (along Y)."""
     try:
-        if int(dataset.get("NumberOfFrames") or 1) != 1:
+        if frame_count(dataset) != 1:
             raise ValueError("multi-frame")
         origin = np.asarray([float(v) for v in dataset.ImagePositionPatient], dtype=np.float64)
         cosines = np.asarray([float(v) for v in dataset.ImageOrientationPatient], dtype=np.float64)
@@ -281,11 +277,8 @@ def _read_sources(source_files: Sequence[Path], display: str) -> list:
     import pydicom
     sources = []
     for name in source_files:
-        try:
-            sources.append(with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name),
-                                      display))
-        except UserError as exc:
-            raise _fail(exc) from None
+        sources.append(with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name),
+                                 display, what="an RTSTRUCT"))
     first = sources[0]
     for keyword, why in (("FrameOfReferenceUID", "to be placed on it"), ("StudyInstanceUID", "to reference it"),
                          ("SeriesInstanceUID", "to reference it")):
@@ -336,10 +329,7 @@ def write_dicom_rtstruct(labels: np.ndarray, affine: np.ndarray, source_files: S
     display = str(Path(source_files[0]).parent)
     sources = _read_sources(source_files, display)
     geometries = [_plane_geometry(s, Path(name), display) for s, name in zip(sources, source_files)]
-    try:
-        planes = slice_indices(sources, affine, labels.shape, display)
-    except UserError as exc:
-        raise _fail(exc) from None
+    planes = slice_indices(sources, affine, labels.shape, display, what="an RTSTRUCT")
     for geometry, name in zip(geometries, source_files):
         _check_spacing(geometry[1:], affine, Path(name), display)
     order = np.argsort(planes, kind="stable")  # the images referenced in slice order, whatever the files' order

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import __version__
-from ..data.dicom import frame_geometry
+from ..data.dicom import frame_count, frame_geometry
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
@@ -91,24 +91,26 @@ def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance:
     return descriptions
 
 
-def _planes(sources: Sequence, display: str) -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]:
+def _planes(sources: Sequence, display: str, what: str = "a SEG"
+            ) -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int]]]:
     """``(name, position, orientation, (columns, rows))`` of every image plane of ``sources``: each single-frame
     instance, or each frame of a multi-frame (enhanced) image, in the order a SEG's frames follow them."""
     planes = []
     for dataset in sources:
-        frames = int(str(dataset.get("NumberOfFrames") or 1))
+        frames = frame_count(dataset)
         size = (int(dataset.Columns), int(dataset.Rows))
         for frame in ([None] if frames == 1 else range(frames)):
             position, orientation, _ = frame_geometry(dataset, frame)
             name = f"instance {dataset.SOPInstanceUID}" + ("" if frame is None else f" frame {frame + 1}")
             if position is None or orientation is None:
-                raise UserError(f"{display}: {name} has no position or orientation: a SEG cannot place it; the mask "
+                raise UserError(f"{display}: {name} has no position or orientation: {what} cannot place it; the mask "
                                 "is written as NIfTI only")
             planes.append((name, position, orientation, size))
     return planes
 
 
-def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, int], display: str) -> list[int]:
+def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, int], display: str,
+                  what: str = "a SEG") -> list[int]:
     """For each source dataset (pydicom, pixels not needed), the slice ``k`` of the ``shape`` = ``(X, Y, Z)``
     grid with RAS ``affine`` that it is; a one-line :class:`UserError` naming ``display`` when an instance is not
     one of that grid's slices (columns along X, rows along Y) or two are the same slice. Planes may lack an
@@ -117,24 +119,24 @@ def slice_indices(sources: Sequence, affine: np.ndarray, shape: tuple[int, int, 
     to_voxel = np.linalg.inv(lps)
     axes = lps[:3, :2] / np.linalg.norm(lps[:3, :2], axis=0)
     indices = []
-    for name, position, orientation, size in _planes(sources, display):
+    for name, position, orientation, size in _planes(sources, display, what):
         voxel = to_voxel @ np.append(position, 1.0)
         k = int(round(voxel[2]))
         cosines = orientation.reshape(2, 3).T
         on_grid = np.abs(voxel[:3] - (0.0, 0.0, k)).max() < POSITION_TOLERANCE and \
             np.abs(cosines - axes).max() < COSINE_TOLERANCE and 0 <= k < shape[2] and size == shape[:2]
         if not on_grid:
-            raise UserError(f"{display}: {name} is not a slice of the series' grid: a SEG needs one series of "
+            raise UserError(f"{display}: {name} is not a slice of the series' grid: {what} needs one series of "
                             "parallel slices of one size; the mask is written as NIfTI only")
         indices.append(k)
     if len(set(indices)) != len(indices):
-        raise UserError(f"{display}: the series has two instances at one slice position: a SEG cannot reference "
+        raise UserError(f"{display}: the series has two instances at one slice position: {what} cannot reference "
                         "it; the mask is written as NIfTI only")
     # A plane without an instance was interpolated over a gap in the series (btcv_unetr.data.dicom): no frame there.
     return indices
 
 
-def with_uids(dataset, path: Path, display: str):
+def with_uids(dataset, path: Path, display: str, what: str = "a SEG"):
     """``dataset`` with its SOP Class and Instance UIDs, taken from the file meta header where an anonymiser emptied
     them in the dataset (a SEG references each source image by both); one line when neither place has them."""
     meta = getattr(dataset, "file_meta", None)
@@ -144,7 +146,7 @@ def with_uids(dataset, path: Path, display: str):
             continue
         value = str(meta.get(meta_keyword) or "").strip() if meta is not None else ""
         if not value:
-            raise UserError(f"{display}: {path.name} has no {keyword} (emptied by an anonymiser?), which a SEG "
+            raise UserError(f"{display}: {path.name} has no {keyword} (emptied by an anonymiser?), which {what} "
                             "needs to reference it; the mask is written as NIfTI only")
         setattr(dataset, keyword, value)
     return dataset
@@ -182,7 +184,7 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
     display = str(Path(source_files[0]).parent)
     sources = [with_uids(pydicom.dcmread(str(name), stop_before_pixels=True, force=True), Path(name), display)
                for name in source_files]
-    if len(sources) > 1 and any(int(str(s.get("NumberOfFrames") or 1)) > 1 for s in sources):
+    if len(sources) > 1 and any(frame_count(s) > 1 for s in sources):
         raise UserError(f"{display}: several multi-frame images in one series: a SEG references one multi-frame "
                         "image or single-frame instances; the mask is written as NIfTI only")
     indices = slice_indices(sources, affine, labels.shape, display)

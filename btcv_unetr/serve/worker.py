@@ -104,7 +104,7 @@ class Segmenter:
         problems = []
         for short in dict.fromkeys(["seg", "rtstruct", *store]):
             output = BY_SHORT_NAME[short]
-            path = folder / f"{output.short}{'.dcm' if output.ending.endswith('.dcm') else '_dcm'}"
+            path = folder / output.job_file
             try:
                 write_dicom_output(output, labels, affine, files, self.names, path, provenance=job.provenance,
                                    warning=warning)
