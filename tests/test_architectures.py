@@ -122,7 +122,8 @@ def test_a_segresnet_trains_resumes_and_segments_in_the_scans_geometry(segresnet
     scan = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
     capsys.readouterr()
     assert cli.main(["infer", "--pretrained_dir", str(logdir), "--pretrained_model_name", "model_final.pt",
-                     "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--no-overlay", "--no_hd95"]) == 0
+                     "--input", str(scan), "--output_dir", str(tmp_path / "out"), "--no-overlay", "--no_hd95",
+                     "--device", "cpu"]) == 0
     mask = nib.load(next((tmp_path / "out").glob("*_seg.nii.gz")))
     assert mask.shape == nib.load(scan).shape
     assert (mask.affine == nib.load(scan).affine).all()

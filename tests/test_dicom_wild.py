@@ -344,7 +344,8 @@ def test_test_py_writes_every_dicom_output_marked_with_the_phantom_warning(train
     _write(_ct_slices(4), tmp_path / "ct")
     argv = ["infer", "--pretrained_dir", str(trained_run), "--pretrained_model_name", "model.pt", "--input",
             str(tmp_path / "ct"), "--output_dir", str(tmp_path / "out"), "--output_format",
-            "dicom_seg,dicom_rtstruct,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0"]
+            "dicom_seg,dicom_rtstruct,dicom_overlay", "--no-overlay", "--no_hd95", "--infer_overlap", "0",
+            "--device", "cpu"]
     assert cli.main(argv) == 0
     out = tmp_path / "out"
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
