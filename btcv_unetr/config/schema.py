@@ -50,6 +50,7 @@ MODEL_SETTINGS = {
     "dropout_path_rate": ("swin_unetr",), "use_checkpoint": ("swin_unetr",), "use_v2": ("swin_unetr",),
     "init_filters": ("segresnet", "dynunet"), "blocks_down": ("segresnet",), "blocks_up": ("segresnet",),
     "mednext_size": ("mednext",), "kernel_size": ("mednext",),
+    "deep_supervision": ("segresnet", "dynunet", "mednext"),
 }
 
 
@@ -88,6 +89,9 @@ class ModelConfig:
     blocks_up: str = _opt("1,1,1", "SegResNet: blocks per decoder level, comma-separated")
     mednext_size: str = _opt("S", "MedNeXt: the paper's size S, B, M or L", choices=("S", "B", "M", "L"))
     kernel_size: int = _opt(3, "MedNeXt: convolution kernel size (3 or 5 in the paper)")
+    deep_supervision: int = _opt(0, "SegResNet (as SegResNetDS), DynUNet, MedNeXt: output heads below full "
+                                    "resolution trained with the loss, weighted as nnU-Net (halving per level); "
+                                    "inference uses the full-resolution head only; 0 = off")
 
     @property
     def roi_size(self) -> tuple[int, ...]:
@@ -167,6 +171,10 @@ class TrainConfig:
                                         "downloaded once into the user's cache), a URL#sha256=HEX, a weights file or "
                                         "a MONAI bundle folder; their architecture and preprocessing are used; "
                                         "training finetunes from them as --resume_ckpt does")
+    use_ssl_pretrained: bool = _opt(False, "start the encoder from its self-supervised weights (Swin UNETR: "
+                                           "model_swinvit.pt of 5,050 CTs; UNETR: the ViT-B encoder of MONAI's "
+                                           "tutorials), taken from pretrained_dir or downloaded once; every encoder "
+                                           "key must match")
     optim_name: str = _opt("adamw", "optimiser", choices=("adam", "adamw", "sgd"))
     optim_lr: float = _opt(1e-4, "learning rate")
     reg_weight: float = _opt(1e-5, "weight decay")

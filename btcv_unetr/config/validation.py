@@ -79,6 +79,11 @@ def validate(config: Config) -> None:
     if foreign:
         raise ConfigError(f"config key '{foreign[0]}': a setting of {', '.join(MODEL_SETTINGS[foreign[0]])}, not of "
                           f"--model_name {m.model_name}: drop it")
+    if t.use_ssl_pretrained and m.model_name not in ("unetr", "swin_unetr"):
+        raise ConfigError(f"config key 'use_ssl_pretrained': self-supervised encoder weights exist for unetr and "
+                          f"swin_unetr, not --model_name {m.model_name}: drop it")
+    if not 0 <= m.deep_supervision <= 5:
+        raise ConfigError(f"config key 'deep_supervision': {m.deep_supervision} must be 0 (off) to 5 heads")
     if m.model_name == "unetr":
         for key in ("roi_x", "roi_y", "roi_z")[:m.spatial_dims]:
             size = getattr(m, key)
