@@ -32,6 +32,15 @@ from btcv_unetr.config.schema import Config  # noqa: E402  (after the cache is s
 from btcv_unetr.synthetic.phantoms import write_dataset  # noqa: E402
 
 PHANTOM_SIZE = 64
+# The model section of a tiny network of each architecture (issue 28), for tiny_config(model=TINY_NETS[name]):
+# the smallest sizes each builds and trains with on the tiny phantoms (Swin UNETR needs a 64-voxel ROI).
+TINY_NETS: dict[str, dict] = {
+    "unetr": {},
+    "swin_unetr": {"model_name": "swin_unetr", "roi_x": 64, "roi_y": 64, "roi_z": 64, "feature_size": 12},
+    "segresnet": {"model_name": "segresnet", "init_filters": 8, "blocks_down": "1,1,1", "blocks_up": "1,1"},
+    "dynunet": {"model_name": "dynunet", "init_filters": 4},
+    "mednext": {"model_name": "mednext"},
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,6 +61,16 @@ def tiny_config(data_dir: Path | str = "/nonexistent", **overrides) -> Config:
     """configs/tiny.yaml pointed at ``data_dir``; ``overrides`` are ``section={key: value}``."""
     layers = [read_yaml(CONFIG_DIR / "tiny.yaml"),
               {"data": {"data_dir": str(data_dir), "json_list": "dataset.json"}}, overrides]
+    return build_config(layers)
+
+
+def tiny_net_config(name: str, data_dir: Path | str = "/nonexistent", **overrides) -> Config:
+    """tiny_config with the tiny network ``name`` of :data:`TINY_NETS` (tiny.yaml's UNETR sizes dropped for another
+    network, whose config refuses them); ``overrides`` are ``section={key: value}``, the model section's on top."""
+    tiny = read_yaml(CONFIG_DIR / "tiny.yaml")
+    model = {key: value for key, value in tiny["model"].items() if name == "unetr" or key.startswith("roi_")}
+    layers = [{**tiny, "model": model}, {"data": {"data_dir": str(data_dir), "json_list": "dataset.json"}},
+              {**overrides, "model": {**TINY_NETS[name], **overrides.get("model", {})}}]
     return build_config(layers)
 
 
