@@ -148,3 +148,38 @@ def require_unetr(config: ModelConfig, what: str) -> None:
     if config.model_name != "unetr":
         raise UserError(f"{what} supports UNETR only so far, not {architecture_of(config).title} (--model_name "
                         f"{config.model_name}); its checkpoint (.pt) works everywhere else")
+
+
+# --- The net as a result describes it (model card, provenance, DICOM objects, the service) ------------------------
+
+
+def network_settings(config: ModelConfig, changed_only: bool = False) -> dict[str, object]:
+    """The settings of ``config``'s own network (:data:`~btcv_unetr.config.schema.MODEL_SETTINGS`), name -> value in
+    the config's field order: a SegResNet's ``init_filters``, ``blocks_down`` ... and no ViT sizes. ``changed_only``:
+    only those that differ from the config's defaults (what a line that names the net needs to say)."""
+    import dataclasses  # here, not at the top: this block is appended to a module others edit at its top
+
+    from ..config.schema import MODEL_SETTINGS
+    defaults = ModelConfig()
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if config.model_name in MODEL_SETTINGS.get(f.name, ())
+            and not (changed_only and getattr(config, f.name) == getattr(defaults, f.name))}
+
+
+def network_facts(config: ModelConfig) -> dict[str, object]:
+    """What a model card or a mask's provenance says of one network: ``model_name``, ``network`` (its title),
+    ``network_settings`` (:func:`network_settings`, all of them) and ``roi_size`` (its sliding window, voxels)."""
+    return {"model_name": config.model_name, "network": architecture_of(config).title,
+            "network_settings": network_settings(config), "roi_size": list(config.roi_size)}
+
+
+def describe_network(models: ModelConfig | list[ModelConfig] | tuple[ModelConfig, ...]) -> str:
+    """The net's title ("Swin UNETR"); an ensemble's (several configs): "ensemble of 3: UNETR, Swin UNETR x2", titles
+    in the members' order of first appearance, counted. A one-member sequence is that member's title."""
+    configs = [models] if isinstance(models, ModelConfig) else list(models)
+    titles = [architecture_of(config).title for config in configs]
+    if len(titles) == 1:
+        return titles[0]
+    counted = {title: titles.count(title) for title in titles}  # dicts keep the first appearance's order
+    names = ", ".join(title if count == 1 else f"{title} x{count}" for title, count in counted.items())
+    return f"ensemble of {len(titles)}: {names}"
