@@ -112,7 +112,12 @@ def test_the_card_and_the_provenance_name_the_members(members):
     assert "validation_dice" not in card and card["classes"][1] == "spleen"  # the first member's data facts
     lines = model_card_lines(card)
     assert lines[2] == "  ensemble of 2 models, softmax probabilities averaged:"
-    assert lines[3] == f"    {members[0]}: weights {checksums[0][:12]}, validation: none"
+    # Each member's net: its title, the settings it changed from the defaults (tiny.yaml's), its window.
+    net = "UNETR (feature_size 8, hidden_size 96, mlp_dim 192, num_heads 4), ROI 32x32x32"
+    assert lines[3] == f"    {members[0]}: {net}, weights {checksums[0][:12]}, validation: none"
+    assert [(m["model_name"], m["network"], m["roi_size"]) for m in card["ensemble"]] == [("unetr", "UNETR",
+                                                                                          [32, 32, 32])] * 2
+    assert made_with["network"] == "ensemble of 2: UNETR x2" and "model_name" not in card
     assert lines[-1].startswith("WARNING: this model's weights are random")
 
 
@@ -137,18 +142,19 @@ def test_an_ensemble_card_gives_each_member_its_fold_and_validation():
     assert ensemble_card(files[:1], [card(0, 0.5)], ["a" * 64]) == card(0, 0.5)
 
 
-def test_members_of_another_architecture_or_preprocessing_are_refused_in_one_line(members, tmp_path):
+def test_members_of_other_classes_or_preprocessing_are_refused_in_one_line(members, tmp_path):
+    """Their networks may differ (tests/test_mixed_ensemble.py); not what they read or what they output."""
     # crop_before_resampling too: it is preprocessing (config.PREPROCESSING), the voxel grid a model was trained on.
-    for section, key, value in (("model", "feature_size", 16), ("data", "space_x", 5.0),
+    for section, key, value in (("model", "out_channels", 3), ("data", "space_x", 5.0),
                                 ("data", "crop_before_resampling", False)):
         overrides = {"data": COARSE, section: {**(COARSE if section == "data" else {}), key: value}}
         other = seeded_checkpoint(tmp_path / key / "model.pt", tiny_config(**overrides))
         with pytest.raises(UserError) as refused:
             Predictor(_config([members[0], other]))
-        first = {"feature_size": 8, "space_x": 10.0, "crop_before_resampling": True}[key]
+        first = {"out_channels": 14, "space_x": 10.0, "crop_before_resampling": True}[key]
         assert str(refused.value) == (
             f"{other} cannot join an ensemble with {members[0]}: {key} is {value!r} there and {first!r} here; "
-            "ensemble only models of the same architecture and preprocessing")
+            "ensemble only models of the same preprocessing and classes (their networks may differ)")
 
 
 def test_a_run_folder_gives_its_folds_models_in_fold_order(members, scan, tmp_path):

@@ -38,6 +38,7 @@ from ..files import atomic_write
 from .dicom_outputs import warning_label
 from .dicom_seg import COSINE_TOLERANCE, POSITION_TOLERANCE
 from .plots import class_colours, legend_entries
+from .provenance import network_of
 
 SECONDARY_CAPTURE_IMAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -280,7 +281,7 @@ def _overlay_dataset(source: _Source, rgb: np.ndarray, uids: dict[str, str], num
     ds.StudyInstanceUID, ds.FrameOfReferenceUID = uids["study"], uids["frame"]
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = uids["series"], uids["series_number"], number
     ds.Modality, ds.ConversionType = "OT", "WSD"  # derived on a workstation (SC Equipment module)
-    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "btcv-unetr", "UNETR", __version__
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "btcv-unetr", texts["model"], __version__
     ds.SeriesDescription = texts["series"]
     ds.SeriesDate = ds.ContentDate = ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.SeriesTime = ds.ContentTime = ds.InstanceCreationTime = now.strftime("%H%M%S")
@@ -311,14 +312,16 @@ def _overlay_dataset(source: _Source, rgb: np.ndarray, uids: dict[str, str], num
 
 
 def _texts(warning: str | None, provenance: Mapping | None) -> dict[str, str]:
-    """SeriesDescription, DerivationDescription and ImageComments of every image."""
-    warned = bool(warning and warning.strip())
+    """SeriesDescription, DerivationDescription, ImageComments and ManufacturerModelName of every image: the net the
+    provenance names (:func:`~btcv_unetr.inference.provenance.network_of`, UNETR where none) in all but the comments,
+    which hold the warning and the provenance as JSON."""
+    warned, network = bool(warning and warning.strip()), network_of(provenance)
     comments = [warning.strip()] if warned else []
     if provenance:
         comments.append(json.dumps(dict(provenance), sort_keys=True))
-    return {"series": warning_label(warning if warned else None, "UNETR organ overlay"),
+    return {"series": warning_label(warning if warned else None, f"{network} organ overlay"), "model": network[:64],
             "derivation": (f"CT slice in a soft-tissue window (W {WINDOW[1]:g}, L {WINDOW[0]:g}) with the organs "
-                           f"segmented by btcv-unetr {__version__} (UNETR) blended in colour (alpha {ALPHA:g}), "
+                           f"segmented by btcv-unetr {__version__} ({network}) blended in colour (alpha {ALPHA:g}), "
                            "outlines opaque, a legend of the organs on the slice"
                            + ("; the model card's warning burned in" if warned else "")),
             "comments": "\n".join(comments)}
@@ -336,7 +339,8 @@ def write_dicom_overlay(labels: np.ndarray, affine: np.ndarray, source_files: Se
             multi-frame file), drawn on that slice's own pixels.
         names: class names of ``1..len(names)``: the legend.
         colours: ``(len(names) + 1, 3)`` uint8 RGB; default the overlays' organ colours (as the SEG's).
-        provenance: what the mask was made with: as JSON in every image's ImageComments.
+        provenance: what the mask was made with: as JSON in every image's ImageComments; its net named in the
+            descriptions and the manufacturer's model name.
         warning: the model card's warning: burned into the top of every image, and in ImageComments and
             SeriesDescription ("NOT FOR CLINICAL USE" prefix).
 

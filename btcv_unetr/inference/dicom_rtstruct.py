@@ -38,6 +38,7 @@ from ..errors import UserError
 from ..files import atomic_write
 from .dicom_outputs import warning_label
 from .dicom_seg import organ_codes, slice_indices, with_uids
+from .provenance import DEFAULT_NETWORK, network_of
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # The SOP class RT objects conventionally give the study they reference (Detached Study Management, retired but
@@ -46,7 +47,7 @@ STUDY_REFERENCE_CLASS = "1.2.840.10008.3.1.2.3.1"
 EXTRA_LINE = "--output_format dicom_rtstruct needs scikit-image to trace contours: pip install 'btcv-unetr[post]'"
 NIFTI_ONLY = "the mask is written as NIfTI only"
 SPACING_TOLERANCE = 1e-3  # relative: PixelSpacing against the affine's in-plane steps (stored as float32)
-ST_LIMIT, LO_LIMIT = 1024, 64  # characters of the value representations ST and LO (LO: dicom_outputs too)
+ST_LIMIT, LO_LIMIT, SH_LIMIT = 1024, 64, 16  # characters of the value representations ST, LO and SH
 
 PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
@@ -187,8 +188,10 @@ def _referenced_frame(first, sources: Sequence) -> object:
 
 
 def _roi_items(number: int, name: str, colour: np.ndarray, contours: list, frame_uid: str,
-               warning: str | None) -> tuple:
-    """The StructureSetROISequence, ROIContourSequence and RTROIObservationsSequence items of one class."""
+               warning: str | None, network: str = DEFAULT_NETWORK) -> tuple:
+    """The StructureSetROISequence, ROIContourSequence and RTROIObservationsSequence items of one class; ``network``
+    (the net that made the mask, :func:`~btcv_unetr.inference.provenance.network_of`) in its generation's
+    description."""
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     roi = Dataset()
@@ -196,7 +199,7 @@ def _roi_items(number: int, name: str, colour: np.ndarray, contours: list, frame
     if warning:
         roi.ROIDescription = warning[:ST_LIMIT]
     roi.ROIGenerationAlgorithm = "AUTOMATIC"
-    roi.ROIGenerationDescription = f"UNETR, btcv-unetr {__version__}"[:LO_LIMIT]
+    roi.ROIGenerationDescription = f"{network}, btcv-unetr {__version__}"[:LO_LIMIT]
     contour = Dataset()
     contour.ReferencedROINumber = number
     contour.ROIDisplayColor = [int(c) for c in colour]
@@ -221,8 +224,10 @@ def _description(warning: str | None, provenance: Mapping | None) -> str:
     return " | ".join(parts)[:ST_LIMIT]
 
 
-def _structure_set(first, sources: Sequence, rois: list[tuple], description: str, warning: str | None):
-    """The RT Structure Set dataset (with its file meta) of ``rois``, on the series of ``first``."""
+def _structure_set(first, sources: Sequence, rois: list[tuple], description: str, warning: str | None,
+                   network: str = DEFAULT_NETWORK):
+    """The RT Structure Set dataset (with its file meta) of ``rois``, on the series of ``first``; ``network`` names
+    the net in the series description, the manufacturer's model name and the label."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ImplicitVRLittleEndian, generate_uid
@@ -235,13 +240,15 @@ def _structure_set(first, sources: Sequence, rois: list[tuple], description: str
     dataset.Modality, dataset.SeriesInstanceUID = "RTSTRUCT", generate_uid()
     # The SEG takes the series' number + 1000: this one follows it, so both sort after the images.
     dataset.SeriesNumber = int(first.get("SeriesNumber") or 0) + 1001
-    dataset.SeriesDescription = warning_label(warning, "UNETR organ contours")
+    dataset.SeriesDescription = warning_label(warning, f"{network} organ contours")
     dataset.SeriesDate, dataset.SeriesTime = dataset.InstanceCreationDate, dataset.InstanceCreationTime
     dataset.OperatorsName = ""
-    dataset.Manufacturer, dataset.ManufacturerModelName, dataset.SoftwareVersions = "btcv-unetr", "UNETR", __version__
+    dataset.Manufacturer, dataset.SoftwareVersions = "btcv-unetr", __version__
+    dataset.ManufacturerModelName = network[:LO_LIMIT]
     dataset.FrameOfReferenceUID = first.FrameOfReferenceUID
     dataset.PositionReferenceIndicator = first.get("PositionReferenceIndicator") or ""
-    dataset.StructureSetLabel = "NOT FOR CLINICAL" if warning else "UNETR organs"  # SH: 16 characters
+    label = f"{network} organs" if len(network) <= SH_LIMIT - len(" organs") else "organ contours"
+    dataset.StructureSetLabel = "NOT FOR CLINICAL" if warning else label  # SH: 16 characters
     dataset.StructureSetName = dataset.SeriesDescription
     if description:
         dataset.StructureSetDescription = description
@@ -306,7 +313,8 @@ def write_dicom_rtstruct(labels: np.ndarray, affine: np.ndarray, source_files: S
         names: class names of ``1..len(names)``: ROI names, and the SNOMED CT codes of :func:`.dicom_seg.organ_codes`.
         path: the file to write.
         colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
-        provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): JSON in the
+        provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): its net named in
+            the series and ROI generation descriptions and the manufacturer's model name (UNETR where none); JSON in the
             StructureSetDescription, after the warning.
         warning: the model card's warning (:func:`btcv_unetr.io.card.card_warning`) or None: its gist in the
             SeriesDescription and StructureSetName (:func:`warning_label`), "NOT FOR CLINICAL" as the label, and
@@ -339,7 +347,8 @@ def write_dicom_rtstruct(labels: np.ndarray, affine: np.ndarray, source_files: S
         raise UserError(f"{display}: the mask has no organ voxel on any image of the series, and an RTSTRUCT needs one "
                         f"contour at least; {NIFTI_ONLY}")
     first = sources[0]
+    network = network_of(provenance)
     rois = [_roi_items(number, names[number - 1], np.asarray(colours)[number], items, first.FrameOfReferenceUID,
-                       warning) for number, items in sorted(contours.items())]
-    dataset = _structure_set(first, sources, rois, _description(warning, provenance), warning)
+                       warning, network) for number, items in sorted(contours.items())]
+    dataset = _structure_set(first, sources, rois, _description(warning, provenance), warning, network)
     atomic_write(path, lambda tmp: _save(dataset, tmp))

@@ -25,7 +25,8 @@ from ..data.dicom import frame_count, frame_geometry
 from ..data.images import LPS_TO_RAS
 from ..errors import UserError
 from ..files import atomic_write
-from .dicom_outputs import warning_label
+from .dicom_outputs import LO_LIMIT, warning_label
+from .provenance import network_of
 
 if TYPE_CHECKING:
     from pydicom.sr.coding import Code
@@ -66,14 +67,42 @@ def organ_codes(name: str) -> tuple[Code, Code | None]:
     return known.get(name.strip().lower(), (sct.AnatomicalStructure, None))
 
 
+def _parameter_text(value: object) -> str:
+    """A value of AlgorithmParameters, which is ``key=value`` items joined by commas (as highdicom writes and reads
+    them): lists joined by spaces, and no comma or equals sign left inside (";" and ":" stand for them)."""
+    text = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text.replace(",", ";").replace("=", ":")
+
+
+def algorithm_parameters(provenance: Mapping) -> dict[str, str]:
+    """The SEG's AlgorithmParameters from a provenance: its plain values (weights checksum, precision, device, overlap,
+    TTA, the net's name), and each net's ``model_name``, own settings and ``roi_size`` flattened; an ensemble's per
+    member as ``memberK_<key>`` (K from 1), with its weights checksum. The whole provenance, as JSON, is in the
+    Image Comments."""
+    parameters = {key: _parameter_text(value) for key, value in provenance.items()
+                  if key not in ("package_version", "networks", "ensemble_weights_sha256")}
+    networks = list(provenance.get("networks") or [])
+    checksums = list(provenance.get("ensemble_weights_sha256") or [])
+    for index, net in enumerate(networks, start=1):
+        prefix = f"member{index}_" if len(networks) > 1 else ""
+        facts = {"model_name": net.get("model_name"), **(net.get("network_settings") or {}),
+                 "roi_size": "x".join(map(str, net.get("roi_size") or []))}
+        if prefix and index <= len(checksums):
+            facts["weights_sha256"] = checksums[index - 1]
+        parameters.update({prefix + key: _parameter_text(value) for key, value in facts.items()})
+    return parameters
+
+
 def _segment_descriptions(names: Sequence[str], colours: np.ndarray, provenance: Mapping | None = None) -> list:
     """One highdicom ``SegmentDescription`` per class ``1..len(names)``; ``colours`` is ``(len(names) + 1, 3)``
-    uint8 RGB, row 0 the background's. ``provenance`` becomes the algorithm's parameters (weights checksum,
-    precision, device, overlap, TTA), the standard's place for how a segment was made."""
+    uint8 RGB, row 0 the background's. ``provenance`` names the algorithm ("btcv-unetr SegResNet", "btcv-unetr
+    ensemble of 2: UNETR, Swin UNETR") and becomes its parameters (:func:`algorithm_parameters`), the standard's
+    place for how a segment was made."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
-    parameters = {key: str(value) for key, value in (provenance or {}).items() if key != "package_version"}
-    algorithm = hd.AlgorithmIdentificationSequence(name="btcv-unetr UNETR", version=__version__,
+    parameters = algorithm_parameters(provenance or {})
+    algorithm = hd.AlgorithmIdentificationSequence(name=f"btcv-unetr {network_of(provenance)}"[:LO_LIMIT],
+                                                   version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence,
                                                    parameters=parameters or None)
     descriptions = []
@@ -163,8 +192,9 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
         source_files: the series' DICOM files, any order; the SEG references them and copies the patient and study.
         names: class names of ``1..len(names)``: segment labels, and the SNOMED CT codes of :func:`organ_codes`.
         colours: ``(len(names) + 1, 3)`` uint8 RGB display colours; default the overlays' organ colours.
-        provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): the segments'
-            algorithm parameters, and as JSON in the SEG's Image Comments.
+        provenance: what the mask was made with (:func:`btcv_unetr.inference.provenance.provenance`): its net names
+            the algorithm, the manufacturer's model and the descriptions (UNETR where it names none); the whole is
+            the segments' algorithm parameters, and JSON in the SEG's Image Comments.
         warning: the model card's warning (a phantom-trained or untrained model), or None: the series description
             and the content description then start "NOT FOR CLINICAL USE", and the Image Comments hold it whole.
 
@@ -194,16 +224,16 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
                         "the mask is written as NIfTI only")
     # (instances, or the frames of one multi-frame image, rows, columns), in the sources' order
     frames = np.ascontiguousarray(labels.transpose(2, 1, 0)[indices])
-    first = sources[0]
+    first, network = sources[0], network_of(provenance)
     try:
         seg = hd.seg.Segmentation(
             source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=_segment_descriptions(names, colours, provenance), series_instance_uid=hd.UID(),
             series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
-            instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name="UNETR",
+            instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name=network[:LO_LIMIT],
             software_versions=__version__, device_serial_number="none",
-            content_description=warning_label(warning, "abdominal organs (UNETR, BTCV classes)"),
-            series_description=warning_label(warning, "UNETR organ segmentation"))
+            content_description=warning_label(warning, f"abdominal organs ({network}, BTCV classes)"),
+            series_description=warning_label(warning, f"{network} organ segmentation"))
     except (ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom's checks of the sources' attributes
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0] or type(exc).__name__
         raise UserError(f"{display}: a SEG cannot reference this series ({why}); the mask is written as NIfTI only") \

@@ -2,35 +2,41 @@
 
     member_files      ``--checkpoints`` (files, and cross-validation run folders' ``fold_K/model.pt``) as paths
     fold_models       the ``fold_K/model.pt`` of a run folder, in fold order
-    check_compatible  one line naming both files where a member's architecture or preprocessing differs
+    check_compatible  one line naming both files where a member's preprocessing, dimensions or classes differ
     ensemble_checksum one SHA-256 for the members' weights checksums, in order
-    ensemble_card     the model card of an ensemble: its first member's data, each member's file and validation
+    ensemble_card     the model card of an ensemble: its first member's data; each member's file, net and validation
 
-The members' softmax probabilities are averaged by :class:`btcv_unetr.inference.batch.Predictor`; this module only
-decides what goes in. Every member runs on the one preprocessed image, so they must share the
-preprocessing, and they must build the same network so that one set of sliding-window settings fits all.
+The members' softmax probabilities are averaged by :class:`btcv_unetr.inference.predictor.Predictor`; this module
+only decides what goes in. Every member runs on the one preprocessed image, so they must share the preprocessing, the
+input channels and the classes; their networks may differ (UNETR beside Swin UNETR and a SegResNet): each runs its own
+sliding window with its own ROI over that image.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config.schema import PREPROCESSING, Config
+from ..config.schema import PREPROCESSING, Config, ModelConfig
 from ..errors import UserError
+from ..model.architectures import network_facts
 
 FOLD_FOLDER = re.compile(r"fold_(\d+)")
 FOLD_MODEL = "model.pt"  # each fold's best checkpoint by validation Dice, as training writes it
-# Model keys that do not change what a trained network computes at inference (dropout is off in eval mode).
-INFERENCE_NEUTRAL_MODEL_KEYS = ("dropout_rate",)
+# The model keys every member must share: they shape the one preprocessed image the members all read (its dimensions
+# and channels) and the probabilities averaged (one per class). The other model keys are each member's own network.
+SHARED_MODEL_KEYS = ("spatial_dims", "in_channels", "out_channels")
+# A 2D picture is resized to the model's window (data/transforms.py): there the window is preprocessing too.
+PICTURE_MODEL_KEYS = ("roi_x", "roi_y")
 # What a card says of one model only (its cross-validation fold, its validation): an ensemble's card moves it to
 # each member (the per-class Dice dropped: the mean stands for it there).
 MEMBER_KEYS = ("fold", "validation", "validation_epoch", "validation_mean_dice")
 SINGLE_MODEL_KEYS = (*MEMBER_KEYS, "validation_dice")
+# What a card says of its net (architectures.network_facts): an ensemble's card says it per member.
+NETWORK_KEYS = ("model_name", "network", "network_settings", "roi_size")
 
 
 def fold_models(run: Path) -> list[Path]:
@@ -66,26 +72,26 @@ def member_files(given: Sequence[str]) -> list[Path]:
 
 
 def _difference(first: Config, other: Config) -> tuple[str, Any, Any] | None:
-    """The first architecture or preprocessing key whose values differ, with both values, or None."""
-    for f in dataclasses.fields(first.model):
-        mine, theirs = getattr(first.model, f.name), getattr(other.model, f.name)
-        if f.name not in INFERENCE_NEUTRAL_MODEL_KEYS and mine != theirs:
-            return f.name, mine, theirs
-    for key in PREPROCESSING:
-        mine, theirs = getattr(first.data, key), getattr(other.data, key)
-        if mine != theirs:
-            return key, mine, theirs
+    """The first shared model key (:data:`SHARED_MODEL_KEYS`, and the window of a 2D model) or preprocessing key
+    whose values differ, with both values, or None."""
+    model_keys = SHARED_MODEL_KEYS + (PICTURE_MODEL_KEYS if first.model.spatial_dims == 2 else ())
+    for section, keys in (("model", model_keys), ("data", PREPROCESSING)):
+        for key in keys:
+            mine, theirs = getattr(getattr(first, section), key), getattr(getattr(other, section), key)
+            if mine != theirs:
+                return key, mine, theirs
     return None
 
 
 def check_compatible(first_file: Path, first: Config, member_file: Path, member: Config) -> None:
-    """Refuse, in one line naming both files and the key, a member whose network or preprocessing differs from
-    the first member's (each config as its checkpoint states it)."""
+    """Refuse, in one line naming both files and the key, a member whose preprocessing, dimensions, input channels or
+    classes differ from the first member's (each config as its checkpoint states it); its network may differ."""
     difference = _difference(first, member)
     if difference is not None:
         key, mine, theirs = difference
         raise UserError(f"{member_file} cannot join an ensemble with {first_file}: {key} is {theirs!r} there and "
-                        f"{mine!r} here; ensemble only models of the same architecture and preprocessing")
+                        f"{mine!r} here; ensemble only models of the same preprocessing and classes (their networks "
+                        "may differ)")
 
 
 def ensemble_checksum(checksums: Sequence[str]) -> str:
@@ -96,14 +102,23 @@ def ensemble_checksum(checksums: Sequence[str]) -> str:
     return hashlib.sha256(b"ensemble:" + ",".join(checksums).encode()).hexdigest()
 
 
-def ensemble_card(files: Sequence[Path], cards: Sequence[Mapping[str, Any] | None],
-                  checksums: Sequence[str]) -> dict[str, Any] | None:
+def with_network(card: Mapping[str, Any] | None, model: ModelConfig) -> dict[str, Any] | None:
+    """``card`` with what it says of its net (:data:`NETWORK_KEYS`) taken from ``model`` (the config its checkpoint
+    stores) where it says nothing: cards written before the network was a choice are UNETR's. None stays None."""
+    if card is None:
+        return None
+    return {**network_facts(model), **card} if "model_name" not in card else dict(card)
+
+
+def ensemble_card(files: Sequence[Path], cards: Sequence[Mapping[str, Any] | None], checksums: Sequence[str],
+                  models: Sequence[ModelConfig] | None = None) -> dict[str, Any] | None:
     """The model card of an ensemble: the first member's card (its data, spacing, classes) without what it says of
-    that model alone, and ``ensemble``: per member its file, weights checksum, fold and validation. One member: its
-    card."""
+    that model alone, and ``ensemble``: per member its file, weights checksum, net (``models``: each member's config,
+    :func:`~btcv_unetr.model.architectures.network_facts`), fold and validation. One member: its card (with its net)."""
     if len(files) == 1:
-        return dict(cards[0]) if cards[0] is not None else None
-    members = [{"file": str(path), "weights_sha256": checksum, **{key: (card or {}).get(key) for key in MEMBER_KEYS}}
-               for path, card, checksum in zip(files, cards, checksums)]
-    first = {key: value for key, value in (cards[0] or {}).items() if key not in SINGLE_MODEL_KEYS}
+        return with_network(cards[0], models[0]) if models else (dict(cards[0]) if cards[0] is not None else None)
+    members = [{"file": str(path), "weights_sha256": checksum, **(network_facts(models[index]) if models else {}),
+                **{key: (card or {}).get(key) for key in MEMBER_KEYS}}
+               for index, (path, card, checksum) in enumerate(zip(files, cards, checksums))]
+    first = {key: value for key, value in (cards[0] or {}).items() if key not in (*SINGLE_MODEL_KEYS, *NETWORK_KEYS)}
     return {**first, "ensemble": members}

@@ -130,8 +130,9 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
 
 def load_members(config: Config, device: torch.device) -> tuple[list[Path], list[LoadedModel]]:
     """The weights files and models of ``config``: the ``--checkpoints`` ensemble's (each file as :func:`load_model`
-    reads it, TorchScript told by its content), else the one ``pretrained_dir/pretrained_model_name``. A member
-    whose architecture or preprocessing differs from the first's is refused in one line."""
+    reads it, TorchScript told by its content), else the one ``pretrained_dir/pretrained_model_name``. Each member
+    keeps the network its checkpoint stores (they may differ); a member whose preprocessing, dimensions, channels or
+    classes differ from the first's is refused in one line (:func:`~.ensemble.check_compatible`)."""
     if not config.infer.checkpoints:
         return [Path(config.train.pretrained_dir) / config.train.pretrained_model_name], [load_model(config, device)]
     files = member_files(config.infer.checkpoints)

@@ -1,5 +1,5 @@
 """The predictor: model(s) loaded once; preprocess -> sliding window (+ flip TTA) -> softmax (averaged over an
-ensemble's members) -> the scan's own grid."""
+ensemble's members, each with its own network and window) -> the scan's own grid."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ..data.transforms import NonFiniteVoxels, infer_transforms
 from ..distributed import pick_device
 from ..errors import UserError, one_line
 from ..io.card import model_card_lines
+from ..model.architectures import describe_network
 from ..model.build import describe_model_size
 from ..model.speed import compile_if_asked, prepare_model
 from ..runtime.precision import cpu_features, resolve_precision
@@ -43,50 +44,67 @@ class Predictor:
     def __init__(self, config: Config):
         self.device = pick_device(config.infer.device)
         self.weights_files, members = load_members(config, self.device)
-        # The first member's config (architecture, preprocessing, precision) serves all: the others build the
-        # same network on the same preprocessing (load_members checked), so one preprocessed image feeds them all.
+        # The first member's config (preprocessing, classes, precision, inference settings) serves all: the others
+        # share its preprocessing (load_members checked), so one preprocessed image feeds them all. Each member keeps
+        # its own network and window (member_models): a Swin UNETR of ROI 64 beside a SegResNet of 32.
         self.config = members[0].config
+        self.member_models = [member.config.model for member in members]
+        self.network = describe_network(self.member_models)  # "SegResNet", "ensemble of 2: UNETR, SegResNet"
         self.member_checksums = [member.weights_checksum for member in members]
         self.weights_checksum = ensemble_checksum(self.member_checksums)
-        self.model_card = ensemble_card(self.weights_files, [member.card for member in members], self.member_checksums)
+        self.model_card = ensemble_card(self.weights_files, [member.card for member in members], self.member_checksums,
+                                        self.member_models)
         print("\n".join(model_card_lines(self.model_card)))
         requested = self.config.train.precision
         stored = requested != config.train.precision
         self.precision = resolve_precision(requested, self.device, self.config.model,
                                            "the training run's setting, from its checkpoint" if stored else "")
         print(self.precision.describe())
-        print(describe_model_size(self.config.model, self.config.data.pixdim))
+        for model in {repr(model): model for model in self.member_models}.values():  # each distinct network once
+            print(describe_model_size(model, self.config.data.pixdim))
         self.models: list[nn.Module] = []
+        self.memory_formats: list[torch.memory_format] = []
         for member in members:
-            prepared, self.memory_format = prepare_model(member.model, config.fast, self.device, self.precision.name,
-                                                         training=False)
+            prepared, memory_format = prepare_model(member.model, config.fast, self.device, self.precision.name,
+                                                    training=False)
             self.models.append(compile_if_asked(prepared, config.fast))
+            self.memory_formats.append(memory_format)
+        self.memory_format = self.memory_formats[0]
         self.transform = infer_transforms(self.config)
-        model = self.config.model
-        self.sw_batch_size = auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
-                                                model.feature_size, self.precision.name)
+        # Windows per forward pass, per member (its own window size); sw_batch_size is the first member's.
+        self.sw_batch_sizes = [auto_sw_batch_size(config.infer.sw_batch_size, self.device, model.roi_size,
+                                                  model.feature_size, self.precision.name)
+                               for model in self.member_models]
+        self.sw_batch_size = self.sw_batch_sizes[0]
         # Called with the number of windows each forward pass has run (the service's job progress).
         self.on_windows: Callable[[int], None] | None = None
 
+    def flips(self) -> int:
+        """Sliding-window passes of each member over a scan: 1, or with TTA 1 + one flip per spatial axis."""
+        return 1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)
+
     def passes(self) -> int:
         """Sliding-window passes over each scan: its test-time flips times the ensemble's members."""
-        return (1 + (self.config.model.spatial_dims if self.config.infer.tta else 0)) * len(self.models)
+        return self.flips() * len(self.models)
 
     def window_count(self, image: torch.Tensor) -> int:
-        """Windows (all test-time flips and ensemble members included) the networks run on a preprocessed
-        ``(1, *spatial)`` image (:func:`windows_per_pass`, checked against MONAI by tests/test_monai_internals.py)."""
-        windows = windows_per_pass(image.shape[1:], self.config.model.roi_size, self.config.infer.infer_overlap)
-        return windows * Predictor.passes(self)
+        """Windows (all test-time flips and ensemble members, each with its own window size, included) the networks
+        run on a preprocessed ``(1, *spatial)`` image (:func:`windows_per_pass`, checked against MONAI by
+        tests/test_monai_internals.py)."""
+        overlap = self.config.infer.infer_overlap
+        windows = sum(windows_per_pass(image.shape[1:], model.roi_size, overlap) for model in self.member_models)
+        return windows * Predictor.flips(self)
 
     def check_windows(self, image: torch.Tensor, path: Path) -> None:
         """A one-line error naming ``path`` when ``--infer_overlap`` plans more windows over the preprocessed
         ``image`` than ``--max_windows_factor`` times those of overlap 0.5 (a 0.99 overlap is a 1-voxel stride:
-        hours per scan), before any window runs."""
+        hours per scan), for any member's window size, before any window runs."""
         infer = self.config.infer
-        problem = window_bound_problem(image.shape[1:], self.config.model.roi_size, infer.infer_overlap,
-                                       infer.max_windows_factor, self.passes())
-        if problem:
-            raise UserError(f"{path}: {problem}")
+        for roi in dict.fromkeys(model.roi_size for model in self.member_models):
+            problem = window_bound_problem(image.shape[1:], roi, infer.infer_overlap, infer.max_windows_factor,
+                                           self.passes())
+            if problem:
+                raise UserError(f"{path}: {problem}")
 
     def _stitch_device(self, image: torch.Tensor) -> torch.device:
         """Blend windows on the GPU when the class map and its weights fit in a quarter of free memory, else the CPU."""
@@ -95,9 +113,9 @@ class Predictor:
         needed = 2 * 4 * self.config.model.out_channels * image.numel()
         return self.device if needed < torch.cuda.mem_get_info(self.device)[0] // 4 else torch.device("cpu")
 
-    def _window(self, model: nn.Module, window: torch.Tensor) -> torch.Tensor:
+    def _window(self, model: nn.Module, memory_format: torch.memory_format, window: torch.Tensor) -> torch.Tensor:
         with self.precision.autocast(self.device):
-            logits = model(window.contiguous(memory_format=self.memory_format))
+            logits = model(window.contiguous(memory_format=memory_format))
         if self.on_windows is not None:
             self.on_windows(window.shape[0])
         # The blending buffers are float32 in the default layout: convert both in one pass, not in a
@@ -107,36 +125,36 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Softmax ``(C, X, Y, Z)`` on CPU for a preprocessed ``(1, X, Y, Z)`` image: an ensemble's is the mean of its
-        members' (each with its TTA flips).
+        members' (each with its own network, window size and TTA flips).
 
         The mean is taken here, on the preprocessed grid, and the argmax once, on the scan's grid
         (:meth:`to_scan`): the way back to the scan is an interpolation whose weights sum to 1, with fixed
         background outside the crop, so the mean here is the mean of the members' probabilities in the scan's own
         geometry.
         """
-        total = self._model_probabilities(self.models[0], image)
-        for model in self.models[1:]:  # in place: one scan-sized buffer more than a single model needs
-            total += self._model_probabilities(model, image)
+        total = self._model_probabilities(0, image)
+        for index in range(1, len(self.models)):  # in place: one scan-sized buffer more than a single model needs
+            total += self._model_probabilities(index, image)
         return total.div_(len(self.models))
 
-    def _model_probabilities(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """One model's softmax ``(C, X, Y, Z)`` on CPU; TTA averages 3 flips too.
+    def _model_probabilities(self, index: int, image: torch.Tensor) -> torch.Tensor:
+        """Member ``index``'s softmax ``(C, X, Y, Z)`` on CPU, with its own window size; TTA averages 3 flips too.
 
         Windows run on the model's device; they are blended there too when the scan fits, else on the CPU.
         """
-        infer = self.config.infer
+        infer, roi = self.config.infer, self.member_models[index].roi_size
         dims = self.config.model.spatial_dims
         flips = [()] + ([(axis,) for axis in range(2, 2 + dims)] if infer.tta else [])
         # A bar over the windows when asked, or when a scan holds many windows' worth of voxels.
-        progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(self.config.model.roi_size)
+        progress = infer.sw_progress or image.numel() > LARGE_SCAN_WINDOWS * math.prod(roi)
         total, stitch = None, self._stitch_device(image)
+        window = functools.partial(self._window, self.models[index], self.memory_formats[index])
         for dims in flips:
             x = image[None].as_tensor() if isinstance(image, MetaTensor) else image[None]
             x = torch.flip(x, dims) if dims else x
-            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_size,
-                                              predictor=functools.partial(self._window, model),
+            logits = sliding_window_inference(x, sw_batch_size=self.sw_batch_sizes[index], predictor=window,
                                               sw_device=self.device, device=stitch, progress=progress,
-                                              **window_settings(self.config))
+                                              **{**window_settings(self.config), "roi_size": roi})
             probs = torch.softmax(logits, dim=1).cpu()
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs
@@ -185,7 +203,7 @@ class Predictor:
         infer = self.config.infer
         name = cpu_features().model if self.device.type == "cpu" else torch.cuda.get_device_name(self.device)
         made_with = mask_provenance(self.weights_checksum, self.precision.name, str(self.device), infer.infer_overlap,
-                                    infer.tta, infer.mode, self.model_card, name)
+                                    infer.tta, infer.mode, self.model_card, name, self.member_models)
         if len(self.models) > 1:  # weights_sha256 is then the ensemble's (ensemble.ensemble_checksum)
             made_with["ensemble_weights_sha256"] = list(self.member_checksums)
         return made_with

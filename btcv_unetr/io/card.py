@@ -2,7 +2,8 @@
 
     model_card_lines  the lines ``test.py``, the service and a bundle's README show first
     card_warning      the plain warning among them: random weights, or trained on synthetic data
-    ensemble_lines    per member of an ensemble: its file, weights checksum and validation
+    ensemble_lines    per member of an ensemble: its file, net, weights checksum and validation
+    network_text      a card's net in words: its title, the settings it changed from the defaults, its window
 
 Here, below inference, serving and the bundle writer, because all three show a card; only training writes one.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from ..config.schema import ModelConfig
 
 
 def card_warning(card: Mapping[str, Any] | None) -> str | None:
@@ -52,7 +55,8 @@ def model_card_lines(card: Mapping[str, Any] | None) -> list[str]:
     spacing = card.get("spacing")
     grid = f"spacing {' x '.join(f'{s:g}' for s in spacing)} mm" if spacing else "2D pictures"
     classes = card.get("classes") or []
-    lines = [data, f"  {grid}; {len(classes)} classes: {', '.join(classes)}"]
+    lines = [data] + ([f"  network: {network_text(card)}"] if card.get("network") else [])
+    lines.append(f"  {grid}; {len(classes)} classes: {', '.join(classes)}")
     dice = card.get("validation_dice") or {}
     if members:  # an ensemble's card: the validation of each member
         lines += ensemble_lines(members)
@@ -70,11 +74,25 @@ def model_card_lines(card: Mapping[str, Any] | None) -> list[str]:
 
 
 def ensemble_lines(members: list[Mapping[str, Any]]) -> list[str]:
-    """The lines of an ensemble card's ``ensemble``: per member its file, weights checksum and validation."""
+    """The lines of an ensemble card's ``ensemble``: per member its file, net (where the card names it), weights
+    checksum and validation."""
     lines = [f"  ensemble of {len(members)} models, softmax probabilities averaged:"]
     for member in members:
         mean = member.get("validation_mean_dice")
         validation = (f"validation ({member['validation']}, epoch {member.get('validation_epoch')}): mean Dice "
                       f"{mean:.4f}" if member.get("validation") and mean is not None else "validation: none")
-        lines.append(f"    {member.get('file')}: weights {str(member.get('weights_sha256'))[:12]}, {validation}")
+        net = f"{network_text(member)}, " if member.get("network") else ""
+        lines.append(f"    {member.get('file')}: {net}weights {str(member.get('weights_sha256'))[:12]}, {validation}")
     return lines
+
+
+def network_text(facts: Mapping[str, Any]) -> str:
+    """``SegResNet (init_filters 8, blocks_down 1,1,1), ROI 32x32x32``: the ``network`` of a card (or of an ensemble
+    card's member), the ``network_settings`` that differ from the config's defaults (all of them are in the card),
+    and the ``roi_size`` its sliding window runs with."""
+    defaults = ModelConfig()
+    changed = [f"{key} {value}" for key, value in (facts.get("network_settings") or {}).items()
+               if getattr(defaults, key, None) != value]
+    roi = facts.get("roi_size")
+    return (str(facts.get("network")) + (f" ({', '.join(changed)})" if changed else "")
+            + (f", ROI {'x'.join(str(n) for n in roi)}" if roi else ""))

@@ -60,7 +60,7 @@ class Job:
     started: float | None = None
     finished: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # mask, overlay, volumes, seg -> file name
-    provenance: dict | None = None  # version, weights checksum, precision, device, overlap, TTA of the result
+    provenance: dict | None = None  # version, weights checksum, net(s), precision, device, overlap, TTA of the result
     pacs: dict | None = None  # {"study_uid", "series_uid"}: a series taken from the --dicomweb PACS
     stored_to_pacs: bool | str | None = None  # such a job's SEG: True once stored back (STOW-RS), else why not
     notes: list[str] = field(default_factory=list)  # what the input needed (a DICOM series chosen, repaired; no SEG)

@@ -80,8 +80,10 @@ class Service:
         model, data = config.model, config.data
         names = ["background"] + class_names(data, model.out_channels)
         colours = class_colours(model.out_channels).tolist()
-        return {"name": "btcv-unetr", "version": __version__, "model": "UNETR", "spatial_dims": model.spatial_dims,
-                "in_channels": model.in_channels, "roi_size": list(model.roi_size),
+        # The net by name ("Swin UNETR", "ensemble of 2: UNETR, SegResNet"); each one's settings: provenance.networks.
+        return {"name": "btcv-unetr", "version": __version__, "model": self.predictor.network,
+                "model_name": model.model_name if len(self.predictor.models) == 1 else "ensemble",
+                "spatial_dims": model.spatial_dims, "in_channels": model.in_channels, "roi_size": list(model.roi_size),
                 "classes": [{"index": i, "name": n, "color": colours[i]} for i, n in enumerate(names)],
                 "spacing": None if model.spatial_dims == 2 else [data.space_x, data.space_y, data.space_z],
                 "precision": self.predictor.precision.name, "device": str(self.predictor.device),

@@ -1,7 +1,7 @@
 """The model card every training checkpoint carries: what the weights were trained on, and how well they validated.
 
-    data_facts      what the datalist of a training run says about its data (read once per run)
-    model_card      the card of a checkpoint written by training: data, spacing, classes, validation Dice ...
+    data_facts      what the datalist of a training run says about its data (read once per run), and its net
+    model_card      the card of a checkpoint written by training: net, data, spacing, classes, validation Dice ...
     untrained_card  the card of a checkpoint with random weights (tests, benchmarks, trying the service)
 
 A model trained on the built-in phantoms segments real CT badly; nothing in a mask shows that. The
@@ -22,6 +22,7 @@ from .. import __version__
 from ..config.schema import Config
 from ..data.datalist import class_names, read_datalist, resolve_datalist, with_fold
 from ..errors import UserError
+from ..model.architectures import network_facts
 
 # The datalist keys the built-in generators write (phantoms.py, shapes2d.py); the card reads them, never guesses.
 SYNTHETIC_KEY = "synthetic"
@@ -35,9 +36,12 @@ def utc_now() -> str:
 
 def data_facts(config: Config) -> dict[str, Any]:
     """What the datalist of ``config`` says about the training data: its file and ``name``, the number of
-    training and validation cases, whether a built-in generator made it, the spacing and the classes."""
+    training and validation cases, whether a built-in generator made it, the spacing and the classes; and the net
+    trained on it (:func:`~btcv_unetr.model.architectures.network_facts`: ``model_name``, ``network``, its own
+    ``network_settings``, ``roi_size``)."""
     classes = config.model.out_channels
-    facts: dict[str, Any] = {"datalist": Path(config.data.json_list).name, "data_name": None,
+    facts: dict[str, Any] = {**network_facts(config.model), "datalist": Path(config.data.json_list).name,
+                             "data_name": None,
                              "cases": {"training": 0, "validation": 0}, "synthetic": False, "generator": None}
     try:
         datalist = resolve_datalist(config.data.data_dir, config.data.json_list)
