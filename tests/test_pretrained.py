@@ -20,8 +20,10 @@ from btcv_unetr import cli
 from btcv_unetr.config.load import build_config
 from btcv_unetr.errors import UserError
 from btcv_unetr.model import pretrained
+from btcv_unetr.model.architectures import architecture_of, roi_problem
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.pretrained import RELEASED, Released, resolve_pretrained
+from btcv_unetr.model.weights import load_pretrained
 
 TINY_MODEL = {key: getattr(tiny_config().model, key) for key in ("roi_x", "roi_y", "roi_z", "feature_size",
                                                                  "hidden_size", "mlp_dim", "num_heads")}
@@ -94,6 +96,45 @@ def test_the_table_names_the_released_unetr_btcv_weights_and_says_no_checksum_is
     assert entry.url == "https://developer.download.nvidia.com/assets/Clara/monai/research/UNETR_model_best_acc.pth"
     assert entry.sha256 is None and entry.file_name == "UNETR_model_best_acc.pth"
     assert entry.model["feature_size"] == 16 and entry.model["hidden_size"] == 768 and entry.data["space_z"] == 2.0
+
+
+def test_the_table_names_the_released_swin_unetr_btcv_weights_and_their_architecture_resolves(monkeypatch, tmp_path):
+    entry = RELEASED["swin_unetr_btcv"]
+    assert entry.url == ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                         "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt")
+    assert entry.sha256 is None and entry.file_name == "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt"
+    widths = [RELEASED[f"swin_unetr_btcv{size}"].model["feature_size"] for size in ("", "_small", "_tiny")]
+    assert widths == [48, 24, 12]
+    file = tmp_path / entry.file_name
+    monkeypatch.setattr(pretrained, "fetch", lambda url, name, digest, label: file if url == entry.url else None)
+    config = resolve_pretrained(infer_config("swin_unetr_btcv"), "infer")
+    model, data = config.model, config.data
+    assert architecture_of(model).title == "Swin UNETR" and roi_problem(model) is None
+    assert (model.feature_size, model.roi_size, model.use_v2, model.out_channels) == (48, (96, 96, 96), False, 14)
+    assert (data.pixdim, data.a_min, data.a_max, data.crop_before_resampling) == ((1.5, 1.5, 2.0), -175.0, 250.0, False)
+    assert (Path(config.train.pretrained_dir), config.train.pretrained_model_name) == (tmp_path, file.name)
+
+
+def test_a_file_of_the_swin_unetr_btcv_layout_loads_strictly(tmp_path, cache, monkeypatch):
+    """The recipe's trainer.py writes {"epoch", "best_acc" (a numpy float), "state_dict"}: the table's architecture
+    (at the tiny net's width and ROI) loads it whole, strictly."""
+    tiny_swin = {**RELEASED["swin_unetr_btcv"].model, "feature_size": 12, "roi_x": 64, "roi_y": 64, "roi_z": 64}
+    torch.manual_seed(5)
+    state = build_model(build_config([{"model": tiny_swin}]).model).state_dict()
+    served_file = tmp_path / "served" / "swin_tiny.pt"
+    served_file.parent.mkdir()
+    torch.save({"epoch": 4999, "best_acc": np.float64(0.8225), "state_dict": state}, served_file)
+    served = Served(served_file.parent)
+    try:
+        monkeypatch.setitem(RELEASED, "tiny_swin", Released(f"{served.url}/swin_tiny.pt", sha256(served_file),
+                                                            "a tiny Swin UNETR", tiny_swin, TINY_SPACING))
+        config = resolve_pretrained(build_config([{"train": {"pretrained": "tiny_swin"}}]), "train")
+    finally:
+        served.close()
+    assert config.model.model_name == "swin_unetr" and config.train.resume_ckpt
+    model = build_model(config.model)
+    load_pretrained(model, Path(config.train.pretrained_dir) / config.train.pretrained_model_name)
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
 def test_a_released_name_is_downloaded_once_verified_kept_privately_and_reused(weights, server, cache, monkeypatch,
@@ -183,5 +224,6 @@ def test_training_refuses_pretrained_with_another_start(flags, message, monkeypa
 
 
 def test_an_unknown_name_lists_the_released_ones(tmp_path):
-    with pytest.raises(UserError, match="not a released model \\(unetr_btcv\\), a URL, a MONAI bundle folder"):
+    names = "swin_unetr_btcv, swin_unetr_btcv_small, swin_unetr_btcv_tiny, unetr_btcv"
+    with pytest.raises(UserError, match=f"not a released model \\({names}\\), a URL, a MONAI bundle folder"):
         resolve_pretrained(infer_config(str(tmp_path / "missing")), "infer")

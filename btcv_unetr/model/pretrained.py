@@ -8,11 +8,14 @@ verified file that training finetunes from (as ``--resume_ckpt`` does) and infer
 Downloads (``btcv_unetr.io.download``) go to the user's cache once, checked against their SHA-256; a URL needs
 its checksum given with it (``URL#sha256=HEX``): a file from an arbitrary address is never trusted blindly.
 
-No SHA-256 is published for the released UNETR/BTCV weights (the research-contributions README gives
-only the address). Their entry has none: the first download's SHA-256 is printed and kept beside the
-file (``FILE.sha256``), and every later run is checked against it. The file is a state dict read with
-``torch.load(weights_only=True)`` (data, never code) into a UNETR of the table's architecture, strictly:
+No SHA-256 is published for any of the released weights (the research-contributions READMEs give only the
+addresses). Their entries have none: the first download's SHA-256 is printed and kept beside the file
+(``FILE.sha256``), and every later run is checked against it. The file is a state dict read with
+``torch.load(weights_only=True)`` (data, never code) into a network of the table's architecture, strictly:
 a file that is not those weights is refused whatever its checksum.
+
+The self-supervised encoders (``--use_ssl_pretrained``) are encoder-only files, not whole networks: their table
+is ``ssl.py``'s ``SSL_ENCODERS``. docs/pretrained.md lists both tables.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ..config.schema import Config
 from ..errors import UserError
 from ..io.bundle import is_bundle, read_bundle
 from ..io.download import fetch, split_url
+from .ssl import ssl_start_conflict
 
 # The reference UNETR/BTCV recipe's model and preprocessing (MONAI research-contributions UNETR/BTCV).
 REFERENCE_UNETR = {"spatial_dims": 3, "in_channels": 1, "out_channels": 14, "roi_x": 96, "roi_y": 96, "roi_z": 96,
@@ -38,6 +42,15 @@ REFERENCE_PREPROCESSING = {"a_min": -175.0, "a_max": 250.0, "b_min": 0.0, "b_max
                            "space_y": 1.5, "space_z": 2.0, "axcodes": "RAS",
                            # the reference recipe crops the body after resampling (CropForegroundd after Spacingd)
                            "crop_before_resampling": False}
+# The Swin UNETR/BTCV recipe's model (research-contributions SwinUNETR/BTCV main.py and README: SwinUNETR(in_channels=1,
+# out_channels=14, feature_size=48), 96^3 windows, MONAI's default instance norm, the v1 blocks); its preprocessing
+# is the UNETR recipe's (the same data_utils.py: Orientation RAS, Spacing 1.5/1.5/2.0, ScaleIntensityRange -175..250
+# to 0..1, CropForeground after resampling). Drop-path rate and gradient checkpointing are training choices, left
+# to the user.
+REFERENCE_SWIN_UNETR = {"model_name": "swin_unetr", "spatial_dims": 3, "in_channels": 1, "out_channels": 14,
+                        "roi_x": 96, "roi_y": 96, "roi_z": 96, "feature_size": 48, "norm_name": "instance",
+                        "use_v2": False}
+SWIN_RELEASES = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
 # The reference's blending of overlapping windows: its test.py calls sliding_window_inference without a mode, so
 # MONAI's default, "constant" (every window weighs the same; this project's default is "gaussian").
 REFERENCE_INFERENCE = {"mode": "constant"}
@@ -65,6 +78,28 @@ RELEASED: dict[str, Released] = {
         about="UNETR (ViT-B, feature size 16, 96^3 windows) trained on BTCV's 24 training cases by the UNETR "
               "authors (MONAI research-contributions UNETR/BTCV); a state dict written by MONAI 0.7-0.8",
         model=REFERENCE_UNETR, data=REFERENCE_PREPROCESSING),
+    # research-contributions SwinUNETR/BTCV README, "Models": finetuned from the self-supervised encoder, written by
+    # its trainer.py as {"epoch", "best_acc", "state_dict"} (keys swinViT.*, encoder*, decoder*, out.*; its test.py
+    # loads them strictly into MONAI's SwinUNETR).
+    "swin_unetr_btcv": Released(
+        url=f"{SWIN_RELEASES}swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt",
+        sha256=None,  # not published
+        about="Swin UNETR/Base (feature size 48, 62.1 M parameters, 96^3 windows) finetuned on BTCV from the "
+              "self-supervised encoder by its authors (MONAI research-contributions SwinUNETR/BTCV; mean Dice "
+              "82.25 at overlap 0.7)",
+        model=REFERENCE_SWIN_UNETR, data=REFERENCE_PREPROCESSING),
+    "swin_unetr_btcv_small": Released(
+        url=f"{SWIN_RELEASES}swin_unetr.small_5000ep_f24_lr2e-4_pretrained.pt",
+        sha256=None,
+        about="Swin UNETR/Small (feature size 24, 15.7 M parameters) trained on BTCV from scratch "
+              "(research-contributions SwinUNETR/BTCV; mean Dice 79.79 at overlap 0.7)",
+        model={**REFERENCE_SWIN_UNETR, "feature_size": 24}, data=REFERENCE_PREPROCESSING),
+    "swin_unetr_btcv_tiny": Released(
+        url=f"{SWIN_RELEASES}swin_unetr.tiny_5000ep_f12_lr2e-4_pretrained.pt",
+        sha256=None,
+        about="Swin UNETR/Tiny (feature size 12, 4.0 M parameters) trained on BTCV from scratch "
+              "(research-contributions SwinUNETR/BTCV; mean Dice 72.05 at overlap 0.7)",
+        model={**REFERENCE_SWIN_UNETR, "feature_size": 12}, data=REFERENCE_PREPROCESSING),
 }
 @dataclass
 class Source:
@@ -108,6 +143,8 @@ def resolve_pretrained(config: Config, command: str) -> Config:
         other = "--checkpoint (it resumes a run)" if train.checkpoint else "--resume_jit"
         raise UserError(f"--pretrained and {other} exclude each other: --pretrained starts a new run from "
                         "released weights; give one of them")
+    if command == "train" and train.use_ssl_pretrained:
+        raise UserError(ssl_start_conflict(train) or "")
     if command == "infer" and getattr(infer, "checkpoints", None):
         raise UserError("--pretrained and --checkpoints exclude each other: give the released weights or an "
                         "ensemble")
