@@ -5,8 +5,12 @@ MONAI bundle that runs with MONAI alone (``bundle.write_bundle``).
     btcv-unetr export --checkpoint runs/demo/model.pt --bundle unetr_bundle
     btcv-unetr export --pretrained unetr_btcv --bundle unetr_btcv_bundle
 
-``--checkpoint`` may also be a TorchScript file (a released ``.pt``): its weights go into the UNETR
-built from the flags, as for ``test.py --saved_checkpoint torchscript``, which turns it into ONNX.
+Every network of the registry (``--model_name``) exports to each format (docs/export.md): TorchScript by tracing
+(:data:`TORCHSCRIPT_BY`), ONNX where :data:`ONNX_PROBLEMS` says it works, a bundle as MONAI's own class.
+
+``--checkpoint`` may also be a TorchScript file (a released ``.pt``): its weights go into the network it records
+(our export), else into the UNETR built from the flags, as for ``test.py --saved_checkpoint torchscript``, which
+turns it into ONNX.
 
 The model takes ``(B, in_channels, roi_x, roi_y, roi_z)`` windows, as sliding-window inference feeds it.
 Exported models are float32: a trace taken under bfloat16 autocast would keep its casts, and run
@@ -28,8 +32,8 @@ from ..config.schema import Config, ModelConfig
 from ..errors import UserError
 from ..files import atomic_write
 from ..io.bundle import check_bundle_target, write_bundle
-from ..io.torchscript import ARCHITECTURE_FILE
-from ..model.architectures import require_unetr
+from ..io.torchscript import ARCHITECTURE_FILE, RECORDED_SPACING
+from ..model.architectures import ARCHITECTURES
 from ..model.pretrained import resolve_pretrained
 from .loader import load_model, with_weights_file
 
@@ -38,25 +42,56 @@ EXPORT_FLAGS: CommandFlags = {"model": None, "train": ("checkpoint", "pretrained
                               "general": None}
 
 
+# How each network becomes TorchScript: all are traced (the ops of one eval forward on an ROI-sized window, the batch
+# axis left free), as sliding-window inference only ever feeds ROI-sized windows. torch.jit.script would keep the
+# Python's branches, but fails on MONAI 1.6's Swin UNETR (keyword-only arguments in its blocks) and MedNeXt; UNETR,
+# SegResNet and DynUNet script too. torch.jit.trace's check_trace is off: it traces a second time on the same
+# window (4x the time: 80 s for a tiny Swin UNETR on 2 cores) to catch nondeterminism an eval forward does not have.
+TORCHSCRIPT_BY: dict[str, str] = {name: "trace" for name in ARCHITECTURES}
+
+# ONNX (torch.onnx's TorchScript-based exporter, dynamo=False): None where the network exports and onnxruntime's
+# logits match PyTorch's within 1e-4 (tests/test_export*.py; Swin UNETR measured by hand with torch 2.13, MONAI
+# 1.6.1: max difference 1.3e-5), else why it does not. A network listed None whose export still fails (another
+# torch) is refused in one line naming the formats that work.
+ONNX_PROBLEMS: dict[str, str | None] = {"unetr": None, "swin_unetr": None, "segresnet": None, "dynunet": None,
+                                        "mednext": None}
+WORKING_FORMATS = "use --format torchscript or --bundle"
+
+
 def export(model: torch.nn.Module, example: torch.Tensor, fmt: str, out: Path,
-           architecture: ModelConfig | None = None) -> None:
-    """``model`` traced on ``example`` (TorchScript) or as ONNX into ``out``; TorchScript files also record
-    ``architecture`` as data, so that loading them checks the heads and ROI a trace does not show."""
+           architecture: ModelConfig | None = None, spacing: tuple[float, ...] | None = None) -> None:
+    """``model`` (any network of the registry) traced on ``example`` (TorchScript) or as ONNX into ``out``;
+    TorchScript files also record ``architecture`` and the grid ``spacing`` (mm per voxel; DynUNet is planned
+    from it) as data, so that loading them builds the network a trace does not name, and checks a UNETR's heads
+    and ROI."""
     model = model.eval()
     if fmt == "torchscript":
         with torch.no_grad():
-            traced = torch.jit.trace(model, example)
-        extra = {ARCHITECTURE_FILE: json.dumps(dataclasses.asdict(architecture))} if architecture else {}
+            traced = torch.jit.trace(model, example, check_trace=False)
+        record = {**dataclasses.asdict(architecture), RECORDED_SPACING: list(spacing) if spacing else None} \
+            if architecture else None
+        extra = {ARCHITECTURE_FILE: json.dumps(record)} if record else {}
         atomic_write(out, lambda tmp: traced.save(str(tmp), _extra_files=extra))
         return
     try:
         import onnx  # noqa: F401
     except ImportError:
         raise UserError("--format onnx needs the onnx extra: pip install 'btcv-unetr[onnx]'") from None
-    atomic_write(out, lambda tmp: torch.onnx.export(model, (example,), str(tmp), input_names=["image"],
-                                                    output_names=["logits"], dynamic_axes={"image": {0: "batch"},
-                                                                                           "logits": {0: "batch"}},
-                                                    dynamo=False))
+    name = architecture.model_name if architecture else "unetr"
+    title = ARCHITECTURES[name].title
+    if ONNX_PROBLEMS[name]:
+        raise UserError(f"export: ONNX export of {title} fails ({ONNX_PROBLEMS[name]}): {WORKING_FORMATS}")
+
+    def write(tmp: Path) -> None:
+        try:
+            torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        except (torch.onnx.errors.OnnxExporterError, torch.jit.Error) as exc:  # the exporter's own failures only
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+            raise UserError(f"export: ONNX export of {title} fails in torch {torch.__version__}'s exporter "
+                            f"({first}): {WORKING_FORMATS}") from None
+
+    atomic_write(out, write)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_pretrained(config, "export")
     path = weights_path(config)
     if args.bundle is not None:
-        require_unetr(load_model(with_weights_file(config, path), torch.device("cpu")).config.model,
-                      "export --bundle")
         export_bundle(config, path, Path(args.bundle))
         return 0
     out = Path(args.out)
@@ -111,12 +144,11 @@ def run(args: argparse.Namespace) -> int:
                         "--bundle DIR for a bundle folder")
     if out.exists() and not config.general.overwrite:
         raise UserError(f"export: {out} exists: pass --overwrite to replace it, or choose another --out")
-    # A TorchScript file (the released .pt) gives its weights to the UNETR built from the flags: that is
-    # how it becomes an ONNX model.
+    # A TorchScript file gives its weights to the network it records, else (the released .pt) to the UNETR built
+    # from the flags: that is how it becomes an ONNX model.
     loaded = load_model(with_weights_file(config, path), torch.device("cpu"))
     model, config = loaded.model, loaded.config
-    require_unetr(config.model, f"export --format {args.format}")
     example = torch.zeros(1, config.model.in_channels, *config.model.roi_size)
-    export(model, example, args.format, out, config.model)
+    export(model, example, args.format, out, config.model, config.data.pixdim)
     print(f"wrote {args.format} model to {args.out} (precision fp32: exported models are float32 on every machine)")
     return 0

@@ -13,10 +13,9 @@ from torch import nn
 
 from ..config.schema import PREPROCESSING, SECTIONS, Config
 from ..io.checkpoint import is_torchscript, load_checkpoint, stored_card, stored_config, weights_checksum
-from ..model.architectures import require_unetr
 from ..model.build import build_model
 from ..model.pretrained import REFERENCE_INFERENCE, REFERENCE_PREPROCESSING
-from ..model.torchscript import load_torchscript_weights
+from ..model.torchscript import load_torchscript_model
 from ..model.weights import extract_state_dict, load_weights
 from ..runtime.precision import runs_natively
 from .ensemble import check_compatible, member_files
@@ -24,7 +23,7 @@ from .ensemble import check_compatible, member_files
 
 def with_weights_file(config: Config, path: Path) -> Config:
     """``config`` with its model's weights read from ``path``: a training checkpoint or a state dict, or a
-    TorchScript file (told by its content), whose weights go into the UNETR the config builds."""
+    TorchScript file (told by its content), whose weights go into the network it records or the config builds."""
     saved = "torchscript" if path.is_file() and is_torchscript(path) else config.infer.saved_checkpoint
     return dataclasses.replace(
         config, train=dataclasses.replace(config.train, pretrained_dir=str(path.parent), pretrained_model_name=path.name),
@@ -96,17 +95,18 @@ def load_model(config: Config, device: torch.device) -> LoadedModel:
     A training checkpoint carries its config: its architecture and preprocessing are used, so
     ``test.py`` on a run folder needs no repeat of the training flags. Its precision setting too, when
     ``--precision`` is left at auto and that precision is fast on ``device``. A TorchScript file gives
-    its weights to this project's UNETR built from the flags, read from its archive without running any of its
-    code (``io/torchscript.py``); an architecture the file records that differs from the flags is refused.
+    its weights to the network its recorded config names (our export of a network other than UNETR), else to the
+    one built from the flags, read from its archive without running any of its code (``io/torchscript.py``); a
+    UNETR architecture the file shows that differs from the flags is refused.
     A bare state dict stores no preprocessing: it runs with the reference recipe's where the user set none
     (:func:`with_reference_settings`).
     """
     path = Path(config.train.pretrained_dir) / config.train.pretrained_model_name
     if config.infer.saved_checkpoint == "torchscript":
-        require_unetr(config.model, "--saved_checkpoint torchscript")
-    model = build_model(config.model, config.data.pixdim) if config.infer.saved_checkpoint == "torchscript" else None
-    if model is not None:
-        load_torchscript_weights(model, config.model, path)
+        # A file our export wrote for another network than UNETR records it: that network is built (as a
+        # checkpoint's stored architecture is); a UNETR is the flags', checked against the file's tensor shapes.
+        model, model_config = load_torchscript_model(config.model, config.data.pixdim, path)
+        config = dataclasses.replace(config, model=model_config)
         return LoadedModel(model.to(device).eval(), config, None, weights_checksum(model.state_dict()))
     content = load_checkpoint(path)
     trained = stored_config(content, str(path)) if isinstance(content, dict) else None

@@ -10,7 +10,8 @@ A TorchScript ``.pt`` (``torch.jit.save``) is a zip whose entries sit under one 
     traced_inputs.pkl   the example inputs of a traced module (``torch.jit.trace`` since torch 2), records in
                         ``traced_inputs/<key>``; absent from scripted and older files
     extra/btcv_unetr_model.json
-                        the model config ``btcv-unetr export`` records beside its trace (:data:`ARCHITECTURE_FILE`)
+                        the model config ``btcv-unetr export`` records beside its trace (:data:`ARCHITECTURE_FILE`):
+                        ModelConfig's keys (``model_name`` names the network) and the grid spacing it was built for
 
 ``torch.jit.load`` turns this into objects and runs their code: a module's own ``__setstate__`` runs at load. Here a
 small pickle interpreter of our own rebuilds plain values (numbers, strings, tuples, lists, dicts) and tensors only;
@@ -20,7 +21,7 @@ to tell weights from other tensors, and never run. What cannot be read so is ref
     read_archive   path -> ScriptArchive: weights by state-dict key, plain attributes by path, the shapes of a traced
                    file's example inputs, the model config our export recorded
 
-Any network's archive reads so; what an archive says about a UNETR is read by ``btcv_unetr.model.torchscript``.
+Any network's archive reads so; what an archive says about its network is read by ``btcv_unetr.model.torchscript``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ STORAGE_DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64,
                   "ComplexDoubleStorage": torch.complex128}
 
 # The model config (ModelConfig as a dict, JSON) that ``btcv-unetr export`` stores in a TorchScript file's extra/
-# folder: the heads and the ROI's shape, which a traced module's weights and attributes do not show.
+# folder: the network's name and settings, which a traced module's weights and attributes do not show (a UNETR's
+# heads and ROI shape, a CNN's everything).
 ARCHITECTURE_FILE = "btcv_unetr_model.json"
+# The key beside ModelConfig's in that file: the preprocessed grid's mm per voxel the network was built for
+# (DynUNet's kernels and strides are planned from it).
+RECORDED_SPACING = "spacing"
 
 
 class Unreadable(Exception):
