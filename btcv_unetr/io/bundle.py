@@ -1,10 +1,11 @@
-"""MONAI bundles: a model written as one (``btcv-unetr export --bundle DIR``), and a UNETR bundle read back.
+"""MONAI bundles: a model of any network written as one (``btcv-unetr export --bundle DIR``), and a bundle read back.
 
     write_bundle       configs/metadata.json, configs/inference.json, models/model.pt, docs/README.md, atomically
     inference_config   the inference.json: MONAI's own transforms, sliding window, Invertd and SaveImaged
     bundle_metadata    the metadata.json: the keys the MONAI bundle specification calls mandatory, and more
     is_bundle          a folder in the model zoo's layout (configs/ and models/model.pt)
-    read_bundle        a UNETR bundle's architecture, preprocessing and weights file, read as data
+    network_def        the network_def of each network: MONAI's class and its arguments (DynUNet's plan written out)
+    read_bundle        a bundle's network (model_name and settings), preprocessing and weights file, read as data
 
 A written bundle runs with MONAI alone (``python -m monai.bundle run --config_file configs/inference.json``;
 btcv_unetr is never imported): its masks are ``test.py``'s up to interpolation ties. The two invert the
@@ -19,6 +20,8 @@ taken from its ``network_def`` and preprocessing; anything else is refused in on
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import os
 import secrets
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..config.schema import Config
+from ..config.schema import Config, ModelConfig
 from ..data.datalist import label_names
 from ..errors import UserError
 from .card import card_warning, model_card_lines
@@ -50,6 +53,34 @@ MANDATORY_TENSOR_FORMAT = ("type", "format", "modality", "num_channels", "spatia
 BUNDLE_FILES = ("configs/metadata.json", "configs/inference.json", "models/model.pt", "docs/README.md")
 UNETR_PAPER = ("Hatamizadeh, A., et al. 'UNETR: Transformers for 3D Medical Image Segmentation.' WACV 2022. "
                "https://arxiv.org/abs/2103.10504")
+# Each network's paper, for the bundle's metadata and README.
+PAPERS = {"unetr": UNETR_PAPER,
+          "swin_unetr": "Hatamizadeh, A., et al. 'Swin UNETR: Swin Transformers for Semantic Segmentation of Brain "
+                        "Tumors in MRI Images.' BrainLes 2021. https://arxiv.org/abs/2201.01266",
+          "segresnet": "Myronenko, A. '3D MRI brain tumor segmentation using autoencoder regularization.' BrainLes "
+                       "2018. https://arxiv.org/abs/1810.11654",
+          "dynunet": "Isensee, F., et al. 'nnU-Net: a self-configuring method for deep learning-based biomedical image "
+                     "segmentation.' Nature Methods 18, 2021. https://doi.org/10.1038/s41592-020-01008-z",
+          "mednext": "Roy, S., et al. 'MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image "
+                     "Segmentation.' MICCAI 2023. https://arxiv.org/abs/2303.09975"}
+# MedNeXt's sizes as MONAI's create_mednext builds them (the paper's S, B, M, L): a bundle names MedNeXt's own
+# arguments, and is read back as the size they are.
+MEDNEXT_SIZES: dict[str, dict[str, Any]] = {
+    "S": {"encoder_expansion_ratio": [2] * 4, "decoder_expansion_ratio": [2] * 4, "bottleneck_expansion_ratio": 2,
+          "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2, "blocks_up": [2, 2, 2, 2]},
+    "B": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
+          "bottleneck_expansion_ratio": 4, "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2,
+          "blocks_up": [2, 2, 2, 2]},
+    "M": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
+          "bottleneck_expansion_ratio": 4, "blocks_down": [3, 4, 4, 4], "blocks_bottleneck": 4,
+          "blocks_up": [4, 4, 4, 3]},
+    "L": {"encoder_expansion_ratio": [3, 4, 8, 8], "decoder_expansion_ratio": [8, 8, 4, 3],
+          "bottleneck_expansion_ratio": 8, "blocks_down": [3, 4, 8, 8], "blocks_bottleneck": 8,
+          "blocks_up": [8, 8, 4, 3]}}
+# What create_mednext gives every size; MedNeXt's deep supervision is a head at each of its 4 lower levels.
+MEDNEXT_COMMON = {"init_filters": 32, "use_residual_connection": True, "norm_type": "group", "global_resp_norm": False}
+MEDNEXT_HEADS = 4
+SEGRESNET_DS_NORM = ["group", {"num_groups": 8}]  # SegResNetDS keeps SegResNet's group norm in this project
 
 
 def _preprocessing(config: Config) -> list[dict[str, Any]]:
@@ -73,19 +104,68 @@ def _preprocessing(config: Config) -> list[dict[str, Any]]:
 
 
 def network_def(config: Config) -> dict[str, Any]:
-    """The ``network_def`` of MONAI's UNETR that ``model.build_model`` builds from ``config.model``."""
+    """The ``network_def`` of the MONAI class that ``model.build_model`` builds from ``config.model``: its name
+    (``_target_``) and every argument the build gives it (:func:`check_network_def` proves it builds the same
+    weights)."""
     model = config.model
-    if model.num_layers != 12:
-        raise UserError(f"--bundle: a ViT of {model.num_layers} blocks is not MONAI's UNETR (it has 12): such a "
-                        "model cannot run from a bundle with MONAI alone; export it with --format torchscript")
     if model.spatial_dims != 3:
         raise UserError("--bundle: 2D models are not written as bundles yet (their pictures are resized, not "
                         "resampled); export them with --format torchscript or onnx")
-    return {"_target_": "UNETR", "spatial_dims": 3, "in_channels": model.in_channels,
-            "out_channels": model.out_channels, "img_size": list(model.roi_size), "feature_size": model.feature_size,
+    common = {"spatial_dims": 3, "in_channels": model.in_channels, "out_channels": model.out_channels}
+    name = model.model_name
+    if name == "swin_unetr":
+        return {"_target_": "SwinUNETR", **common, "feature_size": model.feature_size, "norm_name": model.norm_name,
+                "drop_rate": 0.0, "attn_drop_rate": 0.0, "dropout_path_rate": model.dropout_path_rate,
+                "use_checkpoint": model.use_checkpoint, "use_v2": model.use_v2}
+    if name == "segresnet":
+        blocks = {"init_filters": model.init_filters or 16, "blocks_down": _ints(model.blocks_down),
+                  "blocks_up": _ints(model.blocks_up)}
+        if model.deep_supervision:
+            return {"_target_": "SegResNetDS", **common, **blocks, "norm": SEGRESNET_DS_NORM,
+                    "dsdepth": model.deep_supervision + 1}
+        return {"_target_": "SegResNet", **common, **blocks}
+    if name == "dynunet":
+        # The plan (kernels, strides, filters) is the built network's own: planned from the ROI and the spacing.
+        # Built on the CPU: the meta device's first random init costs seconds of PyTorch's own set-up.
+        from ..model.build import build_model
+        net = build_model(model, config.data.pixdim)
+        return {"_target_": "DynUNet", **common, "kernel_size": _plain_list(net.kernel_size),
+                "strides": _plain_list(net.strides), "upsample_kernel_size": _plain_list(net.upsample_kernel_size),
+                "filters": list(net.filters), "norm_name": model.norm_name, "res_block": True,
+                "deep_supervision": model.deep_supervision > 0, "deep_supr_num": max(model.deep_supervision, 1)}
+    if name == "mednext":
+        return {"_target_": "MedNeXt", **common, **MEDNEXT_COMMON, **MEDNEXT_SIZES[model.mednext_size],
+                "kernel_size": model.kernel_size, "deep_supervision": model.deep_supervision > 0}
+    if model.num_layers != 12:
+        raise UserError(f"--bundle: a ViT of {model.num_layers} blocks is not MONAI's UNETR (it has 12): such a "
+                        "model cannot run from a bundle with MONAI alone; export it with --format torchscript")
+    return {"_target_": "UNETR", **common, "img_size": list(model.roi_size), "feature_size": model.feature_size,
             "hidden_size": model.hidden_size, "mlp_dim": model.mlp_dim, "num_heads": model.num_heads,
             "proj_type": model.pos_embed, "norm_name": model.norm_name, "conv_block": model.conv_block,
             "res_block": model.res_block, "dropout_rate": model.dropout_rate}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def _plain_list(values: Any) -> Any:
+    """Tuples (and tensors' shapes) as lists, recursively: JSON's form of a network argument."""
+    return [_plain_list(v) for v in values] if isinstance(values, (list, tuple)) else values
+
+
+def check_network_def(definition: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """MONAI's class built from ``definition`` takes ``state_dict`` strictly, or one line: the bundle would not run
+    with MONAI alone."""
+    from monai.networks import nets
+    arguments = {key: value for key, value in definition.items() if key != "_target_"}
+    own = getattr(nets, definition["_target_"])(**arguments).state_dict()
+    differ = sorted(set(own) ^ set(state_dict)) + sorted(k for k in own if k in state_dict
+                                                         and tuple(own[k].shape) != tuple(state_dict[k].shape))
+    if differ:
+        raise UserError(f"--bundle: MONAI's {definition['_target_']} built from the bundle's network_def does not "
+                        f"take this model's weights ({len(differ)} keys differ, e.g. {differ[0]}): export it with "
+                        "--format torchscript")
 
 
 def inference_config(config: Config) -> dict[str, Any]:
@@ -131,6 +211,11 @@ def inference_config(config: Config) -> dict[str, Any]:
     }
 
 
+def _title(config: Config) -> str:
+    from ..model.architectures import ARCHITECTURES
+    return ARCHITECTURES[config.model.model_name].title
+
+
 def _class_names(config: Config, card: Mapping[str, Any] | None) -> list[str]:
     classes = config.model.out_channels
     names = list((card or {}).get("classes") or [])
@@ -161,9 +246,9 @@ def bundle_metadata(config: Config, card: Mapping[str, Any] | None) -> dict[str,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {"nibabel": nibabel.__version__, "einops": einops.__version__},
-        "name": f"UNETR {len(names) - 1}-class CT segmentation",
+        "name": f"{_title(config)} {len(names) - 1}-class CT segmentation",
         "task": "Multi-organ segmentation of abdominal CT",
-        "description": (f"UNETR (MONAI) segmenting {', '.join(names[1:])} in CT scans resampled to "
+        "description": (f"{_title(config)} (MONAI) segmenting {', '.join(names[1:])} in CT scans resampled to "
                         f"{' x '.join(f'{s:g}' for s in data.pixdim)} mm; masks in each scan's own geometry."),
         "authors": f"exported by btcv-unetr {__version__}; the weights' authors are those of the training run",
         "copyright": "the owner of the weights' training run",
@@ -175,7 +260,7 @@ def bundle_metadata(config: Config, card: Mapping[str, Any] | None) -> dict[str,
         "pred_classes": f"{len(names)} channels of class probabilities (softmax), argmax to labels",
         "eval_metrics": {"mean_dice": mean_dice} if mean_dice is not None else {},
         "intended_use": warning or "research; not for clinical use",
-        "references": [UNETR_PAPER],
+        "references": [PAPERS[config.model.model_name]],
         "network_data_format": {
             "inputs": {"image": _tensor_format("windowed CT", "hounsfield", config.model.in_channels, roi,
                                                [data.b_min, data.b_max], {"0": "image"})},
@@ -206,19 +291,20 @@ def _readme(config: Config, card: Mapping[str, Any] | None) -> str:
         f"[{config.data.a_min:g}, {config.data.a_max:g}] HU to [{config.data.b_min:g}, {config.data.b_max:g}].",
         f"Sliding windows of {' x '.join(map(str, config.model.roi_size))} voxels, overlap "
         f"{config.infer.infer_overlap:g}, {config.infer.mode} blending.", "",
-        "## Reference", "", UNETR_PAPER, ""])
+        "## Reference", "", PAPERS[config.model.model_name], ""])
 
 
 def write_bundle(folder: Path, config: Config, state_dict: Mapping[str, torch.Tensor],
                  card: Mapping[str, Any] | None, overwrite: bool) -> None:
     """The bundle in ``folder``, written in a temporary folder beside it and renamed: a failed export leaves
-    no half bundle. ``models/model.pt`` is the bare state dict of MONAI's UNETR (the zoo's layout).
+    no half bundle. ``models/model.pt`` is the bare state dict of MONAI's network (the zoo's layout).
 
     ``overwrite`` replaces only a folder that is a bundle (it has configs/metadata.json), never another one.
     """
     folder = Path(folder)
     check_bundle_target(folder, overwrite)
     inference = inference_config(config)  # refuses what a bundle cannot hold before anything is written
+    check_network_def(inference["network_def"], state_dict)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_folder_beside(folder, "tmpbundle")
     try:
@@ -268,10 +354,12 @@ def _swap_in(staging: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---- reading a UNETR bundle (the model zoo's layout) ------------------------------------------------
+# ---- reading a bundle (the model zoo's layout) ------------------------------------------------------
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml", "train.json", "train.yaml", "train.yml")
-UNETR_TARGETS = ("UNETR", "monai.networks.nets.UNETR", "monai.networks.nets.unetr.UNETR")
+# The MONAI classes a network_def may name (bare, or under monai.networks.nets), and the network each is.
+NETWORK_CLASSES = {"UNETR": "unetr", "SwinUNETR": "swin_unetr", "SegResNet": "segresnet", "SegResNetDS": "segresnet",
+                   "DynUNet": "dynunet", "MedNeXt": "mednext"}
 # network_def argument -> ModelConfig field; ``pos_embed`` is the name MONAI before 1.3 gave ``proj_type``.
 UNETR_ARGUMENTS = {"spatial_dims": "spatial_dims", "in_channels": "in_channels", "out_channels": "out_channels",
                    "feature_size": "feature_size", "hidden_size": "hidden_size", "mlp_dim": "mlp_dim",
@@ -284,7 +372,7 @@ NEUTRAL_ARGUMENTS = {"qkv_bias": False, "save_attn": None}
 
 @dataclass
 class BundleModel:
-    """What a UNETR bundle says: its weights file, and config values (``section -> {key: value}``) for the
+    """What a bundle says: its weights file, and config values (``section -> {key: value}``) for the
     architecture (``model``), the preprocessing (``data``) and the blending of windows (``infer``) it found."""
 
     folder: Path
@@ -338,23 +426,41 @@ def _plain(value: Any, content: Mapping[str, Any], where: str, depth: int = 0) -
     return value
 
 
-def _unetr_defaults() -> dict[str, Any]:
+def _class_of(target: Any, where: str) -> str:
+    """The MONAI class a network_def's ``_target_`` names, or one line: a network btcv-unetr does not build."""
+    name = target.rsplit(".", 1)[-1] if isinstance(target, str) else None
+    if name not in NETWORK_CLASSES or not (target == name or target.startswith("monai.networks.nets.")):
+        known = ", ".join(NETWORK_CLASSES)
+        raise UserError(f"{where} is {target!r}, a network btcv-unetr does not build: it loads bundles of MONAI's "
+                        f"{known}")
+    return name
+
+
+def _defaults(class_name: str) -> dict[str, Any]:
     """MONAI's own defaults for the arguments a network_def leaves out (the installed MONAI runs the bundle)."""
     import inspect
 
-    from monai.networks.nets import UNETR
-    parameters = inspect.signature(UNETR.__init__).parameters
+    from monai.networks import nets
+    parameters = inspect.signature(getattr(nets, class_name).__init__).parameters
     return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
-def _model_values(network: Mapping[str, Any], content: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """ModelConfig values from a UNETR ``network_def``, MONAI's defaults for what it leaves out."""
-    target = _plain(network.get("_target_"), content, f"{where}::_target_")
-    if target not in UNETR_TARGETS:
-        raise UserError(f"{where} is {target!r}, not MONAI's UNETR: btcv-unetr loads UNETR bundles only")
-    arguments = {**_unetr_defaults(), **{key: _plain(value, content, f"{where}::{key}")
-                                         for key, value in network.items() if key != "_target_"}}
-    values: dict[str, Any] = {"num_layers": 12}
+def _same(a: Any, b: Any) -> bool:
+    """Argument values compared as JSON holds them: tuples as lists, enums as their values, names in any case."""
+    def norm(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            value = value.value
+        if isinstance(value, (list, tuple)):
+            return [norm(v) for v in value]
+        if isinstance(value, dict):
+            return {k: norm(v) for k, v in value.items()}
+        return value.lower() if isinstance(value, str) else value
+    return norm(a) == norm(b)
+
+
+def _unetr_values(arguments: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig values from the arguments of MONAI's UNETR (its defaults filled in)."""
+    values: dict[str, Any] = {"model_name": "unetr", "num_layers": 12}
     for key, value in arguments.items():
         if key in UNETR_ARGUMENTS:
             values[UNETR_ARGUMENTS[key]] = value
@@ -366,13 +472,122 @@ def _model_values(network: Mapping[str, Any], content: Mapping[str, Any], where:
                                 f"{NEUTRAL_ARGUMENTS[key]!r} only")
         else:
             raise UserError(f"{where}::{key}: an argument MONAI's UNETR does not take")
-    size = arguments.get("img_size")
-    dims = int(values.get("spatial_dims", 3))
-    sizes = [size] * dims if isinstance(size, int) else list(size or [])
-    if len(sizes) != dims or dims != 3:
-        raise UserError(f"{where}::img_size {size!r}: btcv-unetr loads 3D UNETR bundles (three sizes)")
-    values.update(roi_x=sizes[0], roi_y=sizes[1], roi_z=sizes[2])
     return values
+
+
+def _as_setting(key: str, value: Any) -> Any:
+    return ",".join(str(v) for v in value) if key in ("blocks_down", "blocks_up") else value
+
+
+# Per MONAI class (not UNETR): network_def argument -> ModelConfig field; "" for arguments read below (kept out of
+# the check that every other argument is MONAI's default, as this project builds the net).
+SETTINGS: dict[str, dict[str, str]] = {
+    "SwinUNETR": {"feature_size": "feature_size", "norm_name": "norm_name", "dropout_path_rate": "dropout_path_rate",
+                  "use_checkpoint": "use_checkpoint", "use_v2": "use_v2", "use_flash_attention": ""},
+    "SegResNet": {"init_filters": "init_filters", "blocks_down": "blocks_down", "blocks_up": "blocks_up"},
+    "SegResNetDS": {"init_filters": "init_filters", "blocks_down": "blocks_down", "blocks_up": "blocks_up",
+                    "dsdepth": "", "norm": ""},
+    "DynUNet": {"norm_name": "norm_name", "kernel_size": "", "strides": "", "upsample_kernel_size": "", "filters": "",
+                "deep_supervision": "", "deep_supr_num": "", "res_block": ""},
+    "MedNeXt": {"kernel_size": "kernel_size", "deep_supervision": "",
+                **{key: "" for key in [*MEDNEXT_COMMON, *MEDNEXT_SIZES["S"]]}},
+}
+# Arguments this project always gives a class (where they are not MONAI's defaults).
+FIXED = {"SegResNetDS": {"norm": SEGRESNET_DS_NORM}, "DynUNet": {"res_block": True}, "MedNeXt": MEDNEXT_COMMON}
+
+
+def _network_values(class_name: str, given: Mapping[str, Any], arguments: Mapping[str, Any], where: str
+                    ) -> dict[str, Any]:
+    """ModelConfig values (but the ROI) of a network_def of ``class_name`` other than UNETR: its settings; every
+    argument this project's build does not set must be MONAI's default (else one line)."""
+    name = NETWORK_CLASSES[class_name]
+    settings, defaults = SETTINGS[class_name], _defaults(class_name)
+    title = _network_title(name)
+    for key, value in given.items():
+        if key in settings or key in ("spatial_dims", "in_channels", "out_channels", "img_size"):
+            continue
+        if key not in defaults:
+            raise UserError(f"{where}::{key}: an argument MONAI's {class_name} does not take")
+        if not _same(value, defaults[key]):
+            raise UserError(f"{where}::{key} is {value!r}: btcv-unetr's {title} has MONAI's default "
+                            f"{_plain_list(defaults[key])!r} only")
+    for key, value in FIXED.get(class_name, {}).items():
+        if not _same(arguments.get(key), value):
+            raise UserError(f"{where}::{key} is {arguments.get(key)!r}: btcv-unetr's {title} has {value!r} only")
+    values: dict[str, Any] = {"model_name": name, **{field: _as_setting(field, arguments[key])
+                                                     for key, field in settings.items() if field}}
+    if class_name == "SegResNetDS":
+        values["deep_supervision"] = int(arguments["dsdepth"]) - 1
+    elif class_name == "DynUNet":
+        values["init_filters"] = list(arguments.get("filters") or [32])[0]
+        values["deep_supervision"] = int(arguments["deep_supr_num"]) if arguments["deep_supervision"] else 0
+    elif class_name == "MedNeXt":
+        values["mednext_size"] = _mednext_size(arguments, where)
+        values["deep_supervision"] = MEDNEXT_HEADS if arguments["deep_supervision"] else 0
+    return values
+
+
+def _mednext_size(arguments: Mapping[str, Any], where: str) -> str:
+    """The paper's size (S, B, M, L) whose arguments a MedNeXt network_def gives, or one line."""
+    def per_level(key: str, value: Any) -> Any:  # MedNeXt takes one ratio for all 4 levels as an int
+        return [value] * 4 if key.endswith("coder_expansion_ratio") and isinstance(value, int) else value
+    for size, table in MEDNEXT_SIZES.items():
+        if all(_same(per_level(key, arguments.get(key)), value) for key, value in table.items()):
+            return size
+    raise UserError(f"{where}: a MedNeXt of none of the paper's sizes S, B, M, L (as MONAI's create_mednext builds "
+                    "them): btcv-unetr builds those only")
+
+
+def _network_title(name: str) -> str:
+    from ..model.architectures import ARCHITECTURES
+    return ARCHITECTURES[name].title
+
+
+def _window(class_name: str, given: Mapping[str, Any], content: Mapping[str, Any], where: str) -> list[int]:
+    """The window (ROI) of a 3D network_def: UNETR's (and older Swin UNETR's) img_size, else the sliding-window
+    inferer's roi_size; one line where neither states three sizes."""
+    size = given.get("img_size")
+    source = f"{where}::img_size"
+    if size is None and class_name != "UNETR":
+        inferer = content.get("inferer")
+        size = _plain(inferer.get("roi_size"), content, "inferer::roi_size") if isinstance(inferer, Mapping) else None
+        source = "its inferer::roi_size"
+    sizes = [size] * 3 if isinstance(size, int) else list(size or [])
+    if len(sizes) != 3 or not all(isinstance(n, int) and n > 0 for n in sizes):
+        raise UserError(f"{where}: btcv-unetr loads 3D bundles whose window is three sizes; {source} is {size!r}")
+    return sizes
+
+
+def _model_values(network: Mapping[str, Any], content: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig values from a ``network_def`` (MONAI's defaults for what it leaves out): every model setting,
+    at its default where the network has no such setting, so that the bundle alone states the architecture."""
+    class_name = _class_of(_plain(network.get("_target_"), content, f"{where}::_target_"), where)
+    given = {key: _plain(value, content, f"{where}::{key}") for key, value in network.items() if key != "_target_"}
+    arguments = {**_defaults(class_name), **given}
+    if int(arguments.get("spatial_dims", 3)) != 3:
+        raise UserError(f"{where}::spatial_dims {arguments['spatial_dims']!r}: btcv-unetr loads 3D bundles only")
+    if class_name == "UNETR":
+        values = _unetr_values(arguments, where)
+    else:
+        values = {"spatial_dims": 3, "in_channels": arguments["in_channels"],
+                  "out_channels": arguments["out_channels"], **_network_values(class_name, given, arguments, where)}
+    values.update(zip(("roi_x", "roi_y", "roi_z"), _window(class_name, given, content, where)))
+    return {**dataclasses.asdict(ModelConfig()), **values}
+
+
+def _check_dynunet_plan(network: Mapping[str, Any], content: Mapping[str, Any], values: dict[str, dict[str, Any]],
+                        where: str) -> None:
+    """A DynUNet bundle's kernels, strides and filters must be the ones this project plans for its window and
+    spacing (nnU-Net's rule, ``architectures.plan_dynunet``): else the network it builds is another one."""
+    from ..model.build import build_model
+    model = ModelConfig(**values["model"])
+    spacing = tuple(values["data"].get(key, 1.0) for key in ("space_x", "space_y", "space_z"))
+    net = build_model(model, spacing)
+    planned = {"kernel_size": net.kernel_size, "strides": net.strides, "filters": net.filters}
+    differ = [key for key, value in planned.items() if not _same(_plain(network.get(key), content, where), value)]
+    if differ:
+        raise UserError(f"{where}::{differ[0]} is not what btcv-unetr plans for a {model.roi_size} window at "
+                        f"{spacing} mm ({_plain_list(planned[differ[0]])}): it loads DynUNets it plans only")
 
 
 def _preprocessing_values(content: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -417,8 +632,9 @@ def _blending_values(content: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def read_bundle(folder: str | Path) -> BundleModel:
-    """A UNETR bundle's weights file and the architecture and preprocessing its config states, or one line
-    saying why not (not a bundle, not a UNETR, a value that is code)."""
+    """A bundle's weights file and the network (``model_name`` and settings), preprocessing and blending its
+    config states, or one line saying why not (not a bundle, a network class btcv-unetr does not build, arguments
+    it does not build it with, a value that is code)."""
     folder = Path(folder)
     if not is_bundle(folder):
         raise UserError(f"{folder}: not a MONAI bundle (it needs configs/ and models/model.pt)")
@@ -430,4 +646,6 @@ def read_bundle(folder: str | Path) -> BundleModel:
     values = {"model": _model_values(network, content, f"{folder.name}/{where}"),
               "data": _preprocessing_values(content, f"{folder.name}/{path.relative_to(folder)}"),
               "infer": _blending_values(content, f"{folder.name}/{path.relative_to(folder)}")}
+    if values["model"]["model_name"] == "dynunet":
+        _check_dynunet_plan(network, content, values, f"{folder.name}/{where}")
     return BundleModel(folder, folder / "models" / "model.pt", path, values)
