@@ -71,9 +71,11 @@ def vit_autoenc_file(config, path: Path, seed: int = 3, old_monai: bool = False)
     net = ViTAutoEnc(in_channels=1, img_size=m.roi_size, patch_size=16, proj_type="conv", hidden_size=m.hidden_size,
                      mlp_dim=m.mlp_dim, num_heads=m.num_heads, num_layers=m.num_layers)
     state = {k: v for k, v in net.state_dict().items() if not (old_monai and ".norm_cross_attn." in k)}
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    # Adam's state dict as the notebook saves it (an optimiser is not built here: its first use imports for seconds)
+    optimizer = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}},
+                 "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "params": [0]}]}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"epoch": 500, "state_dict": state, "optimizer": optimizer.state_dict()}, path)
+    torch.save({"epoch": 500, "state_dict": state, "optimizer": optimizer}, path)
     return path, state
 
 
