@@ -167,14 +167,15 @@ class TrainConfig:
     pretrained_model_name: str = _opt("UNETR_model_best_acc.pth", "pretrained weights file name")
     resume_ckpt: bool = _opt(False, "finetune from pretrained_dir/pretrained_model_name (state dict)")
     resume_jit: bool = _opt(False, "finetune from a TorchScript file (AMP off)")
-    pretrained: str | None = _opt(None, "start from released weights: a name (unetr_btcv: the UNETR/BTCV weights, "
+    pretrained: str | None = _opt(None, "start from released weights: a name (unetr_btcv: the UNETR/BTCV weights; "
+                                        "swin_unetr_btcv, _small, _tiny: the Swin UNETR/BTCV weights; "
                                         "downloaded once into the user's cache), a URL#sha256=HEX, a weights file or "
                                         "a MONAI bundle folder; their architecture and preprocessing are used; "
                                         "training finetunes from them as --resume_ckpt does")
-    use_ssl_pretrained: bool = _opt(False, "start the encoder from its self-supervised weights (Swin UNETR: "
-                                           "model_swinvit.pt of 5,050 CTs; UNETR: the ViT-B encoder of MONAI's "
-                                           "tutorials), taken from pretrained_dir or downloaded once; every encoder "
-                                           "key must match")
+    use_ssl_pretrained: bool = _opt(False, "start the encoder from its self-supervised weights: Swin UNETR "
+                                           "from model_swinvit.pt (5,050 CTs; taken from pretrained_dir, else "
+                                           "downloaded once), UNETR from best_model.pt of MONAI's self-supervised "
+                                           "tutorial (put in pretrained_dir); every encoder tensor must match")
     optim_name: str = _opt("adamw", "optimiser", choices=("adam", "adamw", "sgd"))
     optim_lr: float = _opt(1e-4, "learning rate")
     reg_weight: float = _opt(1e-5, "weight decay")

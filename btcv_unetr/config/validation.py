@@ -82,6 +82,9 @@ def validate(config: Config) -> None:
     if t.use_ssl_pretrained and m.model_name not in ("unetr", "swin_unetr"):
         raise ConfigError(f"config key 'use_ssl_pretrained': self-supervised encoder weights exist for unetr and "
                           f"swin_unetr, not --model_name {m.model_name}: drop it")
+    if t.use_ssl_pretrained and (t.pretrained or t.checkpoint or t.resume_jit or t.resume_ckpt):
+        raise ConfigError("config key 'use_ssl_pretrained': excludes pretrained, checkpoint, resume_jit and "
+                          "resume_ckpt (each sets the encoder's starting weights): give one")
     if not 0 <= m.deep_supervision <= 5:
         raise ConfigError(f"config key 'deep_supervision': {m.deep_supervision} must be 0 (off) to 5 heads")
     if m.model_name == "unetr":

@@ -46,12 +46,13 @@ from ..logs import RunLog
 from ..metrics import nan_mean, overlap_scores, pixel_accuracy
 from ..model.build import build_model, describe_model_size
 from ..model.speed import compile_if_asked, prepare_model
+from ..model.ssl import load_ssl_encoder
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import load_pretrained, load_weights
 from ..runtime.precision import Precision, resolve_precision
 from .budget import TimeBudget, budgeted_epochs
 from .card import data_facts, model_card
-from .loss import build_loss, unannotated_as_background
+from .loss import DeepSupervisionLoss, build_loss, unannotated_as_background
 from .optim import build_optimizer, build_scheduler
 from .run_folder import keep_best_plan
 
@@ -99,7 +100,8 @@ def train_step(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_
             with precision.autocast(context.device):
                 logits = model(image[start:stop])
             targets = (label[start:stop],) if annotated is None else (label[start:stop], annotated[start:stop])
-            loss = loss_fn(logits.float(), *targets) * ((stop - start) / crops)
+            logits = logits.float() if isinstance(logits, torch.Tensor) else logits  # deep supervision: a list
+            loss = loss_fn(logits, *targets) * ((stop - start) / crops)
             if not all_true(bool(torch.isfinite(loss)), context):
                 optimizer.zero_grad(set_to_none=True)
                 return None
@@ -255,6 +257,10 @@ def build_trainable_model(config: Config, context: Context) -> nn.Module:
         load_pretrained(model, pretrained)
     if context.is_main and (config.train.resume_jit or config.train.resume_ckpt):
         print(f"loaded pretrained weights from {pretrained}")
+    if config.train.use_ssl_pretrained and not config.train.checkpoint:  # a resumed run restores its own weights
+        summary = load_ssl_encoder(model, config)
+        if context.is_main:
+            print(summary)
     return model.to(context.device)
 
 
@@ -367,8 +373,11 @@ def build_run_loss(config: Config, context: Context) -> tuple[nn.Module, list[fl
     """The loss of the run and its class weights (None without), from the training cases' labels."""
     train_items = with_annotated_classes(load_config_split(config.data, "training"), config.model.out_channels)
     annotated = [item["annotated"] for item in train_items] if "annotated" in train_items[0] else None
-    return build_loss(config.train, config.model.out_channels, [item["label"] for item in train_items],
-                      context.device, annotated)
+    loss, weights = build_loss(config.train, config.model.out_channels, [item["label"] for item in train_items],
+                               context.device, annotated)
+    if config.model.deep_supervision:
+        loss = DeepSupervisionLoss(loss, config.model.spatial_dims)
+    return loss, weights
 
 
 def announce(run: Run, context: Context, class_weights: list[float] | None) -> None:
