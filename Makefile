@@ -46,11 +46,16 @@ test-packaging: $(STAMP)
 # each validation, the per-organ table after the last), then the best model segments the held-out
 # cases, keeping each organ's largest connected component, and their per-organ Dice is printed in
 # each scan's own geometry (masks and pictures in runs/demo/validation).
+# MODEL=swin_unetr|segresnet|dynunet|mednext trains that network instead (configs/phantom_demo_MODEL.yaml,
+# run folder runs/demo_MODEL), with the same data, split and time budget.
+MODEL ?= unetr
+DEMO_CONFIG = $(if $(filter unetr,$(MODEL)),phantom_demo.yaml,phantom_demo_$(MODEL).yaml)
+DEMO_RUN = $(if $(filter unetr,$(MODEL)),runs/demo,runs/demo_$(MODEL))
 demo: $(STAMP) $(DEMO_DIR)/data/dataset.json
 	$(VENV)/bin/btcv-unetr check-data --data_dir $(DEMO_DIR)/data --json_list dataset.json
-	$(PY) main.py --config phantom_demo.yaml --data_dir $(DEMO_DIR)/data --overwrite
-	$(PY) test.py --data_dir $(DEMO_DIR)/data --json_list dataset.json --pretrained_dir runs/demo \
-		--pretrained_model_name model.pt --output_dir runs/demo/validation --overwrite --largest_component
+	$(PY) main.py --config $(DEMO_CONFIG) --data_dir $(DEMO_DIR)/data --logdir $(DEMO_RUN) --overwrite
+	$(PY) test.py --data_dir $(DEMO_DIR)/data --json_list dataset.json --pretrained_dir $(DEMO_RUN) \
+		--pretrained_model_name model.pt --output_dir $(DEMO_RUN)/validation --overwrite --largest_component
 
 # The 2D mode: synthetic pet trimaps (written once), a data check, training of configs/shapes2d.yaml
 # (run folder runs/demo2d; a per-class Dice/IoU table after the last validation), then the best model

@@ -3,6 +3,7 @@
 
     python benchmarks/bench.py [--device cpu|cuda] [--quick] [--out FILE.json]
     python benchmarks/bench.py --serve [--clients 4] [--serve_seconds 60] [--serve_checkpoint FILE]
+    python benchmarks/bench.py --networks [unetr,swin_unetr,...] [--quick]
 
 Each time is the median of several timed repetitions after a warm-up run. All reference-style
 figures are taken first, while glibc still has its default allocator, then the fast-path ones
@@ -24,6 +25,7 @@ server process for a bounded time; figures are jobs per minute and submit-to-mas
 #                     a folder's Dice) and case_2d.py (RGB pictures)
 #   case_switches.py  --switches: each fast-path switch against its alternative
 #   case_serve.py     --serve: the service under load
+#   case_networks.py  --networks: each network of the registry, MONAI's plain fp32 module against the fast path
 #   machine.py        the machine record and timing tools they share; settings.py the model sizes per mode
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's btcv_unetr, installed or not
 
+from case_networks import network_table, run_networks  # noqa: E402  (benchmarks/ is on the path)
 from case_paths import run, table  # noqa: E402  (benchmarks/ is on the path: this script's folder)
 from case_serve import ServeCheckError, run_serve, serve_table  # noqa: E402
 from case_switches import run_switches, switch_table  # noqa: E402
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                              "trained here; needs --dice_data")
     parser.add_argument("--dice_data", type=Path, default=None,
                         help="dataset folder with dataset.json whose validation cases the Dice check segments")
+    parser.add_argument("--networks", nargs="?", const=True, default=None, metavar="NAME,...",
+                        help="only each network's window passes, plain MONAI fp32 against the fast path (all, or the "
+                             "networks named; --quick: the demo's sizes)")
     parser.add_argument("--serve", action="store_true",
                         help="only the load check of btcv-unetr serve: clients submitting phantoms for a bounded time")
     parser.add_argument("--clients", type=int, default=4, help="--serve: clients submitting jobs at once")
@@ -77,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.dice_checkpoint is None) != (args.dice_data is None):
         print("error: --dice_checkpoint and --dice_data go together", file=sys.stderr)
         return 2
-    if args.serve and args.switches:
-        print("error: --serve and --switches are separate runs: choose one", file=sys.stderr)
+    if sum(map(bool, (args.serve, args.switches, args.networks))) > 1:
+        print("error: --serve, --switches and --networks are separate runs: choose one", file=sys.stderr)
         return 2
     try:
         args.serve_sizes = tuple(int(size) for size in args.serve_size.split(","))
@@ -93,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} not found", file=sys.stderr)
             return 2
     started = time.perf_counter()
-    kind = "serve" if args.serve else "switches" if args.switches else "paths"
+    kind = "serve" if args.serve else "switches" if args.switches else "networks" if args.networks else "paths"
     try:
-        results = {"serve": run_serve, "switches": run_switches, "paths": run}[kind](args)
+        results = {"serve": run_serve, "switches": run_switches, "networks": run_networks, "paths": run}[kind](args)
     except (ServeCheckError, ServerStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / f"bench_{prefix}{args.device}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, results)
-    print({"serve": serve_table, "switches": switch_table, "paths": table}[kind](results))
+    print({"serve": serve_table, "switches": switch_table, "networks": network_table, "paths": table}[kind](results))
     print(f"{results['duration_s']:.0f} s in all; results in {out}")
     return 0
 

@@ -3,7 +3,8 @@ name to how MONAI builds it from the config, the ROI it needs and the settings i
 
     ARCHITECTURES      name -> :class:`Architecture`
     architecture_of    the :class:`Architecture` of a ModelConfig
-    build_network      the ``nn.Module`` of a ModelConfig (the UNETR builder stays in ``build.py``)
+    build_network      the ``nn.Module`` of a ModelConfig (the UNETR builder is ``unetr.py``)
+    deep_outputs       a training forward's logits per head, full resolution first (deep supervision)
     roi_problem        why an ROI does not suit the network (Swin UNETR: multiples of 32; DynUNet: its strides), or None
     plan_dynunet       nnU-Net-style kernel sizes and strides from the ROI and the voxel spacing
     require_unetr      one line where a file format is built for UNETR alone so far (exports, TorchScript input)
@@ -15,9 +16,10 @@ network is :data:`btcv_unetr.config.schema.MODEL_SETTINGS` (the config refuses a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ..config.schema import ModelConfig
@@ -32,6 +34,10 @@ class Architecture:
     build: Callable[[ModelConfig, tuple[float, ...]], nn.Module]  # (config, voxel spacing in mm) -> network
     roi_multiple: Callable[[ModelConfig, tuple[float, ...]], tuple[int, ...]]  # what each ROI side must divide by
     roi_factor: int = 1  # each side at least this many multiples (the deepest stage must keep more than one voxel)
+    classes: tuple[str, ...] = ()  # the class names of the built module (tells a loaded network's architecture)
+    # CPU channels-last 3D layout by default (--channels_last overrides): measured per network, benchmarks/bench.py
+    # --networks (docs/networks.md)
+    cpu_channels_last: bool = True
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -47,13 +53,27 @@ def _swin_unetr(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
 
 
 def _segresnet(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
-    from monai.networks.nets import SegResNet
+    from monai.networks.nets import SegResNet, SegResNetDS
     if config.init_filters is not None and (config.init_filters < 8 or config.init_filters % 8):
         raise UserError(f"config: init_filters {config.init_filters} must be a multiple of 8 for SegResNet (its group "
                         "norms have 8 groups)")
-    return SegResNet(spatial_dims=config.spatial_dims, init_filters=config.init_filters or 16,
-                     in_channels=config.in_channels, out_channels=config.out_channels,
-                     blocks_down=_int_list(config.blocks_down), blocks_up=_int_list(config.blocks_up))
+    down, up = _int_list(config.blocks_down), _int_list(config.blocks_up)
+    if not config.deep_supervision:
+        return SegResNet(spatial_dims=config.spatial_dims, init_filters=config.init_filters or 16,
+                         in_channels=config.in_channels, out_channels=config.out_channels, blocks_down=down,
+                         blocks_up=up)
+    # SegResNetDS: SegResNet's encoder and decoder with a head at each of the last dsdepth decoder levels (its own
+    # module names, so its weights are not SegResNet's); SegResNet's group norm and filters kept.
+    if len(up) != len(down) - 1:
+        raise UserError(f"config: blocks_up {config.blocks_up} needs one entry per decoder level ({len(down) - 1}, "
+                        f"one fewer than blocks_down {config.blocks_down}) for SegResNet with deep supervision")
+    if config.deep_supervision > len(up):
+        raise UserError(f"config: deep_supervision {config.deep_supervision} exceeds SegResNet's {len(up)} decoder "
+                        "levels below full resolution: lower it or add levels (blocks_down, blocks_up)")
+    return SegResNetDS(spatial_dims=config.spatial_dims, init_filters=config.init_filters or 16,
+                       in_channels=config.in_channels, out_channels=config.out_channels,
+                       norm=("group", {"num_groups": 8}), blocks_down=down, blocks_up=up,
+                       dsdepth=config.deep_supervision + 1)
 
 
 def plan_dynunet(roi: tuple[int, ...], spacing: tuple[float, ...], max_levels: int = 6
@@ -87,15 +107,37 @@ def _dynunet(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
     # nnU-Net's filters: 32 doubling per level, capped at 320 (3D) or 512 (2D).
     cap = 320 if config.spatial_dims == 3 else 512
     filters = [min((config.init_filters or 32) * 2 ** level, cap) for level in range(len(strides))]
+    # nnU-Net supervises every decoder level but the bottleneck's; MONAI's DynUNet allows one fewer than its up-layers
+    if config.deep_supervision >= len(strides) - 1:
+        raise UserError(f"config: deep_supervision {config.deep_supervision} must be at most {len(strides) - 2} for "
+                        f"this DynUNet ({len(strides)} levels planned from the ROI {config.roi_size}): lower it")
     return DynUNet(spatial_dims=config.spatial_dims, in_channels=config.in_channels,
                    out_channels=config.out_channels, kernel_size=kernels, strides=strides,
-                   upsample_kernel_size=strides[1:], filters=filters, norm_name=config.norm_name, res_block=True)
+                   upsample_kernel_size=strides[1:], filters=filters, norm_name=config.norm_name, res_block=True,
+                   deep_supervision=config.deep_supervision > 0, deep_supr_num=max(config.deep_supervision, 1))
+
+
+# MedNeXt's deep supervision is all or nothing: a head at each of its 4 lower decoder levels.
+MEDNEXT_HEADS = 4
 
 
 def _mednext(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
     from monai.networks.nets.mednext import create_mednext
+    if config.deep_supervision not in (0, MEDNEXT_HEADS):
+        raise UserError(f"config: deep_supervision {config.deep_supervision}: MedNeXt has a head at each of its "
+                        f"{MEDNEXT_HEADS} lower levels or none: give 0 or {MEDNEXT_HEADS}")
     return create_mednext(config.mednext_size, spatial_dims=config.spatial_dims, in_channels=config.in_channels,
-                          out_channels=config.out_channels, kernel_size=config.kernel_size)
+                          out_channels=config.out_channels, kernel_size=config.kernel_size,
+                          deep_supervision=config.deep_supervision > 0)
+
+
+def deep_outputs(output: torch.Tensor | Sequence[torch.Tensor], spatial_dims: int) -> list[torch.Tensor]:
+    """A training forward's logits as a list, full resolution first, then each deep head's (coarser or, for DynUNet,
+    already upsampled): SegResNetDS and MedNeXt return a sequence, DynUNet stacks its heads on axis 1
+    ``(B, heads, C, *spatial)``, a net without deep supervision returns ``(B, C, *spatial)``."""
+    if isinstance(output, torch.Tensor):
+        return list(output.unbind(1)) if output.dim() == spatial_dims + 3 else [output]
+    return list(output)
 
 
 def _unetr(config: ModelConfig, spacing: tuple[float, ...]) -> nn.Module:
@@ -107,14 +149,22 @@ def _fixed(multiple: int) -> Callable[[ModelConfig, tuple[float, ...]], tuple[in
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    Architecture("unetr", "UNETR", _unetr, _fixed(16)),  # its 16-voxel patches
+    Architecture("unetr", "UNETR", _unetr, _fixed(16), classes=("UNETR", "DeeperUNETR")),  # its 16-voxel patches
     # 5 stages of 2x patch merging; at 32 voxels the bottleneck is one voxel, which instance norm cannot train on
-    Architecture("swin_unetr", "Swin UNETR", _swin_unetr, _fixed(32), roi_factor=2),
+    Architecture("swin_unetr", "Swin UNETR", _swin_unetr, _fixed(32), roi_factor=2, classes=("SwinUNETR",)),
     Architecture("segresnet", "SegResNet", _segresnet,
-                 lambda config, spacing: (2 ** (len(_int_list(config.blocks_down)) - 1),) * config.spatial_dims),
-    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides),
-    Architecture("mednext", "MedNeXt", _mednext, _fixed(16)),  # 4 downsamplings
+                 lambda config, spacing: (2 ** (len(_int_list(config.blocks_down)) - 1),) * config.spatial_dims,
+                 classes=("SegResNet", "SegResNetDS")),
+    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides, classes=("DynUNet",)),
+    Architecture("mednext", "MedNeXt", _mednext, _fixed(16), classes=("MedNeXt",)),  # 4 downsamplings
 )}
+
+
+def architecture_of_module(model: nn.Module) -> Architecture:
+    """The :class:`Architecture` of a built network (by its class; UNETR for a class no entry names, such as a
+    TorchScript module)."""
+    name = type(model).__name__
+    return next((arch for arch in ARCHITECTURES.values() if name in arch.classes), ARCHITECTURES["unetr"])
 
 
 def architecture_of(config: ModelConfig) -> Architecture:

@@ -8,18 +8,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
+from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
 from ..config.schema import FastConfig
+from .architectures import ARCHITECTURES, architecture_of_module
 
 
 def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
-    """Switch MONAI's ViT attention blocks to ``F.scaled_dot_product_attention``; returns the block count.
+    """Switch MONAI's attention blocks to ``F.scaled_dot_product_attention``; returns the block count.
 
-    MONAI's UNETR does not expose the switch its ``SABlock`` has. The output is the same attention
-    (tested); on GPUs it runs the flash/memory-efficient kernels and never stores the token x token matrix.
+    UNETR's ViT (``SABlock``) and Swin UNETR's windowed attention (``WindowAttention``, which MONAI runs fused only
+    without autograd: inference) have the switch, ``use_flash_attention``, but neither network passes it on. The
+    output is the same attention (tested); on GPUs it runs the flash/memory-efficient kernels and never stores the
+    token x token matrix.
     """
-    blocks = [m for m in model.modules() if isinstance(m, SABlock)]
+    blocks = [m for m in model.modules() if isinstance(m, (SABlock, WindowAttention))]
     for block in blocks:
         if enabled and getattr(block, "save_attn", False):
             continue  # MONAI forbids storing attention maps with the fused kernel
@@ -67,23 +71,26 @@ def channels_last_norms(model: nn.Module, enabled: bool = True) -> int:
 
 
 def memory_format_for(fast: FastConfig, device: torch.device, precision: str, training: bool,
-                      spatial_dims: int = 3) -> torch.memory_format:
-    """The memory format a model runs in: ``fast.channels_last`` when set, else chosen per CPU class.
+                      spatial_dims: int = 3, network_default: bool = True) -> torch.memory_format:
+    """The memory format a model runs in: ``fast.channels_last`` when set, else chosen per CPU class and network.
 
     Automatic: channels-last 3D on the CPU for inference (oneDNN keeps channels-last outputs as they
     are instead of reordering each one), and for training only in float32: there the 1x1x1 and
     decoder convolutions' backward passes are faster channels-last, while under bfloat16 autocast
     the channels-last step was 1.5-1.7x slower on a Zen 4 (docs/measurements.md, switches vs alternatives).
-    Never on GPUs and for 2D models (not measured there).
+    ``network_default``: the network's own measured choice (the registry's ``cpu_channels_last``); False keeps
+    it contiguous. Never on GPUs and for 2D models (not measured there).
     """
     if device.type != "cpu" or spatial_dims != 3:
         return torch.contiguous_format
-    wanted = fast.channels_last if fast.channels_last is not None else (not training or precision == "fp32")
+    automatic = network_default and (not training or precision == "fp32")
+    wanted = fast.channels_last if fast.channels_last is not None else automatic
     return torch.channels_last_3d if wanted else torch.contiguous_format
 
 
 def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
-    """``model`` (changed in place) in ``memory_format``, with :class:`ChannelsLastInstanceNorm3d` when channels-last."""
+    """``model`` (changed in place) in ``memory_format``, with :class:`ChannelsLastInstanceNorm3d` when
+    channels-last."""
     if memory_format != torch.channels_last_3d:
         return model
     channels_last_norms(model)
@@ -91,14 +98,17 @@ def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn
 
 
 def prepare_model(model: nn.Module, fast: FastConfig, device: torch.device, precision: str,
-                  training: bool) -> tuple[nn.Module, torch.memory_format]:
+                  training: bool, model_name: str | None = None) -> tuple[nn.Module, torch.memory_format]:
     """``model`` (changed in place) in its memory format with its attention kernel, and that format.
 
-    Inputs must be given in the returned format. ``torch.compile`` is left to :func:`compile_if_asked`,
-    which training applies after the DDP wrapper.
+    ``model_name``: the registry's name of the network (None: told by its class). Inputs must be given in the
+    returned format. ``torch.compile`` is left to :func:`compile_if_asked`, which training applies after the DDP
+    wrapper.
     """
+    architecture = ARCHITECTURES[model_name] if model_name else architecture_of_module(model)
     spatial_dims = 3 if any(isinstance(m, nn.Conv3d) for m in model.modules()) else 2
-    memory_format = memory_format_for(fast, device, precision, training, spatial_dims)
+    memory_format = memory_format_for(fast, device, precision, training, spatial_dims,
+                                      architecture.cpu_channels_last)
     model = to_memory_format(model, memory_format)
     use_sdpa(model, sdpa_for(fast, device, precision))
     return model, memory_format

@@ -22,9 +22,11 @@ same model and input give the same mask bytes at every start. Deleting the file,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -38,8 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config.schema import PRECISIONS
+from ..config.schema import PRECISIONS, ModelConfig
 from ..files import atomic_write_json
+from ..model.architectures import build_network, roi_problem
 from .cache import cache_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -207,21 +210,58 @@ def _probe_tokens(roi_size: tuple[int, ...]) -> int:
     return tokens
 
 
-def probe_shape(model) -> tuple[int, int, int, int, int]:
-    """The arguments of :func:`probe_bf16_speedup` for ``model`` (a ModelConfig): feature size, hidden size,
-    MLP size, tokens per window, spatial dimensions."""
-    return (model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size), model.spatial_dims)
+def probe_shape(model) -> tuple:
+    """What the probe of ``model`` (a ModelConfig) runs: for UNETR the arguments of :func:`probe_bf16_speedup`
+    (feature size, hidden size, MLP size, tokens per window, spatial dimensions); for another network its name and
+    the JSON of its settings, for :func:`probe_network_bf16_speedup`."""
+    name = getattr(model, "model_name", "unetr")
+    if name == "unetr":
+        return (model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size),
+                model.spatial_dims)
+    return (name, json.dumps(dataclasses.asdict(model), sort_keys=True))
+
+
+# The probe window of a network other than UNETR: its ROI, each side capped here (a whole forward per try).
+PROBE_NETWORK_SIDE = 64
+
+
+@functools.cache
+def probe_network_bf16_speedup(name: str, settings: str) -> float:
+    """float32 time / bfloat16 autocast time of one forward of the network itself (``settings``: the JSON of its
+    ModelConfig), on one window of its ROI with each side capped at :data:`PROBE_NETWORK_SIDE` where the network
+    accepts that. Its own layers at their own channel counts: a CNN's convolutions or Swin UNETR's window attention
+    gain differently from UNETR's ViT. A second or two per try on a 2-core CPU; only called where bfloat16 is
+    native, once per machine and network shape."""
+    config = ModelConfig(**json.loads(settings))
+    capped = dataclasses.replace(config, **{key: min(getattr(config, key), PROBE_NETWORK_SIDE)
+                                            for key in ("roi_x", "roi_y", "roi_z")})
+    config = capped if roi_problem(capped) is None else config
+    with torch.random.fork_rng(devices=[]):  # a seeded run's weights must not depend on whether the probe ran
+        torch.manual_seed(0)
+        network = build_network(config).eval()
+        window = torch.randn(1, config.in_channels, *config.roi_size)
+
+    def timed(bf16: bool):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                network(window)
+        return run
+
+    return _median_seconds(timed(False), repeats=1) / _median_seconds(timed(True), repeats=1)
 
 
 CACHE_FILE = "precision.json"
 CACHE_FORMAT = 1
 
 
-def decision_key(features: CpuFeatures, shape: tuple[int, ...]) -> str:
+def decision_key(features: CpuFeatures, shape: tuple) -> str:
     """What a probe's result depends on: the CPU, torch's kernels for it, and the model's layer shapes."""
+    machine = f"{features.model} | {features.capability} | torch {torch.__version__}"
+    if isinstance(shape[0], str):  # another network: its name and settings
+        name, settings = shape
+        return f"{machine} | {name} {hashlib.sha256(settings.encode()).hexdigest()[:16]}"
     feature_size, hidden_size, mlp_dim, tokens, spatial_dims = shape
-    return (f"{features.model} | {features.capability} | torch {torch.__version__} | {spatial_dims}D feature "
-            f"{feature_size} hidden {hidden_size} mlp {mlp_dim} tokens {tokens}")
+    return f"{machine} | {spatial_dims}D feature {feature_size} hidden {hidden_size} mlp {mlp_dim} tokens {tokens}"
 
 
 def _valid_record(record) -> bool:
@@ -334,10 +374,6 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
     features = features or cpu_features()
     if not features.native_bf16:
         return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
-    name = getattr(model, "model_name", "unetr")
-    if name != "unetr":  # the probe times UNETR's layer shapes; another network's are not measured yet
-        return Precision("fp32", f"float32: the bfloat16 probe measures UNETR's layers, not {name}'s "
-                                 "(--precision bf16 asks for it)")
     shape = probe_shape(model)
     key = decision_key(features, shape)
     cache = DecisionCache.default()
@@ -346,7 +382,7 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
         if record is not None:
             return _probe_decision(features, record["precision"], float(record["speedup"]), record["decided"],
                                    cache.path)
-        speedup = probe_bf16_speedup(*shape)
+        speedup = probe_network_bf16_speedup(*shape) if isinstance(shape[0], str) else probe_bf16_speedup(*shape)
         chosen = _probe_decision(features, _probe_choice(speedup), speedup)
         cache.put(key, {"precision": chosen.name, "speedup": round(float(speedup), 3),
                         "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})

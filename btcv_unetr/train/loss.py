@@ -207,3 +207,38 @@ def build_loss(train: TrainConfig, num_classes: int, label_paths: Sequence[str],
     if train.loss == "ce_jaccard":
         return CEJaccardLoss(tensor, train.smooth_nr, train.smooth_dr), weights
     return ClassWeightedDiceCELoss(tensor, train.smooth_nr, train.smooth_dr), weights
+
+
+def deep_supervision_weights(heads: int) -> list[float]:
+    """nnU-Net's weights of ``heads`` outputs, full resolution first: halving per level, normalised to sum 1
+    (3 heads: 4/7, 2/7, 1/7)."""
+    raw = [0.5 ** level for level in range(heads)]
+    return [weight / sum(raw) for weight in raw]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """The loss over every output head of a deeply supervised network, weighted as nnU-Net weights them.
+
+    Each head's logits are scored against the labels at that head's resolution (nearest-neighbour downsampling
+    of the class map, as nnU-Net downsamples its targets); a head already at full resolution (DynUNet upsamples
+    its heads' logits) is scored against the labels as they are. The heads come from
+    :func:`btcv_unetr.model.architectures.deep_outputs`; a plain tensor (one head) gives ``loss`` itself.
+    """
+
+    def __init__(self, loss: nn.Module, spatial_dims: int):
+        super().__init__()
+        self.loss, self.spatial_dims = loss, spatial_dims
+
+    def forward(self, output: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor,
+                *extra: torch.Tensor) -> torch.Tensor:
+        """``output`` as the network returns it in training; ``target`` class indices ``(B, 1, *spatial)``;
+        ``extra``: the loss's further arguments (the annotated classes of partly annotated data)."""
+        from ..model.architectures import deep_outputs
+        heads = deep_outputs(output, self.spatial_dims)
+        total = torch.zeros((), device=target.device)
+        for weight, logits in zip(deep_supervision_weights(len(heads)), heads):
+            labels = target
+            if tuple(logits.shape[2:]) != tuple(target.shape[2:]):
+                labels = F.interpolate(target.float(), size=logits.shape[2:], mode="nearest-exact")
+            total = total + weight * self.loss(logits.float(), labels, *extra)
+        return total
