@@ -26,6 +26,8 @@ import torch
 pydicom = pytest.importorskip("pydicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 pytest.importorskip("highdicom", reason="the dicom extra is not installed: pip install 'btcv-unetr[dicom]'")
 
+import highdicom as hd  # noqa: E402
+from conftest import tiny_net_config  # noqa: E402
 from orthanc import orthanc_or_skip, running_orthanc  # noqa: E402
 from serving import running_server, tiny_checkpoint  # noqa: E402
 
@@ -38,13 +40,17 @@ from btcv_unetr.data import dicom as reader  # noqa: E402
 from btcv_unetr.data.dicom import LPS_TO_RAS  # noqa: E402
 from btcv_unetr.errors import UserError  # noqa: E402
 from btcv_unetr.inference.batch import run_inference  # noqa: E402
+from btcv_unetr.inference.dicom_overlay import write_dicom_overlay  # noqa: E402
+from btcv_unetr.inference.dicom_rtstruct import write_dicom_rtstruct  # noqa: E402
 from btcv_unetr.inference.dicom_seg import EXTRA_LINE, require_highdicom, write_dicom_seg  # noqa: E402
+from btcv_unetr.inference.provenance import provenance  # noqa: E402
 from btcv_unetr.labels import ORGANS  # noqa: E402
 from btcv_unetr.model.build import build_model  # noqa: E402
 from btcv_unetr.serve import pacs  # noqa: E402
 from btcv_unetr.serve.service import PACS_REQUEST  # noqa: E402
 from btcv_unetr.synthetic.phantoms import generate_case  # noqa: E402
 from btcv_unetr.testing.app import in_process_service  # noqa: E402
+from btcv_unetr.testing.checkpoints import seeded_checkpoint  # noqa: E402
 from btcv_unetr.testing.server import free_port  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("test_dicom_seg")  # one Orthanc and one PACS-connected server
@@ -481,3 +487,52 @@ def test_a_seg_the_pacs_refuses_is_one_line(orthanc, tmp_path):
         pacs.store_instance(orthanc, tmp_path / "bad.dcm")
     assert (caught.value.status, caught.value.detail) == (502, "the PACS answered 400 Bad Request to the "
                                                                "segmentation's storage")
+
+
+# --- The net's name (issue 28): a SegResNet's SEG, RTSTRUCT and overlay say SegResNet, not UNETR -------------------
+
+
+def test_a_segresnet_checkpoints_seg_and_card_name_it(dicom_case, tmp_path, capsys):
+    weights = seeded_checkpoint(tmp_path / "segresnet" / "model.pt", tiny_net_config("segresnet"))
+    out = tmp_path / "out"
+    run_inference(build_config([read_yaml(CONFIG_DIR / "tiny.yaml"), {
+        "train": {"pretrained_dir": str(weights.parent), "pretrained_model_name": weights.name},
+        "infer": {"overlay": False, "hd95": False, "input": str(dicom_case["folder"]), "output_dir": str(out),
+                  "output_format": "dicom_seg"}}]))
+    assert "  network: SegResNet (init_filters 8, blocks_down 1,1,1, blocks_up 1,1), ROI 32x32x32" in \
+        capsys.readouterr().out.splitlines()  # the card test.py prints first
+    seg = pydicom.dcmread(str(out / "series_seg.dcm"))
+    algorithm = seg.SegmentSequence[0].SegmentAlgorithmName
+    identification = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm == identification.AlgorithmName == "btcv-unetr SegResNet"
+    assert seg.ManufacturerModelName == "SegResNet"
+    # Its settings as parameters that highdicom reads back (key=value, comma-separated: none inside a value).
+    parameters = hd.AlgorithmIdentificationSequence.from_sequence(
+        seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence).parameters
+    assert {key: parameters[key] for key in ("network", "model_name", "init_filters", "blocks_down", "roi_size")} == {
+        "network": "SegResNet", "model_name": "segresnet", "init_filters": "8", "blocks_down": "1;1;1",
+        "roi_size": "32x32x32"}
+
+
+def test_the_descriptions_of_every_dicom_output_name_the_net(dicom_case, tmp_path):
+    models = [tiny_net_config("unetr").model] + [tiny_net_config("swin_unetr").model] * 2
+    made_with = provenance("ab" * 32, "fp32", "cpu", 0.5, False, "gaussian", None, models=models)
+    labels, affine = dicom_case["labels"], nib.load(dicom_case["nifti"]).affine
+    write_dicom_seg(labels, affine, dicom_case["files"], list(ORGANS), tmp_path / "seg.dcm", provenance=made_with)
+    seg = pydicom.dcmread(str(tmp_path / "seg.dcm"))
+    assert seg.SeriesDescription == "ensemble of 3: UNETR, Swin UNETR x2 organ segmentation"
+    assert seg.ContentDescription == "ensemble of 3: UNETR, Swin UNETR x2: abdominal organs (BTCV classes)"[:64]
+    assert seg.SegmentSequence[0].SegmentAlgorithmName == "btcv-unetr ensemble of 3: UNETR, Swin UNETR x2"
+    parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert "member2_model_name=swin_unetr," in parameters and "member3_roi_size=64x64x64" in parameters
+    write_dicom_rtstruct(labels, affine, dicom_case["files"], list(ORGANS), tmp_path / "rt.dcm", provenance=made_with)
+    rtstruct = pydicom.dcmread(str(tmp_path / "rt.dcm"))
+    assert rtstruct.SeriesDescription == "ensemble of 3: UNETR, Swin UNETR x2 organ contours"
+    assert rtstruct.ManufacturerModelName == "ensemble of 3: UNETR, Swin UNETR x2"
+    generation = rtstruct.StructureSetROISequence[0].ROIGenerationDescription
+    assert generation.startswith("ensemble of 3: UNETR, Swin UNETR x2, btcv-unetr ")
+    first = write_dicom_overlay(labels, affine, dicom_case["files"], list(ORGANS), tmp_path / "overlay",
+                                provenance={**made_with, "network": "SegResNet"})[0]
+    overlay = pydicom.dcmread(str(first))
+    assert overlay.SeriesDescription == "SegResNet organ overlay" and overlay.ManufacturerModelName == "SegResNet"
+    assert "(SegResNet)" in overlay.DerivationDescription

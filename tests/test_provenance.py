@@ -18,7 +18,7 @@ from btcv_unetr.data.images import descrip, mask_provenance, write_mask
 from btcv_unetr.inference.predictor import Predictor
 from btcv_unetr.inference.provenance import provenance
 from btcv_unetr.io.card import NO_CARD, card_warning, model_card_lines
-from btcv_unetr.io.checkpoint import load_checkpoint
+from btcv_unetr.io.checkpoint import load_checkpoint, write_checkpoint
 from btcv_unetr.labels import BTCV_LABELS, ORGANS, PLAUSIBLE_VOLUMES_ML, volume_flag
 from btcv_unetr.model.build import build_model
 from btcv_unetr.synthetic.shapes2d import write_dataset as write_pictures
@@ -49,6 +49,11 @@ def test_every_training_checkpoint_carries_a_model_card(run):
         "synthetic": True, "generator": "btcv-unetr phantoms", "spacing": [6.0, 6.0, 6.0], "precision": "fp32",
         "package_version": __version__, "spatial_dims": 3}
     assert best["classes"] == list(BTCV_LABELS)
+    # The net trained (issue 28): its name, its own settings only (tiny.yaml's UNETR), its window.
+    assert (best["model_name"], best["network"], best["roi_size"]) == ("unetr", "UNETR", [32, 32, 32])
+    assert best["network_settings"] == {"hidden_size": 96, "mlp_dim": 192, "num_heads": 4, "num_layers": 12,
+                                        "pos_embed": "perceptron", "norm_name": "instance", "conv_block": True,
+                                        "res_block": True, "dropout_rate": 0.0, "feature_size": 8}
     assert best["validation"] == "best" and list(best["validation_dice"]) == list(ORGANS)
     assert (final["validation"], final["validation_epoch"], final["epochs"], final["steps"]) == ("last", 2, 2, 6)
     dice = [value for value in final["validation_dice"].values() if value is not None]
@@ -92,6 +97,8 @@ def test_mask_headers_carry_version_checksum_precision_device_overlap_and_tta(ru
                                         "synthetic_training_data")} == {
         "package_version": __version__, "weights_sha256": stored["checksum"], "precision": "fp32", "device": "cpu",
         "overlap": 0.25, "tta": True, "synthetic_training_data": True}
+    assert found["network"] == "UNETR" and found["networks"] == [{key: stored["model_card"][key] for key in (
+        "model_name", "network", "network_settings", "roi_size")}]
     short = nib.load(mask).header["descrip"].tobytes().rstrip(b"\0").decode()
     assert short == (f"btcv-unetr {__version__} w:{stored['checksum'][:12]} fp32 cpu ov 0.25 tta on "
                      "SYNTHETIC-TRAINED")
@@ -129,6 +136,17 @@ def test_a_checkpoint_without_a_card_loads_as_before_and_says_so(tmp_path, capsy
         assert predictor.provenance()["synthetic_training_data"] is None
         assert NO_CARD in capsys.readouterr().out
     assert model_card_lines(None) == [NO_CARD] and card_warning(None) is None
+
+
+def test_a_card_written_before_the_net_was_a_choice_names_it_from_the_stored_config(tmp_path):
+    path = seeded_checkpoint(tmp_path / "model.pt", tiny_config(model={"feature_size": 16}))
+    content = torch.load(path, weights_only=True)
+    for key in ("model_name", "network", "network_settings", "roi_size"):
+        del content["model_card"][key]
+    write_checkpoint(path, content)  # sealed again: the card as a run before issue 28 wrote it
+    card = Predictor(_infer_config(path)).model_card
+    assert (card["model_name"], card["network"]) == ("unetr", "UNETR")
+    assert model_card_lines(card)[1] == "  network: UNETR (hidden_size 96, mlp_dim 192, num_heads 4), ROI 32x32x32"
 
 
 def test_random_weights_say_so(tmp_path):

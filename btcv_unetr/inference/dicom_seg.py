@@ -232,7 +232,8 @@ def write_dicom_seg(labels: np.ndarray, affine: np.ndarray, source_files: Sequen
             series_number=int(getattr(first, "SeriesNumber", None) or 0) + 1000, sop_instance_uid=hd.UID(),
             instance_number=1, manufacturer="btcv-unetr", manufacturer_model_name=network[:LO_LIMIT],
             software_versions=__version__, device_serial_number="none",
-            content_description=warning_label(warning, f"abdominal organs ({network}, BTCV classes)"),
+            # The net first: a long name (an ensemble's) is cut at the LO's 64 characters from the end.
+            content_description=warning_label(warning, f"{network}: abdominal organs (BTCV classes)"),
             series_description=warning_label(warning, f"{network} organ segmentation"))
     except (ValueError, AttributeError, KeyError, TypeError) as exc:  # highdicom's checks of the sources' attributes
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0] or type(exc).__name__
