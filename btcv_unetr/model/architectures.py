@@ -7,7 +7,6 @@ name to how MONAI builds it from the config, the ROI it needs and the settings i
     deep_outputs       a training forward's logits per head, full resolution first (deep supervision)
     roi_problem        why an ROI does not suit the network (Swin UNETR: multiples of 32; DynUNet: its strides), or None
     plan_dynunet       nnU-Net-style kernel sizes and strides from the ROI and the voxel spacing
-    require_unetr      one line where a file format is built for UNETR alone so far (exports, TorchScript input)
 
 Every network maps ``(B, in_channels, *roi)`` to ``(B, out_channels, *roi)`` logits. Which settings belong to which
 network is :data:`btcv_unetr.config.schema.MODEL_SETTINGS` (the config refuses a foreign one in one line).
@@ -191,13 +190,6 @@ def roi_problem(config: ModelConfig, spacing: tuple[float, ...] | None = None) -
             least = f" of at least {multiple * arch.roi_factor}" if arch.roi_factor > 1 else ""
             return f"{name} {size} must be a multiple of {multiple}{least} for {arch.title}"
     return None
-
-
-def require_unetr(config: ModelConfig, what: str) -> None:
-    """One :class:`UserError` line where ``what`` (an export format, a file kind) is built for UNETR alone so far."""
-    if config.model_name != "unetr":
-        raise UserError(f"{what} supports UNETR only so far, not {architecture_of(config).title} (--model_name "
-                        f"{config.model_name}); its checkpoint (.pt) works everywhere else")
 
 
 # --- The net as a result describes it (model card, provenance, DICOM objects, the service) ------------------------
