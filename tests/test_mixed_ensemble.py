@@ -12,6 +12,8 @@ probabilities averaged by hand.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +32,7 @@ from btcv_unetr.inference.provenance import network_of
 from btcv_unetr.io.card import model_card_lines
 from btcv_unetr.io.checkpoint import load_checkpoint
 from btcv_unetr.model.architectures import describe_network, network_settings
+from btcv_unetr.testing.app import in_process_service
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
 
 # Coarse preprocessing keeps each member to one window (the phantom is 27 x 21 x 26 voxels at 12 mm).
@@ -165,3 +168,25 @@ def test_a_card_written_before_the_net_was_a_choice_takes_it_from_the_config():
     named = {**old, "model_name": "segresnet", "network": "SegResNet"}
     assert with_network(named, model) == named and with_network(None, model) is None
     assert ensemble_card([Path("a.pt")], [old], ["a" * 64], [model])["network"] == "UNETR"
+
+
+def test_the_service_serves_a_mixed_ensemble_and_its_jobs_name_it(members, scan, tmp_path):
+    """A cross-validation folder whose folds are three networks: the service's info and job record name them, and
+    the job's window count (each member's own) is the windows run."""
+    run = tmp_path / "cv"
+    for fold, source in enumerate(members):
+        (run / f"fold_{fold}").mkdir(parents=True)
+        shutil.copy(source, run / f"fold_{fold}" / "model.pt")
+    with in_process_service(run, tmp_path / "jobs") as client:
+        info = client.get("/info").json()
+        assert info["model"] == info["provenance"]["network"] == "ensemble of 3: UNETR, SegResNet, DynUNet (nnU-Net)"
+        response = client.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        deadline = time.time() + 120
+        while job["state"] not in ("done", "failed") and time.time() < deadline:
+            time.sleep(0.1)
+            job = client.get(f"/jobs/{job['id']}").json()
+    assert job["state"] == "done", job
+    assert job["windows_done"] == job["windows_total"] == 3  # one window per member over the coarse phantom
+    assert [net["network"] for net in job["provenance"]["networks"]] == ["UNETR", "SegResNet", "DynUNet (nnU-Net)"]
