@@ -222,11 +222,13 @@ def test_training_finetunes_from_a_zoo_unetr_bundle(phantom_dir, tmp_path, capsy
 
 
 @pytest.mark.parametrize("network_def, message", [
-    ({"_target_": "SwinUNETR", "in_channels": 1, "out_channels": 14}, "'SwinUNETR', not MONAI's UNETR"),
+    ({"_target_": "BasicUNet", "in_channels": 1, "out_channels": 14}, "'BasicUNet', a network btcv-unetr does not "
+                                                                       "build"),
+    ({"_target_": "SwinUNETR", "in_channels": 1, "out_channels": 14}, "its inferer::roi_size is None"),
     ({**ZOO_UNETR, "feature_size": "$8 * 2"}, "network_def::feature_size is the expression '$8 * 2'"),
     ({**ZOO_UNETR, "img_size": "@patch"}, "the reference @patch names nothing"),
 ])
-def test_a_bundle_that_is_not_a_plain_unetr_is_refused_in_one_line(network_def, message, phantom_dir, tmp_path,
+def test_a_bundle_we_cannot_build_is_refused_in_one_line(network_def, message, phantom_dir, tmp_path,
                                                                    capsys):
     zoo = _zoo_bundle(tmp_path / "zoo", network_def)
     scan = next((phantom_dir / "imagesTs").glob("*.nii.gz"))
