@@ -47,7 +47,7 @@ def scan(phantom_dir) -> Path:
 
 
 def _config(weights: list[Path] | Path, **infer) -> Config:
-    """Inference on the CPU in float32: one file as --pretrained_dir/--pretrained_model_name, a list as --checkpoints."""
+    """CPU, float32: one file as --pretrained_dir/--pretrained_model_name, a list as --checkpoints."""
     settings = {"device": "cpu", "overlay": False, "hd95": False, **infer}
     if isinstance(weights, Path):
         return tiny_config(train={"pretrained_dir": str(weights.parent), "pretrained_model_name": weights.name,
