@@ -39,7 +39,7 @@ TINY_NETS: dict[str, dict] = {
     "swin_unetr": {"model_name": "swin_unetr", "roi_x": 64, "roi_y": 64, "roi_z": 64, "feature_size": 12},
     "segresnet": {"model_name": "segresnet", "init_filters": 8, "blocks_down": "1,1,1", "blocks_up": "1,1"},
     "dynunet": {"model_name": "dynunet", "init_filters": 4},
-    "mednext": {"model_name": "mednext"},
+    "mednext": {"model_name": "mednext", "init_filters": 8},
 }
 
 

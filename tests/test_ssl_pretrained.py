@@ -12,7 +12,7 @@ from conftest import tiny_config, tiny_net_config
 from monai.networks.nets import ViTAutoEnc
 from test_pretrained import Served
 
-from btcv_unetr.config.load import build_config
+from btcv_unetr.config.load import ConfigError, build_config
 from btcv_unetr.errors import UserError
 from btcv_unetr.model import pretrained, ssl
 from btcv_unetr.model.build import build_model
@@ -225,7 +225,12 @@ def test_without_a_published_address_one_line_says_how_to_make_the_file(tmp_path
     ({"resume_ckpt": True}, "--resume_ckpt"),
 ])
 def test_other_starting_weights_are_refused_in_one_line_before_any_file_is_read(flags, named, tmp_path, monkeypatch):
-    config = build_config([{"train": {"use_ssl_pretrained": True, "pretrained_dir": str(tmp_path), **flags}}])
+    with pytest.raises(ConfigError, match="config key 'use_ssl_pretrained': excludes pretrained, checkpoint, "
+                                          "resume_jit and resume_ckpt"):
+        build_config([{"train": {"use_ssl_pretrained": True, **flags}}])
+    # A config changed after validation (crossval sets a fold's checkpoint) is refused where the encoder is loaded.
+    config = build_config([{"train": {"use_ssl_pretrained": True, "pretrained_dir": str(tmp_path)}}])
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, **flags))
     expected = f"--use_ssl_pretrained and {named} exclude each other: both set the encoder's starting weights"
     assert ssl_start_conflict(config.train).startswith(expected)
     monkeypatch.setattr(ssl, "ssl_file", lambda *args: pytest.fail("nothing is read for a refused start"))
@@ -236,7 +241,8 @@ def test_other_starting_weights_are_refused_in_one_line_before_any_file_is_read(
 
 def test_pretrained_with_use_ssl_pretrained_is_refused_before_the_download(monkeypatch):
     monkeypatch.setattr(pretrained, "locate", lambda value: pytest.fail("nothing is fetched for a refused command"))
-    config = build_config([{"train": {"pretrained": "unetr_btcv", "use_ssl_pretrained": True}}])
+    config = build_config([{"train": {"pretrained": "unetr_btcv"}}])
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, use_ssl_pretrained=True))
     with pytest.raises(UserError, match="--use_ssl_pretrained and --pretrained exclude each other"):
         resolve_pretrained(config, "train")
 

@@ -48,7 +48,7 @@ MODEL_SETTINGS = {
     "pos_embed": ("unetr",), "conv_block": ("unetr",), "res_block": ("unetr",), "dropout_rate": ("unetr",),
     "feature_size": ("unetr", "swin_unetr"), "norm_name": ("unetr", "swin_unetr", "dynunet"),
     "dropout_path_rate": ("swin_unetr",), "use_checkpoint": ("swin_unetr",), "use_v2": ("swin_unetr",),
-    "init_filters": ("segresnet", "dynunet"), "blocks_down": ("segresnet",), "blocks_up": ("segresnet",),
+    "init_filters": ("segresnet", "dynunet", "mednext"), "blocks_down": ("segresnet",), "blocks_up": ("segresnet",),
     "mednext_size": ("mednext",), "kernel_size": ("mednext",),
     "deep_supervision": ("segresnet", "dynunet", "mednext"),
 }
@@ -83,8 +83,8 @@ class ModelConfig:
     dropout_path_rate: float = _opt(0.0, "Swin UNETR: stochastic depth rate")
     use_checkpoint: bool = _opt(False, "Swin UNETR: gradient checkpointing (less memory, slower steps)")
     use_v2: bool = _opt(False, "Swin UNETR: the v2 blocks (a residual convolution per stage)")
-    init_filters: int | None = _opt(None, "SegResNet, DynUNet: filters of the first level (unset: 16 for SegResNet, "
-                                          "32 for DynUNet as nnU-Net)")
+    init_filters: int | None = _opt(None, "SegResNet, DynUNet, MedNeXt: filters of the first level (unset: 16 for "
+                                          "SegResNet, 32 for DynUNet as nnU-Net and for MedNeXt as its paper)")
     blocks_down: str = _opt("1,2,2,4", "SegResNet: residual blocks per encoder level, comma-separated")
     blocks_up: str = _opt("1,1,1", "SegResNet: blocks per decoder level, comma-separated")
     mednext_size: str = _opt("S", "MedNeXt: the paper's size S, B, M or L", choices=("S", "B", "M", "L"))

@@ -41,6 +41,7 @@ from .. import __version__
 from ..config.schema import Config, ModelConfig
 from ..data.datalist import label_names
 from ..errors import UserError
+from ..model.architectures import MEDNEXT_COMMON, MEDNEXT_HEADS, MEDNEXT_SIZES, SEGRESNET_DS_NORM, network_definition
 from .card import card_warning, model_card_lines
 
 # The newest metadata schema model-zoo bundles name (vista3d among them), the one with MONAI 1.4+'s
@@ -63,24 +64,6 @@ PAPERS = {"unetr": UNETR_PAPER,
                      "segmentation.' Nature Methods 18, 2021. https://doi.org/10.1038/s41592-020-01008-z",
           "mednext": "Roy, S., et al. 'MedNeXt: Transformer-driven Scaling of ConvNets for Medical Image "
                      "Segmentation.' MICCAI 2023. https://arxiv.org/abs/2303.09975"}
-# MedNeXt's sizes as MONAI's create_mednext builds them (the paper's S, B, M, L): a bundle names MedNeXt's own
-# arguments, and is read back as the size they are.
-MEDNEXT_SIZES: dict[str, dict[str, Any]] = {
-    "S": {"encoder_expansion_ratio": [2] * 4, "decoder_expansion_ratio": [2] * 4, "bottleneck_expansion_ratio": 2,
-          "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2, "blocks_up": [2, 2, 2, 2]},
-    "B": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
-          "bottleneck_expansion_ratio": 4, "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2,
-          "blocks_up": [2, 2, 2, 2]},
-    "M": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
-          "bottleneck_expansion_ratio": 4, "blocks_down": [3, 4, 4, 4], "blocks_bottleneck": 4,
-          "blocks_up": [4, 4, 4, 3]},
-    "L": {"encoder_expansion_ratio": [3, 4, 8, 8], "decoder_expansion_ratio": [8, 8, 4, 3],
-          "bottleneck_expansion_ratio": 8, "blocks_down": [3, 4, 8, 8], "blocks_bottleneck": 8,
-          "blocks_up": [8, 8, 4, 3]}}
-# What create_mednext gives every size; MedNeXt's deep supervision is a head at each of its 4 lower levels.
-MEDNEXT_COMMON = {"init_filters": 32, "use_residual_connection": True, "norm_type": "group", "global_resp_norm": False}
-MEDNEXT_HEADS = 4
-SEGRESNET_DS_NORM = ["group", {"num_groups": 8}]  # SegResNetDS keeps SegResNet's group norm in this project
 
 
 def _preprocessing(config: Config) -> list[dict[str, Any]]:
@@ -105,48 +88,17 @@ def _preprocessing(config: Config) -> list[dict[str, Any]]:
 
 def network_def(config: Config) -> dict[str, Any]:
     """The ``network_def`` of the MONAI class that ``model.build_model`` builds from ``config.model``: its name
-    (``_target_``) and every argument the build gives it (:func:`check_network_def` proves it builds the same
-    weights)."""
+    (``_target_``) and every argument the build gives it, from the registry (``model.architectures``);
+    :func:`check_network_def` proves it builds the same weights."""
     model = config.model
     if model.spatial_dims != 3:
         raise UserError("--bundle: 2D models are not written as bundles yet (their pictures are resized, not "
                         "resampled); export them with --format torchscript or onnx")
-    common = {"spatial_dims": 3, "in_channels": model.in_channels, "out_channels": model.out_channels}
-    name = model.model_name
-    if name == "swin_unetr":
-        return {"_target_": "SwinUNETR", **common, "feature_size": model.feature_size, "norm_name": model.norm_name,
-                "drop_rate": 0.0, "attn_drop_rate": 0.0, "dropout_path_rate": model.dropout_path_rate,
-                "use_checkpoint": model.use_checkpoint, "use_v2": model.use_v2}
-    if name == "segresnet":
-        blocks = {"init_filters": model.init_filters or 16, "blocks_down": _ints(model.blocks_down),
-                  "blocks_up": _ints(model.blocks_up)}
-        if model.deep_supervision:
-            return {"_target_": "SegResNetDS", **common, **blocks, "norm": SEGRESNET_DS_NORM,
-                    "dsdepth": model.deep_supervision + 1}
-        return {"_target_": "SegResNet", **common, **blocks}
-    if name == "dynunet":
-        # The plan (kernels, strides, filters) is the built network's own: planned from the ROI and the spacing.
-        # Built on the CPU: the meta device's first random init costs seconds of PyTorch's own set-up.
-        from ..model.build import build_model
-        net = build_model(model, config.data.pixdim)
-        return {"_target_": "DynUNet", **common, "kernel_size": _plain_list(net.kernel_size),
-                "strides": _plain_list(net.strides), "upsample_kernel_size": _plain_list(net.upsample_kernel_size),
-                "filters": list(net.filters), "norm_name": model.norm_name, "res_block": True,
-                "deep_supervision": model.deep_supervision > 0, "deep_supr_num": max(model.deep_supervision, 1)}
-    if name == "mednext":
-        return {"_target_": "MedNeXt", **common, **MEDNEXT_COMMON, **MEDNEXT_SIZES[model.mednext_size],
-                "kernel_size": model.kernel_size, "deep_supervision": model.deep_supervision > 0}
-    if model.num_layers != 12:
+    if model.model_name == "unetr" and model.num_layers != 12:
         raise UserError(f"--bundle: a ViT of {model.num_layers} blocks is not MONAI's UNETR (it has 12): such a "
                         "model cannot run from a bundle with MONAI alone; export it with --format torchscript")
-    return {"_target_": "UNETR", **common, "img_size": list(model.roi_size), "feature_size": model.feature_size,
-            "hidden_size": model.hidden_size, "mlp_dim": model.mlp_dim, "num_heads": model.num_heads,
-            "proj_type": model.pos_embed, "norm_name": model.norm_name, "conv_block": model.conv_block,
-            "res_block": model.res_block, "dropout_rate": model.dropout_rate}
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
+    class_name, arguments = network_definition(model, config.data.pixdim)
+    return {"_target_": class_name, **arguments}
 
 
 def _plain_list(values: Any) -> Any:
@@ -489,7 +441,7 @@ SETTINGS: dict[str, dict[str, str]] = {
                     "dsdepth": "", "norm": ""},
     "DynUNet": {"norm_name": "norm_name", "kernel_size": "", "strides": "", "upsample_kernel_size": "", "filters": "",
                 "deep_supervision": "", "deep_supr_num": "", "res_block": ""},
-    "MedNeXt": {"kernel_size": "kernel_size", "deep_supervision": "",
+    "MedNeXt": {"kernel_size": "kernel_size", "init_filters": "init_filters", "deep_supervision": "",
                 **{key: "" for key in [*MEDNEXT_COMMON, *MEDNEXT_SIZES["S"]]}},
 }
 # Arguments this project always gives a class (where they are not MONAI's defaults).
@@ -579,11 +531,10 @@ def _check_dynunet_plan(network: Mapping[str, Any], content: Mapping[str, Any], 
                         where: str) -> None:
     """A DynUNet bundle's kernels, strides and filters must be the ones this project plans for its window and
     spacing (nnU-Net's rule, ``architectures.plan_dynunet``): else the network it builds is another one."""
-    from ..model.build import build_model
     model = ModelConfig(**values["model"])
     spacing = tuple(values["data"].get(key, 1.0) for key in ("space_x", "space_y", "space_z"))
-    net = build_model(model, spacing)
-    planned = {"kernel_size": net.kernel_size, "strides": net.strides, "filters": net.filters}
+    _, plan = network_definition(model, spacing)
+    planned = {key: plan[key] for key in ("kernel_size", "strides", "filters")}
     differ = [key for key, value in planned.items() if not _same(_plain(network.get(key), content, where), value)]
     if differ:
         raise UserError(f"{where}::{differ[0]} is not what btcv-unetr plans for a {model.roi_size} window at "
