@@ -21,6 +21,7 @@ from btcv_unetr.errors import UserError
 from btcv_unetr.model.architectures import ARCHITECTURES, architecture_of, deep_outputs, plan_dynunet, roi_problem
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.speed import memory_format_for, prepare_model, use_sdpa
+from btcv_unetr.serve.limits import BYTES_PER_WINDOW_VOXEL_FEATURE, Declared, job_memory_bytes
 from btcv_unetr.train.loss import DeepSupervisionLoss, deep_supervision_weights
 
 CNN = {"segresnet": {"init_filters": 8, "blocks_down": "1,1,1", "blocks_up": "1,1"},
@@ -251,3 +252,20 @@ def test_the_layout_is_the_networks_own_measured_choice(monkeypatch):
     assert layout == torch.contiguous_format  # told by the module's class
     forced = dataclasses.replace(fast, channels_last=True)
     assert prepare_model(build_model(config.model), forced, cpu, "fp32", training=False)[1] == torch.channels_last_3d
+
+
+def test_the_services_window_memory_follows_each_networks_full_resolution_width():
+    """A job's window term scales with the widest full-resolution map of the network (MedNeXt's expanded blocks,
+    a CNN's first filters), and an ensemble counts its largest member's windows."""
+    scan = Declared((100, 100, 50), (1.5, 1.5, 2.0))
+    spacing = (1.5, 1.5, 2.0)
+
+    def window_term(*models):
+        return (job_memory_bytes(scan, models[0], spacing, 2, len(models), list(models))
+                - job_memory_bytes(scan, models[0], spacing, 0, len(models), list(models)))
+
+    unetr, mednext = tiny_net_config("unetr").model, tiny_net_config("mednext").model  # feature 8; 8 filters x 2
+    assert window_term(unetr) == 2 * 32 ** 3 * 8 * BYTES_PER_WINDOW_VOXEL_FEATURE
+    assert window_term(mednext) == 2 * 32 ** 3 * 16 * BYTES_PER_WINDOW_VOXEL_FEATURE
+    swin = tiny_net_config("swin_unetr").model  # 64^3 windows of 12 features
+    assert window_term(unetr, swin) == window_term(swin) == 2 * 64 ** 3 * 12 * BYTES_PER_WINDOW_VOXEL_FEATURE

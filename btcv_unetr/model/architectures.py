@@ -40,6 +40,9 @@ class Architecture:
     # CPU channels-last 3D layout by default (--channels_last overrides): measured per network, benchmarks/bench.py
     # --networks (docs/networks.md)
     cpu_channels_last: bool = True
+    # Channels of its widest full-resolution feature map: a window's activation memory scales with it (serve's
+    # job memory estimate).
+    full_resolution_channels: Callable[[ModelConfig], int] = lambda config: config.feature_size
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -185,9 +188,14 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("swin_unetr", "Swin UNETR", _swin_unetr, _fixed(32), roi_factor=2, classes=("SwinUNETR",)),
     Architecture("segresnet", "SegResNet", _segresnet,
                  lambda config, spacing: (2 ** (len(_int_list(config.blocks_down)) - 1),) * config.spatial_dims,
-                 classes=("SegResNet", "SegResNetDS")),
-    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides, classes=("DynUNet",)),
-    Architecture("mednext", "MedNeXt", _mednext, _fixed(16), classes=("MedNeXt",)),  # 4 downsamplings
+                 classes=("SegResNet", "SegResNetDS"), full_resolution_channels=lambda c: c.init_filters or 16),
+    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides, classes=("DynUNet",),
+                 full_resolution_channels=lambda c: c.init_filters or 32),
+    Architecture("mednext", "MedNeXt", _mednext, _fixed(16), classes=("MedNeXt",),  # 4 downsamplings
+                 # its blocks expand the channels at full resolution by their first/last expansion ratio
+                 full_resolution_channels=lambda c: (c.init_filters or 32) * max(
+                     MEDNEXT_SIZES[c.mednext_size]["encoder_expansion_ratio"][0],
+                     MEDNEXT_SIZES[c.mednext_size]["decoder_expansion_ratio"][-1])),
 )}
 
 
@@ -200,6 +208,12 @@ def architecture_of_module(model: nn.Module) -> Architecture:
 
 def architecture_of(config: ModelConfig) -> Architecture:
     return ARCHITECTURES[config.model_name]
+
+
+def full_resolution_channels(config: ModelConfig) -> int:
+    """Channels of the network's widest full-resolution feature map (what a window's activation memory scales
+    with): UNETR's and Swin UNETR's feature size, a CNN's first filters (MedNeXt's times its expansion)."""
+    return architecture_of(config).full_resolution_channels(config)
 
 
 def build_network(config: ModelConfig, spacing: tuple[float, ...] | None = None) -> nn.Module:

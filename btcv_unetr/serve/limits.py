@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..config.schema import MAX_PIXELS  # pictures (2D models): 8000 x 8000, the command line's default too
 from ..data.images import pixels_problem
+from ..model.architectures import full_resolution_channels
 
 GB = 1 << 30
 # Defaults: a whole-body CT at 0.8 mm (about 512 x 512 x 2300 voxels, 50 x 50 x 190 cm) passes; a
@@ -88,14 +90,16 @@ def grid_voxels(declared: Declared, model_spacing: tuple[float, float, float]) -
 
 
 def job_memory_bytes(declared: Declared, model, model_spacing: tuple[float, float, float] | None,
-                     sw_batch_size: int, members: int = 1) -> int:
+                     sw_batch_size: int, members: int = 1, member_models: Sequence | None = None) -> int:
     """Peak memory of one job beyond the loaded model(s), in bytes (an upper estimate).
 
-    ``model`` is the ModelConfig (classes, ROI, feature size); ``model_spacing`` the grid's mm per voxel
+    ``model`` is the ModelConfig (classes, ROI, network); ``model_spacing`` the grid's mm per voxel
     (None for pictures, which are resized to the ROI); ``members`` the models of an ensemble, whose
-    running sum of probabilities is one more float32 map of the grid and classes.
+    running sum of probabilities is one more float32 map of the grid and classes; ``member_models`` their
+    ModelConfigs where they differ (members run one after another: the largest window counts).
     """
-    windows = sw_batch_size * math.prod(model.roi_size) * model.feature_size * BYTES_PER_WINDOW_VOXEL_FEATURE
+    windows = max(sw_batch_size * math.prod(member.roi_size) * full_resolution_channels(member)
+                  * BYTES_PER_WINDOW_VOXEL_FEATURE for member in (member_models or [model]))
     if model_spacing is None:
         return declared.voxels * declared.channels * BYTES_PER_PICTURE_PIXEL_CHANNEL + windows
     grid = grid_voxels(declared, model_spacing)

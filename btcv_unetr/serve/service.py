@@ -72,7 +72,7 @@ class Service:
         spacing = None if config.model.spatial_dims == 2 else (config.data.space_x, config.data.space_y,
                                                                 config.data.space_z)
         return job_memory_bytes(declared, config.model, spacing, self.predictor.sw_batch_size,
-                                len(self.predictor.models))
+                                len(self.predictor.models), self.predictor.member_models)
 
     def info(self) -> dict:
         """The model (with its card and what its masks are made with) and this server's limits."""
