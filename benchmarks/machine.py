@@ -23,6 +23,7 @@ from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from btcv_unetr.config.schema import Config
+from btcv_unetr.model.speed import network_bf16_speedup
 from btcv_unetr.runtime.precision import Precision, cpu_features, resolve_precision
 
 
@@ -36,7 +37,7 @@ def machine_facts(device: torch.device, precision: Precision) -> dict:
 def run_precision(config: Config, device: torch.device) -> Precision:
     """The precision ``main.py`` and ``test.py`` would take for ``config`` here (the probe runs once per process)."""
     with contextlib.redirect_stderr(io.StringIO()):
-        return resolve_precision(config.train.precision, device, config.model)
+        return resolve_precision(config.train.precision, device, config.model, network_probe=network_bf16_speedup)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:

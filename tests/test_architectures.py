@@ -17,8 +17,9 @@ from monai.losses import DiceCELoss
 
 from btcv_unetr import cli
 from btcv_unetr.config.load import CONFIG_DIR, ConfigError, build_config, read_yaml
+from btcv_unetr.config.networks import plan_dynunet
 from btcv_unetr.errors import UserError
-from btcv_unetr.model.architectures import ARCHITECTURES, architecture_of, deep_outputs, plan_dynunet, roi_problem
+from btcv_unetr.model.architectures import ARCHITECTURES, architecture_of, deep_outputs, roi_problem
 from btcv_unetr.model.build import build_model
 from btcv_unetr.model.speed import memory_format_for, prepare_model, use_sdpa
 from btcv_unetr.serve.limits import BYTES_PER_WINDOW_VOXEL_FEATURE, Declared, job_memory_bytes

@@ -74,7 +74,8 @@ def test_window_count_is_the_number_of_windows_sliding_window_inference_runs(siz
 
     image = torch.zeros(1, 1, *size)
     sliding_window_inference(image, roi, 1, network, overlap=overlap, mode="constant")
-    counted = Predictor.window_count(SimpleNamespace(config=config, models=[None]), image[0])
+    counted = Predictor.window_count(SimpleNamespace(config=config, models=[None], member_models=[config.model]),
+                                     image[0])
     assert counted == sum(calls), CHANGED.format(
         what=f"_get_scan_interval/windows_per_pass count {counted} windows for {size} (ROI {roi}, overlap "
              f"{overlap}) where sliding_window_inference runs {sum(calls)}",

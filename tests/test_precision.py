@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
+from conftest import tiny_config, tiny_net_config
 
 from btcv_unetr import cli
 from btcv_unetr.config.flags import parse_config
@@ -258,3 +258,34 @@ def test_the_probe_leaves_the_random_state_alone():
     torch.manual_seed(123)
     precision.probe_layers(8, 96, 192, 8)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_another_network_is_probed_with_its_own_forward_once_per_network_shape(machine, monkeypatch):
+    """On a bfloat16 CPU a SegResNet's decision comes from the network probe the caller gives (its own forward),
+    kept per network shape like UNETR's; without a probe it stays float32 and says why."""
+    machine(ZEN5, 3.0)
+    segresnet = tiny_net_config("segresnet").model
+    probed = []
+
+    def network_probe(name, settings):
+        probed.append((name, json.loads(settings)["init_filters"]))
+        return 2.5
+    chosen = resolve_precision("auto", CPU, segresnet, network_probe=network_probe)
+    assert (chosen.name, chosen.reason) == ("bf16", "this CPU computes bfloat16 natively (AVX512-BF16; probe: 2.5x "
+                                                    "float32)")
+    assert resolve_precision("auto", CPU, segresnet, network_probe=network_probe).name == "bf16"
+    wider = tiny_net_config("segresnet", model={"init_filters": 16}).model
+    resolve_precision("auto", CPU, wider, network_probe=network_probe)
+    assert probed == [("segresnet", 8), ("segresnet", 16)]
+    assert len(json.loads(_cache_file().read_text())["decisions"]) == 2
+    unprobed = resolve_precision("auto", CPU, tiny_net_config("dynunet").model)
+    assert (unprobed.name, unprobed.reason) == ("fp32", "float32: no bfloat16 probe was given for dynunet "
+                                                        "(--precision bf16 asks for it)")
+
+
+def test_the_network_probe_times_the_networks_own_forward_and_leaves_the_random_state():
+    from btcv_unetr.model.speed import network_bf16_speedup
+    config = tiny_net_config("dynunet").model
+    state = torch.random.get_rng_state()
+    speedup = network_bf16_speedup(*precision.probe_shape(config))
+    assert speedup > 0 and torch.equal(torch.random.get_rng_state(), state)

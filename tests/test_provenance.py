@@ -75,11 +75,13 @@ def test_test_py_prints_the_card_and_the_warning_before_anything_else(run, phant
     assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     card = lines.index(next(line for line in lines if line.startswith("model card: trained on dataset.json")))
-    assert card <= 1 and lines[card + 4] == PHANTOM_WARNING  # after "using the architecture ... stored in"
+    # the card (data; network; spacing and classes; validation; when written), then the warning
+    assert card <= 1 and lines[card + 5] == PHANTOM_WARNING, lines[card:card + 6]
+    assert lines[card + 1].startswith("  network: UNETR (feature_size 8, hidden_size 96, mlp_dim 192, num_heads 4)")
     assert '"btcv-phantom", 3 training and 1 validation cases (synthetic, made by btcv-unetr phantoms)' in lines[card]
-    assert lines[card + 1].startswith("  spacing 6 x 6 x 6 mm; 14 classes: background, spleen, right kidney")
-    assert lines[card + 2].startswith("  validation (best, epoch ")
-    assert "precision fp32" in lines[card + 3]
+    assert lines[card + 2].startswith("  spacing 6 x 6 x 6 mm; 14 classes: background, spleen, right kidney")
+    assert lines[card + 3].startswith("  validation (best, epoch ")
+    assert "precision fp32" in lines[card + 4]
     assert all(not line.endswith("_seg.nii.gz") for line in lines[:card + 5])  # the masks come after
 
 

@@ -23,7 +23,7 @@ from ..errors import UserError, one_line
 from ..io.card import model_card_lines
 from ..model.architectures import describe_network
 from ..model.build import describe_model_size
-from ..model.speed import compile_if_asked, prepare_model
+from ..model.speed import compile_if_asked, network_bf16_speedup, prepare_model
 from ..runtime.precision import cpu_features, resolve_precision
 from .ensemble import ensemble_card, ensemble_checksum
 from .inversion import probabilities_to_picture, probabilities_to_scan
@@ -58,7 +58,8 @@ class Predictor:
         requested = self.config.train.precision
         stored = requested != config.train.precision
         self.precision = resolve_precision(requested, self.device, self.config.model,
-                                           "the training run's setting, from its checkpoint" if stored else "")
+                                           "the training run's setting, from its checkpoint" if stored else "",
+                                           network_probe=network_bf16_speedup)
         print(self.precision.describe())
         for model in {repr(model): model for model in self.member_models}.values():  # each distinct network once
             print(describe_model_size(model, self.config.data.pixdim))

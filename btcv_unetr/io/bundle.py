@@ -38,10 +38,17 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..config.networks import (
+    MEDNEXT_COMMON,
+    MEDNEXT_HEADS,
+    MEDNEXT_SIZES,
+    SEGRESNET_DS_NORM,
+    TITLES,
+    network_definition,
+)
 from ..config.schema import Config, ModelConfig
 from ..data.datalist import label_names
 from ..errors import UserError
-from ..model.architectures import MEDNEXT_COMMON, MEDNEXT_HEADS, MEDNEXT_SIZES, SEGRESNET_DS_NORM, network_definition
 from .card import card_warning, model_card_lines
 
 # The newest metadata schema model-zoo bundles name (vista3d among them), the one with MONAI 1.4+'s
@@ -88,7 +95,7 @@ def _preprocessing(config: Config) -> list[dict[str, Any]]:
 
 def network_def(config: Config) -> dict[str, Any]:
     """The ``network_def`` of the MONAI class that ``model.build_model`` builds from ``config.model``: its name
-    (``_target_``) and every argument the build gives it, from the registry (``model.architectures``);
+    (``_target_``) and every argument the build gives it, from ``config/networks.py``;
     :func:`check_network_def` proves it builds the same weights."""
     model = config.model
     if model.spatial_dims != 3:
@@ -164,8 +171,7 @@ def inference_config(config: Config) -> dict[str, Any]:
 
 
 def _title(config: Config) -> str:
-    from ..model.architectures import ARCHITECTURES
-    return ARCHITECTURES[config.model.model_name].title
+    return TITLES[config.model.model_name]
 
 
 def _class_names(config: Config, card: Mapping[str, Any] | None) -> list[str]:
@@ -491,8 +497,7 @@ def _mednext_size(arguments: Mapping[str, Any], where: str) -> str:
 
 
 def _network_title(name: str) -> str:
-    from ..model.architectures import ARCHITECTURES
-    return ARCHITECTURES[name].title
+    return TITLES[name]
 
 
 def _window(class_name: str, given: Mapping[str, Any], content: Mapping[str, Any], where: str) -> list[int]:
@@ -530,7 +535,7 @@ def _model_values(network: Mapping[str, Any], content: Mapping[str, Any], where:
 def _check_dynunet_plan(network: Mapping[str, Any], content: Mapping[str, Any], values: dict[str, dict[str, Any]],
                         where: str) -> None:
     """A DynUNet bundle's kernels, strides and filters must be the ones this project plans for its window and
-    spacing (nnU-Net's rule, ``architectures.plan_dynunet``): else the network it builds is another one."""
+    spacing (nnU-Net's rule, ``config.networks.plan_dynunet``): else the network it builds is another one."""
     model = ModelConfig(**values["model"])
     spacing = tuple(values["data"].get(key, 1.0) for key in ("space_x", "space_y", "space_z"))
     _, plan = network_definition(model, spacing)

@@ -1,13 +1,13 @@
 """The networks a config can name (``--model_name``), in the spirit of nnU-Net's network-from-plans: one table maps a
-name to how MONAI builds it from the config, the ROI it needs and the settings it owns.
+name to MONAI's class and arguments for the config (``config/networks.py``, pure data), the ROI it needs, its CPU
+layout and its full-resolution width.
 
     ARCHITECTURES      name -> :class:`Architecture`
-    architecture_of    the :class:`Architecture` of a ModelConfig
+    architecture_of    the :class:`Architecture` of a ModelConfig (architecture_of_module: of a built network)
     build_network      the ``nn.Module`` of a ModelConfig (the UNETR builder is ``unetr.py``)
-    network_definition MONAI's class name and keyword arguments of a ModelConfig (a bundle's network_def)
     deep_outputs       a training forward's logits per head, full resolution first (deep supervision)
     roi_problem        why an ROI does not suit the network (Swin UNETR: multiples of 32; DynUNet: its strides), or None
-    plan_dynunet       nnU-Net-style kernel sizes and strides from the ROI and the voxel spacing
+    network_settings, network_facts, describe_network   the net as a result describes it
 
 Every network maps ``(B, in_channels, *roi)`` to ``(B, out_channels, *roi)`` logits. Which settings belong to which
 network is :data:`btcv_unetr.config.schema.MODEL_SETTINGS` (the config refuses a foreign one in one line).
@@ -16,14 +16,19 @@ network is :data:`btcv_unetr.config.schema.MODEL_SETTINGS` (the config refuses a
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..config.networks import (
+    MEDNEXT_SIZES,
+    TITLES,
+    dynunet_strides,
+    int_list,
+    network_definition,
+)
 from ..config.schema import MODEL_SETTINGS, ModelConfig
 from ..errors import UserError
 from .unetr import build_unetr
@@ -32,8 +37,6 @@ from .unetr import build_unetr
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    title: str  # for the model card, the SEG's algorithm name, messages
-    definition: Callable[[ModelConfig, tuple[float, ...]], Definition]  # (config, mm per voxel) -> class, arguments
     roi_multiple: Callable[[ModelConfig, tuple[float, ...]], tuple[int, ...]]  # what each ROI side must divide by
     roi_factor: int = 1  # each side at least this many multiples (the deepest stage must keep more than one voxel)
     classes: tuple[str, ...] = ()  # the class names of the built module (tells a loaded network's architecture)
@@ -44,118 +47,10 @@ class Architecture:
     # job memory estimate).
     full_resolution_channels: Callable[[ModelConfig], int] = lambda config: config.feature_size
 
-
-def _int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-# A network is MONAI's class name and its keyword arguments (nnU-Net's arch_class_name and arch_kwargs): the same
-# pair builds it here and is written as a MONAI bundle's network_def (io/bundle.py). Arguments are JSON-plain.
-Definition = tuple[str, dict[str, Any]]
-
-
-def _swin_unetr(config: ModelConfig, spacing: tuple[float, ...]) -> Definition:
-    return "SwinUNETR", {"spatial_dims": config.spatial_dims, "in_channels": config.in_channels,
-                         "out_channels": config.out_channels, "feature_size": config.feature_size,
-                         "norm_name": config.norm_name, "drop_rate": 0.0, "attn_drop_rate": 0.0,
-                         "dropout_path_rate": config.dropout_path_rate, "use_checkpoint": config.use_checkpoint,
-                         "use_v2": config.use_v2}
-
-
-# SegResNetDS keeps SegResNet's group norm (8 groups) in this project (MONAI's default for SegResNetDS is batch norm).
-SEGRESNET_DS_NORM = ["group", {"num_groups": 8}]
-
-
-def _segresnet(config: ModelConfig, spacing: tuple[float, ...]) -> Definition:
-    if config.init_filters is not None and (config.init_filters < 8 or config.init_filters % 8):
-        raise UserError(f"config: init_filters {config.init_filters} must be a multiple of 8 for SegResNet (its group "
-                        "norms have 8 groups)")
-    down, up = list(_int_list(config.blocks_down)), list(_int_list(config.blocks_up))
-    arguments = {"spatial_dims": config.spatial_dims, "in_channels": config.in_channels,
-                 "out_channels": config.out_channels, "init_filters": config.init_filters or 16, "blocks_down": down,
-                 "blocks_up": up}
-    if not config.deep_supervision:
-        return "SegResNet", arguments
-    # SegResNetDS: SegResNet's encoder and decoder with a head at each of the last dsdepth decoder levels (its own
-    # module names, so its weights are not SegResNet's).
-    if len(up) != len(down) - 1:
-        raise UserError(f"config: blocks_up {config.blocks_up} needs one entry per decoder level ({len(down) - 1}, "
-                        f"one fewer than blocks_down {config.blocks_down}) for SegResNet with deep supervision")
-    if config.deep_supervision >= len(up):  # the last of its up-levels is the full-resolution one
-        raise UserError(f"config: deep_supervision {config.deep_supervision} exceeds SegResNet's {len(up) - 1} "
-                        "decoder levels below full resolution: lower it or add levels (blocks_down, blocks_up)")
-    return "SegResNetDS", {**arguments, "norm": SEGRESNET_DS_NORM, "dsdepth": config.deep_supervision + 1}
-
-
-def plan_dynunet(roi: tuple[int, ...], spacing: tuple[float, ...], max_levels: int = 6
-                 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Kernel sizes and strides as nnU-Net plans them: an axis is pooled (stride 2) only while its spacing is
-    within a factor 2 of the finest current spacing and its size stays >= 8 voxels; a kernel is 1 along an axis
-    still much coarser than the others (3 once it is pooled level). The first level never pools."""
-    sizes, current = list(roi), list(spacing)
-    kernels = [[3 if current[d] <= 2 * min(current) else 1 for d in range(len(roi))]]
-    strides = [[1] * len(roi)]
-    for _ in range(max_levels - 1):
-        finest = min(current)
-        stride = [2 if current[d] <= 2 * finest and sizes[d] >= 16 else 1 for d in range(len(roi))]
-        if not any(s == 2 for s in stride):
-            break
-        sizes = [s // t for s, t in zip(sizes, stride)]
-        current = [c * t for c, t in zip(current, stride)]
-        kernels.append([3 if current[d] <= 2 * min(current) else 1 for d in range(len(roi))])
-        strides.append(stride)
-    return kernels, strides
-
-
-def _dynunet_strides(config: ModelConfig, spacing: tuple[float, ...]) -> tuple[int, ...]:
-    _, strides = plan_dynunet(config.roi_size, spacing)
-    return tuple(math.prod(s[d] for s in strides) for d in range(config.spatial_dims))
-
-
-def _dynunet(config: ModelConfig, spacing: tuple[float, ...]) -> Definition:
-    kernels, strides = plan_dynunet(config.roi_size, spacing)
-    # nnU-Net's filters: 32 doubling per level, capped at 320 (3D) or 512 (2D).
-    cap = 320 if config.spatial_dims == 3 else 512
-    filters = [min((config.init_filters or 32) * 2 ** level, cap) for level in range(len(strides))]
-    # nnU-Net supervises every decoder level but the bottleneck's; MONAI's DynUNet allows one fewer than its up-layers
-    if config.deep_supervision >= len(strides) - 1:
-        raise UserError(f"config: deep_supervision {config.deep_supervision} must be at most {len(strides) - 2} for "
-                        f"this DynUNet ({len(strides)} levels planned from the ROI {config.roi_size}): lower it")
-    return "DynUNet", {"spatial_dims": config.spatial_dims, "in_channels": config.in_channels,
-                       "out_channels": config.out_channels, "kernel_size": kernels, "strides": strides,
-                       "upsample_kernel_size": strides[1:], "filters": filters, "norm_name": config.norm_name,
-                       "res_block": True, "deep_supervision": config.deep_supervision > 0,
-                       "deep_supr_num": max(config.deep_supervision, 1)}
-
-
-# MedNeXt's sizes, the paper's S, B, M and L (as MONAI's create_mednext builds them, which fixes 32 filters):
-# expansion ratios and blocks per level.
-MEDNEXT_SIZES: dict[str, dict[str, Any]] = {
-    "S": {"encoder_expansion_ratio": [2] * 4, "decoder_expansion_ratio": [2] * 4, "bottleneck_expansion_ratio": 2,
-          "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2, "blocks_up": [2, 2, 2, 2]},
-    "B": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
-          "bottleneck_expansion_ratio": 4, "blocks_down": [2, 2, 2, 2], "blocks_bottleneck": 2,
-          "blocks_up": [2, 2, 2, 2]},
-    "M": {"encoder_expansion_ratio": [2, 3, 4, 4], "decoder_expansion_ratio": [4, 4, 3, 2],
-          "bottleneck_expansion_ratio": 4, "blocks_down": [3, 4, 4, 4], "blocks_bottleneck": 4,
-          "blocks_up": [4, 4, 4, 3]},
-    "L": {"encoder_expansion_ratio": [3, 4, 8, 8], "decoder_expansion_ratio": [8, 8, 4, 3],
-          "bottleneck_expansion_ratio": 8, "blocks_down": [3, 4, 8, 8], "blocks_bottleneck": 8,
-          "blocks_up": [8, 8, 4, 3]}}
-# What every size has (the paper's residual blocks and group norm).
-MEDNEXT_COMMON = {"use_residual_connection": True, "norm_type": "group", "global_resp_norm": False}
-# MedNeXt's deep supervision is all or nothing: a head at each of its 4 lower decoder levels.
-MEDNEXT_HEADS = 4
-
-
-def _mednext(config: ModelConfig, spacing: tuple[float, ...]) -> Definition:
-    if config.deep_supervision not in (0, MEDNEXT_HEADS):
-        raise UserError(f"config: deep_supervision {config.deep_supervision}: MedNeXt has a head at each of its "
-                        f"{MEDNEXT_HEADS} lower levels or none: give 0 or {MEDNEXT_HEADS}")
-    return "MedNeXt", {"spatial_dims": config.spatial_dims, "in_channels": config.in_channels,
-                       "out_channels": config.out_channels, "init_filters": config.init_filters or 32,
-                       "kernel_size": config.kernel_size, "deep_supervision": config.deep_supervision > 0,
-                       **MEDNEXT_COMMON, **MEDNEXT_SIZES[config.mednext_size]}
+    @property
+    def title(self) -> str:
+        """For the model card, the SEG's algorithm name, messages: "Swin UNETR"."""
+        return TITLES[self.name]
 
 
 def deep_outputs(output: torch.Tensor | Sequence[torch.Tensor], spatial_dims: int) -> list[torch.Tensor]:
@@ -167,33 +62,20 @@ def deep_outputs(output: torch.Tensor | Sequence[torch.Tensor], spatial_dims: in
     return list(output)
 
 
-def _unetr(config: ModelConfig, spacing: tuple[float, ...]) -> Definition:
-    """MONAI's UNETR arguments; :func:`build_network` builds it with ``unetr.build_unetr`` (a ViT deeper than 12
-    blocks, frozen unused parameters), which takes the same arguments."""
-    return "UNETR", {"spatial_dims": config.spatial_dims, "in_channels": config.in_channels,
-                     "out_channels": config.out_channels, "img_size": list(config.roi_size),
-                     "feature_size": config.feature_size, "hidden_size": config.hidden_size,
-                     "mlp_dim": config.mlp_dim, "num_heads": config.num_heads, "proj_type": config.pos_embed,
-                     "norm_name": config.norm_name, "conv_block": config.conv_block, "res_block": config.res_block,
-                     "dropout_rate": config.dropout_rate}
-
-
 def _fixed(multiple: int) -> Callable[[ModelConfig, tuple[float, ...]], tuple[int, ...]]:
     return lambda config, spacing: (multiple,) * config.spatial_dims
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    Architecture("unetr", "UNETR", _unetr, _fixed(16), classes=("UNETR", "DeeperUNETR")),  # its 16-voxel patches
-    # 5 stages of 2x patch merging; at 32 voxels the bottleneck is one voxel, which instance norm cannot train on
-    # contiguous: a channels-last training step was 17% slower on an AVX2 EPYC, its forward no faster (1.21/1.28 s)
-    Architecture("swin_unetr", "Swin UNETR", _swin_unetr, _fixed(32), roi_factor=2, classes=("SwinUNETR",),
-                 cpu_channels_last=False),
-    Architecture("segresnet", "SegResNet", _segresnet,
-                 lambda config, spacing: (2 ** (len(_int_list(config.blocks_down)) - 1),) * config.spatial_dims,
+    Architecture("unetr", _fixed(16), classes=("UNETR", "DeeperUNETR")),  # its 16-voxel patches
+    # 5 stages of 2x patch merging; at 32 voxels the bottleneck is one voxel, which instance norm cannot train on.
+    # Contiguous: a channels-last training step was 17% slower on an AVX2 EPYC, its forward no faster (1.21/1.28 s).
+    Architecture("swin_unetr", _fixed(32), roi_factor=2, classes=("SwinUNETR",), cpu_channels_last=False),
+    Architecture("segresnet", lambda c, spacing: (2 ** (len(int_list(c.blocks_down)) - 1),) * c.spatial_dims,
                  classes=("SegResNet", "SegResNetDS"), full_resolution_channels=lambda c: c.init_filters or 16),
-    Architecture("dynunet", "DynUNet (nnU-Net)", _dynunet, _dynunet_strides, classes=("DynUNet",),
+    Architecture("dynunet", dynunet_strides, classes=("DynUNet",),
                  full_resolution_channels=lambda c: c.init_filters or 32),
-    Architecture("mednext", "MedNeXt", _mednext, _fixed(16), classes=("MedNeXt",),  # 4 downsamplings
+    Architecture("mednext", _fixed(16), classes=("MedNeXt",),  # 4 downsamplings
                  # its blocks expand the channels at full resolution by their first/last expansion ratio
                  full_resolution_channels=lambda c: (c.init_filters or 32) * max(
                      MEDNEXT_SIZES[c.mednext_size]["encoder_expansion_ratio"][0],
@@ -230,13 +112,6 @@ def build_network(config: ModelConfig, spacing: tuple[float, ...] | None = None)
         return build_unetr(config)
     from monai.networks import nets
     return getattr(nets, class_name)(**arguments)
-
-
-def network_definition(config: ModelConfig, spacing: tuple[float, ...] | None = None) -> Definition:
-    """MONAI's class name and keyword arguments (JSON-plain) of the network ``config`` names; ``spacing`` (mm per
-    voxel) plans DynUNet. A setting the network cannot take is one :class:`UserError` line."""
-    spacing = tuple(spacing or (1.0,) * config.spatial_dims)[:config.spatial_dims]
-    return architecture_of(config).definition(config, spacing)
 
 
 def roi_problem(config: ModelConfig, spacing: tuple[float, ...] | None = None) -> str | None:

@@ -5,14 +5,19 @@ precision (``fast:`` in the config)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+import time
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.selfattention import SABlock
 from monai.networks.nets.swin_unetr import WindowAttention
 from torch import nn
 
-from ..config.schema import FastConfig
-from .architectures import ARCHITECTURES, architecture_of_module
+from ..config.schema import FastConfig, ModelConfig
+from .architectures import ARCHITECTURES, architecture_of_module, build_network, roi_problem
 
 
 def use_sdpa(model: nn.Module, enabled: bool = True) -> int:
@@ -118,3 +123,34 @@ def compile_if_asked(model: nn.Module, fast: FastConfig) -> nn.Module:
     """``torch.compile(model)`` with ``--compile`` (off by default: on the 2-core CPU slower than eager
     with the channels-last norms, after 28 s of compiling), else ``model``."""
     return torch.compile(model) if fast.compile else model
+
+
+# The probe window of a network other than UNETR: its ROI, each side capped here (a whole forward per try).
+PROBE_NETWORK_SIDE = 64
+
+
+@functools.cache
+def network_bf16_speedup(name: str, settings: str) -> float:
+    """float32 time / bfloat16 autocast time of one forward of the network ``name`` itself (``settings``: the JSON
+    of its ModelConfig), on one window of its ROI with each side capped at :data:`PROBE_NETWORK_SIDE` where the
+    network accepts that: its own layers at their own channel counts (a CNN's convolutions or Swin UNETR's window
+    attention gain differently from UNETR's ViT). The precision decision's probe for networks other than UNETR
+    (``runtime.precision.resolve_precision(network_probe=...)``); a second or two per try on a 2-core CPU, only
+    where bfloat16 is native, once per machine and network shape."""
+    config = ModelConfig(**json.loads(settings))
+    capped = dataclasses.replace(config, **{key: min(getattr(config, key), PROBE_NETWORK_SIDE)
+                                            for key in ("roi_x", "roi_y", "roi_z")})
+    config = capped if roi_problem(capped) is None else config
+    with torch.random.fork_rng(devices=[]):  # a seeded run's weights must not depend on whether the probe ran
+        torch.manual_seed(0)
+        network = build_network(config).eval()
+        window = torch.randn(1, config.in_channels, *config.roi_size)
+
+    def seconds(bf16: bool) -> float:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            network(window)  # warm-up: oneDNN builds its kernels on the first call
+            started = time.perf_counter()
+            network(window)
+            return time.perf_counter() - started
+
+    return seconds(False) / seconds(True)

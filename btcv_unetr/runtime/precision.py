@@ -33,16 +33,15 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config.schema import PRECISIONS, ModelConfig
+from ..config.schema import PRECISIONS
 from ..files import atomic_write_json
-from ..model.architectures import build_network, roi_problem
 from .cache import cache_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,41 +212,12 @@ def _probe_tokens(roi_size: tuple[int, ...]) -> int:
 def probe_shape(model) -> tuple:
     """What the probe of ``model`` (a ModelConfig) runs: for UNETR the arguments of :func:`probe_bf16_speedup`
     (feature size, hidden size, MLP size, tokens per window, spatial dimensions); for another network its name and
-    the JSON of its settings, for :func:`probe_network_bf16_speedup`."""
+    the JSON of its settings, for the network probe the caller gives (``model.speed.network_bf16_speedup``)."""
     name = getattr(model, "model_name", "unetr")
     if name == "unetr":
         return (model.feature_size, model.hidden_size, model.mlp_dim, _probe_tokens(model.roi_size),
                 model.spatial_dims)
     return (name, json.dumps(dataclasses.asdict(model), sort_keys=True))
-
-
-# The probe window of a network other than UNETR: its ROI, each side capped here (a whole forward per try).
-PROBE_NETWORK_SIDE = 64
-
-
-@functools.cache
-def probe_network_bf16_speedup(name: str, settings: str) -> float:
-    """float32 time / bfloat16 autocast time of one forward of the network itself (``settings``: the JSON of its
-    ModelConfig), on one window of its ROI with each side capped at :data:`PROBE_NETWORK_SIDE` where the network
-    accepts that. Its own layers at their own channel counts: a CNN's convolutions or Swin UNETR's window attention
-    gain differently from UNETR's ViT. A second or two per try on a 2-core CPU; only called where bfloat16 is
-    native, once per machine and network shape."""
-    config = ModelConfig(**json.loads(settings))
-    capped = dataclasses.replace(config, **{key: min(getattr(config, key), PROBE_NETWORK_SIDE)
-                                            for key in ("roi_x", "roi_y", "roi_z")})
-    config = capped if roi_problem(capped) is None else config
-    with torch.random.fork_rng(devices=[]):  # a seeded run's weights must not depend on whether the probe ran
-        torch.manual_seed(0)
-        network = build_network(config).eval()
-        window = torch.randn(1, config.in_channels, *config.roi_size)
-
-    def timed(bf16: bool):
-        def run():
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                network(window)
-        return run
-
-    return _median_seconds(timed(False), repeats=1) / _median_seconds(timed(True), repeats=1)
 
 
 CACHE_FILE = "precision.json"
@@ -365,8 +335,15 @@ def _probe_decision(features: CpuFeatures, name: str, speedup: float, decided: s
                              f"float32{kept})")
 
 
-def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
+# A probe of a network other than UNETR: (name, JSON of its ModelConfig) -> float32 time / bfloat16 time. It builds
+# the network, so it lives with the networks (model/speed.py) and is given by the caller.
+NetworkProbe = Callable[[str, str], float]
+
+
+def auto_cpu_precision(model, features: CpuFeatures | None = None,
+                       network_probe: NetworkProbe | None = None) -> Precision:
     """``auto`` on the CPU: bfloat16 where it is native and the probe on ``model`` (a ModelConfig) finds it faster.
+    UNETR's probe times its layer shapes here; another network's is ``network_probe`` (float32 without one).
 
     The probe runs once per machine and model shape: its decision is read back from the
     :class:`DecisionCache` at later starts, so that restarts do not flip between precisions.
@@ -375,6 +352,8 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
     if not features.native_bf16:
         return Precision("fp32", f"this CPU has no bfloat16 instructions ({features.bf16_isa})")
     shape = probe_shape(model)
+    if isinstance(shape[0], str) and network_probe is None:
+        return Precision("fp32", f"float32: no bfloat16 probe was given for {shape[0]} (--precision bf16 asks for it)")
     key = decision_key(features, shape)
     cache = DecisionCache.default()
     with cache.locked():
@@ -382,7 +361,7 @@ def auto_cpu_precision(model, features: CpuFeatures | None = None) -> Precision:
         if record is not None:
             return _probe_decision(features, record["precision"], float(record["speedup"]), record["decided"],
                                    cache.path)
-        speedup = probe_network_bf16_speedup(*shape) if isinstance(shape[0], str) else probe_bf16_speedup(*shape)
+        speedup = network_probe(*shape) if isinstance(shape[0], str) else probe_bf16_speedup(*shape)
         chosen = _probe_decision(features, _probe_choice(speedup), speedup)
         cache.put(key, {"precision": chosen.name, "speedup": round(float(speedup), 3),
                         "decided": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
@@ -408,16 +387,20 @@ def runs_natively(name: str, device: torch.device) -> bool:
     return name == "bf16" and cpu_features().native_bf16
 
 
-def resolve_precision(requested: str, device: torch.device, model, reason: str = "") -> Precision:
+def resolve_precision(requested: str, device: torch.device, model, reason: str = "",
+                      network_probe: NetworkProbe | None = None) -> Precision:
     """The :class:`Precision` for setting ``requested`` on ``device`` with ``model`` (a ModelConfig).
 
     ``reason`` explains an explicit choice (default: "asked for"). An explicit bf16/fp16 that has no
-    fast kernels here still runs, with a warning on stderr.
+    fast kernels here still runs, with a warning on stderr. ``network_probe``: the bfloat16 probe of a network
+    other than UNETR (``model.speed.network_bf16_speedup``).
     """
     if requested not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "auto":
-        return auto_cuda_precision(device) if device.type == "cuda" else auto_cpu_precision(model)
+        if device.type == "cuda":
+            return auto_cuda_precision(device)
+        return auto_cpu_precision(model, network_probe=network_probe)
     if not runs_natively(requested, device):
         where = f"this CPU ({cpu_features().bf16_isa})" if device.type == "cpu" else "this GPU"
         print(f"warning: precision {requested} has no fast kernels on {where}: expect it to run 10-300x slower "

@@ -45,7 +45,7 @@ from ..io.checkpoint import load_checkpoint, write_checkpoint
 from ..logs import RunLog
 from ..metrics import nan_mean, overlap_scores, pixel_accuracy
 from ..model.build import build_model, describe_model_size
-from ..model.speed import compile_if_asked, prepare_model
+from ..model.speed import compile_if_asked, network_bf16_speedup, prepare_model
 from ..model.ssl import load_ssl_encoder
 from ..model.torchscript import load_torchscript_weights
 from ..model.weights import load_pretrained, load_weights
@@ -269,7 +269,8 @@ def run_precision(config: Config, context: Context) -> Precision:
     if config.train.resume_jit:  # as the reference: finetuning from TorchScript weights runs without autocast
         choice = ("fp32", "finetuning from TorchScript weights (--resume_jit) runs without autocast")
     elif context.is_main:
-        resolved = resolve_precision(config.train.precision, context.device, config.model)
+        resolved = resolve_precision(config.train.precision, context.device, config.model,
+                                     network_probe=network_bf16_speedup)
         choice = (resolved.name, resolved.reason)
     else:
         choice = None
