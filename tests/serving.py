@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
 
 from btcv_unetr.testing.checkpoints import seeded_checkpoint
@@ -46,3 +46,16 @@ def held_server(checkpoint: Path, jobs_dir: Path, hold: Path, *flags: str) -> It
             env.setenv("BTCV_UNETR_TEST_HOLD", str(hold))
             url = stack.enter_context(running_server(checkpoint, jobs_dir, *flags))
         yield url
+
+
+def run_job(client, scan: Path, timeout_s: float = 120) -> dict:
+    """Submit ``scan`` to an in-process service's ``client`` and poll until its job is done or failed (or the
+    time is up); the job's last record."""
+    response = client.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    deadline = time.time() + timeout_s
+    while job["state"] not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.1)
+        job = client.get(f"/jobs/{job['id']}").json()
+    return job

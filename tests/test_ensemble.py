@@ -7,7 +7,6 @@ oracle of an ensemble is its members as single predictors, their probabilities a
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from serving import run_job
 
 from btcv_unetr import cli
 from btcv_unetr.config.schema import Config
@@ -230,13 +230,7 @@ def test_the_service_serves_a_run_folders_ensemble(members, scan, tmp_path):
         assert [m["weights_sha256"] for m in info["model_card"]["ensemble"]] == checksums
         assert info["provenance"]["ensemble_weights_sha256"] == checksums
         assert "  ensemble of 2 models, softmax probabilities averaged:" in info["model_card"]["lines"]
-        response = client.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
-        assert response.status_code == 202, response.text
-        job = response.json()
-        deadline = time.time() + 120
-        while job["state"] not in ("done", "failed") and time.time() < deadline:
-            time.sleep(0.1)
-            job = client.get(f"/jobs/{job['id']}").json()
+        job = run_job(client, scan)
         assert job["state"] == "done", job
         assert job["windows_done"] == job["windows_total"] > 0
         mask = tmp_path / "mask.nii.gz"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config, tiny_net_config
+from serving import run_job
 
 from btcv_unetr.data.images import mask_provenance
 from btcv_unetr.errors import UserError
@@ -180,13 +180,7 @@ def test_the_service_serves_a_mixed_ensemble_and_its_jobs_name_it(members, scan,
     with in_process_service(run, tmp_path / "jobs") as client:
         info = client.get("/info").json()
         assert info["model"] == info["provenance"]["network"] == "ensemble of 3: UNETR, SegResNet, DynUNet (nnU-Net)"
-        response = client.post("/jobs", files={"file": ("scan.nii.gz", scan.read_bytes())})
-        assert response.status_code == 202, response.text
-        job = response.json()
-        deadline = time.time() + 120
-        while job["state"] not in ("done", "failed") and time.time() < deadline:
-            time.sleep(0.1)
-            job = client.get(f"/jobs/{job['id']}").json()
+        job = run_job(client, scan)
     assert job["state"] == "done", job
     assert job["windows_done"] == job["windows_total"] == 3  # one window per member over the coarse phantom
     assert [net["network"] for net in job["provenance"]["networks"]] == ["UNETR", "SegResNet", "DynUNet (nnU-Net)"]
