@@ -193,7 +193,10 @@ def test_deep_heads_train_and_inference_returns_the_full_resolution_head_only(na
     ("mednext", {"deep_supervision": 2}, "MedNeXt has a head at each of its 4 lower levels or none: give 0 or 4"),
 ])
 def test_deep_supervision_a_network_cannot_have_is_one_line(name, model, says):
-    config = tiny_net_config(name, model=model)
+    # refused when the config is read (before a run folder is made), and by the builder for a config changed later
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        tiny_net_config(name, model=model)
+    config = dataclasses.replace(tiny_net_config(name), model=dataclasses.replace(tiny_net_config(name).model, **model))
     with pytest.raises(UserError, match=re.escape(says)):
         build_model(config.model, config.data.pixdim)
     with pytest.raises(ConfigError, match="config key 'deep_supervision': a setting of segresnet, dynunet, mednext"):

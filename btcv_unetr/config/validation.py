@@ -8,6 +8,7 @@ import typing
 from typing import Any
 
 from ..errors import UserError
+from .networks import network_definition
 from .schema import DICOM_OUTPUT_FORMATS, MODEL_SETTINGS, Config, ModelConfig, output_formats
 
 
@@ -87,6 +88,10 @@ def validate(config: Config) -> None:
                           "resume_ckpt (each sets the encoder's starting weights): give one")
     if not 0 <= m.deep_supervision <= 5:
         raise ConfigError(f"config key 'deep_supervision': {m.deep_supervision} must be 0 (off) to 5 heads")
+    try:  # a setting the network cannot take (deep heads it lacks, group norm filters), before any folder is made
+        network_definition(m, d.pixdim)
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     if m.model_name == "unetr":
         for key in ("roi_x", "roi_y", "roi_z")[:m.spatial_dims]:
             size = getattr(m, key)
